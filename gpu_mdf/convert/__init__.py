@@ -1,0 +1,223 @@
+"""Keras -> ModECI MDF conversion (imports TensorFlow/Keras lazily, on first use).
+
+    model = gpu_mdf.convert.keras_to_mdf(keras_model)      # a modeci_mdf.mdf.Model
+    gpu_mdf.convert.save_mdf(model, "out/model.json")        # atomic write
+
+See :mod:`gpu_mdf.convert.keras` for the per-layer translators.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GpuMdfError, ModelFileError, UnsupportedLayerError
+from ..io import atomic_path
+from .keras import TRANSLATORS, NodeBuilder, safe_id, supported_layers
+
+__all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "supported_layers",
+           "ConvertResult"]
+
+
+def _keras():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    return keras
+
+
+def load_keras_model(path: str | Path):
+    """Load a ``.keras`` or ``.h5`` model, with one clear error when Keras refuses it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file")
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5)")
+    keras = _keras()
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: Keras cannot load this model ({type(e).__name__}: {msg[:200]})") from None
+
+
+def _graph_model(model):
+    keras = _keras()
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise UnsupportedLayerError(f"model {model.name!r} is not built: call it on data or "
+                                        f"model.build(input_shape) first")
+        return fn
+    if not hasattr(model, "_nodes_by_depth"):
+        raise UnsupportedLayerError(f"model {model.name!r} ({type(model).__name__}) is a subclassed "
+                                    f"model; only Sequential and functional models convert")
+    return model
+
+
+def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = None):
+    """Translate a built Keras Sequential/functional model into a ``modeci_mdf.mdf.Model``.
+
+    The graph takes each model input through an input port named after the
+    Keras input; ``normalize`` records the pixel normalisation the model expects
+    (``l2``, ``scale`` or ``none``) in the graph metadata for the engine to apply.
+    """
+    from modeci_mdf.mdf import Edge, Graph, InputPort, Model, Node, OutputPort, Parameter
+    from modeci_mdf.mdf import Function
+
+    keras = _keras()
+    gm = _graph_model(model)
+    mid = safe_id(model_id or model.name)
+    graph = Graph(id=f"{mid}_graph")
+    mdf = Model(id=mid, metadata={"generator": "gpu-mdf", "keras_version": keras.__version__})
+    mdf.graphs.append(graph)
+
+    tensor_src: dict[int, tuple[str, str]] = {}   # id(KerasTensor) -> (node id, port id)
+    used_ids: set[str] = set()
+    input_names = []
+
+    def fresh(name):
+        base, i = safe_id(name), 1
+        nid = base
+        while nid in used_ids:
+            i += 1
+            nid = f"{base}_{i}"
+        used_ids.add(nid)
+        return nid
+
+    # model inputs: one identity node each, whose input port is the graph input
+    for t in gm.inputs:
+        layer = t._keras_history.operation
+        nid = fresh(layer.name)
+        port = nid                         # the initializer key in EvaluableGraph
+        shape = tuple(1 if s is None else int(s) for s in t.shape)
+        node = Node(id=f"{nid}_input", metadata={"keras_class": "InputLayer"})
+        node.input_ports.append(InputPort(id=port, shape=shape, type=str(t.dtype),
+                                          metadata={"batch_axis": 0}))
+        node.output_ports.append(OutputPort(id=f"{nid}_out", value=port))
+        graph.nodes.append(node)
+        tensor_src[id(t)] = (node.id, f"{nid}_out")
+        input_names.append(port)
+
+    edge_count = 0
+    for depth in sorted(gm._nodes_by_depth, reverse=True):
+        for kn in gm._nodes_by_depth[depth]:
+            layer = kn.operation
+            if kn.is_input or layer is None:
+                continue
+            cls = type(layer).__name__
+            fn = TRANSLATORS.get(cls)
+            if fn is None:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} of kind {cls} is not supported; supported kinds: "
+                    f"{', '.join(supported_layers())}")
+            if getattr(layer, "stateful", False):
+                raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) is stateful")
+            ins = list(kn.input_tensors)
+            nid = fresh(layer.name)
+            b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins])
+            ports = [f"{nid}_in{i}" if len(ins) > 1 else f"{nid}_in" for i in range(len(ins))]
+            b._used.update(ports)
+            result = fn(layer, b, ports)
+            node = Node(id=nid, metadata={"keras_class": cls, "keras_name": layer.name})
+            for p, t in zip(ports, ins):
+                node.input_ports.append(InputPort(id=p, shape=tuple(1 if s is None else int(s) for s in t.shape),
+                                                  type=str(t.dtype)))
+            for pid, value in b.parameters:
+                node.parameters.append(Parameter(id=pid, value=value))
+            for fid, function, args, value in b.functions:
+                if function is not None:
+                    node.functions.append(Function(id=fid, function=function, args=args))
+                else:
+                    node.functions.append(Function(id=fid, value=value))
+            out_port = f"{nid}_out"
+            node.output_ports.append(OutputPort(id=out_port, value=result))
+            graph.nodes.append(node)
+            for p, t in zip(ports, ins):
+                sender, sport = tensor_src[id(t)]
+                edge_count += 1
+                graph.edges.append(Edge(id=f"e{edge_count}_{sender}_{nid}", sender=sender,
+                                        sender_port=sport, receiver=nid, receiver_port=p))
+            outs = kn.output_tensors
+            if len(outs) != 1:
+                raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) has {len(outs)} outputs")
+            tensor_src[id(outs[0])] = (nid, out_port)
+
+    outputs = [tensor_src[id(t)][1] for t in gm.outputs]
+    graph.metadata = {"gpu_mdf": {"inputs": input_names, "outputs": outputs,
+                                  "normalize": normalize or "none", "batch_axis": 0}}
+    return mdf
+
+
+def save_mdf(mdf, path: str | Path) -> Path:
+    """Write MDF as JSON or YAML (by suffix), atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise GpuMdfError(f"{path}: MDF files end in .json, .yaml or .yml")
+    with atomic_path(path) as tmp:
+        tmp_named = tmp.with_suffix(suffix)  # modelspec picks the format by suffix
+        if suffix == ".json":
+            mdf.to_json_file(str(tmp_named))
+        else:
+            mdf.to_yaml_file(str(tmp_named))
+        tmp_named.replace(tmp)
+    return path
+
+
+@dataclass
+class ConvertResult:
+    source: Path
+    ok: bool
+    outputs: list[Path]
+    nodes: int = 0
+    params: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def line(self) -> str:
+        if not self.ok:
+            return f"FAIL {self.source}: {self.error}"
+        sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in self.outputs)
+        return (f"ok   {self.source}: {self.nodes} nodes, {self.params:,} parameters, {sizes} "
+                f"({self.seconds:.2f} s)")
+
+
+def _expand(sources) -> list[Path]:
+    files = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(q for q in p.iterdir() if q.suffix in (".keras", ".h5", ".hdf5"))
+        else:
+            files.append(p)
+    return files
+
+
+def convert_files(sources, out_dir: str | Path, fmt: str = "json", normalize: str | None = None,
+                  on_result=None) -> list[ConvertResult]:
+    """Convert many model files; one failure never stops the others."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffixes = {"json": [".json"], "yaml": [".yaml"], "both": [".json", ".yaml"]}[fmt]
+    results = []
+    for src in _expand(sources):
+        t0 = time.perf_counter()
+        try:
+            model = load_keras_model(src)
+            mdf = keras_to_mdf(model, normalize=normalize, model_id=src.stem)
+            outs = [save_mdf(mdf, out_dir / f"{src.stem}{sfx}") for sfx in suffixes]
+            params = int(sum(np.prod(w.shape) for w in model.weights))
+            r = ConvertResult(src, True, outs, len(mdf.graphs[0].nodes), params,
+                              time.perf_counter() - t0)
+        except GpuMdfError as e:
+            r = ConvertResult(src, False, [], error=str(e))
+        except Exception as e:  # a translator bug must not stop the batch either
+            r = ConvertResult(src, False, [], error=f"internal error {type(e).__name__}: {e}")
+        results.append(r)
+        if on_result:
+            on_result(r)
+    return results

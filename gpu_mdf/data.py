@@ -1,0 +1,379 @@
+"""MNIST data: the embedded copy, the usual on-disk formats, normalisation, streaming.
+
+Never imports TensorFlow: this module sits on the inference path.
+
+Readers return a :class:`Dataset`, whose images are read lazily (memory-mapped
+``.npy`` and plain IDX, sequential reads for gzipped IDX, one file at a time for
+PNG folders), so a bulk job can stream millions of images in bounded memory.
+
+Supported sources (see :func:`open_dataset`):
+
+* ``mnist`` / ``mnist:test`` / ``mnist:train``: the embedded MNIST copy;
+* ``file.npz``: keras layout (``x_train, y_train, x_test, y_test``), ``--split`` picks;
+* ``dir/`` or ``file-images-idx3-ubyte[.gz]``: IDX files (labels found beside them);
+* ``file.npy``: an array of images (memory-mapped), optional labels ``.npy``;
+* ``dir/`` of 28x28 greyscale PNGs (labels from digit-named sub-folders, if any).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import DataError
+
+EMBEDDED_MNIST = Path(__file__).parent / "_data" / "mnist.npz"
+EMBEDDED_MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+MNIST_ATTRIBUTION = (
+    "MNIST by Yann LeCun, Corinna Cortes and Christopher J.C. Burges, CC BY-SA 3.0"
+)
+NORMALIZATIONS = ("l2", "scale", "none")
+
+_verified: set[Path] = set()
+
+
+# --------------------------------------------------------------------------- #
+# Dataset
+# --------------------------------------------------------------------------- #
+@dataclass
+class Dataset:
+    """Images (N, H, W) read lazily, with labels when known.
+
+    ``reader(start, stop)`` returns the images ``[start, stop)`` as a NumPy array.
+    """
+
+    name: str
+    length: int
+    image_shape: tuple[int, ...]
+    dtype: np.dtype
+    reader: Callable[[int, int], np.ndarray] = field(repr=False)
+    labels: np.ndarray | None = None
+    item_names: Callable[[int], str] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.length if stop is None else min(stop, self.length)
+        return self.reader(start, stop)
+
+    def item_name(self, i: int) -> str:
+        return self.item_names(i) if self.item_names else f"{self.name}[{i}]"
+
+    def chunks(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(offset, images)`` for consecutive chunks of ``batch_size``."""
+        for lo in range(start, self.length, batch_size):
+            yield lo, self.read(lo, lo + batch_size)
+
+    def describe(self) -> str:
+        lab = "with labels" if self.labels is not None else "no labels"
+        return f"{self.name}: {self.length} images {self.image_shape} {self.dtype}, {lab}"
+
+
+def _array_dataset(name: str, x: np.ndarray, y: np.ndarray | None) -> Dataset:
+    x = _check_images(name, x)
+    y = _check_labels(name, y, len(x))
+    return Dataset(name, len(x), tuple(x.shape[1:]), x.dtype, lambda a, b: np.asarray(x[a:b]), y)
+
+
+def _check_images(name: str, x: np.ndarray) -> np.ndarray:
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{name}: expected images shaped (N, H, W), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    return x
+
+
+def _check_labels(name: str, y: np.ndarray | None, n: int) -> np.ndarray | None:
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{name}: {len(y) if y.ndim else 0} labels for {n} images (shape {y.shape})")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    return y.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- #
+# Embedded copy and keras-layout npz
+# --------------------------------------------------------------------------- #
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_embedded(path: Path = EMBEDDED_MNIST) -> None:
+    """Check the embedded file against its published checksum (once per process)."""
+    if path in _verified:
+        return
+    if not path.exists():
+        raise DataError(f"embedded MNIST missing at {path}: reinstall gpu-mdf")
+    digest = _sha256(path)
+    if digest != EMBEDDED_MNIST_SHA256:
+        raise DataError(f"embedded MNIST at {path} is corrupt: sha256 {digest[:12]}..., "
+                        f"expected {EMBEDDED_MNIST_SHA256[:12]}...")
+    _verified.add(path)
+
+
+def load_mnist(path: str | Path | None = None):
+    """Return ``(x_train, y_train), (x_test, y_test)`` like ``keras.datasets.mnist.load_data``.
+
+    ``path=None`` reads the embedded copy (checksum verified).
+    """
+    if path is None:
+        verify_embedded()
+        path = EMBEDDED_MNIST
+    arrays = _read_npz(Path(path), ("x_train", "y_train", "x_test", "y_test"))
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: not a keras-layout MNIST npz, missing arrays {missing} "
+                                f"(has {sorted(z.files)})")
+            out = {k: z[k] for k in keys}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: unreadable npz ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _npz_dataset(path: Path, split: str) -> Dataset:
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    arrays = _read_npz(path, (f"x_{split}", f"y_{split}"))
+    return _array_dataset(f"{path.name}:{split}", arrays[f"x_{split}"], arrays[f"y_{split}"])
+
+
+# --------------------------------------------------------------------------- #
+# IDX (the original MNIST distribution format), plain or gzipped
+# --------------------------------------------------------------------------- #
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Return ``(dtype, shape, header_bytes)`` of an IDX file."""
+    try:
+        with _open_maybe_gz(path) as f:
+            head = f.read(4)
+            if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DataError(f"{path}: not an IDX file (bad magic number {head.hex()})")
+            ndim = head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: unreadable IDX file ({e})") from None
+    shape = struct.unpack(f">{ndim}I", dims)
+    return np.dtype(_IDX_DTYPES[head[2]]), shape, 4 + 4 * ndim
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a whole IDX file into memory (used for labels and small files)."""
+    path = Path(path)
+    dtype, shape, off = read_idx_header(path)
+    with _open_maybe_gz(path) as f:
+        f.seek(off)
+        raw = f.read()
+    need = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) < need:
+        raise DataError(f"{path}: truncated IDX data ({len(raw)} of {need} bytes)")
+    return np.frombuffer(raw[:need], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as IDX (gzipped when the name ends in ``.gz``)."""
+    path = Path(path)
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + a.tobytes())
+
+
+def _idx_dataset(images: Path, labels: Path | None) -> Dataset:
+    dtype, shape, off = read_idx_header(images)
+    if len(shape) != 3:
+        raise DataError(f"{images}: expected a 3-d IDX image file, got shape {shape}")
+    n, per = shape[0], int(np.prod(shape[1:]))
+    if images.suffix == ".gz":
+        state: dict = {}
+
+        def reader(a: int, b: int) -> np.ndarray:
+            f = state.get("f")
+            if f is None:
+                f = state["f"] = gzip.open(images, "rb")
+            f.seek(off + a * per * dtype.itemsize)  # forward seeks are sequential reads
+            raw = f.read((b - a) * per * dtype.itemsize)
+            if len(raw) != (b - a) * per * dtype.itemsize:
+                raise DataError(f"{images}: truncated IDX data at image {a}")
+            return np.frombuffer(raw, dtype=dtype).reshape((b - a,) + shape[1:])
+    else:
+        expected = off + n * per * dtype.itemsize
+        if images.stat().st_size < expected:
+            raise DataError(f"{images}: truncated IDX data ({images.stat().st_size} of {expected} bytes)")
+        mm = np.memmap(images, dtype=dtype, mode="r", offset=off, shape=shape)
+
+        def reader(a: int, b: int) -> np.ndarray:
+            return np.asarray(mm[a:b])
+
+    y = read_idx(labels) if labels is not None else None
+    return Dataset(images.name, n, tuple(shape[1:]), dtype, reader, _check_labels(images.name, y, n))
+
+
+def _find_idx_pair(folder: Path, split: str) -> tuple[Path, Path | None]:
+    prefix = "train" if split == "train" else "t10k"
+    for ext in ("", ".gz"):
+        img = folder / f"{prefix}-images-idx3-ubyte{ext}"
+        if img.exists():
+            return img, _labels_beside(img)
+    raise DataError(f"{folder}: no {prefix}-images-idx3-ubyte[.gz] in this folder")
+
+
+def _labels_beside(img: Path) -> Path | None:
+    name = img.name.replace("images-idx3", "labels-idx1")
+    for cand in (img.with_name(name), img.with_name(name.removesuffix(".gz")),
+                 img.with_name(name.removesuffix(".gz") + ".gz")):
+        if cand.exists() and cand != img:
+            return cand
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# .npy and PNG folders
+# --------------------------------------------------------------------------- #
+def _npy_dataset(path: Path, labels: Path | None) -> Dataset:
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable .npy ({e})") from None
+    y = None
+    if labels is not None:
+        try:
+            y = np.load(labels, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{labels}: unreadable labels .npy ({e})") from None
+    return _array_dataset(path.name, x, y)
+
+
+def _png_dataset(folder: Path) -> Dataset:
+    from PIL import Image, UnidentifiedImageError  # pillow ships with matplotlib
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".png")
+    if not files:
+        raise DataError(f"{folder}: no .png files in this folder")
+    digit_dirs = all(p.parent != folder and re.fullmatch(r"\d", p.parent.name) for p in files)
+    labels = np.array([int(p.parent.name) for p in files]) if digit_dirs else None
+
+    def load(p: Path) -> np.ndarray:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("L", "P", "1", "I;16", "LA"):
+                    raise DataError(f"{p}: expected a greyscale PNG, got mode {im.mode}")
+                a = np.asarray(im.convert("L"))
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise DataError(f"{p}: unreadable PNG ({e})") from None
+        return a
+
+    first = load(files[0])
+
+    def reader(a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a,) + first.shape, np.uint8)
+        for i, p in enumerate(files[a:b]):
+            img = load(p)
+            if img.shape != first.shape:
+                raise DataError(f"{p}: image is {img.shape[1]}x{img.shape[0]}, "
+                                f"expected {first.shape[1]}x{first.shape[0]}")
+            out[i] = img
+        return out
+
+    return Dataset(folder.name, len(files), first.shape, np.dtype(np.uint8), reader, labels,
+                   item_names=lambda i: str(files[i]))
+
+
+# --------------------------------------------------------------------------- #
+# Entry point
+# --------------------------------------------------------------------------- #
+def open_dataset(source: str | Path | None = None, split: str = "test",
+                 labels: str | Path | None = None) -> Dataset:
+    """Open any supported source lazily; ``None`` means the embedded MNIST test set."""
+    src = "mnist" if source is None else str(source)
+    m = re.fullmatch(r"mnist(?::(train|test))?", src)
+    if m:
+        (xtr, ytr), (xte, yte) = load_mnist()
+        s = m.group(1) or split
+        return _array_dataset(f"mnist:{s}", *((xtr, ytr) if s == "train" else (xte, yte)))
+    path = Path(src)
+    lab = Path(labels) if labels is not None else None
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if any(path.glob("*-images-idx3-ubyte*")):
+            img, found = _find_idx_pair(path, split)
+            return _idx_dataset(img, lab or found)
+        return _png_dataset(path)
+    name = path.name
+    if name.endswith(".npz"):
+        return _npz_dataset(path, split)
+    if name.endswith(".npy"):
+        return _npy_dataset(path, lab)
+    if "idx3" in name or name.endswith((".idx", ".idx.gz")):
+        return _idx_dataset(path, lab or _labels_beside(path))
+    raise DataError(f"{path}: unknown data format (expected .npz, .npy, IDX or a PNG folder)")
+
+
+# --------------------------------------------------------------------------- #
+# Normalisation, written against an array module ``xp`` (numpy or cupy)
+# --------------------------------------------------------------------------- #
+def normalize(x, mode: str = "l2", xp=np, dtype=np.float32):
+    """Normalise a batch of images ``(N, H, W)`` to float.
+
+    * ``l2``: ``keras.utils.normalize(x, axis=1)``, the seed's choice: each column
+      of each image divided by its L2 norm over the rows (zero norms left as 1);
+    * ``scale``: ``x / 255``;
+    * ``none``: cast only.
+    """
+    if mode not in NORMALIZATIONS:
+        raise DataError(f"unknown normalisation {mode!r}; expected one of {NORMALIZATIONS}")
+    x = x.astype(dtype, copy=False)
+    if mode == "scale":
+        return x * dtype(1.0 / 255.0)
+    if mode == "none":
+        return x
+    if x.ndim < 2:
+        raise DataError(f"l2 normalisation needs images of 2+ axes, got shape {x.shape}")
+    norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
+    norm[norm == 0] = 1
+    return x / norm
+
+
+def check_finite(x, xp=np, what: str = "input") -> None:
+    """Refuse NaN/Inf in float input, naming the first bad item."""
+    if not xp.issubdtype(x.dtype, xp.floating):
+        return
+    bad = ~xp.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bool(bad.any()):
+        i = int(xp.argmax(bad))
+        raise DataError(f"{what}: item {i} holds NaN or Inf values")

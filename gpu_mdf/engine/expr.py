@@ -1,0 +1,163 @@
+"""Safe MDF expressions: parsed with :mod:`ast` against a whitelist, never ``eval``.
+
+An expression such as ``"(x @ W) + b"`` or ``"A * (A > 0)"`` compiles once into a
+tree of closures; each call evaluates it against an environment of arrays.
+Allowed: numbers, names in scope, arithmetic (``+ - * / // % ** @``), comparisons,
+unary ``- + not``, list/tuple literals of constants, subscripts with constant
+indices, and calls to the fixed function table below. Everything else (attribute
+access, strings, lambdas, comprehensions, keyword tricks...) is refused at compile
+time with the offending text.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import CompileError
+
+_BINOPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+    ast.Pow: lambda a, b: float(a) ** b if isinstance(a, int) else a ** b,  # no huge ints
+    ast.MatMult: operator.matmul,
+}
+_CMPOPS = {
+    ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Eq: operator.eq, ast.NotEq: operator.ne,
+}
+_CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+
+
+def erf(xp, x):
+    """Error function on any array module (CuPy has it in cupyx; NumPy has none)."""
+    if getattr(xp, "__name__", "") == "cupy":
+        import cupyx.scipy.special as sp
+        return sp.erf(x)
+    try:
+        from scipy.special import erf as _erf
+        return _erf(x).astype(x.dtype, copy=False) if hasattr(x, "dtype") else _erf(x)
+    except ImportError:  # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)
+        s = xp.sign(x)
+        a = xp.abs(x)
+        t = 1.0 / (1.0 + 0.3275911 * a)
+        y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
+                   + 0.254829592) * t * xp.exp(-a * a)
+        return s * y
+
+
+def _table(xp) -> dict[str, Callable]:
+    """Math/NumPy-style functions an expression may call, bound to ``xp``."""
+    names = ["exp", "log", "sqrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan",
+             "sinh", "cosh", "tanh", "abs", "maximum", "minimum", "where", "sign",
+             "floor", "ceil", "square", "log1p", "expm1", "clip"]
+    t = {n: getattr(xp, n) for n in names}
+    t.update(asin=xp.arcsin, acos=xp.arccos, atan=xp.arctan, fabs=xp.abs, pow=xp.power,
+             erf=lambda x: erf(xp, x), max=xp.maximum, min=xp.minimum)
+    return t
+
+
+FUNCTION_NAMES = frozenset(_table(__import__("numpy")))
+
+
+@dataclass
+class Expr:
+    """A compiled expression: ``fn(env)`` evaluates it, ``deps`` names what it reads."""
+
+    text: str
+    fn: Callable[[dict], Any]
+    deps: frozenset[str]
+
+    @property
+    def constant(self) -> bool:
+        return not self.deps
+
+
+def _refuse(text: str, node: ast.AST, why: str):
+    frag = ast.get_source_segment(text, node) or type(node).__name__
+    raise CompileError(f"refused MDF expression {text!r}: {why} ({frag!r})")
+
+
+def compile_expr(text: str, scope: set[str] | frozenset[str], xp) -> Expr:
+    """Compile ``text`` where ``scope`` lists the names that may be read."""
+    if not isinstance(text, str):
+        raise CompileError(f"expression must be a string, got {type(text).__name__}")
+    if len(text) > 10_000:
+        raise CompileError(f"refused MDF expression of {len(text)} characters (limit 10000)")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise CompileError(f"refused MDF expression {text!r}: not valid syntax ({e.msg})") from None
+    funcs = _table(xp)
+    deps: set[str] = set()
+    src = text.strip()
+
+    def build(n: ast.AST) -> Callable[[dict], Any]:
+        if isinstance(n, ast.Constant):
+            if type(n.value) not in (int, float, bool):
+                _refuse(src, n, "only numeric constants are allowed")
+            v = n.value
+            return lambda env: v
+        if isinstance(n, ast.Name):
+            name = n.id
+            if name in scope:
+                deps.add(name)
+                return lambda env: env[name]
+            if name in _CONSTANTS:
+                v = _CONSTANTS[name]
+                return lambda env: v
+            _refuse(src, n, "unknown name")
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            op, lhs, rhs = _BINOPS[type(n.op)], build(n.left), build(n.right)
+            return lambda env: op(lhs(env), rhs(env))
+        if isinstance(n, ast.UnaryOp):
+            inner = build(n.operand)
+            if isinstance(n.op, ast.USub):
+                return lambda env: -inner(env)
+            if isinstance(n.op, ast.UAdd):
+                return inner
+            if isinstance(n.op, ast.Not):
+                return lambda env: xp.logical_not(inner(env))
+            _refuse(src, n, "operator not allowed")
+        if isinstance(n, ast.Compare):
+            if len(n.ops) != 1 or type(n.ops[0]) not in _CMPOPS:
+                _refuse(src, n, "only single comparisons are allowed")
+            op, lhs, rhs = _CMPOPS[type(n.ops[0])], build(n.left), build(n.comparators[0])
+            return lambda env: op(lhs(env), rhs(env))
+        if isinstance(n, ast.Call):
+            if not isinstance(n.func, ast.Name) or n.func.id not in funcs:
+                _refuse(src, n, f"only calls to {sorted(funcs)} are allowed")
+            if n.keywords:
+                _refuse(src, n, "keyword arguments are not allowed")
+            f = funcs[n.func.id]
+            args = [build(a) for a in n.args]
+            return lambda env: f(*(a(env) for a in args))
+        if isinstance(n, (ast.List, ast.Tuple)):
+            items = [build(e) for e in n.elts]
+            return lambda env: [i(env) for i in items]
+        if isinstance(n, ast.Subscript):
+            base = build(n.value)
+            index = _const_index(src, n.slice)
+            return lambda env: base(env)[index]
+        _refuse(src, n, f"{type(n).__name__} is not allowed")
+
+    fn = build(tree.body)
+    return Expr(src, fn, frozenset(deps))
+
+
+def _const_index(src: str, n: ast.AST):
+    """A subscript index made of integer constants and slices only."""
+    if isinstance(n, ast.Constant) and type(n.value) is int:
+        return n.value
+    if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant) \
+            and type(n.operand.value) is int:
+        return -n.operand.value
+    if isinstance(n, ast.Slice):
+        parts = [None if p is None else _const_index(src, p) for p in (n.lower, n.upper, n.step)]
+        return slice(*parts)
+    if isinstance(n, ast.Tuple):
+        return tuple(_const_index(src, e) for e in n.elts)
+    _refuse(src, n, "subscripts must be integer constants or slices")
