@@ -1,0 +1,194 @@
+"""The ``gpu-mdf`` command line. Each command parses, calls one library function, prints.
+
+User errors (:class:`GpuMdfError`) print one line and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import GpuMdfError
+
+DEVICE = click.option("--device", default=None, help="auto | cpu | gpu | gpu:N (default: config, else auto)")
+CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                      help="YAML config (default: configs/mnist_dense.yaml)")
+
+
+def _errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GpuMdfError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished chunks are kept, rerun to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _log(msg: str):
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpu-mdf")
+def main():
+    """Train Keras models on MNIST, convert them to ModECI MDF, run MDF graphs in bulk."""
+
+
+@main.command()
+@CONFIG
+@click.option("--out", default=None, help="output folder (default runs/<name>/train)")
+@click.option("--epochs", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--train-limit", type=int, default=None, help="train on the first N images only")
+@click.option("--data", default=None, help="data source (default: the embedded MNIST)")
+@_errors
+def train(config_path, out, epochs, seed, train_limit, data):
+    """Train the configured model; write .keras, .h5, summary, history, pictures."""
+    from .config import load_config, override
+    from .train import train as do_train
+    cfg = override(load_config(config_path), train__epochs=epochs, seed=seed,
+                   data__train_limit=train_limit, data__source=data)
+    res = do_train(cfg, Path(out or f"runs/{cfg.name}/train"), log=_log)
+    click.echo(f"test accuracy {res.test_accuracy:.4f} (loss {res.test_loss:.4f}) on {res.device}; "
+               f"model in {res.model_path}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", required=True, help="folder for the MDF files")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default="json")
+@click.option("--normalize", type=click.Choice(["l2", "scale", "none"]), default="l2",
+              help="pixel normalisation recorded for the engine (default l2, the seed's)")
+@_errors
+def convert(models, out, fmt, normalize):
+    """Convert Keras models (.keras/.h5 files or folders of them) to MDF."""
+    from .convert import convert_files
+    results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()))
+    ok = sum(r.ok for r in results)
+    click.echo(f"{ok} of {len(results)} model(s) converted into {out}")
+    if not results:
+        raise GpuMdfError("no .keras or .h5 files found")
+    sys.exit(0 if ok == len(results) else 1)
+
+
+@main.command()
+@click.argument("mdf_file", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="folder for the PNGs (default: beside the file)")
+@click.option("--level", "levels", multiple=True, type=click.IntRange(1, 3), default=(1, 3))
+@_errors
+def plot(mdf_file, out, levels):
+    """Render an MDF graph with modeci_mdf's Graphviz exporter (levels 1 and 3)."""
+    from .engine import load_mdf_dict
+    from .viz import PictureSkipped, plot_mdf
+    load_mdf_dict(mdf_file)  # clear error for a missing or broken file
+    try:
+        for p in plot_mdf(mdf_file, out or Path(mdf_file).parent, levels):
+            click.echo(str(p))
+    except PictureSkipped as e:
+        raise GpuMdfError(str(e)) from None
+
+
+@main.command()
+@click.argument("mdf_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", default=None, help="mnist[:test|:train], .npz, .npy, IDX file/folder, PNG folder")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test")
+@click.option("--labels", default=None, help="labels .npy for a .npy input")
+@click.option("--out", default=None, help="output folder (default runs/infer)")
+@DEVICE
+@click.option("--batch-size", type=int, default=None)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None)
+@click.option("--normalize", type=click.Choice(["l2", "scale", "none"]), default=None,
+              help="override the normalisation recorded in the MDF file")
+@CONFIG
+@click.option("--no-progress", is_flag=True)
+@_errors
+def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, config_path,
+          no_progress):
+    """Bulk inference of an MDF graph over a data source (resumable).
+
+    With --config holding a ``jobs:`` list, runs every item in one process; each
+    model is compiled once. Exit code 1 when any item failed.
+    """
+    from .config import load_config
+    from .jobs import run_jobs
+    from .infer import run_inference
+    cfg = load_config(config_path) if config_path else None
+    device = device or (cfg.infer.device if cfg else "auto")
+    on_error = on_error or (cfg.infer.on_error if cfg else "fail")
+    batch_size = batch_size or (cfg.infer.batch_size if cfg else None)
+    if cfg and cfg.jobs:
+        ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"), default_model=mdf_file,
+                      device=device, batch_size=batch_size, on_error=on_error, log=_log,
+                      echo=click.echo, progress=not no_progress)
+        sys.exit(0 if ok else 1)
+    if not mdf_file:
+        raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
+    res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
+                        device=device, batch_size=batch_size, on_error=on_error, log=_log,
+                        normalize=normalize, progress=not no_progress)
+    acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
+    click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
+               + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")
+               + f"; files in {res.out_dir}")
+
+
+@main.command()
+@CONFIG
+@click.option("--out", default=None, help="run folder (default runs/<name>)")
+@DEVICE
+@click.option("--epochs", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--train-limit", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="inference batch size")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default=None)
+@click.option("--no-progress", is_flag=True)
+@_errors
+def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no_progress):
+    """The whole pipeline: train, save, convert, infer, compare with Keras, report."""
+    from .config import load_config, override
+    from .pipeline import run_pipeline
+    cfg = override(load_config(config_path), train__epochs=epochs, seed=seed,
+                   data__train_limit=train_limit, infer__batch_size=batch_size, infer__format=fmt,
+                   infer__device=device)
+    summary = run_pipeline(cfg, Path(out or f"runs/{cfg.name}"), device=cfg.infer.device, log=_log,
+                           progress=not no_progress)
+    click.echo(summary.text())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--no-tensorflow", is_flag=True, help="skip TensorFlow's view (faster)")
+@_errors
+def info(as_json, no_tensorflow):
+    """Versions, visible GPUs, and why the GPU is or is not used."""
+    from .info import collect, render
+    data = collect(with_tensorflow=not no_tensorflow)
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+@main.command()
+@click.argument("mdf_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--keras-model", default=None, help=".keras file for the TensorFlow baselines")
+@click.option("--repeats", type=int, default=20)
+@click.option("--stream", type=int, default=0, help="also stream N images (memory-mapped)")
+@click.option("--skip", multiple=True, help="baselines to skip: onnxruntime, tensorflow, evaluablegraph")
+@click.option("--json-out", default=None, help="write the table as JSON here")
+@_errors
+def bench(mdf_file, keras_model, repeats, stream, skip, json_out):
+    """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios)."""
+    from .bench import main as bench_main
+    bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

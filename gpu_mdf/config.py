@@ -1,0 +1,169 @@
+"""Run configuration: a YAML file validated into dataclasses, unknown keys refused.
+
+Every section maps onto CLI options; the CLI overrides what the file says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"          # embedded MNIST, or a path any reader accepts
+    normalize: str = "l2"          # l2 (the seed's keras.utils.normalize axis=1) | scale | none
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+
+
+@dataclass
+class ModelConfig:
+    input_shape: list[int] = field(default_factory=lambda: [28, 28])
+    layers: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    loss: str = "sparse_categorical_crossentropy"
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    epochs: int = 3
+    batch_size: int = 32
+    validation_split: float = 0.0
+
+
+@dataclass
+class InferConfig:
+    device: str = "auto"
+    batch_size: int | None = None
+    format: str = "json"           # MDF format written by convert: json | yaml | both
+    on_error: str = "fail"         # fail | skip
+
+
+@dataclass
+class JobItem:
+    """One item of a multi-item job (``jobs:`` in a config)."""
+    model: str | None = None       # an MDF file (infer) ; None = the run's own model
+    data: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    name: str = "mnist_dense"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    jobs: list[JobItem] = field(default_factory=list)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _build(cls, raw: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return raw
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        sub = f"{where}.{name}"
+        ftype = f.type if not isinstance(f.type, str) else _SECTION_TYPES.get(name)
+        if ftype is not None and dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, sub)
+        elif name == "jobs":
+            if not isinstance(value, list):
+                raise ConfigError(f"{sub}: expected a list of {{model, data, name}}")
+            kwargs[name] = [_build(JobItem, v, f"{sub}[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[name] = _check_type(cls, name, value, sub)
+    return cls(**kwargs)
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "infer": InferConfig}
+_TYPES = {
+    "name": str, "seed": int, "source": str, "normalize": str, "train_limit": (int, type(None)),
+    "input_shape": list, "layers": list, "optimizer": str, "learning_rate": (float, int),
+    "loss": str, "metrics": list, "epochs": int, "batch_size": (int, type(None)),
+    "validation_split": (float, int), "device": str, "format": str, "on_error": str,
+    "model": (str, type(None)), "data": (str, type(None)),
+}
+_CHOICES = {"normalize": ("l2", "scale", "none"), "format": ("json", "yaml", "both"),
+            "on_error": ("fail", "skip")}
+
+
+def _check_type(cls, name, value, where):
+    want = _TYPES.get(name)
+    if want is not None and (not isinstance(value, want) or isinstance(value, bool) and want is not bool):
+        names = want.__name__ if isinstance(want, type) else " or ".join(t.__name__ for t in want)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"{where}: {value!r} is not one of {_CHOICES[name]}")
+    if name == "layers":
+        for i, layer in enumerate(value):
+            if not isinstance(layer, dict) or "type" not in layer:
+                raise ConfigError(f"{where}[{i}]: each layer is a mapping with a 'type' key")
+    return value
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a config file; ``None`` gives the reference model's config."""
+    if path is None:
+        path = CONFIG_DIR / "mnist_dense.yaml"
+        if not path.exists():  # installed without the repo's configs/: built-in defaults
+            return reference_config()
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = _build(Config, raw or {}, path.name)
+    cfg.source = str(path)
+    return cfg
+
+
+def reference_config() -> Config:
+    """The seed's model: Flatten -> Dense 128 relu -> Dense 128 relu -> Dense 10 softmax."""
+    return Config(model=ModelConfig([28, 28], [
+        {"type": "Flatten"},
+        {"type": "Dense", "units": 128, "activation": "relu"},
+        {"type": "Dense", "units": 128, "activation": "relu"},
+        {"type": "Dense", "units": 10, "activation": "softmax"},
+    ]))
+
+
+def override(cfg: Config, **options) -> Config:
+    """Apply CLI options (``section__key=value``; ``None`` means not given)."""
+    for key, value in options.items():
+        if value is None:
+            continue
+        section, _, name = key.partition("__")
+        target = getattr(cfg, section) if name else cfg
+        attr = name or section
+        if not hasattr(target, attr):
+            raise ConfigError(f"unknown option {key}")
+        setattr(target, attr, value)
+    return cfg

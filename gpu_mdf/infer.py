@@ -1,0 +1,255 @@
+"""Bulk inference: stream a dataset through a compiled MDF program in chunks.
+
+Each finished chunk is written atomically to ``OUT/.chunks/NNNNNN.npz`` beside a
+``job.json`` fingerprint (model bytes, input identity, batch size, normalisation).
+A rerun with the same arguments skips finished chunks; a changed model or input
+is refused rather than mixed with old chunks. The final files
+(``probabilities.npy``, ``predictions.csv``, ``metrics.json``, ``errors.csv``)
+are assembled by streaming the chunks, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .data import Dataset, EMBEDDED_MNIST_SHA256, open_dataset
+from .engine import Program, compile
+from .errors import DataError, GpuMdfError, OutputError
+from .io import atomic_path, write_json
+
+CHUNK_DIR = ".chunks"
+JOB_FILE = "job.json"
+FINAL_FILES = ("probabilities.npy", "predictions.csv", "metrics.json", "errors.csv")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_identity(source: str | None, ds: Dataset) -> dict:
+    ident = {"name": ds.name, "length": len(ds), "shape": list(ds.image_shape), "dtype": str(ds.dtype)}
+    if source in (None, "mnist", "mnist:test", "mnist:train"):
+        ident["embedded_sha256"] = EMBEDDED_MNIST_SHA256
+    else:
+        p = Path(source)
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        ident["files"] = [[str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns]
+                          for q in files[:10000]]
+        ident["file_count"] = len(files)
+    return ident
+
+
+@dataclass
+class InferResult:
+    out_dir: Path
+    n: int
+    accuracy: float | None
+    images_per_s: float
+    device: str
+    chunks_done: int
+    chunks_resumed: int
+    skipped: int
+    files: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None = None,
+                  split: str = "test", labels: str | None = None, device: str = "auto",
+                  batch_size: int | None = None, on_error: str = "fail", program: Program | None = None,
+                  progress: bool = True, log=print, normalize: str | None = None) -> InferResult:
+    """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``.
+
+    ``program`` reuses an already compiled program (multi-item jobs).
+    """
+    out = Path(out_dir)
+    mdf_path = Path(mdf_path)
+    prog = program or compile(mdf_path, device=device, normalize=normalize)
+    ds = open_dataset(source, split=split, labels=labels)
+    if len(ds) == 0:
+        raise DataError(f"{ds.name}: no images")
+    bs = prog.suggest_batch_size(batch_size)
+    job = {"gpu_mdf": __version__, "model_sha256": _file_digest(mdf_path), "model": str(mdf_path),
+           "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
+           "normalize": prog.normalize, "dtype": str(prog.dtype), "on_error": on_error}
+    chunk_dir = _claim(out, job)
+    log(f"{prog.backend.describe()}")
+    log(f"{ds.describe()}; batch size {bs}")
+
+    nchunks = -(-len(ds) // bs)
+    done = {int(p.stem) for p in chunk_dir.glob("*.npz")}
+    resumed = len(done & set(range(nchunks)))
+    if resumed:
+        log(f"resuming: {resumed} of {nchunks} chunks already done")
+    bar = _progress(len(ds), progress, initial=min(resumed * bs, len(ds)))
+    t_compute, n_computed = 0.0, 0
+    todo = [i for i in range(nchunks) if i not in done]
+
+    def reads():
+        for i in todo:
+            lo = i * bs
+            try:
+                yield i, lo, ds.read(lo, lo + bs), None
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                yield i, lo, None, e
+
+    try:
+        for i, lo, x, err in reads():
+            hi = min(lo + bs, len(ds))
+            t0 = time.perf_counter()
+            probs, errors = _run_chunk(prog, ds, lo, hi, x, err, on_error)
+            t_compute += time.perf_counter() - t0
+            n_computed += hi - lo
+            with atomic_path(chunk_dir / f"{i:06d}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, probs=probs, errors=np.array([json.dumps(e) for e in errors], dtype=str))
+            bar.update(hi - lo)
+    except KeyboardInterrupt:
+        bar.close()
+        finished = len(list(chunk_dir.glob("*.npz")))
+        raise GpuMdfError(f"interrupted: {finished} of {nchunks} chunks are saved in {chunk_dir}; "
+                          f"rerun the same command to resume") from None
+    bar.close()
+    return _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, t_compute, n_computed, resumed, log)
+
+
+def _claim(out: Path, job: dict) -> Path:
+    """Make ``out`` ours: new, or holding this very job (resume). Anything else is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    chunk_dir = out / CHUNK_DIR
+    job_path = out / JOB_FILE
+    if job_path.exists():
+        try:
+            old = json.loads(job_path.read_text())
+        except ValueError:
+            raise OutputError(f"{job_path}: unreadable job file; use another --out") from None
+        if old != job:
+            changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+            raise OutputError(f"{out} holds another job's files (different {', '.join(changed)}); "
+                              f"use another --out or delete that folder")
+    else:
+        foreign = [p.name for p in out.iterdir() if p.name in FINAL_FILES or p.name == CHUNK_DIR]
+        if foreign:
+            raise OutputError(f"{out} holds files of an unknown job ({', '.join(sorted(foreign))}); "
+                              f"use another --out or delete them")
+        write_json(job_path, job)
+    chunk_dir.mkdir(exist_ok=True)
+    return chunk_dir
+
+
+def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, on_error):
+    """Probabilities for images [lo, hi); with on_error=skip, bad items become NaN rows."""
+    if read_error is None:
+        try:
+            return _first_output(prog.run(x)), []
+        except DataError:
+            if on_error != "skip":
+                raise
+    errors, good, idx = [], [], []
+    for i in range(lo, hi):
+        try:
+            xi = ds.read(i, i + 1)
+            prog.prepare(xi)  # validates shape and finiteness
+            good.append(xi)
+            idx.append(i - lo)
+        except DataError as e:
+            errors.append({"index": i, "item": ds.item_name(i), "error": str(e)})
+    nout = prog.outputs[0].shape[-1] if prog.outputs[0].shape else 10
+    probs = np.full((hi - lo, nout), np.nan, np.float32)
+    if good:
+        probs[idx] = _first_output(prog.run(np.concatenate(good)))
+    return probs, errors
+
+
+def _first_output(out):
+    return out if not isinstance(out, dict) else next(iter(out.values()))
+
+
+def _progress(total: int, enabled: bool, initial: int = 0):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, t_compute, n_computed, resumed, log):
+    n = len(ds)
+    labels = ds.labels
+    first = np.load(chunk_dir / f"{0:06d}.npz")["probs"]
+    nclass = first.shape[1]
+    cm = np.zeros((nclass, nclass), np.int64)
+    errors = []
+    with atomic_path(out / "probabilities.npy") as tmp_p, atomic_path(out / "predictions.csv") as tmp_c:
+        probs_out = np.lib.format.open_memmap(tmp_p, mode="w+", dtype=np.float32, shape=(n, nclass))
+        with open(tmp_c, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "predicted", "probability"] + (["true"] if labels is not None else []))
+            for i in range(nchunks):
+                z = np.load(chunk_dir / f"{i:06d}.npz")
+                p = z["probs"]
+                errors += [json.loads(e) for e in z["errors"]]
+                lo = i * bs
+                probs_out[lo:lo + len(p)] = p
+                valid = ~np.isnan(p).any(axis=1)
+                pred = np.where(valid, np.argmax(np.nan_to_num(p, nan=-1), axis=1), -1)
+                conf = np.where(valid, np.nan_to_num(p, nan=0).max(axis=1), np.nan)
+                rows = zip(range(lo, lo + len(p)), pred.tolist(), conf.tolist())
+                if labels is not None:
+                    y = labels[lo:lo + len(p)]
+                    w.writerows((r[0], r[1], f"{r[2]:.6f}", t) for r, t in zip(rows, y.tolist()))
+                    ok = valid & (y >= 0) & (y < nclass)
+                    np.add.at(cm, (y[ok], pred[ok]), 1)
+                else:
+                    w.writerows((r[0], r[1], f"{r[2]:.6f}") for r in rows)
+        probs_out.flush()
+        del probs_out
+    files = {"probabilities": out / "probabilities.npy", "predictions": out / "predictions.csv"}
+    if errors or job["on_error"] == "skip":
+        with atomic_path(out / "errors.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["index", "item", "error"])
+                w.writeheader()
+                w.writerows(errors)
+        files["errors"] = out / "errors.csv"
+    metrics = _metrics(prog, ds, cm, labels, n, len(errors), t_compute, n_computed, bs, nchunks, resumed)
+    files["metrics"] = write_json(out / "metrics.json", metrics)
+    return InferResult(out, n, metrics.get("accuracy"), metrics["images_per_s"], prog.backend.device,
+                       nchunks - resumed, resumed, len(errors), files, metrics)
+
+
+def _metrics(prog, ds, cm, labels, n, skipped, t_compute, n_computed, bs, nchunks, resumed) -> dict:
+    import numpy
+    m = {"images": n, "skipped": skipped, "source": ds.name, "batch_size": bs, "chunks": nchunks,
+         "chunks_resumed": resumed,
+         "images_per_s": (n_computed / t_compute) if t_compute else 0.0,
+         "compute_seconds": t_compute, "device": prog.backend.device, "backend": prog.backend.name,
+         "device_reason": prog.backend.reason, "normalize": prog.normalize,
+         "versions": {"gpu_mdf": __version__, "numpy": numpy.__version__,
+                      "python": platform.python_version()}}
+    if prog.backend.is_gpu:
+        m["versions"]["cupy"] = prog.backend.xp.__version__
+    if labels is not None:
+        total = int(cm.sum())
+        m["accuracy"] = float(np.trace(cm) / total) if total else None
+        m["confusion_matrix"] = cm.tolist()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prec = np.diag(cm) / cm.sum(axis=0)
+            rec = np.diag(cm) / cm.sum(axis=1)
+        m["per_class"] = {str(k): {"precision": None if np.isnan(prec[k]) else float(prec[k]),
+                                   "recall": None if np.isnan(rec[k]) else float(rec[k]),
+                                   "support": int(cm[k].sum())} for k in range(len(cm))}
+    return m

@@ -1,0 +1,40 @@
+"""Multi-item jobs: several models and data sources in one process.
+
+Each MDF file is compiled once (cached) and reused for every item that names it;
+one failing item is reported and does not stop the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engine import compile
+from .errors import GpuMdfError
+
+
+def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size=None,
+             on_error="fail", log=print, echo=print, progress=True) -> bool:
+    from .infer import run_inference
+
+    programs = {}
+    ok_all = True
+    for i, item in enumerate(items):
+        model = item.model or default_model
+        name = item.name or f"item{i}"
+        try:
+            if not model:
+                raise GpuMdfError("no model: give one in the item or as MDF_FILE")
+            key = str(Path(model).resolve())
+            if key not in programs:
+                programs[key] = compile(model, device=device)
+            res = run_inference(model, out_dir / name, source=item.data, device=device,
+                                batch_size=batch_size, on_error=on_error, program=programs[key],
+                                log=log, progress=progress)
+            acc = f", accuracy {res.accuracy:.4f}" if res.accuracy is not None else ""
+            echo(f"ok   {name}: {res.n} images{acc}, {res.images_per_s:,.0f} images/s")
+        except GpuMdfError as e:
+            ok_all = False
+            echo(f"FAIL {name}: {e}")
+    echo(f"{len(programs)} model(s) compiled for {len(items)} item(s); "
+         f"{'all succeeded' if ok_all else 'some failed'}")
+    return ok_all

@@ -1,0 +1,93 @@
+"""The one-command pipeline: train -> save -> convert -> infer -> compare with Keras -> report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .io import write_json
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    keras_accuracy: float
+    mdf_accuracy: float
+    max_abs_diff: float
+    argmax_agreement: float
+    images_per_s: float
+    device: str
+    seconds: float
+
+    def text(self) -> str:
+        return "\n".join([
+            f"Keras test accuracy : {self.keras_accuracy:.4f}",
+            f"MDF test accuracy   : {self.mdf_accuracy:.4f}",
+            f"max |MDF - Keras|   : {self.max_abs_diff:.3g}",
+            f"argmax agreement    : {self.argmax_agreement:.2%}",
+            f"MDF throughput      : {self.images_per_s:,.0f} images/s on {self.device}",
+            f"total time          : {self.seconds:.1f} s",
+            f"run folder          : {self.out_dir}",
+        ])
+
+
+def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=print,
+                 progress: bool = True) -> RunSummary:
+    from . import report, viz
+    from .convert import keras_to_mdf, save_mdf
+    from .infer import run_inference
+    from .train import prepare_images, train
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = train(cfg, out, log=log)
+
+    import keras
+    model = keras.models.load_model(tr.model_path, compile=False)
+    log("converting to MDF")
+    mdf = keras_to_mdf(model, normalize=cfg.data.normalize, model_id=cfg.name)
+    mdf_paths = []
+    if cfg.infer.format in ("json", "both"):
+        mdf_paths.append(save_mdf(mdf, out / "model.mdf.json"))
+    if cfg.infer.format in ("yaml", "both"):
+        mdf_paths.append(save_mdf(mdf, out / "model.mdf.yaml"))
+    mdf_path = mdf_paths[0]
+    pictures = []
+    try:
+        pictures = viz.plot_mdf(mdf_path, out, levels=(1, 3))
+    except viz.PictureSkipped as e:
+        tr.skipped.append(("MDF graph", str(e)))
+        log(f"skipped MDF graph pictures: {e}")
+
+    log("bulk inference with the MDF engine")
+    source = None if cfg.data.source == "mnist" else cfg.data.source
+    res = run_inference(mdf_path, out / "inference", source=source, device=device,
+                        batch_size=cfg.infer.batch_size, on_error=cfg.infer.on_error, log=log,
+                        progress=progress)
+
+    # agreement with Keras on the same test set
+    from .data import open_dataset
+    ds = open_dataset(source)
+    xk = prepare_images(ds.read(), cfg)
+    keras_probs = model.predict(xk, batch_size=10000, verbose=0)
+    mdf_probs = np.load(out / "inference" / "probabilities.npy", mmap_mode="r")
+    valid = ~np.isnan(mdf_probs).any(axis=1)
+    diff = float(np.abs(mdf_probs[valid] - keras_probs[valid]).max())
+    agree = float((mdf_probs[valid].argmax(1) == keras_probs[valid].argmax(1)).mean())
+    cm = np.array(res.metrics["confusion_matrix"]) if "confusion_matrix" in res.metrics else None
+    if cm is not None:
+        viz.plot_confusion(cm, out / "confusion_matrix.png", f"MDF on {ds.name}")
+    summary = RunSummary(out, tr.test_accuracy, res.accuracy or float("nan"), diff, agree,
+                         res.images_per_s, res.device, time.perf_counter() - t0)
+    write_json(out / "summary.json", {
+        "keras_test_accuracy": tr.test_accuracy, "mdf_test_accuracy": res.accuracy,
+        "max_abs_diff": diff, "argmax_agreement": agree, "images_per_s": res.images_per_s,
+        "device": res.device, "train_device": tr.device, "seconds": summary.seconds,
+        "mdf_file": str(mdf_path), "mdf_bytes": mdf_path.stat().st_size, "skipped_pictures": tr.skipped})
+    report.write_report(out, cfg, tr, res, summary, mdf_paths, pictures)
+    return summary

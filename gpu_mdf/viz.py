@@ -1,0 +1,129 @@
+"""Pictures: Keras model plot, MDF graph (modeci_mdf's Graphviz exporter), a digit with
+its prediction, a confusion matrix. matplotlib runs headless (Agg)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_path
+
+GRAPHVIZ_HINT = "install Graphviz's dot (apt-get install graphviz, or conda install graphviz)"
+
+
+class PictureSkipped(Exception):
+    """A picture that cannot be drawn here; the message says how to get it."""
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _need_dot():
+    if shutil.which("dot") is None:
+        raise PictureSkipped(f"Graphviz's 'dot' is not on PATH: {GRAPHVIZ_HINT}")
+
+
+def plot_keras_model(model, path: Path) -> Path:
+    _need_dot()
+    import keras
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        named = tmp.with_name(tmp.name + ".png")
+        try:
+            keras.utils.plot_model(model, to_file=str(named), show_shapes=True, show_layer_names=True,
+                                   show_layer_activations=True)
+        except ImportError as e:
+            raise PictureSkipped(f"plot_model needs pydot: {e}") from None
+        named.replace(tmp)
+    return path
+
+
+def plot_digit(image: np.ndarray, predicted: int, true: int | None, path: Path,
+               probability: float | None = None) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3, 3.3), dpi=100)
+    ax.imshow(np.asarray(image).reshape(28, 28) if np.asarray(image).size == 784 else image,
+              cmap=plt.cm.binary)
+    title = f"predicted {predicted}"
+    if probability is not None:
+        title += f" ({probability:.1%})"
+    if true is not None:
+        title += f", true {true}"
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+    return _save_fig(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str = "Confusion matrix") -> Path:
+    plt = _plt()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(6, 5.5), dpi=100)
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    n = cm.shape[0]
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    hi = cm.max() / 2 if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > hi else "black")
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_mdf(mdf_path: str | Path, out_dir: str | Path, levels=(1, 3)) -> list[Path]:
+    """Render the MDF graph with modeci_mdf's Graphviz exporter (level 1 overview,
+    level 3 detail). Returns the PNG paths."""
+    _need_dot()
+    from modeci_mdf.interfaces.graphviz.exporter import mdf_to_graphviz
+    from modeci_mdf.utils import load_mdf
+
+    mdf_path, out_dir = Path(mdf_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_mdf(str(mdf_path))
+    _summarise_arrays(model)
+    written = []
+    for level in levels:
+        root = out_dir / f"mdf_graph_level{level}"
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
+            mdf_to_graphviz(model.graphs[0], view_on_render=False, level=level,
+                            filename_root=str(root), output_format="png")
+        Path(str(root)).unlink(missing_ok=True)  # keep the picture, not the .gv source
+        written.append(Path(f"{root}.png"))
+    return written
+
+
+def _summarise_arrays(model, limit: int = 16):
+    """Replace large parameter arrays by a short description: the level-3 view would
+    otherwise print every weight (and Graphviz refuses labels over 16 KB)."""
+    for graph in model.graphs:
+        for node in graph.nodes:
+            for p in node.parameters:
+                a = np.asarray(p.value) if isinstance(p.value, (list, np.ndarray)) else None
+                if a is not None and a.size > limit:
+                    p.value = f"array{tuple(a.shape)} float32"
+            for f in node.functions:
+                for k, v in list((f.args or {}).items()):
+                    if isinstance(v, (list, np.ndarray)) and np.asarray(v).size > limit:
+                        f.args[k] = f"array{tuple(np.asarray(v).shape)}"
