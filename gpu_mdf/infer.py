@@ -156,7 +156,7 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, on_e
     """Probabilities for images [lo, hi); with on_error=skip, bad items become NaN rows."""
     if read_error is None:
         try:
-            return _first_output(prog.run(x)), []
+            return _first_output(_run(prog, x)), []
         except DataError:
             if on_error != "skip":
                 raise
@@ -172,8 +172,16 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, on_e
     nout = prog.outputs[0].shape[-1] if prog.outputs[0].shape else 10
     probs = np.full((hi - lo, nout), np.nan, np.float32)
     if good:
-        probs[idx] = _first_output(prog.run(np.concatenate(good)))
+        probs[idx] = _first_output(_run(prog, np.concatenate(good)))
     return probs, errors
+
+
+def _run(prog: Program, x):
+    """One chunk; on a GPU a chunk that runs out of memory is split and retried."""
+    if prog.backend.is_gpu:
+        from .engine.stream import run_split_on_oom
+        return run_split_on_oom(prog, x)
+    return prog.run(x)
 
 
 def _first_output(out):

@@ -17,12 +17,14 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import CompileError
 
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-    ast.Pow: lambda a, b: float(a) ** b if isinstance(a, int) else a ** b,  # no huge ints
+    ast.Pow: lambda a, b: np.float64(a) ** b if isinstance(a, int) else a ** b,  # no huge ints
     ast.MatMult: operator.matmul,
 }
 _CMPOPS = {
@@ -60,7 +62,7 @@ def _table(xp) -> dict[str, Callable]:
     return t
 
 
-FUNCTION_NAMES = frozenset(_table(__import__("numpy")))
+FUNCTION_NAMES = frozenset(_table(np))
 
 
 @dataclass

@@ -590,7 +590,9 @@ class _GraphCompiler:
             if not is_input and k not in spec.attrs:
                 raise CompileError(f"node {nid} {fid}: {fname} has no argument {k!r}; it takes "
                                    f"{tensor_names + sorted(spec.attrs)}")
-            if isinstance(v, str):
+            if isinstance(v, str) and not is_input and isinstance(spec.attrs.get(k), str):
+                entry = ("const", v)       # a string attribute (mode, auto_pad...): a literal
+            elif isinstance(v, str):
                 try:
                     e = compile_expr(v, scope, np)
                 except CompileError as err:
@@ -628,7 +630,7 @@ class _GraphCompiler:
                 return lambda env: c
             in_fns = [value_of(e) for _, e in inputs]
             names = [k for k, _ in inputs]
-            const_attrs = {k: v for k, (kind, v) in attrs.items() if kind == "const"}
+            const_attrs = {**spec.attrs, **{k: v for k, (kind, v) in attrs.items() if kind == "const"}}
             expr_attrs = {k: compile_expr(v, scope, np).fn for k, (_, v) in attr_exprs.items()}
             kernel = spec.kernel
             # positional inputs: required ones, then optionals up to the last given

@@ -1,0 +1,238 @@
+"""Keras -> MDF: every layer kind and activation, merges, multi-I/O, interop, exact weights."""
+
+import json
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from keras import layers  # noqa: E402
+
+from gpu_mdf.convert import convert_files, keras_to_mdf, save_mdf  # noqa: E402
+from gpu_mdf.convert.keras import ACTIVATIONS, supported_layers  # noqa: E402
+from gpu_mdf.engine import compile  # noqa: E402
+from gpu_mdf.errors import UnsupportedLayerError  # noqa: E402
+
+R = np.random.default_rng(0)
+
+
+def randomise(model):
+    """Random weights everywhere (incl. BN statistics) so every parameter matters."""
+    for w in model.weights:
+        v = R.standard_normal(w.shape).astype("float32") * 0.5
+        if "variance" in w.path:
+            v = np.abs(v) + 0.5
+        w.assign(v)
+    return model
+
+
+def seq(input_shape, *ls):
+    keras.utils.set_random_seed(0)
+    return randomise(keras.Sequential([keras.Input(input_shape), *ls]))
+
+
+def roundtrip(model, tmp_path, x, fmt="json", atol=1e-5):
+    path = save_mdf(keras_to_mdf(model), tmp_path / f"m.{fmt}")
+    prog = compile(path, device="cpu")
+    got = prog.run(x)
+    want = model.predict(x, verbose=0)
+    if isinstance(want, list):
+        for name, w in zip([o.name for o in prog.outputs], want):
+            np.testing.assert_allclose(got[name], w, atol=atol, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-5)
+    return path, prog
+
+
+IMG = (12, 10, 3)
+LAYER_CASES = {
+    "Dense": ((6,), [layers.Dense(4, activation="tanh")]),
+    "Dense3d": ((5, 6), [layers.Dense(4)]),
+    "DenseNoBias": ((6,), [layers.Dense(4, use_bias=False)]),
+    "Flatten+Reshape+Permute": ((4, 6), [layers.Reshape((3, 8)), layers.Permute((2, 1)), layers.Flatten()]),
+    "Activation": ((6,), [layers.Activation("relu")]),
+    "ReLU": ((6,), [layers.ReLU(max_value=0.5, negative_slope=0.1, threshold=0.2)]),
+    "ReLU-plain": ((6,), [layers.ReLU(max_value=1.0)]),
+    "LeakyReLU": ((6,), [layers.LeakyReLU(negative_slope=0.2)]),
+    "ELU": ((6,), [layers.ELU(alpha=0.5)]),
+    "Softmax": ((3, 6), [layers.Softmax(axis=1)]),
+    "Dropouts": (IMG, [layers.Dropout(0.3), layers.SpatialDropout2D(0.2), layers.GaussianNoise(0.1)]),
+    "BatchNormalization": (IMG, [layers.BatchNormalization()]),
+    "BatchNormalization-axis1": ((3, 5), [layers.BatchNormalization(axis=1, center=False)]),
+    "LayerNormalization": ((4, 6), [layers.LayerNormalization()]),
+    "LayerNormalization-2axes": ((4, 6), [layers.LayerNormalization(axis=[1, 2])]),
+    "Conv1D": ((10, 3), [layers.Conv1D(4, 3, strides=2, padding="same", activation="relu")]),
+    "Conv1D-causal": ((10, 3), [layers.Conv1D(4, 3, dilation_rate=2, padding="causal")]),
+    "Conv2D-valid": (IMG, [layers.Conv2D(4, (3, 2), strides=(2, 1))]),
+    "Conv2D-same": (IMG, [layers.Conv2D(4, 3, padding="same", dilation_rate=2)]),
+    "Conv2D-groups": ((8, 8, 4), [layers.Conv2D(6, 3, groups=2, padding="same", strides=2)]),
+    "DepthwiseConv2D": (IMG, [layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")]),
+    "SeparableConv2D": (IMG, [layers.SeparableConv2D(5, 3, depth_multiplier=2, activation="relu")]),
+    "MaxPooling1D": ((10, 3), [layers.MaxPooling1D(3, strides=2, padding="same")]),
+    "MaxPooling2D": (IMG, [layers.MaxPooling2D(2)]),
+    "MaxPooling2D-overlap": (IMG, [layers.MaxPooling2D(3, strides=2, padding="same")]),
+    "AveragePooling1D": ((10, 3), [layers.AveragePooling1D(2)]),
+    "AveragePooling2D": (IMG, [layers.AveragePooling2D(2)]),
+    "AveragePooling2D-same": (IMG, [layers.AveragePooling2D(3, strides=2, padding="same")]),
+    "GlobalAveragePooling1D": ((10, 3), [layers.GlobalAveragePooling1D()]),
+    "GlobalAveragePooling2D": (IMG, [layers.GlobalAveragePooling2D(keepdims=True)]),
+    "GlobalMaxPooling1D": ((10, 3), [layers.GlobalMaxPooling1D()]),
+    "GlobalMaxPooling2D": (IMG, [layers.GlobalMaxPooling2D()]),
+    "ZeroPadding2D": (IMG, [layers.ZeroPadding2D(((1, 2), (0, 3)))]),
+    "Cropping2D": (IMG, [layers.Cropping2D(((1, 2), (3, 0)))]),
+    "UpSampling2D": (IMG, [layers.UpSampling2D((2, 3))]),
+    "Rescaling": (IMG, [layers.Rescaling(1 / 127.5, offset=-1)]),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_kind_matches_keras(case, tmp_path):
+    shape, ls = LAYER_CASES[case]
+    model = seq(shape, *ls)
+    x = R.standard_normal((5,) + shape).astype("float32")
+    roundtrip(model, tmp_path, x)
+
+
+def test_normalization_layer(tmp_path):
+    norm = layers.Normalization(axis=-1)
+    data = R.standard_normal((100, 6)).astype("float32") * 3 + 1
+    norm.adapt(data)
+    model = keras.Sequential([keras.Input((6,)), norm])
+    roundtrip(model, tmp_path, data[:7])
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_every_activation(name, tmp_path):
+    model = seq((7,), layers.Dense(5, activation=name))
+    x = R.standard_normal((6, 7)).astype("float32") * 2
+    roundtrip(model, tmp_path, x)
+
+
+def test_merge_layers_and_multi_io(tmp_path):
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((6,), name="a"), keras.Input((6,), name="b")
+    da, db = layers.Dense(4, name="da")(a), layers.Dense(4, name="db")(b)
+    merged = [layers.Add()([da, db]), layers.Subtract()([da, db]), layers.Multiply()([da, db, da]),
+              layers.Average()([da, db]), layers.Maximum()([da, db]), layers.Minimum()([da, db])]
+    cat = layers.Concatenate(name="cat")(merged)
+    out1 = layers.Dense(3, activation="softmax", name="probs")(cat)
+    model = randomise(keras.Model([a, b], [out1, da], name="multi"))   # da is an output and an input
+    xa, xb = (R.standard_normal((5, 6)).astype("float32") for _ in range(2))
+    path = save_mdf(keras_to_mdf(model), tmp_path / "multi.json")
+    prog = compile(path, device="cpu")
+    assert [p.name for p in prog.inputs] == ["a", "b"]
+    got = prog.run({"a": xa, "b": xb})
+    want = model.predict([xa, xb], verbose=0)
+    assert list(got) == ["probs_out", "da_out"]
+    np.testing.assert_allclose(got["probs_out"], want[0], atol=1e-5)
+    np.testing.assert_allclose(got["da_out"], want[1], atol=1e-5)
+
+
+def test_graph_input_is_a_port_and_no_data_is_baked(reference_model, reference_mdf):
+    d = json.loads(reference_mdf.read_text())
+    (model_id, m), = d.items()
+    (gid, g), = m["graphs"].items()
+    ports = [(nid, pid, p) for nid, n in g["nodes"].items() for pid, p in n.get("input_ports", {}).items()]
+    receivers = {(e["receiver"], e["receiver_port"]) for e in g["edges"].values()}
+    free = [(nid, pid, p) for nid, pid, p in ports if (nid, pid) not in receivers]
+    assert len(free) == 1
+    assert free[0][2]["shape"] == [1, 28, 28] and free[0][2]["metadata"]["batch_axis"] == 0
+    n_floats = sum(np.size(p["value"]) for n in g["nodes"].values() for p in n.get("parameters", {}).values())
+    model, _ = reference_model
+    assert n_floats == model.count_params()   # weights only: nothing else is stored
+
+
+def test_weights_read_back_bit_for_bit(reference_model, reference_mdf):
+    from modeci_mdf.utils import load_mdf
+
+    model, _ = reference_model
+    m = load_mdf(str(reference_mdf))
+    nodes = {n.id: n for n in m.graphs[0].nodes}
+    for layer in model.layers:
+        for w in layer.weights:
+            name = w.path.split("/")[-1]
+            p = next(p for p in nodes[layer.name].parameters if p.id == name)
+            stored = np.asarray(p.value, dtype=np.float32)
+            assert np.array_equal(stored.view(np.uint32), np.asarray(w.numpy()).view(np.uint32))
+
+
+def test_cnn_runs_in_modeci_evaluable_graph(tmp_path):
+    from modeci_mdf.execution_engine import EvaluableGraph
+    from modeci_mdf.utils import load_mdf
+
+    model = seq((28, 28, 1), layers.Conv2D(4, 3, activation="relu", padding="same"),
+                layers.BatchNormalization(), layers.MaxPooling2D(), layers.Dropout(0.2), layers.Flatten(),
+                layers.Dense(10, activation="softmax"))
+    x = R.random((4, 28, 28, 1)).astype("float32")
+    path, prog = roundtrip(model, tmp_path, x)
+    eg = EvaluableGraph(load_mdf(str(path)).graphs[0], verbose=False)
+    eg.evaluate(initializer={prog.inputs[0].name: x})
+    o = prog.outputs[0]
+    got = eg.enodes[o.node].evaluable_outputs[o.port].curr_value
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_reference_model_runs_in_evaluable_graph(reference_model, reference_mdf, x_test_l2):
+    from modeci_mdf.execution_engine import EvaluableGraph
+    from modeci_mdf.utils import load_mdf
+
+    model, _ = reference_model
+    prog = compile(reference_mdf, device="cpu")
+    eg = EvaluableGraph(load_mdf(str(reference_mdf)).graphs[0], verbose=False)
+    x = x_test_l2[:1000]
+    eg.evaluate(initializer={prog.inputs[0].name: x})
+    o = prog.outputs[0]
+    got = eg.enodes[o.node].evaluable_outputs[o.port].curr_value
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_yaml_format(tmp_path):
+    model = seq((6,), layers.Dense(3, activation="softmax"))
+    roundtrip(model, tmp_path, R.standard_normal((4, 6)).astype("float32"), fmt="yaml")
+
+
+def test_unsupported_layer_names_class_layer_and_kinds():
+    model = keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t * 2, name="doubler")])
+    with pytest.raises(UnsupportedLayerError, match=r"'doubler' of kind Lambda.*supported kinds: .*Conv2D"):
+        keras_to_mdf(model)
+    rnn = keras.Sequential([keras.Input((3, 4)), layers.SimpleRNN(2, name="rnn")])
+    with pytest.raises(UnsupportedLayerError, match="SimpleRNN"):
+        keras_to_mdf(rnn)
+    bil = seq(IMG, layers.UpSampling2D(2, interpolation="bilinear"))
+    with pytest.raises(UnsupportedLayerError, match="bilinear"):
+        keras_to_mdf(bil)
+
+
+def test_supported_layer_list_covers_the_issue():
+    wanted = {"Flatten", "Reshape", "Permute", "Dense", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax",
+              "Dropout", "SpatialDropout2D", "GaussianNoise", "BatchNormalization", "LayerNormalization",
+              "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling1D", "MaxPooling2D",
+              "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+              "GlobalMaxPooling1D", "GlobalMaxPooling2D", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
+              "Rescaling", "Normalization", "Add", "Subtract", "Multiply", "Average", "Maximum",
+              "Minimum", "Concatenate"}
+    assert wanted <= set(supported_layers())
+
+
+def test_batch_conversion_cli_mixes_good_and_broken(tmp_path):
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+
+    src = tmp_path / "models"
+    src.mkdir()
+    seq((6,), layers.Dense(3)).save(src / "good.keras")
+    seq((6,), layers.Dense(2, activation="sigmoid")).save(src / "good2.h5")
+    (src / "corrupt.keras").write_bytes(b"not a zip")
+    keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t, name="lam")]).save(
+        src / "lambda.keras")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "missing.keras"), "--out", str(out),
+                                  "--format", "both"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert sum(line.startswith("ok ") for line in lines) == 2
+    assert sum(line.startswith("FAIL") for line in lines) == 3
+    assert "Keras cannot load" in r.output and "no such model file" in r.output
+    assert "2 of 5 model(s) converted" in lines[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.yaml", "good2.json", "good2.yaml"]

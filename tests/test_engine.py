@@ -1,0 +1,171 @@
+import json
+
+import numpy as np
+import pytest
+
+from gpu_mdf.backend import GpuProbe, select_backend
+from gpu_mdf.engine import compile
+from gpu_mdf.engine.expr import compile_expr
+from gpu_mdf.errors import CompileError, DataError, DeviceError
+
+
+def one_node_model(node: dict, graph_extra=None) -> dict:
+    g = {"nodes": {"n": node}}
+    g.update(graph_extra or {})
+    return {"m": {"format": "ModECI MDF v0.4", "graphs": {"g": g}}}
+
+
+# -- safe expressions -------------------------------------------------------- #
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('touch /tmp/pwned')",
+    "x.__class__",
+    "(lambda: 1)()",
+    "[i for i in x]",
+    "open('/etc/passwd')",
+    "'abc'",
+    "x if x else x",
+    "exp(x, out=x)",
+])
+def test_hostile_expressions_are_refused(text):
+    with pytest.raises(CompileError, match="refused MDF expression"):
+        compile_expr(text, {"x"}, np)
+
+
+def test_expression_arithmetic_and_functions():
+    e = compile_expr("maximum(x, 0) @ W + b * (x[0, 0] > -1) - 2 ** 3", {"x", "W", "b"}, np)
+    x, W, b = np.ones((2, 3)), np.ones((3, 2)), np.ones(2)
+    assert e.deps == {"x", "W", "b"}
+    np.testing.assert_allclose(e.fn({"x": x, "W": W, "b": b}), np.maximum(x, 0) @ W + b - 8)
+    assert compile_expr("10 ** 10 ** 10", set(), np).fn({}) == float("inf")  # no giant ints
+
+
+def test_hostile_mdf_file_runs_nothing(tmp_path):
+    sentinel = tmp_path / "pwned"
+    node = {"input_ports": {"x": {"shape": [1, 2]}},
+            "parameters": {"evil": {"value": f"__import__('os').system('touch {sentinel}')"}},
+            "output_ports": {"y": {"value": "x"}}}
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps(one_node_model(node)))
+    with pytest.raises(CompileError, match="__import__"):
+        compile(path, device="cpu")
+    assert not sentinel.exists()
+
+
+# -- graph checks -------------------------------------------------------------- #
+def test_cycle_state_and_conditions_are_refused():
+    a = {"input_ports": {"i": {}}, "output_ports": {"o": {"value": "i"}}}
+    cyc = {"m": {"graphs": {"g": {"nodes": {"a": a, "b": a},
+                                  "edges": {"e1": {"sender": "a", "receiver": "b", "sender_port": "o",
+                                                   "receiver_port": "i"},
+                                            "e2": {"sender": "b", "receiver": "a", "sender_port": "o",
+                                                   "receiver_port": "i"}}}}}}
+    with pytest.raises(CompileError, match="cycle.*EvaluableGraph"):
+        compile(cyc, device="cpu")
+    stateful = {"input_ports": {"x": {}}, "parameters": {"v": {"default_initial_value": 0,
+                                                               "time_derivative": "x"}},
+                "output_ports": {"y": {"value": "v"}}}
+    with pytest.raises(CompileError, match="state"):
+        compile(one_node_model(stateful), device="cpu")
+    with pytest.raises(CompileError, match="conditions"):
+        compile(one_node_model(a, {"conditions": {"node_specific": {"n": {"type": "Always"}}}}),
+                device="cpu")
+    selfref = {"input_ports": {"x": {}}, "parameters": {"v": {"value": "v + x"}},
+               "output_ports": {"y": {"value": "v"}}}
+    with pytest.raises(CompileError, match="depends on itself"):
+        compile(one_node_model(selfref), device="cpu")
+
+
+def test_unknown_function_and_argument():
+    node = {"input_ports": {"x": {"shape": [1, 3]}}, "functions": {"f": {"function": "onnx::Nope",
+                                                                      "args": {"X": "x"}}},
+            "output_ports": {"y": {"value": "f"}}}
+    with pytest.raises(CompileError, match="Nope"):
+        compile(one_node_model(node), device="cpu")
+    node["functions"]["f"] = {"function": "onnx::Relu", "args": {"X": "x", "bogus": 1}}
+    with pytest.raises(CompileError, match="no argument 'bogus'"):
+        compile(one_node_model(node), device="cpu")
+
+
+def test_edge_weights_and_standard_functions():
+    src = {"input_ports": {"x": {"shape": [1, 3]}}, "output_ports": {"o": {"value": "x"}}}
+    dst = {"input_ports": {"i": {}},
+           "functions": {"lin": {"function": "linear", "args": {"variable0": "i", "slope": 2,
+                                                                "intercept": 1}}},
+           "output_ports": {"y": {"value": "lin"}}}
+    m = {"m": {"graphs": {"g": {"nodes": {"src": src, "dst": dst}, "edges": {"e": {
+        "sender": "src", "sender_port": "o", "receiver": "dst", "receiver_port": "i",
+        "parameters": {"weight": 3}}}}}}}
+    p = compile(m, device="cpu")
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    np.testing.assert_allclose(p.run(x), (x * 3) * 2 + 1)
+
+
+def test_wrong_input_shape_and_nan_are_clear_errors(reference_mdf):
+    p = compile(reference_mdf, device="cpu")
+    with pytest.raises(DataError, match=r"got shape \(2, 27, 28\).*\(N, 28, 28\)"):
+        p.run(np.zeros((2, 27, 28), np.uint8))
+    x = np.zeros((3, 28, 28), np.float32)
+    x[1, 0, 0] = np.inf
+    with pytest.raises(DataError, match="item 1"):
+        p.run(x)
+
+
+# -- backends -------------------------------------------------------------------- #
+def test_backend_choice_and_messages():
+    no = GpuProbe(False, "CuPy is not installed")
+    b = select_backend("auto", probe=no)
+    assert b.name == "numpy" and "CuPy is not installed" in b.reason
+    assert select_backend("cpu").reason == "CPU requested"
+    with pytest.raises(DeviceError, match="GPU was demanded.*not installed"):
+        select_backend("gpu", probe=no)
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_backend("tpu")
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_backend("cpu:1")
+    yes = GpuProbe(True, "1 device", cupy=np, devices=[{"name": "FakeGPU", "index": 0}])
+    g = select_backend("auto", probe=yes)
+    assert g.name == "cupy" and g.device == "gpu:0" and "FakeGPU" in g.reason
+    with pytest.raises(DeviceError, match="no such GPU"):
+        select_backend("gpu:3", probe=yes)
+
+
+# -- numbers ------------------------------------------------------------------------ #
+def test_reference_model_full_test_set_within_1e5(reference_model, reference_mdf, mnist, x_test_l2):
+    model, _ = reference_model
+    (_, _), (xte, yte) = mnist
+    prog = compile(reference_mdf, device="cpu")
+    assert prog.normalize == "l2" and prog.outputs[0].shape == (-1, 10)
+    ours = np.concatenate([prog.run(c) for _, c in
+                           __import__("gpu_mdf.data", fromlist=["x"]).open_dataset().chunks(2048)])
+    ref = model.predict(x_test_l2, batch_size=10000, verbose=0)
+    assert np.abs(ours - ref).max() < 1e-5
+    assert np.array_equal(ours.argmax(1), ref.argmax(1))
+    # float input already normalised gives the same numbers
+    np.testing.assert_allclose(prog.run(x_test_l2[:100]), ours[:100], atol=1e-6)
+
+
+def test_upstream_keras_to_mdf_files_run_and_match_evaluable_graph(reference_model, x_test_l2, tmp_path):
+    """modeci_mdf's own importer bakes the batch in; the engine exposes it as the input."""
+    from modeci_mdf.execution_engine import EvaluableGraph
+    from modeci_mdf.interfaces.keras import keras_to_mdf as upstream
+    from modeci_mdf.utils import load_mdf
+
+    model, _ = reference_model
+    x = x_test_l2[:8]
+    mdf, _ = upstream(model, x)
+    path = tmp_path / "upstream.json"
+    mdf.to_json_file(str(path))
+    prog = compile(path, device="cpu")
+    assert [p.name for p in prog.inputs] == ["Input_in"]
+    eg = EvaluableGraph(load_mdf(str(path)).graphs[0], verbose=False)
+    eg.evaluate()
+    theirs = eg.enodes[prog.outputs[0].node].evaluable_outputs[prog.outputs[0].port].curr_value
+    np.testing.assert_allclose(prog.run(x), theirs, atol=1e-5)
+    np.testing.assert_allclose(prog.run(x_test_l2[100:164]),
+                               model.predict(x_test_l2[100:164], verbose=0), atol=1e-5)
+
+
+def test_batch_size_suggestion_on_cpu(reference_mdf):
+    p = compile(reference_mdf, device="cpu")
+    assert p.bytes_per_item > 784 * 4
+    assert p.suggest_batch_size() == 2048 and p.suggest_batch_size(100) == 100
