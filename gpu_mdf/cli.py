@@ -120,8 +120,8 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     model is compiled once. Exit code 1 when any item failed.
     """
     from .config import load_config
-    from .jobs import run_jobs
     from .infer import run_inference
+    from .jobs import run_jobs
     cfg = load_config(config_path) if config_path else None
     device = device or (cfg.infer.device if cfg else "auto")
     on_error = on_error or (cfg.infer.on_error if cfg else "fail")

@@ -81,18 +81,17 @@ def _build(cls, raw: Any, where: str):
         return cls()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")}
+    fields = {f.name for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
     kwargs = {}
     for name, value in raw.items():
-        f = fields[name]
         sub = f"{where}.{name}"
-        ftype = f.type if not isinstance(f.type, str) else _SECTION_TYPES.get(name)
-        if ftype is not None and dataclasses.is_dataclass(ftype):
-            kwargs[name] = _build(ftype, value, sub)
-        elif name == "jobs":
+        section = _SECTION_TYPES.get(name) if cls is Config else None
+        if section is not None:
+            kwargs[name] = _build(section, value, sub)
+        elif cls is Config and name == "jobs":
             if not isinstance(value, list):
                 raise ConfigError(f"{sub}: expected a list of {{model, data, name}}")
             kwargs[name] = [_build(JobItem, v, f"{sub}[{i}]") for i, v in enumerate(value)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import Dataset, EMBEDDED_MNIST_SHA256, open_dataset
+from .data import EMBEDDED_MNIST_SHA256, Dataset, open_dataset
 from .engine import Program, compile
 from .errors import DataError, GpuMdfError, OutputError
 from .io import atomic_path, write_json

@@ -8,7 +8,7 @@ import pytest
 keras = pytest.importorskip("keras")
 from keras import layers  # noqa: E402
 
-from gpu_mdf.convert import convert_files, keras_to_mdf, save_mdf  # noqa: E402
+from gpu_mdf.convert import keras_to_mdf, save_mdf  # noqa: E402
 from gpu_mdf.convert.keras import ACTIVATIONS, supported_layers  # noqa: E402
 from gpu_mdf.engine import compile  # noqa: E402
 from gpu_mdf.errors import UnsupportedLayerError  # noqa: E402

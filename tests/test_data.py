@@ -72,7 +72,7 @@ def test_idx_corrupt_inputs(tmp_path, mnist):
         open_dataset(g)
 
 
-def test_npy_is_memory_mapped_with_labels(tmp_path, mnist):
+def test_npy_is_read_in_chunks_with_labels(tmp_path, mnist):
     x, y = small(mnist)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)

@@ -169,3 +169,30 @@ def test_batch_size_suggestion_on_cpu(reference_mdf):
     p = compile(reference_mdf, device="cpu")
     assert p.bytes_per_item > 784 * 4
     assert p.suggest_batch_size() == 2048 and p.suggest_batch_size(100) == 100
+
+
+def test_in_place_activations_never_clobber_inputs_or_shared_values():
+    """Relu may reuse its input's memory only when that input is a fresh temporary
+    with no other reader; the graph input and values read twice stay intact."""
+    W = np.eye(3, dtype=np.float32).tolist()
+    node = {"input_ports": {"x": {"shape": [1, 3]}},
+            "parameters": {"W": {"value": W}},
+            "functions": {"id": {"function": "onnx::Identity", "args": {"input": "x"}},
+                          "r0": {"function": "onnx::Relu", "args": {"X": "id"}},     # a view of x
+                          "g": {"function": "onnx::MatMul", "args": {"A": "x", "B": "W"}},
+                          "r1": {"function": "onnx::Relu", "args": {"X": "g"}},      # g also an output
+                          "g2": {"function": "onnx::MatMul", "args": {"A": "x", "B": "W"}},
+                          "r2": {"function": "onnx::Relu", "args": {"X": "g2"}}},    # may be in place
+            "output_ports": {"o0": {"value": "r0"}, "o1": {"value": "r1"}, "og": {"value": "g"},
+                             "o2": {"value": "r2"}}}
+    p = compile(one_node_model(node), device="cpu")
+    x = np.array([[-1.0, 2.0, -3.0]], np.float32)
+    keep = x.copy()
+    out = p.run(x)
+    np.testing.assert_array_equal(x, keep)
+    np.testing.assert_array_equal(out["og"], keep)              # not overwritten by r1
+    for k in ("o0", "o1", "o2"):
+        np.testing.assert_array_equal(out[k], np.maximum(keep, 0))
+    steps = {name for name, _ in p._nodes[0].steps}
+    assert steps == {"id", "r0", "g", "r1", "g2", "r2"}
+    assert p._nodes[0].inplace == {"r2"}

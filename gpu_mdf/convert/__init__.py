@@ -65,8 +65,7 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
     Keras input; ``normalize`` records the pixel normalisation the model expects
     (``l2``, ``scale`` or ``none``) in the graph metadata for the engine to apply.
     """
-    from modeci_mdf.mdf import Edge, Graph, InputPort, Model, Node, OutputPort, Parameter
-    from modeci_mdf.mdf import Function
+    from modeci_mdf.mdf import Edge, Function, Graph, InputPort, Model, Node, OutputPort, Parameter
 
     keras = _keras()
     gm = _graph_model(model)

@@ -17,8 +17,8 @@ Adding a layer kind = one function decorated with ``@translator("ClassName")``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -10,8 +10,8 @@ Layouts follow ONNX (NCHW for Conv/pooling); the converter transposes around the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -26,16 +26,23 @@ class OpSpec:
     attrs: dict = field(default_factory=dict)  # attribute defaults (compile-time constants)
     variadic: bool = False                  # all args are inputs (Sum, Concat...)
     optional: tuple[str, ...] = ()          # inputs that may be missing
+    fresh: bool = False                     # always returns newly allocated memory
+    inplace: bool = False                   # kernel accepts inplace=True (may overwrite input 0)
 
 
 OPS: dict[str, OpSpec] = {}
 
 
 def op(name: str, inputs: tuple[str, ...] = ("X",), optional: tuple[str, ...] = (),
-       variadic: bool = False, **attrs):
-    """Register ``kernel`` under ``onnx::NAME`` (or a bare MDF standard name)."""
+       variadic: bool = False, fresh: bool = False, inplace: bool = False, **attrs):
+    """Register ``kernel`` under ``onnx::NAME`` (or a bare MDF standard name).
+
+    ``fresh``: the result never aliases an input. ``inplace``: the kernel takes
+    ``inplace=True`` and may then reuse its first input's memory (the compiler only
+    asks when that input is a fresh temporary with no other reader).
+    """
     def deco(fn):
-        OPS[name] = OpSpec(name, fn, tuple(inputs), dict(attrs), variadic, tuple(optional))
+        OPS[name] = OpSpec(name, fn, tuple(inputs), dict(attrs), variadic, tuple(optional), fresh, inplace)
         return fn
     return deco
 
@@ -79,9 +86,9 @@ def dropout(xp, x, *_, **__):
     return x  # inference: identity
 
 
-@op("onnx::Relu")
-def relu(xp, x):
-    return xp.maximum(x, 0)
+@op("onnx::Relu", fresh=True, inplace=True)
+def relu(xp, x, inplace=False):
+    return xp.maximum(x, 0, out=x if inplace else None)
 
 
 @op("onnx::LeakyRelu", alpha=0.01)
@@ -100,7 +107,7 @@ def selu(xp, x, alpha, gamma):
     return t(gamma) * xp.where(x > 0, x, t(alpha) * xp.expm1(xp.minimum(x, 0)))
 
 
-@op("onnx::Sigmoid")
+@op("onnx::Sigmoid", fresh=True)
 def sigmoid(xp, x):
     # numerically stable for large |x| in float32
     e = xp.exp(-xp.abs(x))
@@ -113,9 +120,9 @@ def hard_sigmoid(xp, x, alpha, beta):
     return xp.clip(x * t(alpha) + t(beta), 0, 1)
 
 
-@op("onnx::Tanh", ("input",))
-def tanh(xp, x):
-    return xp.tanh(x)
+@op("onnx::Tanh", ("input",), fresh=True, inplace=True)
+def tanh(xp, x, inplace=False):
+    return xp.tanh(x, out=x if inplace else None)
 
 
 @op("onnx::Softplus")
@@ -158,7 +165,7 @@ def cast(xp, x, to):
 # ----------------------------------------------------------------------------- #
 for _name, _fn in {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide",
                    "Pow": "power"}.items():
-    op(f"onnx::{_name}", ("A", "B") if _name != "Pow" else ("X", "Y"))(
+    op(f"onnx::{_name}", ("A", "B") if _name != "Pow" else ("X", "Y"), fresh=True)(
         (lambda f: lambda xp, a, b: getattr(xp, f)(a, b))(_fn))
 
 
@@ -189,12 +196,12 @@ def where(xp, c, a, b):
 # ----------------------------------------------------------------------------- #
 # Linear algebra and normalisation
 # ----------------------------------------------------------------------------- #
-@op("onnx::MatMul", ("A", "B"))
+@op("onnx::MatMul", ("A", "B"), fresh=True)
 def matmul(xp, a, b):
     return a @ b
 
 
-@op("onnx::Gemm", ("A", "B"), optional=("C",), alpha=1.0, beta=1.0, transA=0, transB=0)
+@op("onnx::Gemm", ("A", "B"), optional=("C",), fresh=True, alpha=1.0, beta=1.0, transA=0, transB=0)
 def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
     if transA:
         a = a.T
@@ -214,18 +221,40 @@ def _softmax_axis(x, axis):
     return axis if axis >= 0 else x.ndim + axis
 
 
-@op("onnx::Softmax", ("input",), axis=-1)
-def softmax(xp, x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    e = xp.exp(x - m)
-    e /= e.sum(axis=axis, keepdims=True)
+def _reduce_last(xp, x, how):
+    """max/sum over a short last axis. NumPy reduces a 10-wide axis slowly (0.5 ms for
+    10k rows); folding column by column (max) or a BLAS product (sum) is 3-4x faster."""
+    if xp is np and x.ndim == 2 and x.shape[1] <= 64:
+        if how == "sum":
+            return x @ np.ones((x.shape[1], 1), x.dtype)
+        m = x[:, 0].copy()
+        for j in range(1, x.shape[1]):
+            np.maximum(m, x[:, j], out=m)
+        return m[:, None]
+    return x.max(axis=-1, keepdims=True) if how == "max" else x.sum(axis=-1, keepdims=True)
+
+
+def _shift(xp, x, axis, inplace):
+    """x - max(x) along axis, in x's own memory when allowed."""
+    last = _softmax_axis(x, axis) == x.ndim - 1
+    m = _reduce_last(xp, x, "max") if last else x.max(axis=axis, keepdims=True)
+    return xp.subtract(x, m, out=x if inplace else None), last
+
+
+@op("onnx::Softmax", ("input",), fresh=True, inplace=True, axis=-1)
+def softmax(xp, x, axis, inplace=False):
+    e, last = _shift(xp, x, axis, inplace)
+    xp.exp(e, out=e)
+    e /= _reduce_last(xp, e, "sum") if last else e.sum(axis=axis, keepdims=True)
     return e
 
 
-@op("onnx::LogSoftmax", ("input",), axis=-1)
-def log_softmax(xp, x, axis):
-    s = x - x.max(axis=axis, keepdims=True)
-    return s - xp.log(xp.exp(s).sum(axis=axis, keepdims=True))
+@op("onnx::LogSoftmax", ("input",), fresh=True, inplace=True, axis=-1)
+def log_softmax(xp, x, axis, inplace=False):
+    s, last = _shift(xp, x, axis, inplace)
+    e = xp.exp(s)
+    s -= xp.log(_reduce_last(xp, e, "sum") if last else e.sum(axis=axis, keepdims=True))
+    return s
 
 
 @op("onnx::BatchNormalization", ("X", "scale", "B", "input_mean", "input_var"),
@@ -338,7 +367,7 @@ def _conv_defaults(x, kernel_shape, strides, dilations, pads):
     return list(kernel_shape), strides, dilations, pads
 
 
-@op("onnx::Conv", ("X", "W"), optional=("B",), auto_pad="NOTSET", dilations=None, group=1,
+@op("onnx::Conv", ("X", "W"), optional=("B",), fresh=True, auto_pad="NOTSET", dilations=None, group=1,
     kernel_shape=None, pads=None, strides=None)
 def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None):

@@ -17,9 +17,10 @@ A run then is a flat list of closures over device arrays.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,7 @@ class _Node:
     steps: list[tuple[str, Callable[[dict], Any]]]
     outputs: list[tuple[str, Callable[[dict], Any]]]
     release: list = field(default_factory=list)           # values dead after this node
+    inplace: set = field(default_factory=set)             # steps that reuse their input's memory
 
 
 @dataclass
@@ -262,6 +264,7 @@ class _GraphCompiler:
         self.nodes = dict(_items(g.get("nodes")))
         self.edges = _items(g.get("edges"))
         self._host_nodes: list[_Node] = []   # NumPy twins of the nodes, for the shape probe
+        self._calls: dict[str, tuple] = {}     # this node's op calls: name -> (OpSpec, first input name)
 
     # -- graph level ------------------------------------------------------------ #
     def build(self) -> Program:
@@ -346,7 +349,7 @@ class _GraphCompiler:
         """Parameters to expose as graph inputs (modeci_mdf keras_to_mdf's baked batch)."""
         found = set()
         for nid, n in self.nodes.items():
-            for pid, p in _items(n.get("parameters")):
+            for pid, _p in _items(n.get("parameters")):
                 if pid in self.forced_inputs:
                     found.add((nid, pid))
         unknown = set(self.forced_inputs) - {p for _, p in found}
@@ -467,16 +470,38 @@ class _GraphCompiler:
             outs.append((oid, deps, make))
 
         steps, host_consts = self._order(nid, defs, consts, set(local_names) - set(defs) - set(consts))
-        host_steps = steps
+        donate = self._donations(steps, defs, outs)
         dev_consts = {k: self._to_device(v) for k, v in host_consts.items()}
-        node = _Node(nid, dev_consts, ports,
-                     [(name, make(self.xp)) for name, make in host_steps],
-                     [(oid, make(self.xp)) for oid, _, make in outs])
+
+        def build(xp):
+            return [(name, make(xp, inplace=True) if name in donate else make(xp)) for name, make in steps]
+        node = _Node(nid, dev_consts, ports, build(self.xp), [(oid, make(self.xp)) for oid, _, make in outs],
+                     inplace=donate)
         # a host twin for the shape probe
-        self._host_nodes.append(_Node(nid, host_consts, ports,
-                                      [(name, make(np)) for name, make in host_steps],
+        self._host_nodes.append(_Node(nid, host_consts, ports, build(np),
                                       [(oid, make(np)) for oid, _, make in outs]))
+        self._calls = {}
         return node
+
+    def _donations(self, steps, defs, outs) -> set[str]:
+        """Steps allowed to overwrite their first input: an in-place-capable op whose
+        input is a fresh temporary of this node that nothing else reads."""
+        runtime = {name for name, _ in steps}
+        uses: dict[str, int] = {}
+        for name in runtime:
+            for d in defs[name][0]:
+                uses[d] = uses.get(d, 0) + 1
+        for _, deps, _ in outs:
+            for d in deps:
+                uses[d] = uses.get(d, 0) + 1
+        donate = set()
+        for name in runtime:
+            spec, first = self._calls.get(name, (None, None))
+            producer = self._calls.get(first, (None, None))[0]
+            if spec is not None and spec.inplace and first in runtime and uses.get(first) == 1 \
+                    and producer is not None and producer.fresh:
+                donate.add(name)
+        return donate
 
     def _order(self, nid, defs, consts, runtime_names):
         """Order definitions by dependency; fold those that only need constants."""
@@ -612,11 +637,14 @@ class _GraphCompiler:
             rank = {n: i for i, n in enumerate(tensor_names)}
             inputs.sort(key=lambda kv: rank[kv[0]])
         attr_exprs = {k: e for k, e in attrs.items() if e[0] == "expr"}
+        first = inputs[0][1] if inputs else None
+        first_name = first[1].strip() if first and first[0] == "expr" and first[1].strip().isidentifier() else None
+        self._calls[fid] = (spec, first_name)
         # attributes must be compile-time constants; those that are expressions over
         # other names are resolved against the folded constants when built
         dtype = self.dtype
 
-        def make(xp):
+        def make(xp, inplace: bool = False):
             def value_of(entry):
                 kind, v = entry
                 if kind == "expr":
@@ -640,6 +668,8 @@ class _GraphCompiler:
             def call(env):
                 given = dict(zip(names, (f(env) for f in in_fns)))
                 kw = dict(const_attrs)
+                if inplace:
+                    kw["inplace"] = True
                 for k, f in expr_attrs.items():
                     kw[k] = _host(f(env))
                 if spec.variadic:

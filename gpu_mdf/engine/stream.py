@@ -8,7 +8,7 @@ A chunk that does not fit in device memory is split in half and retried.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

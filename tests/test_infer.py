@@ -1,0 +1,145 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gpu_mdf.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
+    out = tmp_path / "out"
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    (_, _), (_, yte) = mnist
+    probs = np.load(out / "probabilities.npy")
+    assert probs.shape == (10000, 10)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 10000 and rows[0].keys() == {"index", "predicted", "probability", "true"}
+    assert [int(r["true"]) for r in rows[:5]] == list(yte[:5])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx((probs.argmax(1) == yte).mean())
+    assert np.array(m["confusion_matrix"]).sum() == 10000
+    assert set(m["per_class"]) == {str(i) for i in range(10)}
+    assert m["device"] == "cpu" and m["images_per_s"] > 0 and "numpy" in m["versions"]
+
+
+def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path):
+    args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--device", "cpu",
+            "--batch-size", "100", "--no-progress"]
+    full = tmp_path / "full"
+    subprocess.run(args + ["--out", str(full)], check=True, capture_output=True)
+
+    part = tmp_path / "part"
+    proc = subprocess.Popen(args + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        n = len(list((part / ".chunks").glob("*.npz"))) if (part / ".chunks").exists() else 0
+        if n >= 5:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((part / ".chunks").glob("*.npz")))
+    assert 5 <= done < 100, "the job should have been killed mid-way"
+    assert not (part / "predictions.csv").exists()
+    r = subprocess.run(args + ["--out", str(part)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {done} of 100 chunks already done" in r.stderr
+    for name in ("probabilities.npy", "predictions.csv"):
+        assert (part / name).read_bytes() == (full / name).read_bytes(), name
+    assert json.loads((part / "metrics.json").read_text())["chunks_resumed"] == done
+
+
+def test_changed_model_or_foreign_folder_is_refused(reference_mdf, tmp_path):
+    out = tmp_path / "o"
+    assert invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress").exit_code == 0
+    before = (out / "predictions.csv").read_bytes()
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--batch-size", "500", "--no-progress")
+    assert r.exit_code == 2 and "another job's files (different batch_size)" in r.output
+    changed = tmp_path / "changed.json"
+    changed.write_text(reference_mdf.read_text().replace('"ModECI MDF v0.4"', '"ModECI MDF v0.4" '))
+    r = invoke("infer", changed, "--out", out, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "model" in r.output
+    assert (out / "predictions.csv").read_bytes() == before       # nothing already written was damaged
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "predictions.csv").write_text("someone else's\n")
+    r = invoke("infer", reference_mdf, "--out", foreign, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "unknown job" in r.output
+    assert (foreign / "predictions.csv").read_text() == "someone else's\n"
+
+
+def test_bad_inputs_are_one_line_errors(reference_mdf, tmp_path):
+    np.save(tmp_path / "small.npy", np.zeros((10, 20, 20), np.uint8))
+    r = invoke("infer", reference_mdf, "--data", tmp_path / "small.npy", "--out", tmp_path / "a",
+               "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "got shape (10, 20, 20)" in r.output and r.output.count("\n") <= 3
+    x = np.random.default_rng(0).random((20, 28, 28)).astype(np.float32)
+    x[7, 1, 1] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    r = invoke("infer", reference_mdf, "--data", tmp_path / "nan.npy", "--out", tmp_path / "b",
+               "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "item 7 holds NaN" in r.output
+    np.save(tmp_path / "labels.npy", np.zeros(19, np.int64))
+    r = invoke("infer", reference_mdf, "--data", tmp_path / "nan.npy", "--labels", tmp_path / "labels.npy",
+               "--out", tmp_path / "c", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "19 labels for 20 images" in r.output
+    r = invoke("infer", tmp_path / "missing.json", "--out", tmp_path / "d", "--no-progress")
+    assert r.exit_code == 2 and "no such MDF file" in r.output
+    r = invoke("infer", reference_mdf, "--device", "gpu", "--out", tmp_path / "e", "--no-progress")
+    assert r.exit_code == 2 and "GPU was demanded" in r.output
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+
+def test_on_error_skip_records_bad_items(reference_mdf, tmp_path, mnist):
+    from PIL import Image
+
+    (_, _), (xte, yte) = mnist
+    d = tmp_path / "pngs"
+    for i in range(6):
+        sub = d / str(yte[i])
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(xte[i]).save(sub / f"{i}.png")
+    (d / str(yte[0]) / "zz_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "o"
+    r = invoke("infer", reference_mdf, "--data", d, "--out", out, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "zz_broken.png: unreadable PNG" in r.output
+    r = invoke("infer", reference_mdf, "--data", d, "--out", tmp_path / "o2", "--device", "cpu",
+               "--on-error", "skip", "--no-progress")
+    assert r.exit_code == 0, r.output
+    errors = list(csv.DictReader(open(tmp_path / "o2" / "errors.csv")))
+    assert len(errors) == 1 and errors[0]["item"].endswith("zz_broken.png")
+    preds = list(csv.DictReader(open(tmp_path / "o2" / "predictions.csv")))
+    assert len(preds) == 7 and sum(p["predicted"] == "-1" for p in preds) == 1
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["skipped"] == 1
+
+
+def test_multi_item_job_compiles_each_model_once(reference_mdf, tmp_path, mnist):
+    (_, _), (xte, yte) = mnist
+    np.save(tmp_path / "x.npy", xte[:300])
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"""
+name: batch
+infer: {{device: cpu}}
+jobs:
+  - {{model: {reference_mdf}, data: {tmp_path / 'x.npy'}, name: first}}
+  - {{model: {reference_mdf}, name: embedded}}
+  - {{model: {tmp_path / 'nope.json'}, name: broken}}
+""")
+    r = invoke("infer", "--config", cfg, "--out", tmp_path / "jobs", "--no-progress")
+    assert r.exit_code == 1, r.output
+    assert "ok   first: 300 images" in r.output and "ok   embedded: 10000 images" in r.output
+    assert "FAIL broken" in r.output
+    assert "1 model(s) compiled for 3 item(s)" in r.output
+    assert (tmp_path / "jobs" / "first" / "predictions.csv").exists()
