@@ -204,8 +204,11 @@ def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
                 "for y in p.run_many(x for _,x in ds.chunks(bs)):\n k+=len(y);s+=int(y.argmax(1).sum())\n"
                 "dt=time.perf_counter()-t;"
                 "print(json.dumps({'images':k,'seconds':dt,'images_per_s':k/dt,'batch_size':bs,"
-                "'device':p.backend.device,'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF)"
-                ".ru_maxrss/1024,'tf_imported':'tensorflow' in sys.modules}))")
+                "'device':p.backend.device,'peak_rss_mb':peak(),'tf_imported':'tensorflow' in sys.modules}))")
+        # VmHWM belongs to this address space; ru_maxrss would inherit the parent's peak
+        code = ("import re\ndef peak():\n try:\n  return int(re.search(r'VmHWM:\\s+(\\d+)',"
+                "open('/proc/self/status').read()).group(1))/1024\n except OSError:\n"
+                "  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024\n") + code
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"stream case failed: {r.stderr.strip().splitlines()[-1:]}")

@@ -152,19 +152,64 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
 
 
 def save_mdf(mdf, path: str | Path) -> Path:
-    """Write MDF as JSON or YAML (by suffix), atomically."""
+    """Write MDF as JSON or YAML (by suffix), atomically and compactly.
+
+    The document is modeci_mdf's own ``to_dict()``; weight arrays are written as
+    flow lists of the shortest decimal text that reads back to the same float32
+    (bit for bit), one array per line, instead of one float64 per indented line.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise GpuMdfError(f"{path}: MDF files end in .json, .yaml or .yml")
     with atomic_path(path) as tmp:
-        tmp_named = tmp.with_suffix(suffix)  # modelspec picks the format by suffix
-        if suffix == ".json":
-            mdf.to_json_file(str(tmp_named))
-        else:
-            mdf.to_yaml_file(str(tmp_named))
-        tmp_named.replace(tmp)
+        tmp.write_text(mdf_text(mdf, "json" if suffix == ".json" else "yaml"))
     return path
+
+
+_ARRAY_MIN = 9  # arrays at least this long are written compactly
+
+
+def mdf_text(mdf, fmt: str = "json") -> str:
+    """The MDF document as JSON or YAML text with compact, exact weight arrays."""
+    import json
+    import re
+
+    arrays: list[str] = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, np.generic):
+            return float(str(v)) if v.dtype.kind == "f" else v.item()
+        if isinstance(v, (list, tuple, np.ndarray)):
+            a = np.asarray(v) if not isinstance(v, np.ndarray) else v
+            if a.dtype.kind in "fiu" and a.size >= _ARRAY_MIN:
+                arrays.append(_array_text(a))
+                return f"@@ARRAY{len(arrays) - 1}@@"
+            return [walk(x) for x in v] if not isinstance(v, np.ndarray) else walk(v.tolist())
+        return v
+
+    doc = walk(mdf.to_dict())
+    if fmt == "json":
+        text = json.dumps(doc, indent=2)
+    else:
+        import yaml
+        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
+    return re.sub(r"""["']@@ARRAY(\d+)@@["']""", lambda m: arrays[int(m.group(1))], text)
+
+
+def _array_text(a: np.ndarray) -> str:
+    """Nested flow list; float32 values as their shortest exact decimal text."""
+    if a.dtype.kind == "f":
+        a = a.astype(np.float32)
+    s = a.astype(str)
+
+    def nest(x) -> str:
+        if x.ndim == 1:
+            return "[" + ",".join(x.tolist()) + "]"
+        return "[" + ",".join(nest(r) for r in x) + "]"
+    return nest(s) if s.ndim else str(s)
 
 
 @dataclass
