@@ -16,14 +16,15 @@ def f32(*shape):
     return R.standard_normal(shape).astype(np.float32)
 
 
-def run_onnx(op, inputs: dict, attrs: dict, opset=17):
+def run_onnx(op, inputs: dict, attrs: dict, opset=17, out_type=TensorProto.FLOAT):
     names = list(inputs)
-    nodes = [helper.make_node(op, names, ["Y"], **attrs)]
+    nodes = [helper.make_node(op, names, ["out"], **attrs)]
     vi = []
     for n, v in inputs.items():
-        dt = TensorProto.INT64 if v.dtype == np.int64 else TensorProto.FLOAT
+        dt = {np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}.get(
+            v.dtype, TensorProto.FLOAT)
         vi.append(helper.make_tensor_value_info(n, dt, v.shape))
-    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    out = helper.make_tensor_value_info("out", out_type, None)
     g = helper.make_graph(nodes, "g", vi, [out])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
@@ -81,6 +82,8 @@ CASES = [
     ("AveragePool", {"X": x4}, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
                                 "count_include_pad": 0}),
     ("AveragePool", {"X": x4}, {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("Expand", {"input": f32(2, 1, 3, 1), "shape": np.array([1, 4, 1, 5], np.int64)}, {}),
+    ("Where", {"condition": f32(4, 5) > 0, "X": f32(4, 5), "Y": f32(5)}, {}),
     ("Conv", {"X": x4, "W": f32(4, 3, 3, 3), "B": f32(4)}, {"pads": [1, 1, 1, 1]}),
     ("Conv", {"X": x4, "W": f32(6, 1, 3, 2)}, {"group": 3, "strides": [2, 1], "dilations": [2, 1],
                                                 "pads": [0, 1, 2, 0]}),
@@ -106,14 +109,20 @@ def test_resize_nearest_integer_scales():
     np.testing.assert_array_equal(got, want)
 
 
+def test_greater_or_equal():
+    a, b = f32(4, 5), f32(5)
+    want = run_onnx("GreaterOrEqual", {"A": a, "B": b}, {}, out_type=TensorProto.BOOL)
+    np.testing.assert_array_equal(OPS["onnx::GreaterOrEqual"].kernel(np, a, b), want)
+
+
 def test_dropout_is_identity_at_inference():
     x = f32(4, 4)
     assert OPS["onnx::Dropout"].kernel(np, x, 0.5) is x
 
 
 def test_every_kernel_is_covered():
-    tested = {f"onnx::{c[0]}" for c in CASES} | {"onnx::Resize", "onnx::Dropout"}
+    tested = {f"onnx::{c[0]}" for c in CASES} | {"onnx::Resize", "onnx::Dropout", "onnx::GreaterOrEqual"}
     untested_onnx = {k for k in OPS if k.startswith("onnx::")} - tested
     # the remaining ops are trivial wrappers of one NumPy function
     assert untested_onnx <= {"onnx::Floor", "onnx::Ceil", "onnx::Reciprocal", "onnx::Sin", "onnx::Cos",
-                             "onnx::Pow", "onnx::Where", "onnx::Cast"}
+                             "onnx::Pow", "onnx::Cast"}

@@ -125,6 +125,23 @@ def _tuple(v, n):
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
 
 
+# Binary forms of max/min/sum: modeci_mdf's EvaluableGraph feeds *every* value of a
+# node into a variadic ONNX op (Max, Min, Sum, Mean), so those are avoided.
+def _max2(b, a, c, name="max"):
+    return b.op(name, "onnx::Where", condition=b.op(f"{name}_ge", "onnx::GreaterOrEqual", A=a, B=c), X=a, Y=c)
+
+
+def _min2(b, a, c, name="min"):
+    return b.op(name, "onnx::Where", condition=b.op(f"{name}_ge", "onnx::GreaterOrEqual", A=c, B=a), X=a, Y=c)
+
+
+def _fold(b, xs, fn, name):
+    y = xs[0]
+    for x in xs[1:]:
+        y = fn(b, y, x, name)
+    return y
+
+
 # --------------------------------------------------------------------------- #
 # Activations (by Keras name)
 # --------------------------------------------------------------------------- #
@@ -271,6 +288,7 @@ def _activation_layer(layer, b, xs):
 
 @translator("ReLU")
 def _relu_layer(layer, b, xs):
+    """f(x) = min(max_value, x >= threshold ? x : negative_slope * (x - threshold))."""
     mx, slope, th = layer.max_value, float(layer.negative_slope), float(layer.threshold)
     x = xs[0]
     if th == 0.0 and slope == 0.0:
@@ -278,9 +296,13 @@ def _relu_layer(layer, b, xs):
     elif th == 0.0:
         y = b.op("leaky_relu", "onnx::LeakyRelu", X=x, alpha=slope)
     else:
-        y = b.expr("relu", f"where({x} >= {th!r}, {x}, {slope!r} * ({x} - {th!r}))")
+        t = b.param("threshold", np.float32(th))
+        below = b.op("below", "onnx::Mul", A=b.op("shifted", "onnx::Sub", A=x, B=t),
+                     B=b.param("negative_slope", np.float32(slope)))
+        y = b.op("relu", "onnx::Where", condition=b.op("above", "onnx::GreaterOrEqual", A=x, B=t),
+                 X=x, Y=below)
     if mx is not None:
-        y = b.op("clip", "onnx::Clip", input=y, max=float(mx))
+        y = _min2(b, y, b.param("max_value", np.float32(mx)), "capped")
     return y
 
 
@@ -341,19 +363,30 @@ def _batch_norm(layer, b, xs):
 
 @translator("LayerNormalization")
 def _layer_norm(layer, b, xs):
+    """Keras's own algebra: inv = gamma / sqrt(var + eps); y = (x - mean) * inv + beta,
+    with mean and var over the normalised axes (ReduceMean, opset 15 form)."""
     rank = len(b.in_shapes[0])
     axes = sorted(a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]))
-    if axes != list(range(axes[0], rank)):
-        b.unsupported(f"axis={layer.axis} (only trailing axes)")
     if getattr(layer, "rms_scaling", False):
         b.unsupported("rms_scaling=True")
     w = weights(layer)
-    shape = tuple(b.in_shapes[0][a] for a in axes)
-    scale = b.param("gamma", w["gamma"]) if "gamma" in w else b.param("gamma", np.ones(shape, np.float32))
-    args = {"X": xs[0], "Scale": scale, "axis": axes[0], "epsilon": float(layer.epsilon)}
+    x = xs[0]
+    mean = b.op("mean", "onnx::ReduceMean", data=x, axes=axes, keepdims=1)
+    d = b.op("centered", "onnx::Sub", A=x, B=mean)
+    var = b.op("variance", "onnx::ReduceMean", data=b.op("squared", "onnx::Mul", A=d, B=d), axes=axes,
+               keepdims=1)
+    std = b.op("std", "onnx::Sqrt", X=b.op("var_eps", "onnx::Add", A=var,
+                                           B=b.param("epsilon", np.float32(layer.epsilon))))
+    y = b.op("normalized", "onnx::Div", A=d, B=std)
+    # gamma/beta have the normalised axes' shape; broadcast them over the others
+    bshape = [b.in_shapes[0][a] if a in axes else 1 for a in range(axes[0], rank)]
+    if "gamma" in w:
+        g = b.op("gamma_b", "onnx::Reshape", data=b.param("gamma", w["gamma"]), shape=bshape)
+        y = b.op("scaled", "onnx::Mul", A=y, B=g)
     if "beta" in w:
-        args["B"] = b.param("beta", w["beta"])
-    return b.op("layernorm", "onnx::LayerNormalization", **args)
+        bt = b.op("beta_b", "onnx::Reshape", data=b.param("beta", w["beta"]), shape=bshape)
+        y = b.op("shifted", "onnx::Add", A=y, B=bt)
+    return y
 
 
 def _spatial_pads(layer, b, nsp, kernel, strides, dilations):
@@ -465,6 +498,8 @@ def _pool(layer, b, xs):
         return _tiled_pool(b, xs[0], kernel, "ReduceMax" if is_max else "ReduceMean")
     x = b.to_channels_first(xs[0], rank) if cl else xs[0]
     args = dict(X=x, kernel_shape=list(kernel), strides=list(strides), pads=list(pads))
+    if is_max and cl:
+        return _sliced_max_pool(b, xs[0], kernel, strides, pads)
     if is_max:
         y = b.op("maxpool", "onnx::MaxPool", **args)
     else:
@@ -488,6 +523,26 @@ def _tiled_pool(b, x, kernel, reduce_op):
     tiles = b.op("tiles", "onnx::Reshape", data=x, shape=shape)
     axes = [2 + 2 * i for i in range(len(kernel))]
     return b.op(reduce_op.lower(), f"onnx::{reduce_op}", data=tiles, axes=axes, keepdims=0)
+
+
+def _sliced_max_pool(b, x, kernel, strides, pads):
+    """Max pooling on channels-last input as the max of kernel-many strided slices
+    (after padding with the lowest float32): no window copies, and it runs in
+    modeci_mdf's EvaluableGraph, whose MaxPool returns a tuple."""
+    nsp = len(kernel)
+    spatial = list(b.in_shapes[0][1:1 + nsp])
+    if any(pads):
+        lo = float(np.finfo(np.float32).min)
+        full = [0] + list(pads[:nsp]) + [0] + [0] + list(pads[nsp:]) + [0]
+        x = b.op("padded", "onnx::Pad", data=x, pads=full, constant_value=b.param("lowest", np.float32(lo)))
+        spatial = [n + pads[i] + pads[i + nsp] for i, n in enumerate(spatial)]
+    out = [(n - k) // s + 1 for n, k, s in zip(spatial, kernel, strides)]
+    slices = []
+    for offset in np.ndindex(*kernel):
+        ends = [o + (m - 1) * s + 1 for o, m, s in zip(offset, out, strides)]
+        slices.append(b.op("window", "onnx::Slice", data=x, starts=list(map(int, offset)), ends=ends,
+                           axes=list(range(1, nsp + 1)), steps=list(strides)))
+    return _fold(b, slices, _max2, "maxpool")
 
 
 @translator("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
@@ -520,12 +575,20 @@ def _crop(layer, b, xs):
 
 @translator("UpSampling2D")
 def _upsample(layer, b, xs):
+    """Nearest-neighbour upsampling as reshape + broadcast + reshape:
+    (N, H, W, C) -> (N, H, 1, W, 1, C) -> (N, H, sh, W, sw, C) -> (N, H*sh, W*sw, C)."""
     if layer.interpolation != "nearest":
         b.unsupported(f"interpolation={layer.interpolation!r} (only 'nearest')")
-    sh, sw = layer.size
-    scales = [1.0, float(sh), float(sw), 1.0] if layer.data_format == "channels_last" \
-        else [1.0, 1.0, float(sh), float(sw)]
-    return b.op("upsample", "onnx::Resize", X=xs[0], scales=scales, mode="nearest")
+    sh, sw = (int(v) for v in layer.size)
+    if layer.data_format == "channels_last":
+        _, h, w, c = b.in_shapes[0]
+        split, reps, final = [0, h, 1, w, 1, c], [1, 1, sh, 1, sw, 1], [0, h * sh, w * sw, c]
+    else:
+        _, c, h, w = b.in_shapes[0]
+        split, reps, final = [0, c, h, 1, w, 1], [1, 1, 1, sh, 1, sw], [0, c, h * sh, w * sw]
+    y = b.op("split", "onnx::Reshape", data=xs[0], shape=split)
+    y = b.op("repeat", "onnx::Expand", input=y, shape=reps)
+    return b.op("upsampled", "onnx::Reshape", data=y, shape=final)
 
 
 @translator("Rescaling")
@@ -545,17 +608,17 @@ def _normalization(layer, b, xs):
     m = b.param("mean", mean)
     v = b.param("variance", var)
     eps = b.param("epsilon", np.float32(1e-7))
-    sd = b.op("std", "onnx::Max", data_0=b.op("sqrt", "onnx::Sqrt", X=v), data_1=eps)
+    sd = _max2(b, b.op("sqrt", "onnx::Sqrt", X=v), eps, "std")
     return b.op("normalized", "onnx::Div", A=b.op("centered", "onnx::Sub", A=xs[0], B=m), B=sd)
 
 
-def _variadic(b, xs, base, op_name):
-    return b.op(base, op_name, **{f"data_{i}": x for i, x in enumerate(xs)})
+def _add2(b, a, c, name="sum"):
+    return b.op(name, "onnx::Add", A=a, B=c)
 
 
 @translator("Add")
 def _add(layer, b, xs):
-    return _variadic(b, xs, "sum", "onnx::Sum")
+    return _fold(b, xs, _add2, "sum")
 
 
 @translator("Subtract")
@@ -565,32 +628,30 @@ def _subtract(layer, b, xs):
 
 @translator("Multiply")
 def _multiply(layer, b, xs):
-    y = xs[0]
-    for x in xs[1:]:
-        y = b.op("mul", "onnx::Mul", A=y, B=x)
-    return y
+    return _fold(b, xs, lambda b, a, c, name: b.op(name, "onnx::Mul", A=a, B=c), "mul")
 
 
 @translator("Average")
-def _average(layer, b, xs):
-    return _variadic(b, xs, "mean", "onnx::Mean")
+def _average(layer, b, xs):  # Keras: sum, then divide by the count
+    return b.op("mean", "onnx::Div", A=_fold(b, xs, _add2, "sum"), B=b.param("count", np.float32(len(xs))))
 
 
 @translator("Maximum")
 def _maximum(layer, b, xs):
-    return _variadic(b, xs, "max", "onnx::Max")
+    return _fold(b, xs, _max2, "max")
 
 
 @translator("Minimum")
 def _minimum(layer, b, xs):
-    return _variadic(b, xs, "min", "onnx::Min")
+    return _fold(b, xs, _min2, "min")
 
 
 @translator("Concatenate")
 def _concatenate(layer, b, xs):
+    # variadic: the args are named like the node's input ports (the node holds nothing
+    # else), so modeci_mdf's EvaluableGraph sees exactly these inputs
     rank = len(b.in_shapes[0])
-    return b.op("concat", "onnx::Concat", axis=int(layer.axis) % rank,
-                **{f"inputs_{i}": x for i, x in enumerate(xs)})
+    return b.op("concat", "onnx::Concat", axis=int(layer.axis) % rank, **{x: x for x in xs})
 
 
 # --------------------------------------------------------------------------- #

@@ -188,6 +188,17 @@ def mean(xp, *xs):
     return _fold(lambda xp, a, b: a + b)(xp, *xs) / len(xs)
 
 
+@op("onnx::GreaterOrEqual", ("A", "B"))
+def greater_or_equal(xp, a, b):
+    return a >= b
+
+
+@op("onnx::Expand", ("input", "shape"))
+def expand(xp, x, shape):
+    target = [int(v) for v in host(shape).ravel()]
+    return xp.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(target)))
+
+
 @op("onnx::Where", ("condition", "X", "Y"))
 def where(xp, c, a, b):
     return xp.where(c, a, b)
