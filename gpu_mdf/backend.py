@@ -105,7 +105,11 @@ class Backend:
         with self.use():
             free, _ = self.xp.cuda.runtime.memGetInfo()
             pool = self.xp.get_default_memory_pool()
-            return int(free + pool.free_bytes())
+            avail = int(free + pool.free_bytes())
+            limit = pool.get_limit()  # a cap set with set_limit / CUPY_GPU_MEMORY_LIMIT
+            if limit:
+                avail = min(avail, int(limit - pool.used_bytes()))
+            return max(avail, 0)
 
     def synchronize(self) -> None:
         if self.is_gpu:

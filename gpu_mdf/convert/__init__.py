@@ -121,7 +121,10 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
             ports = [f"{nid}_in{i}" if len(ins) > 1 else f"{nid}_in" for i in range(len(ins))]
             b._used.update(ports)
             result = fn(layer, b, ports)
-            node = Node(id=nid, metadata={"keras_class": cls, "keras_name": layer.name})
+            meta = {"keras_class": cls}
+            if nid != layer.name:
+                meta["keras_name"] = layer.name
+            node = Node(id=nid, metadata=meta)
             for p, t in zip(ports, ins):
                 node.input_ports.append(InputPort(id=p, shape=tuple(1 if s is None else int(s) for s in t.shape),
                                                   type=str(t.dtype)))

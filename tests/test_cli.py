@@ -1,0 +1,50 @@
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from gpu_mdf.cli import main
+
+
+def test_info_says_why_no_gpu_is_used():
+    r = CliRunner().invoke(main, ["info", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["versions"]["numpy"] and info["versions"]["tensorflow"]
+    assert "tensorflow" in info and isinstance(info["tensorflow"].get("gpus"), list)
+    if not info["cupy"]["usable"]:
+        assert info["inference_device"] == "cpu"
+        assert info["why"] and ("CuPy" in info["why"] or "CUDA" in info["why"] or "GPU" in info["why"])
+    text = CliRunner().invoke(main, ["info", "--no-tensorflow"]).output
+    assert "Inference runs on:" in text and info["why"] in text
+
+
+def test_version_and_help():
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and "gpu-mdf" in r.output
+    r = CliRunner().invoke(main, ["--help"])
+    for cmd in ("run", "train", "convert", "infer", "plot", "bench", "info"):
+        assert cmd in r.output
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_plot_renders_both_levels(reference_mdf, tmp_path):
+    r = CliRunner().invoke(main, ["plot", str(reference_mdf), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    for level in (1, 3):
+        png = tmp_path / f"mdf_graph_level{level}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_graphviz_is_a_clear_error(reference_mdf, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    r = CliRunner().invoke(main, ["plot", str(reference_mdf), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "apt-get install graphviz" in r.output
+
+
+def test_plot_of_a_broken_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = CliRunner().invoke(main, ["plot", str(bad)])
+    assert r.exit_code == 2 and "not a readable MDF file" in r.output
