@@ -189,14 +189,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print) ->
 def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
     """Stream n images from a .npy file in a fresh process (no TensorFlow) and measure."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tiled.npy"
-        (_, _), (xte, _) = load_mnist()
-        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
-        for lo in range(0, n, len(xte)):
-            hi = min(lo + len(xte), n)
-            arr[lo:hi] = xte[: hi - lo]
-        arr.flush()
-        del arr
+        path = _tiled_npy(Path(tmp) / "tiled.npy", n)
         code = ("import json,resource,sys,time;from gpu_mdf.engine import compile;"
                 "from gpu_mdf.data import open_dataset;"
                 f"p=compile({str(mdf_path)!r},device='auto');ds=open_dataset({str(path)!r});"
@@ -215,6 +208,44 @@ def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _tiled_npy(path: Path, n: int) -> Path:
+    (_, _), (xte, _) = load_mnist()
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
+    for lo in range(0, n, len(xte)):
+        hi = min(lo + len(xte), n)
+        arr[lo:hi] = xte[: hi - lo]
+    arr.flush()
+    del arr
+    return path
+
+
+def cluster_scaling(mdf_path, n: int, batch_size: int = 16384, echo=print) -> list[dict]:
+    """The same n-image job as one process, on local:1 and on local:2 (Dask)."""
+    from .infer import run_inference
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _tiled_npy(Path(tmp) / "tiled.npy", n)
+        outs = {}
+        for label, cluster in (("single process", None), ("--cluster local:1", "local:1"),
+                               ("--cluster local:2", "local:2")):
+            out = Path(tmp) / label.replace(" ", "_").replace(":", "")
+            res = run_inference(mdf_path, out, source=str(data), device="cpu", batch_size=batch_size,
+                                progress=False, log=lambda *_: None, cluster=cluster)
+            outs[label] = out
+            rows.append({"job": label, "images": n, "seconds": res.metrics["seconds"],
+                         "images_per_s": res.images_per_s})
+            echo(f"  measured {label}: {res.metrics['seconds']:.2f} s")
+        first = outs["single process"]
+        for r in rows:
+            r["identical_files"] = all((outs[r["job"]] / f).read_bytes() == (first / f).read_bytes()
+                                       for f in ("probabilities.npy", "predictions.csv"))
+    base = next(r for r in rows if r["job"] == "--cluster local:1")["images_per_s"]
+    for r in rows:
+        r["vs_local_1"] = r["images_per_s"] / base
+    return rows
+
+
 def render(rows: list[dict]) -> str:
     w = max(len(r["engine"]) for r in rows)
     lines = [f"{'engine':<{w}}  {'ms / 10k':>10}  {'images/s':>13}  {'time vs gpu-mdf':>15}  {'max|diff|':>9}",
@@ -226,7 +257,7 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print):
+def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0):
     if mdf_file is None:  # train-free default: convert the given Keras model
         if keras_model is None:
             raise SystemExit("give an MDF file (and --keras-model for the TensorFlow baselines)")
@@ -246,6 +277,15 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print):
         echo(f"stream: {s['images']:,} images from a .npy file on {s['device']} in {s['seconds']:.2f} s = "
              f"{s['images_per_s']:,.0f} images/s; batch {s['batch_size']}; peak RSS {s['peak_rss_mb']:.0f} MB; "
              f"TensorFlow imported: {s['tf_imported']}")
+    if cluster_scaling_n:
+        echo("")
+        echo(f"Dask scaling: a {cluster_scaling_n:,}-image job (a .npy file, batch 16384), chunk phase")
+        rows = cluster_scaling(mdf_file, cluster_scaling_n, echo=echo)
+        result["cluster_scaling"] = rows
+        echo(f"{'job':<20} {'seconds':>8} {'images/s':>12} {'vs local:1':>10}  identical files")
+        for r in rows:
+            echo(f"{r['job']:<20} {r['seconds']:>8.2f} {r['images_per_s']:>12,.0f} {r['vs_local_1']:>9.2f}x  "
+                 f"{r['identical_files']}")
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
     return result

@@ -109,11 +109,14 @@ def plot(mdf_file, out, levels):
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None)
 @click.option("--normalize", type=click.Choice(["l2", "scale", "none"]), default=None,
               help="override the normalisation recorded in the MDF file")
+@click.option("--cluster", default=None,
+              help="spread chunks over Dask: local[:N], cuda, or a scheduler address tcp://host:port")
+@click.option("--cluster-timeout", type=float, default=None, help="seconds to reach a scheduler (default 10)")
 @CONFIG
 @click.option("--no-progress", is_flag=True)
 @_errors
-def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, config_path,
-          no_progress):
+def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, cluster, cluster_timeout,
+          config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     With --config holding a ``jobs:`` list, runs every item in one process; each
@@ -126,16 +129,26 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     device = device or (cfg.infer.device if cfg else "auto")
     on_error = on_error or (cfg.infer.on_error if cfg else "fail")
     batch_size = batch_size or (cfg.infer.batch_size if cfg else None)
-    if cfg and cfg.jobs:
-        ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"), default_model=mdf_file,
-                      device=device, batch_size=batch_size, on_error=on_error, log=_log,
-                      echo=click.echo, progress=not no_progress)
-        sys.exit(0 if ok else 1)
-    if not mdf_file:
-        raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
-    res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
-                        device=device, batch_size=batch_size, on_error=on_error, log=_log,
-                        normalize=normalize, progress=not no_progress)
+    cluster = cluster or (cfg.infer.cluster if cfg else None)
+    timeout = cluster_timeout or (cfg.infer.cluster_timeout if cfg else 10.0)
+    session = None
+    if cluster:  # connect before anything is written; one cluster for the whole command
+        from .distributed import ClusterSession
+        session = ClusterSession.connect(cluster, _log, timeout=timeout)
+    try:
+        if cfg and cfg.jobs:
+            ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"), default_model=mdf_file,
+                          device=device, batch_size=batch_size, on_error=on_error, log=_log,
+                          echo=click.echo, progress=not no_progress, cluster=session)
+            sys.exit(0 if ok else 1)
+        if not mdf_file:
+            raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
+        res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
+                            device=device, batch_size=batch_size, on_error=on_error, log=_log,
+                            normalize=normalize, progress=not no_progress, cluster=session)
+    finally:
+        if session:
+            session.close()
     acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
     click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
                + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")
@@ -182,12 +195,15 @@ def info(as_json, no_tensorflow):
 @click.option("--repeats", type=int, default=20)
 @click.option("--stream", type=int, default=0, help="also stream N images (memory-mapped)")
 @click.option("--skip", multiple=True, help="baselines to skip: onnxruntime, tensorflow, evaluablegraph")
+@click.option("--cluster-scaling", type=int, default=0,
+              help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
 @click.option("--json-out", default=None, help="write the table as JSON here")
 @_errors
-def bench(mdf_file, keras_model, repeats, stream, skip, json_out):
+def bench(mdf_file, keras_model, repeats, stream, skip, cluster_scaling, json_out):
     """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios)."""
     from .bench import main as bench_main
-    bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo)
+    bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,
+               cluster_scaling_n=cluster_scaling)
 
 
 if __name__ == "__main__":

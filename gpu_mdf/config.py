@@ -47,6 +47,8 @@ class InferConfig:
     batch_size: int | None = None
     format: str = "json"           # MDF format written by convert: json | yaml | both
     on_error: str = "fail"         # fail | skip
+    cluster: str | None = None     # Dask: local[:N] | cuda | tcp://host:port (None: this process)
+    cluster_timeout: float = 10.0  # seconds to reach a scheduler
 
 
 @dataclass
@@ -106,7 +108,8 @@ _TYPES = {
     "input_shape": list, "layers": list, "optimizer": str, "learning_rate": (float, int),
     "loss": str, "metrics": list, "epochs": int, "batch_size": (int, type(None)),
     "validation_split": (float, int), "device": str, "format": str, "on_error": str,
-    "model": (str, type(None)), "data": (str, type(None)),
+    "model": (str, type(None)), "data": (str, type(None)), "cluster": (str, type(None)),
+    "cluster_timeout": (float, int),
 }
 _CHOICES = {"normalize": ("l2", "scale", "none"), "format": ("json", "yaml", "both"),
             "on_error": ("fail", "skip")}

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import re
 import struct
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -113,11 +114,13 @@ def _raw_reader(path: Path, offset: int, dtype: np.dtype, item_shape: tuple, n: 
 
     item_bytes = int(np.prod(item_shape)) * dtype.itemsize
     fd_holder: dict = {}
+    lock = threading.Lock()
 
     def reader(a: int, b: int) -> np.ndarray:
-        fd = fd_holder.get("fd")
-        if fd is None:
-            fd = fd_holder["fd"] = os.open(path, os.O_RDONLY)
+        with lock:  # positioned reads on one descriptor are thread-safe; opening it once is not
+            fd = fd_holder.get("fd")
+            if fd is None:
+                fd = fd_holder["fd"] = os.open(path, os.O_RDONLY)
         b = min(b, n)
         out = np.empty((b - a,) + tuple(item_shape), dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -248,13 +251,15 @@ def _idx_dataset(images: Path, labels: Path | None) -> Dataset:
     n, per = shape[0], int(np.prod(shape[1:]))
     if images.suffix == ".gz":
         state: dict = {}
+        lock = threading.Lock()  # one decompressor, shared: readers take turns
 
         def reader(a: int, b: int) -> np.ndarray:
-            f = state.get("f")
-            if f is None:
-                f = state["f"] = gzip.open(images, "rb")
-            f.seek(off + a * per * dtype.itemsize)  # forward seeks are sequential reads
-            raw = f.read((b - a) * per * dtype.itemsize)
+            with lock:
+                f = state.get("f")
+                if f is None:
+                    f = state["f"] = gzip.open(images, "rb")
+                f.seek(off + a * per * dtype.itemsize)  # forward seeks are sequential reads
+                raw = f.read((b - a) * per * dtype.itemsize)
             if len(raw) != (b - a) * per * dtype.itemsize:
                 raise DataError(f"{images}: truncated IDX data at image {a}")
             return np.frombuffer(raw, dtype=dtype).reshape((b - a,) + shape[1:])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -70,62 +71,128 @@ class InferResult:
 def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None = None,
                   split: str = "test", labels: str | None = None, device: str = "auto",
                   batch_size: int | None = None, on_error: str = "fail", program: Program | None = None,
-                  progress: bool = True, log=print, normalize: str | None = None) -> InferResult:
+                  progress: bool = True, log=print, normalize: str | None = None,
+                  cluster=None) -> InferResult:
     """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``.
 
-    ``program`` reuses an already compiled program (multi-item jobs).
+    ``program`` reuses an already compiled program (multi-item jobs). ``cluster``
+    (``local[:N]``, ``cuda`` or a scheduler address) spreads the chunks over Dask
+    workers, which write to the same chunk store; the files are the same.
     """
-    out = Path(out_dir)
-    mdf_path = Path(mdf_path)
-    prog = program or compile(mdf_path, device=device, normalize=normalize)
-    ds = open_dataset(source, split=split, labels=labels)
-    if len(ds) == 0:
-        raise DataError(f"{ds.name}: no images")
-    bs = prog.suggest_batch_size(batch_size)
-    job = {"gpu_mdf": __version__, "model_sha256": _file_digest(mdf_path), "model": str(mdf_path),
-           "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
-           "normalize": prog.normalize, "dtype": str(prog.dtype), "on_error": on_error}
-    chunk_dir = _claim(out, job)
-    log(f"{prog.backend.describe()}")
-    log(f"{ds.describe()}; batch size {bs}")
-
-    nchunks = -(-len(ds) // bs)
-    done = {int(p.stem) for p in chunk_dir.glob("*.npz")}
-    resumed = len(done & set(range(nchunks)))
-    if resumed:
-        log(f"resuming: {resumed} of {nchunks} chunks already done")
-    bar = _progress(len(ds), progress, initial=min(resumed * bs, len(ds)))
-    t_compute, n_computed = 0.0, 0
-    todo = [i for i in range(nchunks) if i not in done]
-
-    def reads():
-        for i in todo:
-            lo = i * bs
-            try:
-                yield i, lo, ds.read(lo, lo + bs), None
-            except DataError as e:
-                if on_error != "skip":
-                    raise
-                yield i, lo, None, e
-
+    out = Path(out_dir).resolve()
+    mdf_path = Path(mdf_path).resolve()
+    session, own_session = None, False
+    if isinstance(cluster, str) and cluster:  # connect first: an unreachable scheduler leaves no files
+        from .distributed import ClusterSession
+        session, own_session = ClusterSession.connect(cluster, log), True
+    elif cluster:                              # a session shared by a multi-item job
+        session = cluster
     try:
-        for i, lo, x, err in reads():
-            hi = min(lo + bs, len(ds))
-            t0 = time.perf_counter()
-            probs, errors = _run_chunk(prog, ds, lo, hi, x, err, on_error)
-            t_compute += time.perf_counter() - t0
-            n_computed += hi - lo
-            with atomic_path(chunk_dir / f"{i:06d}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, probs=probs, errors=np.array([json.dumps(e) for e in errors], dtype=str))
-            bar.update(hi - lo)
-    except KeyboardInterrupt:
+        # with a cluster the workers run the model; here it only describes the graph
+        prog = program or compile(mdf_path, device="cpu" if session else device, normalize=normalize)
+        ds = open_dataset(source, split=split, labels=labels)
+        if len(ds) == 0:
+            raise DataError(f"{ds.name}: no images")
+        bs = prog.suggest_batch_size(batch_size)
+        job = {"gpu_mdf": __version__, "model_sha256": _file_digest(mdf_path), "model": str(mdf_path),
+               "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
+               "normalize": prog.normalize, "dtype": str(prog.dtype), "on_error": on_error}
+        chunk_dir = _claim(out, job)
+        log(session.describe() if session else prog.backend.describe())
+        log(f"{ds.describe()}; batch size {bs}")
+
+        nchunks = -(-len(ds) // bs)
+        done = {int(p.stem) for p in chunk_dir.glob("*.npz")}
+        resumed = len(done & set(range(nchunks)))
+        if resumed:
+            log(f"resuming: {resumed} of {nchunks} chunks already done")
+        todo = [i for i in range(nchunks) if i not in done]
+        bar = _progress(len(ds), progress, initial=min(resumed * bs, len(ds)))
+        t0 = time.perf_counter()
+        cluster_info = None
+        try:
+            if session:
+                cluster_info = session.run_chunks(
+                    dict(mdf_path=str(mdf_path), model_sha256=job["model_sha256"], device=device,
+                         normalize=prog.normalize, source=_abs_source(source), split=split,
+                         labels=None if labels is None else str(Path(labels).resolve()), batch_size=bs,
+                         chunk_dir=str(chunk_dir), on_error=on_error),
+                    todo, bar.update)
+            else:
+                run_chunks_here(prog, ds, todo, bs, chunk_dir, on_error, bar.update)
+        except KeyboardInterrupt:
+            bar.close()
+            finished = len(list(chunk_dir.glob("*.npz")))
+            raise GpuMdfError(f"interrupted: {finished} of {nchunks} chunks are saved in {chunk_dir}; "
+                              f"rerun the same command to resume") from None
+        seconds = time.perf_counter() - t0
         bar.close()
-        finished = len(list(chunk_dir.glob("*.npz")))
-        raise GpuMdfError(f"interrupted: {finished} of {nchunks} chunks are saved in {chunk_dir}; "
-                          f"rerun the same command to resume") from None
-    bar.close()
-    return _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, t_compute, n_computed, resumed, log)
+        n_computed = sum(min(bs, len(ds) - i * bs) for i in todo)
+        device_name = session.kind if session else prog.backend.device
+        return _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed, log,
+                         device_name, cluster_info)
+    finally:
+        if own_session:
+            session.close()
+
+
+def _abs_source(source):
+    if source is None or str(source).startswith("mnist"):
+        return source
+    return str(Path(source).resolve())
+
+
+def run_chunks_here(prog: Program, ds: Dataset, todo: list[int], bs: int, chunk_dir: Path, on_error: str,
+                    on_done, threads: int | None = None) -> None:
+    """Run chunks in this process: on the CPU, several chunks at once (one per core),
+    each with single-threaded BLAS; on a GPU, one after another."""
+    if prog.backend.is_gpu:
+        for i in todo:
+            on_done(process_chunk(prog, ds, i, bs, chunk_dir, on_error))
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from threadpoolctl import threadpool_limits
+    threads = threads or os.cpu_count() or 1
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        pending: set = set()
+        queue = iter(todo)
+        try:
+            for i in queue:
+                pending.add(pool.submit(process_chunk, prog, ds, i, bs, chunk_dir, on_error))
+                if len(pending) >= 2 * threads:   # bounded: memory stays flat
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        on_done(f.result())
+            for f in pending:
+                on_done(f.result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def process_chunk(prog: Program, ds: Dataset, i: int, bs: int, chunk_dir: Path, on_error: str) -> int:
+    """Read, run and save chunk ``i`` (atomically). Returns the number of images.
+
+    The single-process job and every Dask worker call this same function with
+    single-threaded BLAS: OpenBLAS's results depend on its thread count and on the
+    rows per call, so fixed chunks computed this way give the same bytes wherever
+    and on however many cores they run.
+    """
+    lo = i * bs
+    hi = min(lo + bs, len(ds))
+    try:
+        x, err = ds.read(lo, hi), None
+    except DataError as e:
+        if on_error != "skip":
+            raise
+        x, err = None, e
+    probs, errors = _run_chunk(prog, ds, lo, hi, x, err, on_error)
+    with atomic_path(Path(chunk_dir) / f"{i:06d}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=probs, errors=np.array([json.dumps(e) for e in errors], dtype=str))
+    return hi - lo
 
 
 def _claim(out: Path, job: dict) -> Path:
@@ -194,7 +261,8 @@ def _progress(total: int, enabled: bool, initial: int = 0):
                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
-def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, t_compute, n_computed, resumed, log):
+def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed, log, device_name,
+              cluster_info):
     n = len(ds)
     labels = ds.labels
     first = np.load(chunk_dir / f"{0:06d}.npz")["probs"]
@@ -233,18 +301,22 @@ def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, t_compute, n_computed,
                 w.writeheader()
                 w.writerows(errors)
         files["errors"] = out / "errors.csv"
-    metrics = _metrics(prog, ds, cm, labels, n, len(errors), t_compute, n_computed, bs, nchunks, resumed)
+    metrics = _metrics(prog, ds, cm, labels, n, len(errors), seconds, n_computed, bs, nchunks, resumed)
+    if cluster_info:
+        metrics["device"] = device_name
+        metrics["device_reason"] = "Dask workers (see cluster)"
+        metrics["cluster"] = cluster_info
     files["metrics"] = write_json(out / "metrics.json", metrics)
-    return InferResult(out, n, metrics.get("accuracy"), metrics["images_per_s"], prog.backend.device,
+    return InferResult(out, n, metrics.get("accuracy"), metrics["images_per_s"], metrics["device"],
                        nchunks - resumed, resumed, len(errors), files, metrics)
 
 
-def _metrics(prog, ds, cm, labels, n, skipped, t_compute, n_computed, bs, nchunks, resumed) -> dict:
+def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, bs, nchunks, resumed) -> dict:
     import numpy
     m = {"images": n, "skipped": skipped, "source": ds.name, "batch_size": bs, "chunks": nchunks,
          "chunks_resumed": resumed,
-         "images_per_s": (n_computed / t_compute) if t_compute else 0.0,
-         "compute_seconds": t_compute, "device": prog.backend.device, "backend": prog.backend.name,
+         "images_per_s": (n_computed / seconds) if seconds and n_computed else 0.0,
+         "seconds": seconds, "device": prog.backend.device, "backend": prog.backend.name,
          "device_reason": prog.backend.reason, "normalize": prog.normalize,
          "versions": {"gpu_mdf": __version__, "numpy": numpy.__version__,
                       "python": platform.python_version()}}
