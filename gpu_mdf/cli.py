@@ -176,6 +176,7 @@ def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no
     summary = run_pipeline(cfg, Path(out or f"runs/{cfg.name}"), device=cfg.infer.device, log=_log,
                            progress=not no_progress)
     click.echo(summary.text())
+    sys.exit(0 if summary.jobs_ok else 1)
 
 
 @main.command()

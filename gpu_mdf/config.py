@@ -24,10 +24,18 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training images (quick runs)
 
 
+REFERENCE_LAYERS = [  # the seed's model
+    {"type": "Flatten"},
+    {"type": "Dense", "units": 128, "activation": "relu"},
+    {"type": "Dense", "units": 128, "activation": "relu"},
+    {"type": "Dense", "units": 10, "activation": "softmax"},
+]
+
+
 @dataclass
 class ModelConfig:
     input_shape: list[int] = field(default_factory=lambda: [28, 28])
-    layers: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=lambda: [dict(layer) for layer in REFERENCE_LAYERS])
 
 
 @dataclass
@@ -123,6 +131,8 @@ def _check_type(cls, name, value, where):
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"{where}: {value!r} is not one of {_CHOICES[name]}")
     if name == "layers":
+        if not value:
+            raise ConfigError(f"{where}: no layers; give at least one (or leave model out for the reference)")
         for i, layer in enumerate(value):
             if not isinstance(layer, dict) or "type" not in layer:
                 raise ConfigError(f"{where}[{i}]: each layer is a mapping with a 'type' key")
@@ -149,12 +159,7 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def reference_config() -> Config:
     """The seed's model: Flatten -> Dense 128 relu -> Dense 128 relu -> Dense 10 softmax."""
-    return Config(model=ModelConfig([28, 28], [
-        {"type": "Flatten"},
-        {"type": "Dense", "units": 128, "activation": "relu"},
-        {"type": "Dense", "units": 128, "activation": "relu"},
-        {"type": "Dense", "units": 10, "activation": "softmax"},
-    ]))
+    return Config()
 
 
 def override(cfg: Config, **options) -> Config:

@@ -22,6 +22,7 @@ class RunSummary:
     images_per_s: float
     device: str
     seconds: float
+    jobs_ok: bool = True
 
     def text(self) -> str:
         return "\n".join([
@@ -32,7 +33,7 @@ class RunSummary:
             f"MDF throughput      : {self.images_per_s:,.0f} images/s on {self.device}",
             f"total time          : {self.seconds:.1f} s",
             f"run folder          : {self.out_dir}",
-        ])
+        ] + ([] if self.jobs_ok else ["some job items failed: see the lines above"]))
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=print,
@@ -82,8 +83,15 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
     cm = np.array(res.metrics["confusion_matrix"]) if "confusion_matrix" in res.metrics else None
     if cm is not None:
         viz.plot_confusion(cm, out / "confusion_matrix.png", f"MDF on {ds.name}")
+    jobs_ok = True
+    if cfg.jobs:  # more data sources / models, in this process, each model compiled once
+        from .jobs import run_jobs
+        log(f"{len(cfg.jobs)} job item(s)")
+        jobs_ok = run_jobs(cfg.jobs, out / "jobs", default_model=mdf_path, device=device,
+                           batch_size=cfg.infer.batch_size, on_error=cfg.infer.on_error, log=log,
+                           echo=log, progress=progress, cluster=cfg.infer.cluster)
     summary = RunSummary(out, tr.test_accuracy, res.accuracy or float("nan"), diff, agree,
-                         res.images_per_s, res.device, time.perf_counter() - t0)
+                         res.images_per_s, res.device, time.perf_counter() - t0, jobs_ok)
     write_json(out / "summary.json", {
         "keras_test_accuracy": tr.test_accuracy, "mdf_test_accuracy": res.accuracy,
         "max_abs_diff": diff, "argmax_agreement": agree, "images_per_s": res.images_per_s,

@@ -179,7 +179,7 @@ def test_reference_model_runs_in_evaluable_graph(reference_model, reference_mdf,
     model, _ = reference_model
     prog = compile(reference_mdf, device="cpu")
     eg = EvaluableGraph(load_mdf(str(reference_mdf)).graphs[0], verbose=False)
-    x = x_test_l2[:1000]
+    x = x_test_l2      # the whole test set
     eg.evaluate(initializer={prog.inputs[0].name: x})
     o = prog.outputs[0]
     got = eg.enodes[o.node].evaluable_outputs[o.port].curr_value

@@ -126,3 +126,17 @@ def test_every_kernel_is_covered():
     # the remaining ops are trivial wrappers of one NumPy function
     assert untested_onnx <= {"onnx::Floor", "onnx::Ceil", "onnx::Reciprocal", "onnx::Sin", "onnx::Cos",
                              "onnx::Pow", "onnx::Cast"}
+
+
+@pytest.mark.parametrize("name", ["linear", "logistic", "exponential", "sin", "cos", "tan", "sinh", "cosh",
+                                  "tanh", "arctan", "arcsin", "arccos", "MatMul", "Relu"])
+def test_mdf_standard_functions_match_modeci(name):
+    """Same formulas as modeci_mdf.functions.standard (their own Python versions)."""
+    standard = pytest.importorskip("modeci_mdf.functions.standard")
+    ref = standard.mdf_functions[name]
+    args = {a: (R.random((3, 4)) * 0.9 if a in ("variable0", "A") else
+                R.random((4, 2)) if a == "B" else float(R.random() + 0.5)) for a in ref["arguments"]}
+    spec = OPS[name]
+    assert list(spec.inputs) == list(ref["arguments"])
+    got = spec.kernel(np, *(args[a] for a in spec.inputs))
+    np.testing.assert_allclose(got, ref["function"](**args), rtol=1e-12)

@@ -33,3 +33,26 @@ def test_run_produces_the_whole_run_folder(tmp_path):
         assert "Skipped pictures" in report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
+
+
+@pytest.mark.slow
+def test_run_with_job_items(tmp_path, mnist):
+    import numpy as np
+    (_, _), (xte, _) = mnist
+    np.save(tmp_path / "few.npy", xte[:100])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: withjobs
+train: {{epochs: 1}}
+data: {{train_limit: 2000}}
+jobs:
+  - {{data: {tmp_path / 'few.npy'}, name: few}}
+  - {{data: {tmp_path / 'missing.npy'}, name: missing}}
+""")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", "--config", str(cfg), "--out", str(out), "--device", "cpu",
+                                  "--no-progress"])
+    assert r.exit_code == 1, r.output          # one item failed
+    assert "ok   few: 100 images" in r.output and "FAIL missing" in r.output
+    assert (out / "jobs" / "few" / "predictions.csv").exists()
+    assert "some job items failed" in r.output

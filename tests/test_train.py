@@ -93,3 +93,10 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     a = train(cfg, tmp_path / "a", log=lambda *_: None)
     b = train(cfg, tmp_path / "b", log=lambda *_: None)
     assert a.test_accuracy == b.test_accuracy
+
+
+def test_config_without_model_section_is_the_reference(tmp_path):
+    cfg = load_config(write_cfg(tmp_path, "name: x\ntrain: {epochs: 1}"))
+    assert cfg.model.layers == reference_config().model.layers and len(cfg.model.layers) == 4
+    with pytest.raises(ConfigError, match="no layers"):
+        load_config(write_cfg(tmp_path, "model: {layers: []}"))
