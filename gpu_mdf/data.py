@@ -413,10 +413,11 @@ def normalize(x, mode: str = "l2", xp=np, dtype=np.float32):
     x_in = x
     x = x.astype(dtype, copy=False)
     if mode == "scale":
+        k = np.dtype(dtype).type(1.0 / 255.0)
         if x is not x_in:
-            x *= dtype(1.0 / 255.0)
+            x *= k
             return x
-        return x * dtype(1.0 / 255.0)
+        return x * k
     if mode == "none":
         return x
     if x.ndim < 2:

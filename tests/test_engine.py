@@ -196,3 +196,53 @@ def test_in_place_activations_never_clobber_inputs_or_shared_values():
     steps = {name for name, _ in p._nodes[0].steps}
     assert steps == {"id", "r0", "g", "r1", "g2", "r2"}
     assert p._nodes[0].inplace == {"r2"}
+
+
+def test_channel_axis_of_size_one_is_added_not_an_error(tmp_path):
+    """A CNN taking (N, 28, 28, 1) reads the usual (N, 28, 28) pixels; other shapes stay errors."""
+    node = {"input_ports": {"x": {"shape": [1, 28, 28, 1]}},
+            "functions": {"f": {"function": "onnx::Flatten", "args": {"input": "x"}}},
+            "output_ports": {"y": {"value": "f"}}}
+    p = compile(one_node_model(node, {"metadata": {"gpu_mdf": {"normalize": "scale"}}}), device="cpu")
+    x = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    np.testing.assert_allclose(p.run(x.astype(np.uint8)), (x.reshape(2, -1) % 256) / 255.0, rtol=1e-6)
+    with pytest.raises(DataError, match=r"got shape \(2, 28, 27\)"):
+        p.run(np.zeros((2, 28, 27), np.uint8))
+
+
+def test_in_place_across_nodes_only_for_private_single_use_values():
+    def relu_node(port):
+        return {"input_ports": {port: {}}, "functions": {"r": {"function": "onnx::Relu", "args": {"X": port}}},
+                "output_ports": {f"{port}_o": {"value": "r"}}}
+    W = (np.eye(3, dtype=np.float32) * -1).tolist()
+    nodes = {
+        "mm": {"input_ports": {"x": {"shape": [1, 3]}}, "parameters": {"W": {"value": W}},
+               "functions": {"g": {"function": "onnx::MatMul", "args": {"A": "x", "B": "W"}},
+                             "t": {"function": "onnx::Transpose", "args": {"data": "g", "perm": [0, 1]}}},
+               "output_ports": {"mm_o": {"value": "t"}}},
+        "a": relu_node("a_in"),      # mm_o feeds a and b: shared, so neither may write into it
+        "b": relu_node("b_in"),
+        "c": relu_node("c_in"),      # fed by a_o alone, but a_o is also a graph output
+        "d": relu_node("d_in"),      # fed by b_o alone: private, may go in place
+        "e": relu_node("e_in"),      # a weighted edge from b_o: the product is new memory
+    }
+    def edge(s, sp, r, rp, w=None):
+        e = {"sender": s, "sender_port": sp, "receiver": r, "receiver_port": rp}
+        if w is not None:
+            e["parameters"] = {"weight": w}
+        return e
+    edges = {"1": edge("mm", "mm_o", "a", "a_in"), "2": edge("mm", "mm_o", "b", "b_in"),
+             "3": edge("a", "a_in_o", "c", "c_in"), "4": edge("b", "b_in_o", "d", "d_in"),
+             "5": edge("mm", "mm_o", "e", "e_in", -2)}
+    meta = {"gpu_mdf": {"outputs": ["mm_o", "a_in_o", "c_in_o", "d_in_o", "e_in_o"]}}
+    model = {"m": {"graphs": {"g": {"nodes": nodes, "edges": edges, "metadata": meta}}}}
+    p = compile(model, device="cpu")
+    x = np.array([[1.0, -2.0, 3.0]], np.float32)
+    out = p.run(x)
+    mm = -x
+    np.testing.assert_array_equal(out["mm_o"], mm)
+    for k in ("a_in_o", "c_in_o", "d_in_o"):
+        np.testing.assert_array_equal(out[k], np.maximum(mm, 0), err_msg=k)
+    np.testing.assert_array_equal(out["e_in_o"], np.maximum(mm * -2, 0))
+    inplace = {n.id: n.inplace for n in p._nodes}
+    assert inplace == {"mm": set(), "a": set(), "b": set(), "c": set(), "d": {"r"}, "e": {"r"}}

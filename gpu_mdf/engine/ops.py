@@ -28,21 +28,24 @@ class OpSpec:
     optional: tuple[str, ...] = ()          # inputs that may be missing
     fresh: bool = False                     # always returns newly allocated memory
     inplace: bool = False                   # kernel accepts inplace=True (may overwrite input 0)
+    alias: bool = False                     # returns a view of input 0 (reshape, transpose...)
 
 
 OPS: dict[str, OpSpec] = {}
 
 
 def op(name: str, inputs: tuple[str, ...] = ("X",), optional: tuple[str, ...] = (),
-       variadic: bool = False, fresh: bool = False, inplace: bool = False, **attrs):
+       variadic: bool = False, fresh: bool = False, inplace: bool = False, alias: bool = False, **attrs):
     """Register ``kernel`` under ``onnx::NAME`` (or a bare MDF standard name).
 
-    ``fresh``: the result never aliases an input. ``inplace``: the kernel takes
-    ``inplace=True`` and may then reuse its first input's memory (the compiler only
-    asks when that input is a fresh temporary with no other reader).
+    ``fresh``: the result never aliases an input. ``alias``: the result is a view of
+    the first input. ``inplace``: the kernel takes ``inplace=True`` and may then reuse
+    its first input's memory (the compiler only asks when that memory is a temporary
+    of the program that nothing else reads).
     """
     def deco(fn):
-        OPS[name] = OpSpec(name, fn, tuple(inputs), dict(attrs), variadic, tuple(optional), fresh, inplace)
+        OPS[name] = OpSpec(name, fn, tuple(inputs), dict(attrs), variadic, tuple(optional), fresh, inplace,
+                           alias)
         return fn
     return deco
 
@@ -76,12 +79,12 @@ def lookup(function_name: str) -> OpSpec | None:
 # ----------------------------------------------------------------------------- #
 # Elementwise unary
 # ----------------------------------------------------------------------------- #
-@op("onnx::Identity", ("input",))
+@op("onnx::Identity", ("input",), alias=True)
 def identity(xp, x):
     return x
 
 
-@op("onnx::Dropout", ("data",), optional=("ratio", "training_mode"), seed=None)
+@op("onnx::Dropout", ("data",), optional=("ratio", "training_mode"), alias=True, seed=None)
 def dropout(xp, x, *_, **__):
     return x  # inference: identity
 
@@ -163,10 +166,19 @@ def cast(xp, x, to):
 # ----------------------------------------------------------------------------- #
 # Elementwise binary / variadic
 # ----------------------------------------------------------------------------- #
+def _binary(f):
+    def kernel(xp, a, b, inplace=False):
+        fn = getattr(xp, f)
+        if inplace and getattr(a, "shape", None) == np.broadcast_shapes(np.shape(a), np.shape(b)) \
+                and np.result_type(a, b) == a.dtype:
+            return fn(a, b, out=a)
+        return fn(a, b)
+    return kernel
+
+
 for _name, _fn in {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide",
                    "Pow": "power"}.items():
-    op(f"onnx::{_name}", ("A", "B") if _name != "Pow" else ("X", "Y"), fresh=True)(
-        (lambda f: lambda xp, a, b: getattr(xp, f)(a, b))(_fn))
+    op(f"onnx::{_name}", ("A", "B") if _name != "Pow" else ("X", "Y"), fresh=True, inplace=True)(_binary(_fn))
 
 
 def _fold(fn):
@@ -290,13 +302,13 @@ def layer_norm(xp, x, scale, b=None, axis=-1, epsilon=1e-5, stash_type=1):
 # ----------------------------------------------------------------------------- #
 # Shape ops
 # ----------------------------------------------------------------------------- #
-@op("onnx::Flatten", ("input",), axis=1)
+@op("onnx::Flatten", ("input",), alias=True, axis=1)
 def flatten(xp, x, axis):
     axis = _softmax_axis(x, axis)
     return x.reshape((int(np.prod(x.shape[:axis])), -1))
 
 
-@op("onnx::Reshape", ("data", "shape"), allowzero=0)
+@op("onnx::Reshape", ("data", "shape"), alias=True, allowzero=0)
 def reshape(xp, x, shape, allowzero=0):
     shape = [int(s) for s in host(shape).ravel()]
     if not allowzero:
@@ -304,7 +316,7 @@ def reshape(xp, x, shape, allowzero=0):
     return x.reshape(shape)
 
 
-@op("onnx::Transpose", ("data",), perm=None)
+@op("onnx::Transpose", ("data",), alias=True, perm=None)
 def transpose(xp, x, perm):
     return xp.transpose(x, None if perm is None else [int(p) for p in perm])
 
@@ -382,30 +394,38 @@ def _conv_defaults(x, kernel_shape, strides, dilations, pads):
     kernel_shape=None, pads=None, strides=None)
 def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None):
+    """ONNX Conv (NCHW in and out), computed channels-last: im2col rows gather whole
+    channel vectors, and the result is an NCHW view of channels-last memory, so the
+    transposes a Keras (NHWC) graph puts around it cost nothing."""
     if auto_pad not in ("NOTSET", "VALID"):
         raise ValueError(f"Conv auto_pad={auto_pad} is not supported; give explicit pads")
     kernel, strides, dilations, pads = _conv_defaults(x, kernel_shape or w.shape[2:], strides,
                                                       dilations, pads)
     nsp = len(kernel)
-    x = _pad_spatial(xp, x, pads)
-    win = _windows(xp, x, kernel, strides, dilations)          # N, C, *out, *k
-    n, c = x.shape[:2]
-    out_sp = win.shape[2:2 + nsp]
-    g = int(group)
-    cg, f = c // g, w.shape[0]
+    xl = xp.moveaxis(x, 1, -1)                                   # (N, *S, C)
+    if any(pads):
+        xl = xp.pad(xl, [(0, 0)] + [(pads[i], pads[i + nsp]) for i in range(nsp)] + [(0, 0)])
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    win = xp.lib.stride_tricks.sliding_window_view(xl, span, axis=tuple(range(1, 1 + nsp)))
+    win = win[(slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),)
+              + tuple(slice(None, None, d) for d in dilations)]     # (N, *out, C, *k)
+    n, out_sp, c = win.shape[0], win.shape[1:1 + nsp], win.shape[1 + nsp]
+    perm = (0,) + tuple(range(1, 1 + nsp)) + tuple(range(2 + nsp, 2 + 2 * nsp)) + (1 + nsp,)
+    win = xp.transpose(win, perm)                                  # (N, *out, *k, C)
+    g, f = int(group), w.shape[0]
+    cg, fg = c // g, f // g
+    rows = n * int(np.prod(out_sp))
     outs = []
     for gi in range(g):
-        wg = win[:, gi * cg:(gi + 1) * cg]                      # N, cg, *out, *k
-        kg = w[gi * (f // g):(gi + 1) * (f // g)]               # fg, cg, *k
-        # move C next to kernel axes then contract (C, *k) in one GEMM
-        perm = (0,) + tuple(range(2, 2 + nsp)) + (1,) + tuple(range(2 + nsp, 2 + 2 * nsp))
-        cols = xp.ascontiguousarray(xp.transpose(wg, perm)).reshape(n * int(np.prod(out_sp)), -1)
-        outs.append(cols @ kg.reshape(kg.shape[0], -1).T)       # (N*out, fg)
+        part = win[..., gi * cg:(gi + 1) * cg] if g > 1 else win
+        cols = xp.ascontiguousarray(part).reshape(rows, -1)
+        wg = w[gi * fg:(gi + 1) * fg]                              # (fg, cg, *k)
+        wm = xp.transpose(wg, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, fg)
+        outs.append(cols @ wm)
     y = outs[0] if g == 1 else xp.concatenate(outs, axis=1)
     if b is not None:
         y += b
-    y = y.reshape((n,) + tuple(out_sp) + (f,))
-    return xp.moveaxis(y, -1, 1)
+    return xp.moveaxis(y.reshape((n,) + tuple(out_sp) + (f,)), -1, 1)
 
 
 def _pool(xp, x, kernel_shape, strides, pads, dilations, reducer, pad_value):
@@ -447,13 +467,42 @@ def global_max_pool(xp, x):
     return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
 
 
+def _fold_small_axes(xp, x, axes, keepdims, combine):
+    """Reduce over a few short axes (e.g. the 2x2 tiles of a pooling) by combining
+    strided slices: NumPy's reduction over short interleaved axes is 2x slower."""
+    if axes is None or not axes:
+        return None
+    axes = sorted(int(a) % x.ndim for a in axes)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    if count > 16 or count < 2 or xp is not np:
+        return None
+    out = None
+    for idx in np.ndindex(*[x.shape[a] for a in axes]):
+        sl = [slice(None)] * x.ndim
+        for a, i in zip(axes, idx):
+            sl[a] = i
+        v = x[tuple(sl)]
+        out = v.copy() if out is None else combine(out, v, out=out)
+    if keepdims:
+        out = xp.expand_dims(out, tuple(axes))
+    return out, count
+
+
 @op("onnx::ReduceMean", ("data",), axes=None, keepdims=1)
 def reduce_mean(xp, x, axes=None, keepdims=1):
+    folded = _fold_small_axes(xp, x, axes, keepdims, np.add)
+    if folded is not None:
+        out, count = folded
+        out /= x.dtype.type(count)
+        return out
     return x.mean(axis=None if axes is None else tuple(int(a) for a in axes), keepdims=bool(keepdims))
 
 
 @op("onnx::ReduceMax", ("data",), axes=None, keepdims=1)
 def reduce_max(xp, x, axes=None, keepdims=1):
+    folded = _fold_small_axes(xp, x, axes, keepdims, np.maximum)
+    if folded is not None:
+        return folded[0]
     return x.max(axis=None if axes is None else tuple(int(a) for a in axes), keepdims=bool(keepdims))
 
 

@@ -140,17 +140,22 @@ class Program:
         """
         spec = spec or self.inputs[0]
         xp = self.xp
+        target = None
         if spec.shape is not None and tuple(x.shape[1:]) != tuple(spec.shape[1:]):
-            want = "(N, " + ", ".join(str(s) for s in spec.shape[1:]) + ")"
-            raise DataError(f"input {spec.name}: got shape {tuple(x.shape)}, the model expects {want}")
+            want = tuple(spec.shape[1:])
+            if [d for d in x.shape[1:] if d != 1] != [d for d in want if d != 1]:
+                raise DataError(f"input {spec.name}: got shape {tuple(x.shape)}, the model expects "
+                                "(N, " + ", ".join(str(d) for d in want) + ")")
+            target = (len(x),) + want   # the same pixels, up to size-1 axes (e.g. a channel axis)
         if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
-            return normalize(self.backend.to_device(x), self.normalize, xp, self.dtype)
-        if not np.issubdtype(x.dtype, np.floating):
+            d = normalize(self.backend.to_device(x), self.normalize, xp, self.dtype)
+        elif np.issubdtype(x.dtype, np.floating):
+            d = self.backend.to_device(x).astype(self.dtype, copy=False)
+            if check:
+                check_finite(d, xp, f"input {spec.name}")
+        else:
             raise DataError(f"input {spec.name}: unsupported dtype {x.dtype}")
-        d = self.backend.to_device(x).astype(self.dtype, copy=False)
-        if check:
-            check_finite(d, xp, f"input {spec.name}")
-        return d
+        return d if target is None else d.reshape(target)
 
     def _feeds(self, batch, check: bool) -> dict[str, Any]:
         if isinstance(batch, dict):
@@ -265,6 +270,8 @@ class _GraphCompiler:
         self.edges = _items(g.get("edges"))
         self._host_nodes: list[_Node] = []   # NumPy twins of the nodes, for the shape probe
         self._calls: dict[str, tuple] = {}     # this node's op calls: name -> (OpSpec, first input name)
+        self._consumers: dict[tuple, int] = {}  # (node, output port) -> number of edges it feeds
+        self._owned_out: set[tuple] = set()     # (node, output port) whose value is a private temporary
 
     # -- graph level ------------------------------------------------------------ #
     def build(self) -> Program:
@@ -282,6 +289,8 @@ class _GraphCompiler:
             w = np.asarray(w, dtype=self.dtype) if isinstance(w, list) else float(w)
             incoming.setdefault((e["receiver"], e["receiver_port"]), []).append(((e["sender"], e["sender_port"]), w))
             sends.add((e["sender"], e["sender_port"]))
+            key = (e["sender"], e["sender_port"])
+            self._consumers[key] = self._consumers.get(key, 0) + 1
 
         graph_inputs: list[PortSpec] = []
         baked = self._baked_inputs(incoming)
@@ -467,40 +476,71 @@ class _GraphCompiler:
             if o.get("value") is None:
                 raise CompileError(f"node {nid} output port {oid} has no value")
             deps, make = self._expr(nid, f"output port {oid}", str(o["value"]), scope)
-            outs.append((oid, deps, make))
+            outs.append((oid, deps, make, str(o["value"]).strip()))
 
         steps, host_consts = self._order(nid, defs, consts, set(local_names) - set(defs) - set(consts))
-        donate = self._donations(steps, defs, outs)
+        donate = self._donations(nid, steps, defs, outs, self._owned_ports(nid, ports))
         dev_consts = {k: self._to_device(v) for k, v in host_consts.items()}
 
         def build(xp):
             return [(name, make(xp, inplace=True) if name in donate else make(xp)) for name, make in steps]
-        node = _Node(nid, dev_consts, ports, build(self.xp), [(oid, make(self.xp)) for oid, _, make in outs],
+        node = _Node(nid, dev_consts, ports, build(self.xp), [(oid, make(self.xp)) for oid, _, make, _ in outs],
                      inplace=donate)
         # a host twin for the shape probe
         self._host_nodes.append(_Node(nid, host_consts, ports, build(np),
-                                      [(oid, make(np)) for oid, _, make in outs]))
+                                      [(oid, make(np)) for oid, _, make, _ in outs]))
         self._calls = {}
         return node
 
-    def _donations(self, steps, defs, outs) -> set[str]:
-        """Steps allowed to overwrite their first input: an in-place-capable op whose
-        input is a fresh temporary of this node that nothing else reads."""
-        runtime = {name for name, _ in steps}
+    def _owned_ports(self, nid, ports) -> set[str]:
+        """Input ports whose value is a temporary of the program that only this port
+        reads: a single edge from an owned output port that feeds nothing else and is
+        not a graph output (or a weighted edge, whose product is new memory)."""
+        outputs = set(self.meta.get("outputs") or [])
+        owned = set()
+        for pid, sources, _ in ports:
+            if len(sources) != 1:
+                continue
+            key, weight = sources[0]
+            if key[0] == "":          # a graph input: the caller's array, never ours to overwrite
+                continue
+            if weight != 1 or (key in self._owned_out and self._consumers.get(key) == 1
+                               and key[1] not in outputs):
+                owned.add(pid)
+        return owned
+
+    def _donations(self, nid, steps, defs, outs, owned_inputs) -> set[str]:
+        """Steps allowed to overwrite their first input, and (as a side effect) the
+        output ports of this node that deliver a private temporary.
+
+        A value is *owned* when it is new memory (a ``fresh`` op's result, an owned
+        input port) or a view of an owned value that nothing else reads (``alias``
+        ops: reshape, transpose...). An in-place-capable op may reuse an owned value
+        that it alone reads.
+        """
+        runtime = [name for name, _ in steps]
         uses: dict[str, int] = {}
         for name in runtime:
             for d in defs[name][0]:
                 uses[d] = uses.get(d, 0) + 1
-        for _, deps, _ in outs:
+        for _, deps, _, _ in outs:
             for d in deps:
                 uses[d] = uses.get(d, 0) + 1
+        owned = {p for p in owned_inputs if uses.get(p) == 1}
         donate = set()
-        for name in runtime:
+        for name in runtime:   # dependency order
             spec, first = self._calls.get(name, (None, None))
-            producer = self._calls.get(first, (None, None))[0]
-            if spec is not None and spec.inplace and first in runtime and uses.get(first) == 1 \
-                    and producer is not None and producer.fresh:
+            if spec is None:
+                continue
+            first_owned = first in owned and uses.get(first) == 1
+            if spec.inplace and first_owned:
                 donate.add(name)
+                owned.add(name)
+            elif spec.fresh or (spec.alias and first_owned):
+                owned.add(name)
+        for oid, _, _, text in outs:
+            if text in owned and uses.get(text) == 1:
+                self._owned_out.add((nid, oid))
         return donate
 
     def _order(self, nid, defs, consts, runtime_names):
