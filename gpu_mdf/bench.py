@@ -23,6 +23,7 @@ import numpy as np
 from .data import load_mnist, normalize
 from .engine import compile, load_mdf_dict
 from .engine.ops import lookup
+from .errors import GpuMdfError
 
 
 def timeit(fn, repeats: int, warmup: int = 3) -> float:
@@ -258,10 +259,9 @@ def render(rows: list[dict]) -> str:
 
 
 def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0):
-    if mdf_file is None:  # train-free default: convert the given Keras model
-        if keras_model is None:
-            raise SystemExit("give an MDF file (and --keras-model for the TensorFlow baselines)")
-    if mdf_file is None:
+    if mdf_file is None and keras_model is None:
+        raise GpuMdfError("give an MDF file (and --keras-model for the TensorFlow baselines)")
+    if mdf_file is None:  # convert the given Keras model
         from .convert import keras_to_mdf, load_keras_model, save_mdf
         tmp = Path(tempfile.mkdtemp()) / "bench.json"
         mdf_file = save_mdf(keras_to_mdf(load_keras_model(keras_model), normalize="l2"), tmp)

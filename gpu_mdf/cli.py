@@ -74,10 +74,10 @@ def convert(models, out, fmt, normalize):
     """Convert Keras models (.keras/.h5 files or folders of them) to MDF."""
     from .convert import convert_files
     results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()))
+    if not results:
+        raise GpuMdfError(f"no .keras or .h5 files in {', '.join(models)}")
     ok = sum(r.ok for r in results)
     click.echo(f"{ok} of {len(results)} model(s) converted into {out}")
-    if not results:
-        raise GpuMdfError("no .keras or .h5 files found")
     sys.exit(0 if ok == len(results) else 1)
 
 

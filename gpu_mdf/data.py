@@ -18,7 +18,6 @@ Supported sources (see :func:`open_dataset`):
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 import struct
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .io import file_sha256
 
 EMBEDDED_MNIST = Path(__file__).parent / "_data" / "mnist.npz"
 EMBEDDED_MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -137,21 +137,13 @@ def _raw_reader(path: Path, offset: int, dtype: np.dtype, item_shape: tuple, n: 
 # --------------------------------------------------------------------------- #
 # Embedded copy and keras-layout npz
 # --------------------------------------------------------------------------- #
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_embedded(path: Path = EMBEDDED_MNIST) -> None:
     """Check the embedded file against its published checksum (once per process)."""
     if path in _verified:
         return
     if not path.exists():
         raise DataError(f"embedded MNIST missing at {path}: reinstall gpu-mdf")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != EMBEDDED_MNIST_SHA256:
         raise DataError(f"embedded MNIST at {path} is corrupt: sha256 {digest[:12]}..., "
                         f"expected {EMBEDDED_MNIST_SHA256[:12]}...")

@@ -11,7 +11,6 @@ are assembled by streaming the chunks, so memory stays bounded.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -26,19 +25,11 @@ from . import __version__
 from .data import EMBEDDED_MNIST_SHA256, Dataset, open_dataset
 from .engine import Program, compile
 from .errors import DataError, GpuMdfError, OutputError
-from .io import atomic_path, write_json
+from .io import atomic_path, file_sha256, write_json
 
 CHUNK_DIR = ".chunks"
 JOB_FILE = "job.json"
 FINAL_FILES = ("probabilities.npy", "predictions.csv", "metrics.json", "errors.csv")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_identity(source: str | None, ds: Dataset) -> dict:
@@ -94,7 +85,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
         if len(ds) == 0:
             raise DataError(f"{ds.name}: no images")
         bs = prog.suggest_batch_size(batch_size)
-        job = {"gpu_mdf": __version__, "model_sha256": _file_digest(mdf_path), "model": str(mdf_path),
+        job = {"gpu_mdf": __version__, "model_sha256": file_sha256(mdf_path), "model": str(mdf_path),
                "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
                "normalize": prog.normalize, "dtype": str(prog.dtype), "on_error": on_error}
         chunk_dir = _claim(out, job)

@@ -286,3 +286,10 @@ def test_merges_and_normalization_run_in_modeci_evaluable_graph(tmp_path):
     want = model.predict([xa, xb], verbose=0)
     for (name, g), w in zip(got.items(), want):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5, err_msg=name)
+
+
+def test_engine_compiles_an_in_memory_mdf_model(tmp_path):
+    model = seq((6,), layers.Dense(3, activation="softmax"))
+    x = R.standard_normal((4, 6)).astype("float32")
+    np.testing.assert_allclose(compile(keras_to_mdf(model), device="cpu").run(x), model.predict(x, verbose=0),
+                               atol=1e-6)

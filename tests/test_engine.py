@@ -246,3 +246,17 @@ def test_in_place_across_nodes_only_for_private_single_use_values():
     np.testing.assert_array_equal(out["e_in_o"], np.maximum(mm * -2, 0))
     inplace = {n.id: n.inplace for n in p._nodes}
     assert inplace == {"mm": set(), "a": set(), "b": set(), "c": set(), "d": {"r"}, "e": {"r"}}
+
+
+def test_inference_path_imports_no_tensorflow(reference_mdf, tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys\nfrom gpu_mdf.cli import main\n"
+            f"sys.argv = ['gpu-mdf', 'infer', {str(reference_mdf)!r}, '--out', {str(tmp_path / 'o')!r},"
+            " '--device', 'cpu', '--no-progress']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'modeci_mdf'))\n"
+            "print('IMPORTED', bad)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTED []" in r.stdout

@@ -44,8 +44,8 @@ def load_mdf_dict(source) -> dict:
     """
     if isinstance(source, dict):
         return source
-    if hasattr(source, "to_dict") and hasattr(source, "graphs"):
-        return {source.id: source.to_dict()} if "graphs" in source.to_dict() else source.to_dict()
+    if hasattr(source, "to_dict") and hasattr(source, "graphs"):   # modeci_mdf.mdf.Model
+        return source.to_dict()                                   # already {model_id: {...}}
     path = Path(source)
     if not path.exists():
         raise ModelFileError(f"{path}: no such MDF file")
