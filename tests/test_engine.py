@@ -260,3 +260,14 @@ def test_inference_path_imports_no_tensorflow(reference_mdf, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "IMPORTED []" in r.stdout
+
+
+def test_attribute_given_by_a_parameter_name():
+    """An attribute may name a constant parameter (``perm: "order"``), as ONNX-derived MDF does."""
+    node = {"input_ports": {"x": {"shape": [1, 2, 3]}},
+            "parameters": {"order": {"value": [0, 2, 1]}},
+            "functions": {"t": {"function": "onnx::Transpose", "args": {"data": "x", "perm": "order"}}},
+            "output_ports": {"y": {"value": "t"}}}
+    p = compile(one_node_model(node), device="cpu")
+    x = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    np.testing.assert_array_equal(p.run(x), x.transpose(0, 2, 1))

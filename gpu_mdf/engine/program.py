@@ -676,52 +676,43 @@ class _GraphCompiler:
                 raise CompileError(f"node {nid} {fid}: {fname} needs input(s) {missing}")
             rank = {n: i for i, n in enumerate(tensor_names)}
             inputs.sort(key=lambda kv: rank[kv[0]])
-        attr_exprs = {k: e for k, e in attrs.items() if e[0] == "expr"}
+        attr_exprs = {k: v for k, (kind, v) in attrs.items() if kind == "expr"}   # e.g. perm from a parameter
         first = inputs[0][1] if inputs else None
         first_name = first[1].strip() if first and first[0] == "expr" and first[1].strip().isidentifier() else None
         self._calls[fid] = (spec, first_name)
-        # attributes must be compile-time constants; those that are expressions over
-        # other names are resolved against the folded constants when built
         dtype = self.dtype
+        given = dict(inputs)
+        # positional order: the op's inputs up to the last one given (missing optionals -> None)
+        order = list(given) if spec.variadic else \
+            tensor_names[:max([tensor_names.index(n) for n in given] + [-1]) + 1]
 
         def make(xp, inplace: bool = False):
             def value_of(entry):
+                if entry is None:
+                    return lambda env: None
                 kind, v = entry
                 if kind == "expr":
                     return compile_expr(v, scope, xp).fn
-                if isinstance(v, (list, tuple)) or isinstance(v, np.ndarray):
+                if isinstance(v, (list, tuple, np.ndarray)):
                     a = np.asarray(v)
-                    a = a.astype(dtype) if a.dtype.kind == "f" else a
-                    c = xp.asarray(a)
+                    c = xp.asarray(a.astype(dtype) if a.dtype.kind == "f" else a)
                 else:
                     c = v
                 return lambda env: c
-            in_fns = [value_of(e) for _, e in inputs]
-            names = [k for k, _ in inputs]
-            const_attrs = {**spec.attrs, **{k: v for k, (kind, v) in attrs.items() if kind == "const"}}
-            expr_attrs = {k: compile_expr(v, scope, np).fn for k, (_, v) in attr_exprs.items()}
+            arg_fns = [value_of(given.get(n)) for n in order]
+            kw = {**spec.attrs, **{k: v for k, (kind, v) in attrs.items() if kind == "const"}}
+            if inplace:
+                kw["inplace"] = True
+            kw_fns = {k: compile_expr(v, scope, np).fn for k, v in attr_exprs.items()}
+            for k in kw_fns:
+                kw.pop(k, None)
             kernel = spec.kernel
-            # positional inputs: required ones, then optionals up to the last given
-            positional = tensor_names[:max([tensor_names.index(n) for n in names] + [-1]) + 1] \
-                if not spec.variadic else names
+            if not kw_fns:
+                return lambda env: kernel(xp, *[f(env) for f in arg_fns], **kw)
 
             def call(env):
-                given = dict(zip(names, (f(env) for f in in_fns)))
-                kw = dict(const_attrs)
-                if inplace:
-                    kw["inplace"] = True
-                for k, f in expr_attrs.items():
-                    kw[k] = _host(f(env))
-                if spec.variadic:
-                    return kernel(xp, *given.values(), **kw)
-                return kernel(xp, *(given.get(n) for n in positional), **kw)
+                return kernel(xp, *[f(env) for f in arg_fns], **kw, **{k: _host(f(env)) for k, f in kw_fns.items()})
             return call
-        if attr_exprs:
-            # an attribute that depends on runtime data cannot be honoured
-            runtime_attr_deps = set()
-            for _, (_, v) in attr_exprs.items():
-                runtime_attr_deps |= compile_expr(v, scope, np).deps
-            deps |= runtime_attr_deps
         return deps, make
 
 
