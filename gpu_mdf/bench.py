@@ -26,7 +26,7 @@ from .engine.ops import lookup
 from .errors import GpuMdfError
 
 
-def timeit(fn, repeats: int, warmup: int = 3) -> float:
+def timeit(fn, repeats: int, warmup: int = 10) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -181,6 +181,8 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print) ->
         with contextlib.redirect_stdout(io.StringIO()):
             out = eg_run()
             add("modeci_mdf EvaluableGraph", timeit(eg_run, 2, warmup=0), out)
+    # measured again last: the spread between the two gpu-mdf rows shows this machine's drift
+    add("gpu-mdf (NumPy, CPU), measured again last", timeit(lambda: prog_cpu.run(x), repeats), ref)
     base = rows[0]["seconds"]
     for r in rows:
         r["time_vs_gpu_mdf"] = r["seconds"] / base
@@ -191,7 +193,8 @@ def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
     """Stream n images from a .npy file in a fresh process (no TensorFlow) and measure."""
     with tempfile.TemporaryDirectory() as tmp:
         path = _tiled_npy(Path(tmp) / "tiled.npy", n)
-        code = ("import json,resource,sys,time;from gpu_mdf.engine import compile;"
+        code = ("import json,resource,sys,time;from gpu_mdf.engine import compile, tune_host_allocator;"
+                "tune_host_allocator();"
                 "from gpu_mdf.data import open_dataset;"
                 f"p=compile({str(mdf_path)!r},device='auto');ds=open_dataset({str(path)!r});"
                 f"bs=p.suggest_batch_size({batch_size!r});t=time.perf_counter();k=0;s=0\n"
@@ -220,8 +223,9 @@ def _tiled_npy(path: Path, n: int) -> Path:
     return path
 
 
-def cluster_scaling(mdf_path, n: int, batch_size: int = 16384, echo=print) -> list[dict]:
-    """The same n-image job as one process, on local:1 and on local:2 (Dask)."""
+def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repeats: int = 2) -> list[dict]:
+    """The same n-image job as one process, on local:1 and on local:2 (Dask); each
+    job runs ``repeats`` times and the fastest run is reported."""
     from .infer import run_inference
 
     rows = []
@@ -230,13 +234,18 @@ def cluster_scaling(mdf_path, n: int, batch_size: int = 16384, echo=print) -> li
         outs = {}
         for label, cluster in (("single process", None), ("--cluster local:1", "local:1"),
                                ("--cluster local:2", "local:2")):
-            out = Path(tmp) / label.replace(" ", "_").replace(":", "")
-            res = run_inference(mdf_path, out, source=str(data), device="cpu", batch_size=batch_size,
-                                progress=False, log=lambda *_: None, cluster=cluster)
+            best = None
+            for attempt in range(repeats):  # each job twice, the faster kept: this VM is noisy
+                out = Path(tmp) / f"{label.replace(' ', '_').replace(':', '')}_{attempt}"
+                res = run_inference(mdf_path, out, source=str(data), device="cpu", batch_size=batch_size,
+                                    progress=False, log=lambda *_: None, cluster=cluster)
+                if best is None or res.metrics["seconds"] < best[1].metrics["seconds"]:
+                    best = (out, res)
+            out, res = best
             outs[label] = out
             rows.append({"job": label, "images": n, "seconds": res.metrics["seconds"],
                          "images_per_s": res.images_per_s})
-            echo(f"  measured {label}: {res.metrics['seconds']:.2f} s")
+            echo(f"  measured {label}: {res.metrics['seconds']:.2f} s (best of {repeats})")
         first = outs["single process"]
         for r in rows:
             r["identical_files"] = all((outs[r["job"]] / f).read_bytes() == (first / f).read_bytes()
@@ -279,7 +288,8 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
              f"TensorFlow imported: {s['tf_imported']}")
     if cluster_scaling_n:
         echo("")
-        echo(f"Dask scaling: a {cluster_scaling_n:,}-image job (a .npy file, batch 16384), chunk phase")
+        echo(f"Dask scaling: a {cluster_scaling_n:,}-image job (a .npy file, batch 32768), chunk phase, "
+             "best of 2 runs each")
         rows = cluster_scaling(mdf_file, cluster_scaling_n, echo=echo)
         result["cluster_scaling"] = rows
         echo(f"{'job':<20} {'seconds':>8} {'images/s':>12} {'vs local:1':>10}  identical files")

@@ -42,6 +42,8 @@ def _log(msg: str):
 @click.version_option(__version__, prog_name="gpu-mdf")
 def main():
     """Train Keras models on MNIST, convert them to ModECI MDF, run MDF graphs in bulk."""
+    from .engine.alloc import tune_host_allocator
+    tune_host_allocator()  # this process is ours: keep big temporaries in the heap
 
 
 @main.command()

@@ -38,8 +38,9 @@ def _chunk_task(spec: dict, i: int) -> dict:
 
     from .data import open_dataset
     from .engine import compile
+    from .engine.alloc import tune_host_allocator
     from .infer import process_chunk
-
+    tune_host_allocator()   # a worker process is ours too (Dask's nanny asks glibc to trim eagerly)
     t0 = time.perf_counter()
     pkey = (spec["mdf_path"], spec["model_sha256"], spec["device"], spec["normalize"])
     if pkey not in _PROGRAMS:
