@@ -271,3 +271,13 @@ def test_attribute_given_by_a_parameter_name():
     p = compile(one_node_model(node), device="cpu")
     x = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
     np.testing.assert_array_equal(p.run(x), x.transpose(0, 2, 1))
+
+
+def test_array_edge_weights_broadcast():
+    src = {"input_ports": {"x": {"shape": [1, 3]}}, "output_ports": {"o": {"value": "x"}}}
+    dst = {"input_ports": {"i": {}}, "output_ports": {"y": {"value": "i"}}}
+    m = {"m": {"graphs": {"g": {"nodes": {"src": src, "dst": dst}, "edges": {"e": {
+        "sender": "src", "sender_port": "o", "receiver": "dst", "receiver_port": "i",
+        "parameters": {"weight": [1.0, -2.0, 0.5]}}}}}}}
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    np.testing.assert_allclose(compile(m, device="cpu").run(x), x * [1.0, -2.0, 0.5])

@@ -66,3 +66,17 @@ def test_batch_size_follows_free_memory(fake_gpu, reference_mdf):
     assert gpu.suggest_batch_size(100) == 100
     fake_cupy._pool.set_limit(0)
     assert gpu.suggest_batch_size() > capped
+
+
+def test_gpu_benchmark_script_logic(fake_gpu, reference_mdf):
+    """scripts/gpu_bench.py, the GPU check's table, runs end to end on the stand-in."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path("scripts/gpu_bench.py"))
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    row = gpu_bench.bench(reference_mdf, 30000, device=fake_gpu)
+    assert row["max_abs_diff_vs_numpy"] < 1e-5 and row["argmax_agreement"] == 1.0
+    assert row["device_resident_images_per_s"] > 0 and row["end_to_end_images_per_s"] > 0
+    assert row["images"] == 30000

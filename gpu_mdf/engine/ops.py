@@ -169,8 +169,9 @@ def cast(xp, x, to):
 def _binary(f):
     def kernel(xp, a, b, inplace=False):
         fn = getattr(xp, f)
+        # dtypes, not arrays: NumPy must never try to convert a device array
         if inplace and getattr(a, "shape", None) == np.broadcast_shapes(np.shape(a), np.shape(b)) \
-                and np.result_type(a, b) == a.dtype:
+                and np.result_type(a.dtype, getattr(b, "dtype", b)) == a.dtype:
             return fn(a, b, out=a)
         return fn(a, b)
     return kernel

@@ -99,7 +99,7 @@ class PortSpec:
 class _Node:
     id: str
     consts: dict[str, Any]                                 # device constants
-    inputs: list[tuple[str, list[tuple[Any, float]], str]]  # port, [(source key, weight)], reduce
+    inputs: list[tuple[str, list[tuple[Any, Any]], str]]  # port, [(source key, weight or None)], reduce
     steps: list[tuple[str, Callable[[dict], Any]]]
     outputs: list[tuple[str, Callable[[dict], Any]]]
     release: list = field(default_factory=list)           # values dead after this node
@@ -185,7 +185,7 @@ class Program:
             for port, sources, reduce in node.inputs:
                 v = None
                 for key, weight in sources:
-                    s = values[key] if weight == 1 else values[key] * weight
+                    s = values[key] if weight is None else values[key] * weight
                     v = s if v is None else (v * s if reduce == "multiply" else v + s)
                 local[port] = v
             for name, fn in node.steps:
@@ -286,7 +286,8 @@ class _GraphCompiler:
             if e["sender"] not in self.nodes or e["receiver"] not in self.nodes:
                 raise CompileError(f"edge {eid} connects unknown node(s) {e['sender']} -> {e['receiver']}")
             w = (e.get("parameters") or {}).get("weight", 1)
-            w = np.asarray(w, dtype=self.dtype) if isinstance(w, list) else float(w)
+            # None: no multiplication (weight 1); arrays broadcast against the value
+            w = np.asarray(w, dtype=self.dtype) if isinstance(w, list) else (None if float(w) == 1.0 else float(w))
             incoming.setdefault((e["receiver"], e["receiver_port"]), []).append(((e["sender"], e["sender_port"]), w))
             sends.add((e["sender"], e["sender_port"]))
             key = (e["sender"], e["sender_port"])
@@ -431,7 +432,7 @@ class _GraphCompiler:
                     batch_axis = (p.get("metadata") or {}).get("batch_axis", 0)
                     shape = tuple(-1 if i == batch_axis else s for i, s in enumerate(shape))
                 graph_inputs.append(PortSpec(pid, nid, pid, shape, p.get("type") or str(self.dtype)))
-                sources = [(("", pid), 1.0)]
+                sources = [(("", pid), None)]
             reduce = p.get("reduce") or "overwrite"
             if len(sources) > 1 and reduce not in ("add", "multiply"):
                 raise CompileError(f"node {nid} input port {pid} receives {len(sources)} edges with "
@@ -443,7 +444,7 @@ class _GraphCompiler:
                 v = p.get("value")
                 shape = (-1,) + tuple(np.shape(v)[1:])
                 graph_inputs.append(PortSpec(pid, nid, pid, shape, str(self.dtype)))
-                ports.append((pid, [(("", pid), 1.0)], "overwrite"))
+                ports.append((pid, [(("", pid), None)], "overwrite"))
                 local_names.add(pid)
                 continue
             local_names.add(pid)
@@ -484,8 +485,11 @@ class _GraphCompiler:
 
         def build(xp):
             return [(name, make(xp, inplace=True) if name in donate else make(xp)) for name, make in steps]
-        node = _Node(nid, dev_consts, ports, build(self.xp), [(oid, make(self.xp)) for oid, _, make, _ in outs],
-                     inplace=donate)
+        # array edge weights live on the device with everything else
+        dev_ports = [(pid, [(key, self._to_device(w)) for key, w in sources], reduce)
+                     for pid, sources, reduce in ports]
+        node = _Node(nid, dev_consts, dev_ports, build(self.xp),
+                     [(oid, make(self.xp)) for oid, _, make, _ in outs], inplace=donate)
         # a host twin for the shape probe
         self._host_nodes.append(_Node(nid, host_consts, ports, build(np),
                                       [(oid, make(np)) for oid, _, make, _ in outs]))
@@ -504,7 +508,7 @@ class _GraphCompiler:
             key, weight = sources[0]
             if key[0] == "":          # a graph input: the caller's array, never ours to overwrite
                 continue
-            if weight != 1 or (key in self._owned_out and self._consumers.get(key) == 1
+            if weight is not None or (key in self._owned_out and self._consumers.get(key) == 1
                                and key[1] not in outputs):
                 owned.add(pid)
         return owned
