@@ -35,8 +35,9 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
 
 
 def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path):
-    args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--device", "cpu",
-            "--batch-size", "100", "--no-progress"]
+    # 60,000 images in 600 chunks: a wide window to kill the job in the middle
+    args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--data", "mnist:train",
+            "--device", "cpu", "--batch-size", "100", "--no-progress"]
     full = tmp_path / "full"
     subprocess.run(args + ["--out", str(full)], check=True, capture_output=True)
 
@@ -47,15 +48,15 @@ def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path)
         n = len(list((part / ".chunks").glob("*.npz"))) if (part / ".chunks").exists() else 0
         if n >= 5:
             break
-        time.sleep(0.01)
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list((part / ".chunks").glob("*.npz")))
-    assert 5 <= done < 100, "the job should have been killed mid-way"
+    assert 5 <= done < 600, "the job should have been killed mid-way"
     assert not (part / "predictions.csv").exists()
     r = subprocess.run(args + ["--out", str(part)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"resuming: {done} of 100 chunks already done" in r.stderr
+    assert f"resuming: {done} of 600 chunks already done" in r.stderr
     for name in ("probabilities.npy", "predictions.csv"):
         assert (part / name).read_bytes() == (full / name).read_bytes(), name
     assert json.loads((part / "metrics.json").read_text())["chunks_resumed"] == done
