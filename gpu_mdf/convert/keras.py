@@ -150,59 +150,32 @@ def _linear(b, x):
     return x
 
 
-@activation("relu")
-def _relu(b, x):
-    return b.op("relu", "onnx::Relu", X=x)
+# Activations that are one ONNX op on their input: name -> (op, input argument, attributes).
+SINGLE_OP_ACTIVATIONS = {
+    "relu": ("Relu", "X", {}),
+    "relu6": ("Clip", "input", {"min": 0.0, "max": 6.0}),
+    "sigmoid": ("Sigmoid", "X", {}),
+    "hard_sigmoid": ("HardSigmoid", "X", {"alpha": 1.0 / 6.0, "beta": 0.5}),  # Keras 3: relu6(x + 3) / 6
+    "tanh": ("Tanh", "input", {}),
+    "softmax": ("Softmax", "input", {"axis": -1}),
+    "log_softmax": ("LogSoftmax", "input", {"axis": -1}),
+    "elu": ("Elu", "X", {"alpha": 1.0}),
+    "selu": ("Selu", "X", {"alpha": 1.6732632423543772, "gamma": 1.0507009873554805}),
+    "softplus": ("Softplus", "X", {}),
+    "softsign": ("Softsign", "input", {}),
+    "exponential": ("Exp", "input", {}),
+    "leaky_relu": ("LeakyRelu", "X", {"alpha": 0.2}),  # Keras 3's default negative slope
+}
 
 
-@activation("relu6")
-def _relu6(b, x):
-    return b.op("relu6", "onnx::Clip", input=x, min=0.0, max=6.0)
+def single_op(b, x, name: str, **attrs) -> str:
+    """Apply a one-op activation; ``attrs`` override its defaults (e.g. a layer's alpha)."""
+    op, arg, defaults = SINGLE_OP_ACTIVATIONS[name]
+    return b.op(name, f"onnx::{op}", **{arg: x}, **{**defaults, **attrs})
 
 
-@activation("sigmoid")
-def _sigmoid(b, x):
-    return b.op("sigmoid", "onnx::Sigmoid", X=x)
-
-
-@activation("hard_sigmoid")
-def _hard_sigmoid(b, x):  # Keras 3: relu6(x + 3) / 6
-    return b.op("hard_sigmoid", "onnx::HardSigmoid", X=x, alpha=1.0 / 6.0, beta=0.5)
-
-
-@activation("tanh")
-def _tanh(b, x):
-    return b.op("tanh", "onnx::Tanh", input=x)
-
-
-@activation("softmax")
-def _softmax(b, x, axis=-1):
-    return b.op("softmax", "onnx::Softmax", input=x, axis=axis)
-
-
-@activation("log_softmax")
-def _log_softmax(b, x, axis=-1):
-    return b.op("log_softmax", "onnx::LogSoftmax", input=x, axis=axis)
-
-
-@activation("elu")
-def _elu(b, x, alpha=1.0):
-    return b.op("elu", "onnx::Elu", X=x, alpha=float(alpha))
-
-
-@activation("selu")
-def _selu(b, x):
-    return b.op("selu", "onnx::Selu", X=x, alpha=1.6732632423543772, gamma=1.0507009873554805)
-
-
-@activation("softplus")
-def _softplus(b, x):
-    return b.op("softplus", "onnx::Softplus", X=x)
-
-
-@activation("softsign")
-def _softsign(b, x):
-    return b.op("softsign", "onnx::Softsign", input=x)
+for _name in SINGLE_OP_ACTIVATIONS:
+    activation(_name)((lambda n: lambda b, x: single_op(b, x, n))(_name))
 
 
 @activation("swish", "silu")
@@ -216,16 +189,6 @@ def _gelu(b, x):  # Keras default: exact, 0.5 x (1 + erf(x / sqrt 2))
     c = b.param("inv_sqrt2", np.float32(1 / np.sqrt(2)))
     e = b.op("erf", "onnx::Erf", input=b.op("scaled", "onnx::Mul", A=x, B=c))
     return b.expr("gelu", f"0.5 * {x} * (1 + {e})")
-
-
-@activation("exponential")
-def _exponential(b, x):
-    return b.op("exp", "onnx::Exp", input=x)
-
-
-@activation("leaky_relu")
-def _leaky_relu(b, x, alpha=0.2):
-    return b.op("leaky_relu", "onnx::LeakyRelu", X=x, alpha=float(alpha))
 
 
 @activation("mish")
@@ -308,12 +271,12 @@ def _relu_layer(layer, b, xs):
 
 @translator("LeakyReLU")
 def _leaky_relu_layer(layer, b, xs):
-    return _leaky_relu(b, xs[0], alpha=layer.negative_slope)
+    return single_op(b, xs[0], "leaky_relu", alpha=float(layer.negative_slope))
 
 
 @translator("ELU")
 def _elu_layer(layer, b, xs):
-    return _elu(b, xs[0], alpha=layer.alpha)
+    return single_op(b, xs[0], "elu", alpha=float(layer.alpha))
 
 
 @translator("Softmax")
@@ -323,7 +286,7 @@ def _softmax_layer(layer, b, xs):
         if len(axis) != 1:
             b.unsupported(f"softmax over several axes {axis}")
         axis = axis[0]
-    return _softmax(b, xs[0], axis=int(axis))
+    return single_op(b, xs[0], "softmax", axis=int(axis))
 
 
 @translator("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
@@ -402,87 +365,70 @@ def _spatial_pads(layer, b, nsp, kernel, strides, dilations):
     b.unsupported(f"padding={padding!r}")
 
 
-def _conv_core(layer, b, x, nsp, w_name, kernel_w, groups, bias=None):
-    kernel = tuple(kernel_w.shape[:nsp])
+def _conv_core(layer, b, x, nsp, k_name, k_shape, groups, bias=None):
+    """ONNX Conv of ``x`` (channels first) with the layer's strides, dilation and padding.
+    ``k_name`` names a value holding the kernel in Keras layout (k..., cin/groups, filters);
+    the transpose to ONNX layout (filters, cin/groups, k...) is folded once by the engine."""
+    kernel = tuple(k_shape[:nsp])
     strides = _tuple(layer.strides, nsp)
     dil = _tuple(getattr(layer, "dilation_rate", 1), nsp)
     pads = _spatial_pads(layer, b, nsp, kernel, strides, dil)
-    # Keras (k..., cin/groups, filters) -> ONNX (filters, cin/groups, k...)
-    k = b.param(w_name, kernel_w)
-    perm = [nsp + 1, nsp] + list(range(nsp))
-    kt = b.op(f"{w_name}_oihw", "onnx::Transpose", data=k, perm=perm)
+    kt = b.op(f"{k_name}_oihw", "onnx::Transpose", data=k_name, perm=[nsp + 1, nsp] + list(range(nsp)))
     args = dict(X=x, W=kt, kernel_shape=list(kernel), strides=list(strides), dilations=list(dil),
                 pads=list(pads), group=int(groups))
     if bias is not None:
         args["B"] = bias
     return b.op("conv", "onnx::Conv", **args)
+
+
+def _channels_first(layer, b, xs, rank, body):
+    """Run ``body`` on the input in channels-first layout, then the layer's activation."""
+    cl = layer.data_format == "channels_last"
+    y = body(b.to_channels_first(xs[0], rank) if cl else xs[0])
+    return apply_activation(b, b.to_channels_last(y, rank) if cl else y, layer.activation)
 
 
 @translator("Conv1D", "Conv2D")
 def _conv(layer, b, xs):
     nsp = 1 if type(layer).__name__ == "Conv1D" else 2
-    rank = nsp + 2
     w = weights(layer)
-    cl = layer.data_format == "channels_last"
-    x = b.to_channels_first(xs[0], rank) if cl else xs[0]
     bias = b.param("bias", w["bias"]) if "bias" in w else None
-    y = _conv_core(layer, b, x, nsp, "kernel", w["kernel"], layer.groups, bias)
-    y = b.to_channels_last(y, rank) if cl else y
-    return apply_activation(b, y, layer.activation)
+    k = b.param("kernel", w["kernel"])
+    return _channels_first(layer, b, xs, nsp + 2,
+                           lambda x: _conv_core(layer, b, x, nsp, k, w["kernel"].shape, layer.groups, bias))
 
 
 def _depthwise_as_grouped(b, name, kernel):
-    """Keras depthwise (kh, kw, cin, m) -> grouped-conv kernel (kh, kw, 1, cin*m)."""
+    """Keras depthwise kernel (kh, kw, cin, m) as a grouped-conv kernel (kh, kw, 1, cin*m):
+    returns (value name, its shape, groups)."""
     kh, kw, cin, m = kernel.shape
     k = b.param(name, kernel)
-    return b.op(f"{name}_grouped", "onnx::Reshape", data=k, shape=[kh, kw, 1, cin * m]), cin
-
-
-def _grouped_conv(layer, b, x, kname_value, groups, bias=None):
-    """Conv with an already-named Keras-layout kernel function (not a parameter)."""
-    kname, kshape = kname_value
-    nsp = 2
-    kernel = tuple(kshape[:nsp])
-    strides = _tuple(layer.strides, nsp)
-    dil = _tuple(layer.dilation_rate, nsp)
-    pads = _spatial_pads(layer, b, nsp, kernel, strides, dil)
-    kt = b.op(f"{kname}_oihw", "onnx::Transpose", data=kname, perm=[3, 2, 0, 1])
-    args = dict(X=x, W=kt, kernel_shape=list(kernel), strides=list(strides), dilations=list(dil),
-                pads=list(pads), group=int(groups))
-    if bias is not None:
-        args["B"] = bias
-    return b.op("conv", "onnx::Conv", **args)
+    shape = (kh, kw, 1, cin * m)
+    return b.op(f"{name}_grouped", "onnx::Reshape", data=k, shape=list(shape)), shape, cin
 
 
 @translator("DepthwiseConv2D")
 def _depthwise(layer, b, xs):
     w = weights(layer)
-    cl = layer.data_format == "channels_last"
-    x = b.to_channels_first(xs[0], 4) if cl else xs[0]
-    kernel = w["kernel"]
-    k, cin = _depthwise_as_grouped(b, "kernel", kernel)
+    k, shape, groups = _depthwise_as_grouped(b, "kernel", w["kernel"])
     bias = b.param("bias", w["bias"]) if "bias" in w else None
-    y = _grouped_conv(layer, b, x, (k, kernel.shape[:2] + (1, cin * kernel.shape[3])), cin, bias)
-    y = b.to_channels_last(y, 4) if cl else y
-    return apply_activation(b, y, layer.activation)
+    return _channels_first(layer, b, xs, 4, lambda x: _conv_core(layer, b, x, 2, k, shape, groups, bias))
 
 
 @translator("SeparableConv2D")
 def _separable(layer, b, xs):
     w = weights(layer)
-    cl = layer.data_format == "channels_last"
-    x = b.to_channels_first(xs[0], 4) if cl else xs[0]
-    dk = w["depthwise_kernel"]
-    k, cin = _depthwise_as_grouped(b, "depthwise_kernel", dk)
-    y = _grouped_conv(layer, b, x, (k, dk.shape[:2] + (1, cin * dk.shape[3])), cin)
-    pk = b.param("pointwise_kernel", w["pointwise_kernel"])
-    pkt = b.op("pointwise_oihw", "onnx::Transpose", data=pk, perm=[3, 2, 0, 1])
-    args = dict(X=y, W=pkt, kernel_shape=[1, 1])
-    if "bias" in w:
-        args["B"] = b.param("bias", w["bias"])
-    y = b.op("pointwise", "onnx::Conv", **args)
-    y = b.to_channels_last(y, 4) if cl else y
-    return apply_activation(b, y, layer.activation)
+    k, shape, groups = _depthwise_as_grouped(b, "depthwise_kernel", w["depthwise_kernel"])
+
+    def body(x):
+        y = _conv_core(layer, b, x, 2, k, shape, groups)
+        pk = b.op("pointwise_oihw", "onnx::Transpose", data=b.param("pointwise_kernel", w["pointwise_kernel"]),
+                  perm=[3, 2, 0, 1])
+        args = dict(X=y, W=pk, kernel_shape=[1, 1])
+        if "bias" in w:
+            args["B"] = b.param("bias", w["bias"])
+        return b.op("pointwise", "onnx::Conv", **args)
+    return _channels_first(layer, b, xs, 4, body)
 
 
 @translator("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
