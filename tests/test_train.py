@@ -100,3 +100,18 @@ def test_config_without_model_section_is_the_reference(tmp_path):
     assert cfg.model.layers == reference_config().model.layers and len(cfg.model.layers) == 4
     with pytest.raises(ConfigError, match="no layers"):
         load_config(write_cfg(tmp_path, "model: {layers: []}"))
+
+
+def test_training_without_graphviz_completes_and_says_what_was_skipped(tmp_path, monkeypatch):
+    import shutil
+
+    from gpu_mdf.config import override
+    from gpu_mdf.train import train
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    lines = []
+    res = train(override(reference_config(), train__epochs=1, data__train_limit=500), tmp_path, log=lines.append)
+    assert not (tmp_path / "model_plot.png").exists()
+    assert (tmp_path / "model.keras").exists() and (tmp_path / "digit.png").exists()
+    assert res.skipped and res.skipped[0][0] == "model_plot.png"
+    assert any("skipped model_plot.png" in line and "apt-get install graphviz" in line for line in lines)

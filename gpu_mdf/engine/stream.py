@@ -8,12 +8,13 @@ A chunk that does not fit in device memory is split in half and retried.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_COPY_THREADS = 4
+_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))   # ~8 memcpy threads keep up with PCIe 5
 _copy_pool: ThreadPoolExecutor | None = None
 
 
