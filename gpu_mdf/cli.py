@@ -125,6 +125,7 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     model is compiled once. Exit code 1 when any item failed.
     """
     from .config import load_config
+    from .distributed import cluster_session
     from .infer import run_inference
     from .jobs import run_jobs
     cfg = load_config(config_path) if config_path else None
@@ -133,11 +134,7 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     batch_size = batch_size or (cfg.infer.batch_size if cfg else None)
     cluster = cluster or (cfg.infer.cluster if cfg else None)
     timeout = cluster_timeout or (cfg.infer.cluster_timeout if cfg else 10.0)
-    session = None
-    if cluster:  # connect before anything is written; one cluster for the whole command
-        from .distributed import ClusterSession
-        session = ClusterSession.connect(cluster, _log, timeout=timeout)
-    try:
+    with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
             ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"), default_model=mdf_file,
                           device=device, batch_size=batch_size, on_error=on_error, log=_log,
@@ -148,9 +145,6 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
         res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
                             device=device, batch_size=batch_size, on_error=on_error, log=_log,
                             normalize=normalize, progress=not no_progress, cluster=session)
-    finally:
-        if session:
-            session.close()
     acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
     click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
                + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")

@@ -33,9 +33,6 @@ from .io import file_sha256
 
 EMBEDDED_MNIST = Path(__file__).parent / "_data" / "mnist.npz"
 EMBEDDED_MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
-MNIST_ATTRIBUTION = (
-    "MNIST by Yann LeCun, Corinna Cortes and Christopher J.C. Burges, CC BY-SA 3.0"
-)
 NORMALIZATIONS = ("l2", "scale", "none")
 
 _verified: set[Path] = set()
@@ -259,16 +256,13 @@ def _idx_dataset(images: Path, labels: Path | None) -> Dataset:
         expected = off + n * per * dtype.itemsize
         if images.stat().st_size < expected:
             raise DataError(f"{images}: truncated IDX data ({images.stat().st_size} of {expected} bytes)")
-        reader = _raw_reader(images, off, dtype.newbyteorder("="), tuple(shape[1:]), n) \
-            if dtype.itemsize == 1 else _memmap_reader(images, dtype, off, shape)
+        raw = _raw_reader(images, off, dtype, tuple(shape[1:]), n)   # IDX is big-endian
+
+        def reader(a: int, b: int) -> np.ndarray:
+            return raw(a, b).astype(dtype.newbyteorder("="), copy=False)
 
     y = read_idx(labels) if labels is not None else None
     return Dataset(images.name, n, tuple(shape[1:]), dtype, reader, _check_labels(images.name, y, n))
-
-
-def _memmap_reader(path, dtype, off, shape):
-    mm = np.memmap(path, dtype=dtype, mode="r", offset=off, shape=shape)
-    return lambda a, b: np.array(mm[a:b], dtype=dtype.newbyteorder("="))
 
 
 def _find_idx_pair(folder: Path, split: str) -> tuple[Path, Path | None]:
@@ -366,10 +360,11 @@ def open_dataset(source: str | Path | None = None, split: str = "test",
     """Open any supported source lazily; ``None`` means the embedded MNIST test set."""
     src = "mnist" if source is None else str(source)
     m = re.fullmatch(r"mnist(?::(train|test))?", src)
-    if m:
-        (xtr, ytr), (xte, yte) = load_mnist()
-        s = m.group(1) or split
-        return _array_dataset(f"mnist:{s}", *((xtr, ytr) if s == "train" else (xte, yte)))
+    if m:   # the embedded copy: verified, and only the asked-for split is decompressed
+        verify_embedded()
+        ds = _npz_dataset(EMBEDDED_MNIST, m.group(1) or split)
+        ds.name = f"mnist:{m.group(1) or split}"
+        return ds
     path = Path(src)
     lab = Path(labels) if labels is not None else None
     if not path.exists():

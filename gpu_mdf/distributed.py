@@ -19,6 +19,7 @@ Dask is imported only when a cluster is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -139,3 +140,19 @@ class ClusterSession:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+
+
+@contextlib.contextmanager
+def cluster_session(cluster, log=print, timeout: float = 10.0):
+    """``None`` -> None; an open :class:`ClusterSession` -> itself (its owner closes it);
+    a spec -> a session connected here (before the caller writes anything) and closed here."""
+    if not cluster:
+        yield None
+    elif isinstance(cluster, ClusterSession):
+        yield cluster
+    else:
+        session = ClusterSession.connect(cluster, log, timeout)
+        try:
+            yield session
+        finally:
+            session.close()

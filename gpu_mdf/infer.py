@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from .data import EMBEDDED_MNIST_SHA256, Dataset, open_dataset
+from .distributed import cluster_session
 from .engine import Program, compile
 from .errors import DataError, GpuMdfError, OutputError
 from .io import atomic_path, file_sha256, write_json
@@ -52,7 +53,6 @@ class InferResult:
     accuracy: float | None
     images_per_s: float
     device: str
-    chunks_done: int
     chunks_resumed: int
     skipped: int
     files: dict = field(default_factory=dict)
@@ -72,13 +72,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
     """
     out = Path(out_dir).resolve()
     mdf_path = Path(mdf_path).resolve()
-    session, own_session = None, False
-    if isinstance(cluster, str) and cluster:  # connect first: an unreachable scheduler leaves no files
-        from .distributed import ClusterSession
-        session, own_session = ClusterSession.connect(cluster, log), True
-    elif cluster:                              # a session shared by a multi-item job
-        session = cluster
-    try:
+    with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
         prog = program or compile(mdf_path, device="cpu" if session else device, normalize=normalize)
         ds = open_dataset(source, split=split, labels=labels)
@@ -119,12 +113,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
         seconds = time.perf_counter() - t0
         bar.close()
         n_computed = sum(min(bs, len(ds) - i * bs) for i in todo)
-        device_name = session.kind if session else prog.backend.device
-        return _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed, log,
-                         device_name, cluster_info)
-    finally:
-        if own_session:
-            session.close()
+        return _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed,
+                         cluster_info)
 
 
 def _abs_source(source):
@@ -252,8 +242,7 @@ def _progress(total: int, enabled: bool, initial: int = 0):
                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
-def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed, log, device_name,
-              cluster_info):
+def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, resumed, cluster_info):
     n = len(ds)
     labels = ds.labels
     first = np.load(chunk_dir / f"{0:06d}.npz")["probs"]
@@ -294,22 +283,21 @@ def _assemble(prog, ds, out, chunk_dir, nchunks, bs, job, seconds, n_computed, r
         files["errors"] = out / "errors.csv"
     metrics = _metrics(prog, ds, cm, labels, n, len(errors), seconds, n_computed, bs, nchunks, resumed)
     if cluster_info:
-        metrics["device"] = device_name
+        metrics["device"] = cluster_info["kind"]
         metrics["device_reason"] = "Dask workers (see cluster)"
         metrics["cluster"] = cluster_info
     files["metrics"] = write_json(out / "metrics.json", metrics)
     return InferResult(out, n, metrics.get("accuracy"), metrics["images_per_s"], metrics["device"],
-                       nchunks - resumed, resumed, len(errors), files, metrics)
+                       resumed, len(errors), files, metrics)
 
 
 def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, bs, nchunks, resumed) -> dict:
-    import numpy
     m = {"images": n, "skipped": skipped, "source": ds.name, "batch_size": bs, "chunks": nchunks,
          "chunks_resumed": resumed,
          "images_per_s": (n_computed / seconds) if seconds and n_computed else 0.0,
          "seconds": seconds, "device": prog.backend.device, "backend": prog.backend.name,
          "device_reason": prog.backend.reason, "normalize": prog.normalize,
-         "versions": {"gpu_mdf": __version__, "numpy": numpy.__version__,
+         "versions": {"gpu_mdf": __version__, "numpy": np.__version__,
                       "python": platform.python_version()}}
     if prog.backend.is_gpu:
         m["versions"]["cupy"] = prog.backend.xp.__version__

@@ -8,49 +8,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .distributed import cluster_session
 from .engine import compile
 from .errors import GpuMdfError
 
 
 def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size=None,
              on_error="fail", log=print, echo=print, progress=True, cluster=None) -> bool:
+    """Run every item; ``cluster`` (a spec or an open session) serves all of them."""
     from .infer import run_inference
 
     programs = {}
     ok_all = True
-    session, own = cluster, False
-    if isinstance(cluster, str) and cluster:  # one cluster for every item
-        from .distributed import ClusterSession
-        session, own = ClusterSession.connect(cluster, log), True
-    try:
-        ok_all = _run_items(items, out_dir, default_model, device, batch_size, on_error, log, echo,
-                            progress, session, programs, run_inference)
-    finally:
-        if own:
-            session.close()
+    with cluster_session(cluster, log) as session:
+        for i, item in enumerate(items):
+            model = item.model or default_model
+            name = item.name or f"item{i}"
+            try:
+                if not model:
+                    raise GpuMdfError("no model: give one in the item or as MDF_FILE")
+                key = str(Path(model).resolve())
+                if key not in programs:
+                    programs[key] = compile(model, device="cpu" if session else device)
+                res = run_inference(model, out_dir / name, source=item.data, device=device,
+                                    batch_size=batch_size, on_error=on_error, program=programs[key],
+                                    log=log, progress=progress, cluster=session)
+                acc = f", accuracy {res.accuracy:.4f}" if res.accuracy is not None else ""
+                echo(f"ok   {name}: {res.n} images{acc}, {res.images_per_s:,.0f} images/s")
+            except GpuMdfError as e:
+                ok_all = False
+                echo(f"FAIL {name}: {e}")
     echo(f"{len(programs)} model(s) compiled for {len(items)} item(s); "
          f"{'all succeeded' if ok_all else 'some failed'}")
-    return ok_all
-
-
-def _run_items(items, out_dir, default_model, device, batch_size, on_error, log, echo, progress, session,
-               programs, run_inference) -> bool:
-    ok_all = True
-    for i, item in enumerate(items):
-        model = item.model or default_model
-        name = item.name or f"item{i}"
-        try:
-            if not model:
-                raise GpuMdfError("no model: give one in the item or as MDF_FILE")
-            key = str(Path(model).resolve())
-            if key not in programs:
-                programs[key] = compile(model, device="cpu" if session else device)
-            res = run_inference(model, out_dir / name, source=item.data, device=device,
-                                batch_size=batch_size, on_error=on_error, program=programs[key],
-                                log=log, progress=progress, cluster=session)
-            acc = f", accuracy {res.accuracy:.4f}" if res.accuracy is not None else ""
-            echo(f"ok   {name}: {res.n} images{acc}, {res.images_per_s:,.0f} images/s")
-        except GpuMdfError as e:
-            ok_all = False
-            echo(f"FAIL {name}: {e}")
     return ok_all

@@ -66,7 +66,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
         log(f"skipped MDF graph pictures: {e}")
 
     log("bulk inference with the MDF engine")
-    source = None if cfg.data.source == "mnist" else cfg.data.source
+    source = cfg.data.source
     res = run_inference(mdf_path, out / "inference", source=source, device=device,
                         batch_size=cfg.infer.batch_size, on_error=cfg.infer.on_error, log=log,
                         progress=progress)

@@ -5,7 +5,6 @@ TensorFlow is imported here (lazily), never on the inference path.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .data import load_mnist, normalize, open_dataset
-from .errors import ConfigError, DataError, GpuMdfError
+from .data import normalize, open_dataset
+from .errors import ConfigError, DataError
 from .io import atomic_path, write_json, write_text
 
 
@@ -104,16 +103,13 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     device = tf_device()
     log(f"training {cfg.name} on {device}")
 
-    if cfg.data.source in ("mnist", None):
-        (xtr, ytr), (xte, yte) = load_mnist()
-    else:
-        tr, te = open_dataset(cfg.data.source, "train"), open_dataset(cfg.data.source, "test")
-        xtr, ytr, xte, yte = tr.read(), tr.labels, te.read(), te.labels
-        if ytr is None or yte is None:
-            raise DataError(f"{cfg.data.source}: training needs labels")
+    tr, te = open_dataset(cfg.data.source, "train"), open_dataset(cfg.data.source, "test")
+    xtr, ytr, pixels_te, yte = tr.read(), tr.labels, te.read(), te.labels
+    if ytr is None or yte is None:
+        raise DataError(f"{cfg.data.source}: training needs labels")
     if cfg.data.train_limit:
         xtr, ytr = xtr[:cfg.data.train_limit], ytr[:cfg.data.train_limit]
-    xtr, xte = prepare_images(xtr, cfg), prepare_images(xte, cfg)
+    xtr, xte = prepare_images(xtr, cfg), prepare_images(pixels_te, cfg)
 
     model = build_model(cfg)
     t0 = time.perf_counter()
@@ -144,8 +140,7 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     except viz.PictureSkipped as e:
         skipped.append(("model_plot.png", str(e)))
         log(f"skipped model_plot.png: {e}")
-    raw_first = open_dataset(cfg.data.source if cfg.data.source != "mnist" else None).read(0, 1)[0]
-    files["digit"] = viz.plot_digit(raw_first, int(np.argmax(probs[0])), int(yte[0]),
+    files["digit"] = viz.plot_digit(pixels_te[0], int(np.argmax(probs[0])), int(yte[0]),
                                     out / "digit.png", float(np.max(probs[0])))
     return TrainResult(out, files["model"], files["model_h5"], float(loss), float(acc), device,
                        seconds, files, skipped)
@@ -162,10 +157,3 @@ def _save(model, path: Path) -> Path:
             if named.exists():
                 named.unlink()
     return path
-
-
-def load_train_metrics(run_dir: Path) -> dict:
-    p = Path(run_dir) / "train_metrics.json"
-    if not p.exists():
-        raise GpuMdfError(f"{p}: missing; train first")
-    return json.loads(p.read_text())

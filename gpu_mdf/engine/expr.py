@@ -63,9 +63,6 @@ def _table(xp) -> dict[str, Callable]:
     return t
 
 
-FUNCTION_NAMES = frozenset(_table(np))
-
-
 @dataclass
 class Expr:
     """A compiled expression: ``fn(env)`` evaluates it, ``deps`` names what it reads."""

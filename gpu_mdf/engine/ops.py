@@ -241,7 +241,7 @@ def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
     return y
 
 
-def _softmax_axis(x, axis):
+def _axis(x, axis):
     return axis if axis >= 0 else x.ndim + axis
 
 
@@ -260,7 +260,7 @@ def _reduce_last(xp, x, how):
 
 def _shift(xp, x, axis, inplace):
     """x - max(x) along axis, in x's own memory when allowed."""
-    last = _softmax_axis(x, axis) == x.ndim - 1
+    last = _axis(x, axis) == x.ndim - 1
     m = _reduce_last(xp, x, "max") if last else x.max(axis=axis, keepdims=True)
     return xp.subtract(x, m, out=x if inplace else None), last
 
@@ -292,7 +292,7 @@ def batch_norm(xp, x, scale, b, mean, var, epsilon, momentum=None, training_mode
 
 @op("onnx::LayerNormalization", ("X", "Scale"), optional=("B",), axis=-1, epsilon=1e-5, stash_type=1)
 def layer_norm(xp, x, scale, b=None, axis=-1, epsilon=1e-5, stash_type=1):
-    axes = tuple(range(_softmax_axis(x, axis), x.ndim))
+    axes = tuple(range(_axis(x, axis), x.ndim))
     mu = x.mean(axis=axes, keepdims=True)
     d = x - mu
     var = (d * d).mean(axis=axes, keepdims=True)
@@ -305,7 +305,7 @@ def layer_norm(xp, x, scale, b=None, axis=-1, epsilon=1e-5, stash_type=1):
 # ----------------------------------------------------------------------------- #
 @op("onnx::Flatten", ("input",), alias=True, axis=1)
 def flatten(xp, x, axis):
-    axis = _softmax_axis(x, axis)
+    axis = _axis(x, axis)
     return x.reshape((int(np.prod(x.shape[:axis])), -1))
 
 
@@ -429,7 +429,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     return xp.moveaxis(y.reshape((n,) + tuple(out_sp) + (f,)), -1, 1)
 
 
-def _pool(xp, x, kernel_shape, strides, pads, dilations, reducer, pad_value):
+def _pool(xp, x, kernel_shape, strides, pads, dilations, pad_value):
     kernel, strides, dilations, pads = _conv_defaults(x, kernel_shape, strides, dilations, pads)
     xpad = _pad_spatial(xp, x, pads, pad_value)
     win = _windows(xp, xpad, kernel, strides, dilations)
@@ -440,7 +440,7 @@ def _pool(xp, x, kernel_shape, strides, pads, dilations, reducer, pad_value):
 @op("onnx::MaxPool", ("X",), auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None,
     pads=None, storage_order=0, strides=None)
 def max_pool(xp, x, kernel_shape, strides=None, pads=None, dilations=None, **_):
-    win, axes, _ = _pool(xp, x, kernel_shape, strides, pads, dilations, None, -np.inf)
+    win, axes, _ = _pool(xp, x, kernel_shape, strides, pads, dilations, -np.inf)
     return win.max(axis=axes)
 
 
@@ -448,8 +448,7 @@ def max_pool(xp, x, kernel_shape, strides=None, pads=None, dilations=None, **_):
     dilations=None, kernel_shape=None, pads=None, strides=None)
 def average_pool(xp, x, kernel_shape, strides=None, pads=None, count_include_pad=0,
                  dilations=None, **_):
-    win, axes, (kernel, strides, dilations, pads) = _pool(xp, x, kernel_shape, strides, pads,
-                                                          dilations, None, 0.0)
+    win, axes, (kernel, strides, dilations, pads) = _pool(xp, x, kernel_shape, strides, pads, dilations, 0.0)
     total = win.sum(axis=axes)
     if count_include_pad or not any(pads):
         return total / x.dtype.type(np.prod(kernel))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -335,25 +336,15 @@ class _GraphCompiler:
                                        f"the batch engine is stateless: {EVALUABLE_GRAPH_HINT}")
 
     def _topo_order(self) -> list[str]:
-        deps = {n: set() for n in self.nodes}
+        sorter = TopologicalSorter({n: () for n in self.nodes})
         for _, e in self.edges:
-            if e.get("receiver") in deps and e.get("sender") in deps:
-                deps[e["receiver"]].add(e["sender"])
-        order, ready = [], [n for n in self.nodes if not deps[n]]
-        remaining = {n: set(s) for n, s in deps.items()}
-        while ready:
-            n = ready.pop(0)
-            order.append(n)
-            for m, s in remaining.items():
-                if n in s:
-                    s.discard(n)
-                    if not s and m not in order and m not in ready:
-                        ready.append(m)
-        if len(order) != len(self.nodes):
-            cyc = sorted(set(self.nodes) - set(order))
-            raise CompileError(f"graph {self.gid} has a cycle through nodes {cyc}; the batch engine "
-                               f"runs acyclic graphs: {EVALUABLE_GRAPH_HINT}")
-        return order
+            if e.get("receiver") in self.nodes and e.get("sender") in self.nodes:
+                sorter.add(e["receiver"], e["sender"])
+        try:
+            return list(sorter.static_order())
+        except CycleError as e:
+            raise CompileError(f"graph {self.gid} has a cycle through nodes {e.args[1]}; the batch engine "
+                               f"runs acyclic graphs: {EVALUABLE_GRAPH_HINT}") from None
 
     def _baked_inputs(self, incoming) -> set[tuple[str, str]]:
         """Parameters to expose as graph inputs (modeci_mdf keras_to_mdf's baked batch)."""
@@ -440,14 +431,11 @@ class _GraphCompiler:
             ports.append((pid, sources, reduce))
         local_names = {pid for pid, _, _ in ports}
         for pid, p in _items(n.get("parameters")):
-            if (nid, pid) in baked:
-                v = p.get("value")
-                shape = (-1,) + tuple(np.shape(v)[1:])
+            local_names.add(pid)
+            if (nid, pid) in baked:   # a baked batch becomes a graph input
+                shape = (-1,) + tuple(np.shape(p.get("value"))[1:])
                 graph_inputs.append(PortSpec(pid, nid, pid, shape, str(self.dtype)))
                 ports.append((pid, [(("", pid), None)], "overwrite"))
-                local_names.add(pid)
-                continue
-            local_names.add(pid)
         for fid, _ in _items(n.get("functions")):
             local_names.add(fid)
         scope = frozenset(local_names)
@@ -559,7 +547,7 @@ class _GraphCompiler:
                 if name in deps:
                     raise CompileError(f"node {nid}: {name} depends on itself (state that changes "
                                        f"over time); {EVALUABLE_GRAPH_HINT}")
-                if not deps <= (set(host_consts) | known_runtime | (set(defs) - set(pending))):
+                if not deps <= (set(host_consts) | known_runtime):
                     continue
                 if deps <= set(host_consts):   # constant: fold now, on the host
                     try:
@@ -579,8 +567,6 @@ class _GraphCompiler:
                            for k, (d, _) in pending.items()}
                 raise CompileError(f"node {nid}: cannot order {sorted(pending)} (circular or "
                                    f"missing names: {missing})")
-        # folded results computed at compile time must not be recomputed per batch
-        steps = [(n, m) for n, m in steps if n not in host_consts]
         return steps, host_consts
 
     def _to_device(self, v):
