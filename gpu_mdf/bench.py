@@ -120,10 +120,10 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print) ->
     rows: list[dict] = []
     ref = prog_cpu.run(x)
 
-    def add(name, seconds, out=None, note=""):
+    def add(name, seconds, out=None):
         diff = float(np.abs(np.asarray(out) - ref).max()) if out is not None else None
         rows.append({"engine": name, "seconds": seconds, "images_per_s": len(x) / seconds,
-                     "max_abs_diff_vs_gpu_mdf": diff, "note": note})
+                     "max_abs_diff_vs_gpu_mdf": diff})
         echo(f"  measured {name}: {seconds * 1e3:.2f} ms")
 
     add("gpu-mdf (NumPy, CPU)", timeit(lambda: prog_cpu.run(x), repeats), ref)
@@ -193,23 +193,40 @@ def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
     """Stream n images from a .npy file in a fresh process (no TensorFlow) and measure."""
     with tempfile.TemporaryDirectory() as tmp:
         path = _tiled_npy(Path(tmp) / "tiled.npy", n)
-        code = ("import json,resource,sys,time;from gpu_mdf.engine import compile, tune_host_allocator;"
-                "tune_host_allocator();"
-                "from gpu_mdf.data import open_dataset;"
-                f"p=compile({str(mdf_path)!r},device='auto');ds=open_dataset({str(path)!r});"
-                f"bs=p.suggest_batch_size({batch_size!r});t=time.perf_counter();k=0;s=0\n"
-                "for y in p.run_many(x for _,x in ds.chunks(bs)):\n k+=len(y);s+=int(y.argmax(1).sum())\n"
-                "dt=time.perf_counter()-t;"
-                "print(json.dumps({'images':k,'seconds':dt,'images_per_s':k/dt,'batch_size':bs,"
-                "'device':p.backend.device,'peak_rss_mb':peak(),'tf_imported':'tensorflow' in sys.modules}))")
-        # VmHWM belongs to this address space; ru_maxrss would inherit the parent's peak
-        code = ("import re\ndef peak():\n try:\n  return int(re.search(r'VmHWM:\\s+(\\d+)',"
-                "open('/proc/self/status').read()).group(1))/1024\n except OSError:\n"
-                "  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024\n") + code
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        code = "import sys; from gpu_mdf.bench import _stream_child; _stream_child(*sys.argv[1:])"
+        r = subprocess.run([sys.executable, "-c", code, str(mdf_path), str(path), str(batch_size or 0)],
+                           capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"stream case failed: {r.stderr.strip().splitlines()[-1:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _stream_child(mdf_path: str, data_path: str, batch_size: str) -> None:
+    """The streaming measurement, run in its own process; prints one JSON line."""
+    from .data import open_dataset
+    from .engine import tune_host_allocator
+
+    tune_host_allocator()
+    prog = compile(mdf_path, device="auto")
+    ds = open_dataset(data_path)
+    bs = prog.suggest_batch_size(int(batch_size) or None)
+    t0, images = time.perf_counter(), 0
+    for y in prog.run_many(x for _, x in ds.chunks(bs)):
+        images += len(y)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"images": images, "seconds": seconds, "images_per_s": images / seconds,
+                      "batch_size": bs, "device": prog.backend.device, "peak_rss_mb": _peak_rss_mb(),
+                      "tf_imported": "tensorflow" in sys.modules}))
+
+
+def _peak_rss_mb() -> float:
+    """This address space's peak (VmHWM); ru_maxrss would inherit the parent's across fork."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _tiled_npy(path: Path, n: int) -> Path:

@@ -58,6 +58,11 @@ def _graph_model(model):
     return model
 
 
+def _port_shape(t) -> tuple[int, ...]:
+    """A Keras tensor's shape as an MDF port shape: the free batch axis written as 1."""
+    return tuple(1 if d is None else int(d) for d in t.shape)
+
+
 def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = None):
     """Translate a built Keras Sequential/functional model into a ``modeci_mdf.mdf.Model``.
 
@@ -92,9 +97,8 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         layer = t._keras_history.operation
         nid = fresh(layer.name)
         port = nid                         # the initializer key in EvaluableGraph
-        shape = tuple(1 if s is None else int(s) for s in t.shape)
         node = Node(id=f"{nid}_input", metadata={"keras_class": "InputLayer"})
-        node.input_ports.append(InputPort(id=port, shape=shape, type=str(t.dtype),
+        node.input_ports.append(InputPort(id=port, shape=_port_shape(t), type=str(t.dtype),
                                           metadata={"batch_axis": 0}))
         node.output_ports.append(OutputPort(id=f"{nid}_out", value=port))
         graph.nodes.append(node)
@@ -117,17 +121,15 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
                 raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) is stateful")
             ins = list(kn.input_tensors)
             nid = fresh(layer.name)
-            b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins])
             ports = [f"{nid}_in{i}" if len(ins) > 1 else f"{nid}_in" for i in range(len(ins))]
-            b._used.update(ports)
+            b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins], reserved=set(ports))
             result = fn(layer, b, ports)
             meta = {"keras_class": cls}
             if nid != layer.name:
                 meta["keras_name"] = layer.name
             node = Node(id=nid, metadata=meta)
             for p, t in zip(ports, ins):
-                node.input_ports.append(InputPort(id=p, shape=tuple(1 if s is None else int(s) for s in t.shape),
-                                                  type=str(t.dtype)))
+                node.input_ports.append(InputPort(id=p, shape=_port_shape(t), type=str(t.dtype)))
             for pid, value in b.parameters:
                 node.parameters.append(Parameter(id=pid, value=value))
             for fid, function, args, value in b.functions:

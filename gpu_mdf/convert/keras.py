@@ -60,14 +60,14 @@ class NodeBuilder:
     in_shapes: list[tuple]            # Keras shapes of the inputs, batch axis None
     parameters: list = field(default_factory=list)    # (id, value)
     functions: list = field(default_factory=list)     # (id, function | None, args | None, value | None)
-    _used: set = field(default_factory=set)
+    reserved: set = field(default_factory=set)        # ids taken already (the node's input ports)
 
     def _fresh(self, base: str) -> str:
         name, i = base, 1
-        while name in self._used:
+        while name in self.reserved:
             i += 1
             name = f"{base}{i}"
-        self._used.add(name)
+        self.reserved.add(name)
         return name
 
     def param(self, base: str, value) -> str:
