@@ -8,6 +8,7 @@ for a GPU that cannot be used raises :class:`DeviceError`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -95,7 +96,6 @@ class Backend:
         """Context manager making this backend's device current (no-op on CPU)."""
         if self.is_gpu:
             return self.xp.cuda.Device(self.device_index)
-        import contextlib
         return contextlib.nullcontext()
 
     def free_memory(self) -> int | None:
@@ -114,9 +114,6 @@ class Backend:
     def synchronize(self) -> None:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
-
-
-_CPU = Backend("numpy", np, "cpu", "")
 
 
 def select_backend(device: str = "auto", probe: GpuProbe | None = None) -> Backend:

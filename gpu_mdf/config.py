@@ -6,6 +6,8 @@ Every section maps onto CLI options; the CLI overrides what the file says.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     jobs: list[JobItem] = field(default_factory=list)
-    source: str = "<defaults>"
+    source: str = field(default="<defaults>", init=False)   # where it was read from (not a key)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -85,48 +87,49 @@ class Config:
 
 
 def _build(cls, raw: Any, where: str):
-    if not dataclasses.is_dataclass(cls):
-        return raw
+    """Validate a mapping against a config dataclass, driven by its type annotations."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")}
-    unknown = sorted(set(raw) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
-        sub = f"{where}.{name}"
-        section = _SECTION_TYPES.get(name) if cls is Config else None
-        if section is not None:
-            kwargs[name] = _build(section, value, sub)
-        elif cls is Config and name == "jobs":
+        want, sub = hints[name], f"{where}.{name}"
+        item = (typing.get_args(want) or (None,))[0]
+        if dataclasses.is_dataclass(want):
+            kwargs[name] = _build(want, value, sub)
+        elif typing.get_origin(want) is list and dataclasses.is_dataclass(item):
             if not isinstance(value, list):
-                raise ConfigError(f"{sub}: expected a list of {{model, data, name}}")
-            kwargs[name] = [_build(JobItem, v, f"{sub}[{i}]") for i, v in enumerate(value)]
+                raise ConfigError(f"{sub}: expected a list of mappings with keys "
+                                  f"{sorted(f.name for f in dataclasses.fields(item))}")
+            kwargs[name] = [_build(item, v, f"{sub}[{i}]") for i, v in enumerate(value)]
         else:
-            kwargs[name] = _check_type(cls, name, value, sub)
+            kwargs[name] = _check_value(want, name, value, sub)
     return cls(**kwargs)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "infer": InferConfig}
-_TYPES = {
-    "name": str, "seed": int, "source": str, "normalize": str, "train_limit": (int, type(None)),
-    "input_shape": list, "layers": list, "optimizer": str, "learning_rate": (float, int),
-    "loss": str, "metrics": list, "epochs": int, "batch_size": (int, type(None)),
-    "validation_split": (float, int), "device": str, "format": str, "on_error": str,
-    "model": (str, type(None)), "data": (str, type(None)), "cluster": (str, type(None)),
-    "cluster_timeout": (float, int),
-}
 _CHOICES = {"normalize": ("l2", "scale", "none"), "format": ("json", "yaml", "both"),
             "on_error": ("fail", "skip")}
 
 
-def _check_type(cls, name, value, where):
-    want = _TYPES.get(name)
-    if want is not None and (not isinstance(value, want) or isinstance(value, bool) and want is not bool):
-        names = want.__name__ if isinstance(want, type) else " or ".join(t.__name__ for t in want)
+def _runtime_types(t) -> tuple[type, ...]:
+    """Classes a value of annotation ``t`` may have (ints are fine where floats are)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(t) for c in _runtime_types(a))
+    if t is float:
+        return (float, int)
+    return (typing.get_origin(t) or t,)
+
+
+def _check_value(want, name, value, where):
+    accepted = _runtime_types(want)
+    if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+        names = " or ".join(c.__name__ for c in accepted)
         raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"{where}: {value!r} is not one of {_CHOICES[name]}")
