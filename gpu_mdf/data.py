@@ -413,7 +413,7 @@ def normalize(x, mode: str = "l2", xp=np, dtype=np.float32):
         norm = xp.sqrt(xp.einsum("nij,nij->nj", x, x))[:, None, :]
     else:
         norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
-    norm[norm == 0] = 1
+    norm = xp.where(norm == 0, norm.dtype.type(1), norm)   # zero norms left as 1 (no mask assignment: sync-free)
     if x is not x_in:      # x is our own float copy: divide in place
         x /= norm
         return x

@@ -47,3 +47,14 @@ def reference_mdf(reference_model, tmp_path_factory):
 
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def strict_gpu(monkeypatch):
+    """A Backend on the strict CuPy stand-in (tests/fake_cupy.py): counts syncs and copies."""
+    import fake_cupy
+
+    from gpu_mdf.backend import Backend
+    fake_cupy.install(monkeypatch)
+    yield Backend("cupy", fake_cupy, "gpu:0", "strict CuPy stand-in", 0)
+    fake_cupy._pool.set_limit(0)

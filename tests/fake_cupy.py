@@ -1,38 +1,68 @@
-"""A NumPy-backed stand-in for the parts of CuPy the engine uses, so the GPU code
-paths (overlapped streaming, out-of-memory splitting, memory-based batch sizing)
-run on CPU-only CI. Not a simulator: it checks logic, not speed.
+"""A strict CuPy stand-in, so the GPU code paths run and are checked on CPU-only CI.
 
-Arrays are an ``ndarray`` subclass with ``get``/``set`` like CuPy's. The memory pool
-has a limit; ``asarray``/``empty`` of more bytes than the limit raise
-``cuda.memory.OutOfMemoryError`` as CuPy's pool does.
+It is strict where CuPy is strict, and it counts what costs a GPU its overlap:
+
+* its array is **not** a ``numpy.ndarray`` subclass; ``__array__`` raises
+  ``TypeError("Implicit conversion to a NumPy array is not allowed...")`` as CuPy's does,
+  so ``np.asarray(device_array)`` and NumPy code that silently converts fail here too;
+* a ``numpy.ndarray`` (0-d included) given to an operator, a function or an index
+  together with device arrays raises ``TypeError: Unsupported type <class
+  'numpy.ndarray'>`` (CuPy's ufuncs and routines refuse host arrays); NumPy scalars
+  (``np.float32(2)``) and Python numbers are accepted, as in CuPy;
+* device->host synchronisations are counted (:data:`COUNT`): ``.get()`` (blocking),
+  ``asnumpy``, ``.item()``, ``.tolist()``, ``float()/int()/bool()/index()`` of an array,
+  ``repr``, boolean-mask indexing and assignment (CuPy needs the number of selected
+  elements), ``nonzero``/``argwhere``/``unique`` (data-dependent sizes),
+  ``Stream.synchronize``, ``Event.synchronize``, and ``lib.stride_tricks.
+  sliding_window_view`` (CuPy 14 copies ``window_shape`` to the device and tests it
+  with ``cupy.any`` in an ``if``: one copy and one sync per call, see its source);
+* host->device copies are counted too: ``asarray``/``array`` of host data, ``.set()``;
+* only the functions listed in :data:`FUNCTIONS` exist (others raise AttributeError,
+  as a function CuPy lacks would);
+* a memory pool limit (``set_limit``) makes any single allocation above it raise
+  ``cuda.memory.OutOfMemoryError``.
+
+Where it had to guess (written down, as the task asks):
+
+* ``cupy.take``/indexing with a ``numpy.ndarray`` index: CuPy may convert some host
+  indices silently; here any host array is refused (stricter is safer).
+* ``ndarray.get(out=pinned, blocking=False)`` is modelled as an asynchronous copy (no
+  sync) whose completion is awaited by the next ``Event``/``Stream.synchronize``;
+  the data are copied at once (it is all host memory here).
+* Element values and type promotion follow NumPy 2, which CuPy 14 follows too.
+* Kernel launches are free here; nothing measures speed.
 """
 
-import contextlib
+from __future__ import annotations
+
+import numbers
 import types
 
 import numpy as np
 
-__name__ = "cupy"  # noqa: A001 - kernels check xp.__name__ to pick cupyx paths
-__version__ = "0.0-fake"
+__name__ = "cupy"  # noqa: A001 - the engine checks xp.__name__ for cupyx paths
+__version__ = "14.0-strict-standin"
 
 
-class ndarray(np.ndarray):  # noqa: N801
-    def get(self, stream=None):
-        return np.array(self, copy=True).view(np.ndarray)
+class _Counters:
+    def __init__(self):
+        self.reset()
 
-    def set(self, arr, stream=None):
-        np.copyto(self.view(np.ndarray), arr)
+    def reset(self):
+        self.d2h_syncs = 0
+        self.h2d_copies = 0
+        self.log: list[tuple[str, str]] = []
 
-    def astype(self, dtype, **kwargs):
-        out = super().astype(dtype, **kwargs)
-        if out is not self:
-            _check(out.nbytes)
-        return out
+    def sync(self, what: str):
+        self.d2h_syncs += 1
+        self.log.append(("sync", what))
 
-    def __array_wrap__(self, out, context=None, return_scalar=False):
-        if out.ndim and out is not self:
-            _check(out.nbytes)   # every ufunc result is an allocation on the "device"
-        return super().__array_wrap__(out, context, return_scalar)
+    def h2d(self, what: str):
+        self.h2d_copies += 1
+        self.log.append(("h2d", what))
+
+
+COUNT = _Counters()
 
 
 class OutOfMemoryError(MemoryError):
@@ -42,9 +72,8 @@ class OutOfMemoryError(MemoryError):
 class _Pool:
     def __init__(self):
         self.limit = 0
-        self.allocated = 0
 
-    def set_limit(self, size=0):
+    def set_limit(self, size=0, fraction=None):
         self.limit = size
 
     def get_limit(self):
@@ -56,58 +85,395 @@ class _Pool:
     def free_bytes(self):
         return 0
 
+    def total_bytes(self):
+        return 0
+
     def free_all_blocks(self):
         pass
 
 
 _pool = _Pool()
+_pinned_pool = _Pool()
 TOTAL = 8 << 30
 
 
-def _check(nbytes):
-    if _pool.limit and nbytes > _pool.limit:
-        raise OutOfMemoryError(f"Out of memory allocating {nbytes:,} bytes (limit {_pool.limit:,})")
+def _root(a):
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
 
 
-def get_default_memory_pool():
-    return _pool
+def _check_alloc(res, inputs_roots):
+    if _pool.limit and isinstance(res, np.ndarray) and _root(res) not in inputs_roots \
+            and res.nbytes > _pool.limit:
+        raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
 
 
-def _wrap(x):
-    return x.view(ndarray) if isinstance(x, np.ndarray) and not isinstance(x, ndarray) else x
+def _unwrap(x, where: str):
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"Unsupported type {type(x)} (in {where}: a host array mixed with device arrays)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, where) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v, where) for k, v in x.items()}
+    return x
 
 
-def asarray(a, dtype=None):
-    a = np.asarray(a, dtype=dtype)
-    _check(a.nbytes)
-    return _wrap(a)
+def _roots(args) -> list:
+    out = []
+
+    def walk(v):
+        if isinstance(v, ndarray):
+            out.append(_root(v._a))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+    walk(args)
+    return out
 
 
-def empty(shape, dtype=np.float32):
-    a = np.empty(shape, dtype)
-    _check(a.nbytes)
-    return _wrap(a)
+def _wrap(res, roots=()):
+    if isinstance(res, ndarray):
+        return res
+    if isinstance(res, np.ndarray):
+        _check_alloc(res, roots)
+        return ndarray(res)
+    if isinstance(res, np.generic):          # CuPy reductions return 0-d device arrays
+        return ndarray(np.asarray(res))
+    if isinstance(res, tuple):
+        return tuple(_wrap(r, roots) for r in res)
+    if isinstance(res, list):
+        return [_wrap(r, roots) for r in res]
+    return res
+
+
+def _call(fn, args, kwargs, where):
+    roots = _roots((args, kwargs))
+    out = kwargs.get("out")
+    a = _unwrap(args, where)
+    k = _unwrap(kwargs, where)
+    res = fn(*a, **k)
+    if isinstance(out, ndarray):
+        return out
+    return _wrap(res, roots)
+
+
+def _check_index(idx, where):
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for i in items:
+        if isinstance(i, ndarray) and i.dtype == np.bool_:
+            COUNT.sync(f"boolean mask {where}")
+        if isinstance(i, np.ndarray):
+            raise TypeError(f"Unsupported type {type(i)} (a host array as an index, in {where})")
+    return _unwrap(idx, where)
+
+
+class ndarray:  # noqa: N801 - CuPy's name
+    """A device array: host memory standing in for GPU memory, guarded like CuPy's."""
+
+    __slots__ = ("_a", "__weakref__")
+    __array_priority__ = 1000
+
+    def __init__(self, a):
+        assert isinstance(a, np.ndarray) and not isinstance(a, ndarray)
+        self._a = a
+
+    # metadata lives on the host in CuPy: free
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    itemsize = property(lambda self: self._a.itemsize)
+    T = property(lambda self: ndarray(self._a.T))
+
+    @property
+    def flags(self):
+        return self._a.flags
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        for row in self._a:
+            yield _wrap(row)
+
+    # conversions to host values: synchronisations
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        if blocking:
+            COUNT.sync("ndarray.get")
+        else:
+            COUNT.log.append(("d2h-async", "ndarray.get"))
+        if out is not None:
+            np.copyto(out, self._a)
+            return out
+        return np.array(self._a, order=order, copy=True)
+
+    def set(self, arr, stream=None):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError("ndarray.set takes a numpy.ndarray")
+        COUNT.h2d("ndarray.set")
+        np.copyto(self._a, arr)
+
+    def item(self):
+        COUNT.sync("ndarray.item")
+        return self._a.item()
+
+    def tolist(self):
+        COUNT.sync("ndarray.tolist")
+        return self._a.tolist()
+
+    def __float__(self):
+        COUNT.sync("float(array)")
+        return float(self._a)
+
+    def __int__(self):
+        COUNT.sync("int(array)")
+        return int(self._a)
+
+    def __index__(self):
+        COUNT.sync("operator.index(array)")
+        return int(self._a)
+
+    def __bool__(self):
+        COUNT.sync("bool(array)")
+        return bool(self._a)
+
+    def __repr__(self):
+        COUNT.sync("repr(array)")
+        return "fake_cupy." + repr(self._a)
+
+    __str__ = __repr__
+
+    # indexing
+    def __getitem__(self, idx):
+        roots = [_root(self._a)]
+        return _wrap(self._a[_check_index(idx, "indexing")], roots)
+
+    def __setitem__(self, idx, value):
+        self._a[_check_index(idx, "assignment")] = _unwrap(value, "assignment")
+
+    # NumPy interoperability (NEP 13/18): CuPy runs NumPy functions on device arrays itself
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.pop("out", None)
+        roots = _roots(inputs)
+        args = _unwrap(inputs, ufunc.__name__)
+        if out is not None:
+            kwargs["out"] = tuple(_unwrap(o, ufunc.__name__) for o in out)
+        res = getattr(ufunc, method)(*args, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(res, roots)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        return _call(func, args, kwargs, func.__name__)
+
+    # methods: the CuPy ndarray methods the engine may use
+    def __getattr__(self, name):
+        if name in _METHODS:
+            m = getattr(self._a, name)
+            roots = [_root(self._a)]
+
+            def method(*args, **kwargs):
+                out = kwargs.get("out")
+                res = m(*_unwrap(args, name), **_unwrap(kwargs, name))
+                return out if isinstance(out, ndarray) else _wrap(res, roots)
+            return method
+        raise AttributeError(f"fake cupy.ndarray has no attribute {name!r}")
+
+
+_METHODS = {"reshape", "transpose", "astype", "copy", "sum", "mean", "max", "min", "prod", "argmax", "argmin",
+            "ravel", "flatten", "squeeze", "swapaxes", "fill", "clip", "dot", "any", "all", "cumsum", "take",
+            "repeat", "view", "std", "var", "conj"}
+
+
+def _binop(name):
+    def f(self, other):
+        if isinstance(other, np.ndarray):
+            raise TypeError(f"Unsupported type {type(other)} (operator {name} of a device array)")
+        if not isinstance(other, (ndarray, numbers.Number, np.generic)):
+            return NotImplemented
+        res = _call(getattr(np.ndarray, name), (self, other), {}, name)
+        return self if name.startswith("__i") else res
+    f.__name__ = name
+    return f
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+            "lt", "le", "gt", "ge", "eq", "ne"):
+    for _pre in ("__", "__r", "__i"):
+        if _pre != "__" and _op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            continue
+        _n = f"{_pre}{_op}__"
+        if hasattr(np.ndarray, _n):
+            setattr(ndarray, _n, _binop(_n))
+ndarray.__hash__ = object.__hash__   # __eq__ is elementwise, identity stays hashable
+for _n in ("__neg__", "__pos__", "__abs__", "__invert__"):
+    setattr(ndarray, _n, (lambda n: lambda self: _call(getattr(np.ndarray, n), (self,), {}, n))(_n))
+
+
+# --------------------------------------------------------------------------- #
+# Module functions
+# --------------------------------------------------------------------------- #
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray):
+        return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
+    COUNT.h2d("asarray")
+    res = np.array(a, dtype=dtype, order=order or "K", copy=True)
+    _check_alloc(res, [])
+    return ndarray(res)
+
+
+array = asarray
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"Unsupported type {type(a)}")
+    return _call(np.ascontiguousarray, (a,), {} if dtype is None else {"dtype": dtype}, "ascontiguousarray")
+
+
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if isinstance(a, ndarray):
+        return a.get(stream=stream, order=order, out=out, blocking=blocking)
+    return np.asarray(a, order=order)
+
+
+def _sync_fn(name):
+    npf = getattr(np, name)
+
+    def f(*args, **kwargs):
+        COUNT.sync(name)
+        return _call(npf, args, kwargs, name)
+    return f
+
+
+def where(*args, **kwargs):
+    if len(args) == 1:
+        COUNT.sync("where(condition)")
+    return _call(np.where, args, kwargs, "where")
+
+
+FUNCTIONS = {
+    # creation
+    "empty", "zeros", "ones", "full", "arange", "empty_like", "zeros_like", "ones_like", "full_like", "linspace",
+    # elementwise
+    "abs", "negative", "exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "square", "reciprocal", "floor",
+    "ceil", "round", "around", "sign", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "arctan2", "sinh",
+    "cosh", "tanh", "arcsinh", "arccosh", "arctanh", "logaddexp", "maximum", "minimum", "fmax", "fmin", "add",
+    "subtract", "multiply", "divide", "true_divide", "floor_divide", "power", "fmod", "mod", "remainder",
+    "equal", "not_equal", "greater", "greater_equal", "less", "less_equal", "logical_and", "logical_or",
+    "logical_xor", "logical_not", "isnan", "isinf", "isfinite", "clip",
+    # shape and indexing
+    "reshape", "transpose", "moveaxis", "swapaxes", "expand_dims", "squeeze", "broadcast_to", "concatenate",
+    "stack", "split", "take", "take_along_axis", "flip", "tile", "repeat", "pad", "ravel",
+    # reductions and sorting
+    "sum", "mean", "max", "min", "amax", "amin", "prod", "cumsum", "argmax", "argmin", "argsort", "sort",
+    "any", "all", "var", "std",
+    # linear algebra
+    "matmul", "dot", "einsum", "tensordot",
+}
+HOST_HELPERS = {"dtype", "issubdtype", "result_type", "can_cast", "float16", "float32", "float64", "int8",
+                "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool_", "floating", "integer",
+                "inf", "nan", "pi", "e", "newaxis", "ndim", "shape", "isscalar"}
 
 
 def __getattr__(name):
-    attr = getattr(np, name)
-    if callable(attr) and not isinstance(attr, type):
-        def wrapped(*args, **kwargs):
-            out = attr(*args, **kwargs)
-            return tuple(_wrap(o) for o in out) if isinstance(out, tuple) else _wrap(out)
-        return wrapped
-    return attr
+    if name in ("nonzero", "argwhere", "unique", "flatnonzero", "count_nonzero"):
+        return _sync_fn(name)
+    if name in FUNCTIONS:
+        npf = getattr(np, name)
+        return lambda *args, **kwargs: _call(npf, args, kwargs, name)
+    if name in HOST_HELPERS:
+        return getattr(np, name)
+    raise AttributeError(f"module 'cupy' has no attribute {name!r} (not modelled by the stand-in)")
 
 
-class _Event:
-    pass
+def _sliding_window_view(x, window_shape, axis=None, **kwargs):
+    COUNT.h2d("sliding_window_view: cupy.array(window_shape)")
+    COUNT.sync("sliding_window_view: if cupy.any(window_shape_array < 0)")
+    return _call(np.lib.stride_tricks.sliding_window_view, (x, window_shape), {"axis": axis, **kwargs},
+                 "sliding_window_view")
+
+
+def _as_strided(x, shape=None, strides=None):
+    if not isinstance(x, ndarray):
+        raise TypeError(f"Unsupported type {type(x)}")
+    return ndarray(np.lib.stride_tricks.as_strided(x._a, shape=shape, strides=strides))
+
+
+lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+    as_strided=_as_strided, sliding_window_view=_sliding_window_view))
+
+
+# --------------------------------------------------------------------------- #
+# cuda: streams, events, devices, runtime, memory
+# --------------------------------------------------------------------------- #
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+        COUNT.log.append(("record", "event"))
+
+    def synchronize(self):
+        COUNT.sync("Event.synchronize")
+
+    @property
+    def done(self):
+        return True
 
 
 class Stream:
-    log: list = []
+    _current: list = []
 
-    def __init__(self, non_blocking=False):
-        pass
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self.ptr = id(self)
+
+    def __enter__(self):
+        Stream._current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        Stream._current.pop()
+        return False
+
+    def use(self):
+        return self
+
+    def record(self, event=None):
+        ev = event or Event()
+        ev.record(self)
+        return ev
+
+    def wait_event(self, event):
+        COUNT.log.append(("wait", "stream.wait_event"))
+
+    def synchronize(self):
+        COUNT.sync("Stream.synchronize")
+
+
+_null_stream = Stream(null=True)
+
+
+def _get_current_stream():
+    return Stream._current[-1] if Stream._current else _null_stream
+
+
+class _Device:
+    def __init__(self, i=0):
+        self.id = int(i)
 
     def __enter__(self):
         return self
@@ -115,31 +481,91 @@ class Stream:
     def __exit__(self, *exc):
         return False
 
-    def record(self):
-        Stream.log.append("record")
-        return _Event()
-
-    def wait_event(self, ev):
-        Stream.log.append("wait")
+    def use(self):
+        return self
 
     def synchronize(self):
-        pass
+        COUNT.sync("Device.synchronize")
 
 
 class _Runtime:
     @staticmethod
-    def memGetInfo():  # noqa: N802
-        return TOTAL - _pool.allocated, TOTAL
+    def memGetInfo():  # noqa: N802 - CUDA's name
+        return TOTAL, TOTAL
+
+    @staticmethod
+    def getDevice():  # noqa: N802
+        return 0
+
+    @staticmethod
+    def getDeviceCount():  # noqa: N802
+        return 1
+
+    @staticmethod
+    def driverGetVersion():  # noqa: N802
+        return 13000
+
+    @staticmethod
+    def runtimeGetVersion():  # noqa: N802
+        return 13000
+
+    @staticmethod
+    def getDeviceProperties(i):  # noqa: N802
+        return {"name": b"Strict CuPy stand-in", "major": 9, "minor": 0, "totalGlobalMem": TOTAL}
 
 
 cuda = types.SimpleNamespace(
-    Stream=Stream, Device=lambda i=0: contextlib.nullcontext(), runtime=_Runtime,
-    get_current_stream=lambda: Stream(), memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
-lib = np.lib
+    Stream=Stream, Event=Event, Device=_Device, runtime=_Runtime, get_current_stream=_get_current_stream,
+    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+    MemoryPool=_Pool)
 
 
-def empty_pinned(shape, dtype):
-    return np.empty(shape, dtype)
+def get_default_memory_pool():
+    return _pool
 
 
-cupyx = types.SimpleNamespace(empty_pinned=empty_pinned)
+def get_default_pinned_memory_pool():
+    return _pinned_pool
+
+
+# --------------------------------------------------------------------------- #
+# cupyx
+# --------------------------------------------------------------------------- #
+def _empty_pinned(shape, dtype=np.float32, order="C"):
+    return np.empty(shape, dtype, order=order)
+
+
+def _zeros_pinned(shape, dtype=np.float32, order="C"):
+    return np.zeros(shape, dtype, order=order)
+
+
+def _erf(x):
+    if not isinstance(x, ndarray):
+        raise TypeError(f"Unsupported type {type(x)}")
+    try:
+        from scipy.special import erf
+        return ndarray(erf(x._a).astype(x.dtype, copy=False))
+    except ImportError:  # pragma: no cover - scipy ships with the test environment
+        import math
+        return ndarray(np.vectorize(math.erf)(x._a).astype(x.dtype))
+
+
+cupyx = types.SimpleNamespace(empty_pinned=_empty_pinned, zeros_pinned=_zeros_pinned,
+                              scipy=types.SimpleNamespace(special=types.SimpleNamespace(erf=_erf)))
+
+
+
+def install(monkeypatch):
+    """Make ``import cupy`` / ``import cupyx...`` give this stand-in (a pytest monkeypatch)."""
+    import sys
+    mx = types.ModuleType("cupyx")
+    mx.empty_pinned, mx.zeros_pinned = _empty_pinned, _zeros_pinned
+    msc = types.ModuleType("cupyx.scipy")
+    msp = types.ModuleType("cupyx.scipy.special")
+    msp.erf = _erf
+    mx.scipy, msc.special = msc, msp
+    this = sys.modules[__spec__.name] if __spec__ else sys.modules["fake_cupy"]
+    for name, mod in (("cupy", this), ("cupyx", mx), ("cupyx.scipy", msc), ("cupyx.scipy.special", msp)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    _pool.set_limit(0)
+    COUNT.reset()

@@ -3,10 +3,11 @@
 An expression such as ``"(x @ W) + b"`` or ``"A * (A > 0)"`` compiles once into a
 tree of closures; each call evaluates it against an environment of arrays.
 Allowed: numbers, names in scope, arithmetic (``+ - * / // % ** @``), comparisons,
-unary ``- + not``, list/tuple literals of constants, subscripts with constant
-indices, and calls to the fixed function table below. Everything else (attribute
-access, strings, lambdas, comprehensions, keyword tricks...) is refused at compile
-time with the offending text.
+unary ``- + not``, list/tuple literals, subscripts with constant indices, and calls
+to the fixed function table below (also spelled ``math.f``/``numpy.f``, as
+modeci_mdf's expressions may be). Everything else (other attribute access,
+strings, lambdas, comprehensions, keyword arguments, arithmetic on list literals
+such as ``[0] * 10**9``...) is refused at compile time with the offending text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ _CMPOPS = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+_MODULES = ("math", "numpy", "np")
+MAX_EXPRESSION_CHARS = 10_000
 
 
 def erf(xp, x):
@@ -56,11 +59,14 @@ def _table(xp) -> dict[str, Callable]:
     """Math/NumPy-style functions an expression may call, bound to ``xp``."""
     names = ["exp", "log", "sqrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan",
              "sinh", "cosh", "tanh", "abs", "maximum", "minimum", "where", "sign",
-             "floor", "ceil", "square", "log1p", "expm1", "clip"]
+             "floor", "ceil", "square", "log1p", "expm1", "clip", "log10", "log2", "round", "arctan2"]
     t = {n: getattr(xp, n) for n in names}
-    t.update(asin=xp.arcsin, acos=xp.arccos, atan=xp.arctan, fabs=xp.abs, pow=xp.power,
+    t.update(asin=xp.arcsin, acos=xp.arccos, atan=xp.arctan, atan2=xp.arctan2, fabs=xp.abs, pow=xp.power,
              erf=lambda x: erf(xp, x), max=xp.maximum, min=xp.minimum)
     return t
+
+
+FUNCTION_NAMES = frozenset(_table(np))
 
 
 @dataclass
@@ -81,19 +87,47 @@ def _refuse(text: str, node: ast.AST, why: str):
     raise CompileError(f"refused MDF expression {text!r}: {why} ({frag!r})")
 
 
-def compile_expr(text: str, scope: set[str] | frozenset[str], xp) -> Expr:
-    """Compile ``text`` where ``scope`` lists the names that may be read."""
+def compile_expr(text: str, scope, xp, getters: Mapping[str, Callable[[dict], Any]] | None = None,
+                 multi: frozenset[str] | set[str] = frozenset()) -> Expr:
+    """Compile ``text`` where ``scope`` lists the names that may be read.
+
+    ``getters`` maps a name to a function of the environment giving its value
+    (default: ``env[name]``). Names in ``multi`` hold the tuple of a multi-output op:
+    a plain reference means its first output and ``name[i]`` its output ``i``.
+    """
     if not isinstance(text, str):
         raise CompileError(f"expression must be a string, got {type(text).__name__}")
-    if len(text) > 10_000:
-        raise CompileError(f"refused MDF expression of {len(text)} characters (limit 10000)")
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise CompileError(f"refused MDF expression of {len(text)} characters (limit {MAX_EXPRESSION_CHARS})")
+    src = text.strip()
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(src, mode="eval")
     except SyntaxError as e:
         raise CompileError(f"refused MDF expression {text!r}: not valid syntax ({e.msg})") from None
     funcs = _table(xp)
     deps: set[str] = set()
-    src = text.strip()
+    getters = getters or {}
+
+    def read(name: str, output: int | None):
+        deps.add(name)
+        g = getters.get(name) or (lambda env: env[name])
+        if name in multi:
+            i = output or 0
+            return lambda env: g(env)[i]
+        return g
+
+    def func_name(f: ast.AST) -> str | None:
+        if isinstance(f, ast.Name) and f.id not in scope:
+            return f.id
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in _MODULES \
+                and f.value.id not in scope:
+            return f.attr
+        return None
+
+    def operand(n: ast.AST):
+        if isinstance(n, (ast.List, ast.Tuple)):
+            _refuse(src, n, "arithmetic on a list literal is not allowed")
+        return build(n)
 
     def build(n: ast.AST) -> Callable[[dict], Any]:
         if isinstance(n, ast.Constant):
@@ -102,19 +136,23 @@ def compile_expr(text: str, scope: set[str] | frozenset[str], xp) -> Expr:
             v = n.value
             return lambda env: v
         if isinstance(n, ast.Name):
-            name = n.id
-            if name in scope:
-                deps.add(name)
-                return lambda env: env[name]
-            if name in _CONSTANTS:
-                v = _CONSTANTS[name]
+            if n.id in scope:
+                return read(n.id, None)
+            if n.id in _CONSTANTS:
+                v = _CONSTANTS[n.id]
                 return lambda env: v
             _refuse(src, n, "unknown name")
+        if isinstance(n, ast.Attribute):
+            if isinstance(n.value, ast.Name) and n.value.id in _MODULES and n.attr in _CONSTANTS \
+                    and n.value.id not in scope:
+                v = _CONSTANTS[n.attr]
+                return lambda env: v
+            _refuse(src, n, "attribute access is not allowed")
         if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
-            op, lhs, rhs = _BINOPS[type(n.op)], build(n.left), build(n.right)
+            op, lhs, rhs = _BINOPS[type(n.op)], operand(n.left), operand(n.right)
             return lambda env: op(lhs(env), rhs(env))
         if isinstance(n, ast.UnaryOp):
-            inner = build(n.operand)
+            inner = operand(n.operand)
             if isinstance(n.op, ast.USub):
                 return lambda env: -inner(env)
             if isinstance(n.op, ast.UAdd):
@@ -125,22 +163,25 @@ def compile_expr(text: str, scope: set[str] | frozenset[str], xp) -> Expr:
         if isinstance(n, ast.Compare):
             if len(n.ops) != 1 or type(n.ops[0]) not in _CMPOPS:
                 _refuse(src, n, "only single comparisons are allowed")
-            op, lhs, rhs = _CMPOPS[type(n.ops[0])], build(n.left), build(n.comparators[0])
+            op, lhs, rhs = _CMPOPS[type(n.ops[0])], operand(n.left), operand(n.comparators[0])
             return lambda env: op(lhs(env), rhs(env))
         if isinstance(n, ast.Call):
-            if not isinstance(n.func, ast.Name) or n.func.id not in funcs:
+            name = func_name(n.func)
+            if name is None or name not in funcs:
                 _refuse(src, n, f"only calls to {sorted(funcs)} are allowed")
             if n.keywords:
                 _refuse(src, n, "keyword arguments are not allowed")
-            f = funcs[n.func.id]
+            f = funcs[name]
             args = [build(a) for a in n.args]
             return lambda env: f(*(a(env) for a in args))
         if isinstance(n, (ast.List, ast.Tuple)):
             items = [build(e) for e in n.elts]
             return lambda env: [i(env) for i in items]
         if isinstance(n, ast.Subscript):
-            base = build(n.value)
             index = _const_index(src, n.slice)
+            if isinstance(n.value, ast.Name) and n.value.id in multi and isinstance(index, int):
+                return read(n.value.id, index)       # output `index` of a multi-output op
+            base = build(n.value)
             return lambda env: base(env)[index]
         _refuse(src, n, f"{type(n).__name__} is not allowed")
 

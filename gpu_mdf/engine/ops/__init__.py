@@ -1,0 +1,234 @@
+"""The op table: ONNX operators and MDF standard functions, one kernel each.
+
+Every kernel is written once against an array module ``xp`` (numpy or cupy) and is
+called as ``kernel(xp, *inputs, **attributes)``:
+
+* ``inputs`` are the op's tensor inputs in ONNX order (a missing optional one is
+  ``None``). Inputs named in ``static`` (shapes, axes, pads, sizes...) always arrive
+  as *host* values (NumPy arrays), never as device arrays, so a kernel never has to
+  fetch anything back from the GPU.
+* ``attributes`` are exactly the attributes the op declares, cast to their ONNX
+  types (``int``, ``tuple`` of ints, ``float``, ``str``...), with defaults filled in.
+  No kernel takes ``**kwargs``: an attribute is implemented or refused
+  (:class:`OpError`), never swallowed. ``check`` validates attribute values once,
+  at compile time.
+* A multi-output op (``len(outputs) > 1``) also gets ``n_outputs`` (how many of its
+  outputs the graph reads) and returns a tuple of that many values.
+
+The table implements the semantics of ONNX opset :data:`OPSET`; where an older opset
+had an attribute that later became an input (``axes`` of Squeeze and the reductions,
+``split``, ``pads``, Clip's ``min``/``max``, Slice's ``starts``/``ends``...), both
+forms are accepted. Layouts follow ONNX (NCHW for Conv and pooling).
+
+Adding an op is one decorated function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+OPSET = 17   # the opset whose semantics the kernels implement (modeci_mdf's EvaluableGraph uses 15)
+
+# attribute types (ONNX AttributeProto types)
+INT, INTS, FLOAT, FLOATS, STRING, TENSOR = "INT", "INTS", "FLOAT", "FLOATS", "STRING", "TENSOR"
+REQUIRED = object()
+
+
+class OpError(ValueError):
+    """An input or attribute value that the kernel does not implement, or that is invalid."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    type: str
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    kernel: Callable
+    inputs: tuple[str, ...]                 # required tensor inputs, ONNX names and order
+    optional: tuple[str, ...] = ()          # optional inputs after them
+    attrs: dict = field(default_factory=dict)   # name -> Attr
+    outputs: tuple[str, ...] = ("Y",)       # ONNX output names; several: the kernel returns a tuple
+    static: frozenset = frozenset()         # inputs the kernel needs as host values
+    variadic: bool = False                  # every input is one of a list (Sum, Concat...)
+    variadic_outputs: bool = False          # as many outputs as the graph reads (Split)
+    fresh: bool = False                     # always returns newly allocated memory
+    inplace: bool = False                   # accepts inplace=True (may overwrite input 0)
+    alias: bool = False                     # returns a view of input 0 (reshape, transpose...)
+    shape_only: bool = False                # reads only its input's shape (Shape, Size): a host result
+    check: Callable[[dict], None] | None = None   # validates attribute values at compile time
+
+    @property
+    def multi(self) -> bool:
+        return len(self.outputs) > 1 or self.variadic_outputs
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return self.inputs + self.optional
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def op(name: str, inputs: tuple[str, ...] = ("X",), optional: tuple[str, ...] = (), outputs=("Y",),
+       static: tuple[str, ...] = (), attrs: dict | None = None, variadic: bool = False,
+       variadic_outputs: bool = False, fresh: bool = False, inplace: bool = False, alias: bool = False,
+       shape_only: bool = False, check: Callable | None = None):
+    """Register ``kernel`` under ``onnx::NAME`` (or a bare MDF standard function name).
+
+    ``fresh``: the result never aliases an input. ``alias``: the result is a view of the
+    first input. ``inplace``: the kernel takes ``inplace=True`` and may then reuse its
+    first input's memory (the compiler only asks when that memory is a temporary of the
+    program that nothing else reads).
+    """
+    def deco(fn):
+        OPS[name] = OpSpec(name, fn, tuple(inputs), tuple(optional), dict(attrs or {}), tuple(outputs),
+                           frozenset(static), variadic, variadic_outputs, fresh, inplace, alias, shape_only,
+                           check)
+        return fn
+    return deco
+
+
+def lookup(function_name: str) -> OpSpec | None:
+    """Find an op by MDF function name: ``onnx::Relu``, ``linear``...
+
+    Also accepts the spellings that modeci_mdf's own keras importer writes
+    (``onnx:Transpose``, ``onnx::Batchnormalization``).
+    """
+    name = function_name
+    if name.startswith("onnx:"):
+        name = "onnx::" + name.split(":")[-1]
+    return OPS.get(name) or _FOLDED.get(name.lower())
+
+
+_FOLDED: dict[str, OpSpec] = {}
+
+
+# --------------------------------------------------------------------------- #
+# Attribute casting (to the ONNX schema types)
+# --------------------------------------------------------------------------- #
+def _scalar_of(v, what):
+    a = np.asarray(v)
+    if a.dtype == object or a.dtype.kind in "USV":
+        raise OpError(f"{what}: expected a number, got {v!r}")
+    if a.size != 1:
+        raise OpError(f"{what}: expected one number, got shape {a.shape}")
+    return a.reshape(()).item()
+
+
+def cast_attr(spec: OpSpec, name: str, value):
+    """``value`` (from an MDF file: number, list, string, array) as the attribute's type."""
+    a = spec.attrs[name]
+    what = f"{spec.name} attribute {name}"
+    if value is None:
+        return None
+    t = a.type
+    if t == INT:
+        v = _scalar_of(value, what)
+        if isinstance(v, float) and not v.is_integer():
+            raise OpError(f"{what}: expected an integer, got {v}")
+        return int(v)
+    if t == FLOAT:
+        return float(_scalar_of(value, what))
+    if t in (INTS, FLOATS):
+        arr = np.asarray(value)
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise OpError(f"{what}: expected numbers, got {value!r}")
+        flat = arr.reshape(-1).tolist()
+        if t == INTS:
+            if any(isinstance(x, float) and not x.is_integer() for x in flat):
+                raise OpError(f"{what}: expected integers, got {flat}")
+            return tuple(int(x) for x in flat)
+        return tuple(float(x) for x in flat)
+    if t == STRING:
+        if isinstance(value, bytes):
+            return value.decode()
+        if not isinstance(value, str):
+            raise OpError(f"{what}: expected a string, got {value!r}")
+        return value
+    if t == TENSOR:
+        return np.asarray(value)
+    raise AssertionError(t)
+
+
+# --------------------------------------------------------------------------- #
+# Helpers shared by kernels
+# --------------------------------------------------------------------------- #
+def ints(v) -> tuple[int, ...]:
+    """A static input (host array, list or scalar) as a tuple of Python ints."""
+    return tuple(int(x) for x in np.asarray(v).reshape(-1).tolist())
+
+
+def scalar(v):
+    """A static 0-d/1-element input as a Python number."""
+    return None if v is None else np.asarray(v).reshape(-1)[0].item()
+
+
+def norm_axis(axis: int, ndim: int, what: str = "axis") -> int:
+    if not -ndim <= axis < max(ndim, 1):
+        raise OpError(f"{what} {axis} is out of range for rank {ndim}")
+    return axis % max(ndim, 1)
+
+
+# Folding guard: constants computed at compile time may not exceed this many elements,
+# so a hostile file cannot make the compiler allocate without bound.
+MAX_FOLDED_ELEMENTS = 1 << 26
+_folding: contextvars.ContextVar[bool] = contextvars.ContextVar("gpu_mdf_folding", default=False)
+
+
+@contextlib.contextmanager
+def folding():
+    """Kernels called inside this block build compile-time constants: creation ops
+    refuse outputs larger than :data:`MAX_FOLDED_ELEMENTS` before allocating."""
+    token = _folding.set(True)
+    try:
+        yield
+    finally:
+        _folding.reset(token)
+
+
+def check_alloc(shape) -> None:
+    """Called by ops that create arrays from static sizes (ConstantOfShape, Expand...)."""
+    if _folding.get():
+        n = 1
+        for s in shape:
+            n *= max(int(s), 0)
+        if n > MAX_FOLDED_ELEMENTS:
+            raise OpError(f"a constant of shape {tuple(int(s) for s in shape)} ({n:,} elements) exceeds the "
+                          f"compile-time limit of {MAX_FOLDED_ELEMENTS:,} elements")
+
+
+def device_const(xp, key, make: Callable[[], np.ndarray]):
+    """A small host-computed index array (e.g. Resize's gather indices) on the device,
+    cached per device and key, so it is copied once, not on every batch."""
+    if xp is np:
+        return make()
+    dev = xp.cuda.runtime.getDevice()
+    cache = _DEVICE_CACHE.setdefault((id(xp), dev), {})
+    v = cache.get(key)
+    if v is None:
+        if len(cache) > 256:
+            cache.clear()
+        v = cache[key] = xp.asarray(make())
+    return v
+
+
+_DEVICE_CACHE: dict = {}
+
+
+# register the kernels
+from . import elementwise, nn, standard, tensor  # noqa: E402,F401
+
+_FOLDED.update({k.lower(): v for k, v in OPS.items()})
+
+__all__ = ["OPS", "OPSET", "OpSpec", "OpError", "Attr", "op", "lookup", "cast_attr", "folding",
+           "INT", "INTS", "FLOAT", "FLOATS", "STRING", "TENSOR", "REQUIRED"]

@@ -1,0 +1,658 @@
+"""Neural-network ops: products, convolution, pooling, normalisation, softmax, resizing.
+
+Convolutions are computed channels-last: the input is viewed as (N, *spatial, C), so
+an ONNX (NCHW) graph whose tensors already live channels-last in memory (what these
+kernels return, and what a Keras graph's transposes give) pays no copies between
+layers. Windows are built with ``as_strided`` from host-side shapes and strides
+(CuPy's ``sliding_window_view`` synchronises with the device on every call), and
+pooling is a max or sum over kernel-many strided slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import FLOAT, FLOATS, INT, INTS, STRING, Attr, OpError, check_alloc, device_const, ints, norm_axis, op, scalar
+
+
+# --------------------------------------------------------------------------- #
+# Products
+# --------------------------------------------------------------------------- #
+@op("onnx::MatMul", ("A", "B"), fresh=True)
+def matmul(xp, a, b):
+    return xp.matmul(a, b)
+
+
+@op("onnx::Gemm", ("A", "B"), optional=("C",), fresh=True,
+    attrs={"alpha": Attr(FLOAT, 1.0), "beta": Attr(FLOAT, 1.0), "transA": Attr(INT, 0), "transB": Attr(INT, 0)})
+def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N803 - ONNX names
+    if a.ndim != 2 or b.ndim != 2:
+        raise OpError(f"Gemm takes 2-d A and B, got ranks {a.ndim} and {b.ndim}")
+    y = xp.matmul(a.T if transA else a, b.T if transB else b)   # fresh: safe to update in place
+    if alpha != 1.0:
+        y *= y.dtype.type(alpha)
+    if c is not None and beta != 0.0:
+        if beta != 1.0:
+            c = c * c.dtype.type(beta)
+        y += c
+    return y
+
+
+# --------------------------------------------------------------------------- #
+# Windows, padding and output sizes
+# --------------------------------------------------------------------------- #
+_AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+
+
+def _check_window_attrs(a):
+    if a.get("auto_pad", "NOTSET") not in _AUTO_PADS:
+        raise OpError(f"auto_pad {a['auto_pad']!r} (expected one of {', '.join(_AUTO_PADS)})")
+    if a.get("ceil_mode", 0) not in (0, 1):
+        raise OpError(f"ceil_mode {a['ceil_mode']} (expected 0 or 1)")
+
+
+def _window_params(in_sp, kernel, strides, dilations, pads, auto_pad, what):
+    nsp = len(in_sp)
+    kernel = tuple(kernel)
+    strides = tuple(strides or (1,) * nsp)
+    dilations = tuple(dilations or (1,) * nsp)
+    if len(kernel) != nsp or len(strides) != nsp or len(dilations) != nsp:
+        raise OpError(f"{what}: kernel_shape/strides/dilations do not match {nsp} spatial axes")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        before, after = [], []
+        for n, k, s, d in zip(in_sp, kernel, strides, dilations):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            small, big = total // 2, total - total // 2
+            before.append(small if auto_pad == "SAME_UPPER" else big)
+            after.append(big if auto_pad == "SAME_UPPER" else small)
+        pads = tuple(before + after)
+    elif auto_pad == "VALID" or not pads:
+        pads = (0,) * (2 * nsp)
+    pads = tuple(pads)
+    if len(pads) != 2 * nsp:
+        raise OpError(f"{what}: {len(pads)} pads for {nsp} spatial axes")
+    return kernel, strides, dilations, pads
+
+
+def _out_sizes(in_sp, kernel, strides, dilations, pads, ceil_mode=0):
+    nsp = len(in_sp)
+    out, extra = [], []
+    for i, (n, k, s, d) in enumerate(zip(in_sp, kernel, strides, dilations)):
+        span = (k - 1) * d + 1
+        total = n + pads[i] + pads[i + nsp]
+        if ceil_mode:
+            o = -(-(total - span) // s) + 1
+            if (o - 1) * s >= n + pads[i]:       # the last window must start inside the input
+                o -= 1
+        else:
+            o = (total - span) // s + 1
+        if o < 1:
+            raise OpError(f"window of {span} does not fit an axis of {n} with pads {pads[i]}+{pads[i + nsp]}")
+        out.append(o)
+        extra.append(max((o - 1) * s + span - total, 0))   # ceil_mode: windows past the end
+    return out, extra
+
+
+def _pad_last(xp, xl, before, after, value):
+    """Pad the spatial axes of channels-last (N, *S, C) with a constant (sync-free)."""
+    if not any(before) and not any(after):
+        return xl
+    shape = (xl.shape[0],) + tuple(n + b + a for n, b, a in zip(xl.shape[1:-1], before, after)) + (xl.shape[-1],)
+    out = xp.full(shape, value, dtype=xl.dtype)
+    out[(slice(None),) + tuple(slice(b, b + n) for b, n in zip(before, xl.shape[1:-1])) + (slice(None),)] = xl
+    return out
+
+
+def _offset_slices(offset, dilations, strides, out):
+    """Spatial slices picking, for every output position, the window element at ``offset``."""
+    return tuple(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, s, m in zip(offset, dilations, strides, out))
+
+
+def _windows(xp, xl, kernel, strides, dilations, out):
+    """(N, *S, C) -> (N, *out, *kernel, C) strided view, built from host shapes/strides."""
+    st = xl.strides
+    nsp = len(kernel)
+    shape = (xl.shape[0],) + tuple(out) + tuple(kernel) + (xl.shape[-1],)
+    strides_ = (st[0],) + tuple(st[1 + i] * strides[i] for i in range(nsp)) \
+        + tuple(st[1 + i] * dilations[i] for i in range(nsp)) + (st[-1],)
+    return xp.lib.stride_tricks.as_strided(xl, shape=shape, strides=strides_)
+
+
+def _channels_last(xp, x):
+    return xp.moveaxis(x, 1, -1)
+
+
+def _to_nchw(xp, yl):
+    return xp.moveaxis(yl, -1, 1)
+
+
+# --------------------------------------------------------------------------- #
+# Convolution
+# --------------------------------------------------------------------------- #
+_CONV_ATTRS = {"auto_pad": Attr(STRING, "NOTSET"), "dilations": Attr(INTS), "group": Attr(INT, 1),
+               "kernel_shape": Attr(INTS), "pads": Attr(INTS), "strides": Attr(INTS)}
+
+
+@op("onnx::Conv", ("X", "W"), optional=("B",), fresh=True, attrs=dict(_CONV_ATTRS), check=_check_window_attrs)
+def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
+         strides=None):
+    """ONNX Conv (NCHW in and out), computed channels-last; the result is an NCHW view
+    of channels-last memory."""
+    nsp = x.ndim - 2
+    if nsp < 1 or w.ndim != x.ndim:
+        raise OpError(f"Conv of a rank-{x.ndim} input with a rank-{w.ndim} kernel")
+    if kernel_shape is not None and tuple(kernel_shape) != tuple(w.shape[2:]):
+        raise OpError(f"Conv kernel_shape {kernel_shape} does not match the weights {w.shape[2:]}")
+    c, f, g = x.shape[1], w.shape[0], int(group)
+    if g < 1 or c % g or f % g or w.shape[1] != c // g:
+        raise OpError(f"Conv: {c} input channels, weights {w.shape}, group {g} do not fit")
+    kernel, strides, dil, pads = _window_params(x.shape[2:], w.shape[2:], strides, dilations, pads, auto_pad,
+                                                "Conv")
+    out, _ = _out_sizes(x.shape[2:], kernel, strides, dil, pads)
+    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    n = x.shape[0]
+    rows = n * int(np.prod(out))
+    cg, fg = c // g, f // g
+    if cg == 1 and g > 1:
+        yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
+    elif all(k == 1 for k in kernel):
+        src = xl[(slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))]
+        cols = xp.ascontiguousarray(src).reshape(rows, c)
+        yl = _grouped_matmul(xp, cols, w.reshape(f, c // g), g, 1)
+    else:
+        win = _windows(xp, xl, kernel, strides, dil, out)            # (N, *out, *k, C)
+        if g == 1:
+            cols = xp.ascontiguousarray(win).reshape(rows, -1)        # rows of (*k, C)
+            wm = xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f)
+            yl = xp.matmul(cols, wm)
+        else:
+            parts = []
+            for gi in range(g):
+                cols = xp.ascontiguousarray(win[..., gi * cg:(gi + 1) * cg]).reshape(rows, -1)
+                wg = w[gi * fg:(gi + 1) * fg]
+                parts.append(xp.matmul(cols, xp.transpose(wg, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, fg)))
+            yl = xp.concatenate(parts, axis=1)
+    yl = yl.reshape((n,) + tuple(out) + (f,))
+    if b is not None:
+        yl += b
+    return _to_nchw(xp, yl)
+
+
+def _grouped_matmul(xp, cols, w2, g, k):
+    """cols (rows, C*k) @ per-group weights w2 (F, C/g*k) -> (rows, F), weights as a transposed view."""
+    if g == 1:
+        return xp.matmul(cols, w2.T)
+    f = w2.shape[0]
+    cg, fg = cols.shape[1] // g, f // g
+    return xp.concatenate([xp.matmul(cols[:, i * cg:(i + 1) * cg], w2[i * fg:(i + 1) * fg].T) for i in range(g)],
+                          axis=1)
+
+
+def _depthwise(xp, xl, w, kernel, strides, dil, out, c, m):
+    """Depthwise conv (one input channel per group, ``m`` outputs each): a
+    multiply-accumulate over the kernel offsets, every term a strided slice."""
+    n = xl.shape[0]
+    wk = w.reshape(c, m, -1)                                            # (C, m, prod(k))
+    acc = None
+    tmp = None
+    for j, offset in enumerate(np.ndindex(*kernel)):
+        sl = xl[(slice(None),) + _offset_slices(offset, dil, strides, out) + (slice(None),)]
+        if m == 1:
+            wj = wk[:, 0, j]
+        else:
+            sl = sl[..., None]
+            wj = wk[:, :, j]
+        if acc is None:
+            acc = sl * wj
+        else:
+            if tmp is None:
+                tmp = xp.empty_like(acc)
+            xp.multiply(sl, wj, out=tmp)
+            acc += tmp
+    return acc.reshape((n,) + tuple(out) + (c * m,))
+
+
+def _check_conv_transpose(a):
+    _check_window_attrs(a)
+
+
+@op("onnx::ConvTranspose", ("X", "W"), optional=("B",), fresh=True, check=_check_conv_transpose,
+    attrs={**_CONV_ATTRS, "output_padding": Attr(INTS), "output_shape": Attr(INTS)})
+def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
+                   strides=None, output_padding=None, output_shape=None):
+    """ONNX ConvTranspose: every input pixel scatters ``x @ W[:, :, k]`` to ``i*s + k*d``,
+    then the pads are cropped. Channels-last, one GEMM per kernel offset and group."""
+    nsp = x.ndim - 2
+    c, g = x.shape[1], int(group)
+    if w.ndim != x.ndim or w.shape[0] != c or c % g:
+        raise OpError(f"ConvTranspose: input channels {c}, weights {w.shape}, group {g} do not fit")
+    kernel = tuple(w.shape[2:])
+    if kernel_shape is not None and tuple(kernel_shape) != kernel:
+        raise OpError(f"ConvTranspose kernel_shape {kernel_shape} does not match the weights {kernel}")
+    fg = w.shape[1]
+    f = fg * g
+    strides = tuple(strides or (1,) * nsp)
+    dil = tuple(dilations or (1,) * nsp)
+    opad = tuple(output_padding or (0,) * nsp)
+    in_sp = x.shape[2:]
+    full = [s * (n - 1) + op_ + (k - 1) * d + 1 for n, s, op_, k, d in zip(in_sp, strides, opad, kernel, dil)]
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        want = list(output_shape)[-nsp:] if output_shape is not None else [n * s for n, s in zip(in_sp, strides)]
+        total = [fl - o for fl, o in zip(full, want)]
+        if any(t < 0 for t in total):
+            raise OpError(f"ConvTranspose output_shape {want} is larger than the full output {full}")
+        upper = auto_pad == "SAME_UPPER"       # explicit output_shape pads like SAME_LOWER (as ONNX Runtime)
+        begin = [t // 2 if upper else t - t // 2 for t in total]
+        pads = tuple(begin + [t - bb for t, bb in zip(total, begin)])
+    elif auto_pad == "VALID" or not pads:
+        pads = (0,) * (2 * nsp)
+    if len(pads) != 2 * nsp:
+        raise OpError(f"ConvTranspose: {len(pads)} pads for {nsp} spatial axes")
+    n = x.shape[0]
+    check_alloc([n] + full + [f])
+    xl = xp.ascontiguousarray(_channels_last(xp, x)).reshape(-1, c)      # (N*in, C)
+    yl = xp.zeros((n,) + tuple(full) + (f,), dtype=x.dtype)
+    cg = c // g
+    for offset in np.ndindex(*kernel):
+        index = (slice(None),) + tuple(slice(o * d, o * d + (m - 1) * s + 1, s)
+                                       for o, d, s, m in zip(offset, dil, strides, in_sp)) + (slice(None),)
+        wk = w[(slice(None), slice(None)) + offset]                      # (C, F/g)
+        if g == 1:
+            contrib = xp.matmul(xl, wk)
+        else:
+            contrib = xp.concatenate([xp.matmul(xl[:, i * cg:(i + 1) * cg], wk[i * cg:(i + 1) * cg])
+                                      for i in range(g)], axis=1)
+        yl[index] += contrib.reshape((n,) + tuple(in_sp) + (f,))
+    yl = yl[(slice(None),) + tuple(slice(pads[i], full[i] - pads[i + nsp]) for i in range(nsp)) + (slice(None),)]
+    if b is not None:
+        yl = yl + b
+    return _to_nchw(xp, yl)
+
+
+# --------------------------------------------------------------------------- #
+# Pooling
+# --------------------------------------------------------------------------- #
+def _lowest(dtype):
+    return dtype.type(-np.inf) if dtype.kind == "f" else np.iinfo(dtype).min
+
+
+def _pool_setup(x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode, what):
+    if kernel_shape is None:
+        raise OpError(f"{what} needs kernel_shape")
+    nsp = x.ndim - 2
+    if len(kernel_shape) != nsp:
+        raise OpError(f"{what}: kernel_shape {kernel_shape} for {nsp} spatial axes")
+    kernel, strides, dil, pads = _window_params(x.shape[2:], kernel_shape, strides, dilations, pads, auto_pad, what)
+    out, extra = _out_sizes(x.shape[2:], kernel, strides, dil, pads, ceil_mode)
+    return kernel, strides, dil, pads, out, extra
+
+
+_POOL_ATTRS = {"auto_pad": Attr(STRING, "NOTSET"), "ceil_mode": Attr(INT, 0), "dilations": Attr(INTS),
+               "kernel_shape": Attr(INTS), "pads": Attr(INTS), "strides": Attr(INTS)}
+
+
+def _check_maxpool(a):
+    _check_window_attrs(a)
+    if a["storage_order"] not in (0, 1):
+        raise OpError(f"storage_order {a['storage_order']} (expected 0 or 1)")
+
+
+@op("onnx::MaxPool", ("X",), outputs=("Y", "Indices"), check=_check_maxpool,
+    attrs={**_POOL_ATTRS, "storage_order": Attr(INT, 0)})
+def max_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides, storage_order, n_outputs=1):
+    kernel, strides, dil, pads, out, extra = _pool_setup(x, kernel_shape, strides, pads, dilations, auto_pad,
+                                                         ceil_mode, "MaxPool")
+    nsp = len(kernel)
+    low = _lowest(x.dtype)
+    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], [p + e for p, e in zip(pads[nsp:], extra)], low)
+    y = idx = None
+    for offset in np.ndindex(*kernel):
+        v = xl[(slice(None),) + _offset_slices(offset, dil, strides, out) + (slice(None),)]
+        if n_outputs > 1:
+            pos = device_const(xp, ("maxpool-idx", x.shape, offset, strides, dil, pads, tuple(out), storage_order),
+                               lambda o=offset: _flat_indices(x.shape, o, strides, dil, pads, out, storage_order))
+            if y is None:
+                y, idx = v.copy(), xp.broadcast_to(pos, v.shape).copy()
+            else:
+                better = v > y
+                y = xp.where(better, v, y)
+                idx = xp.where(better, pos, idx)
+        elif y is None:
+            y = v.copy()
+        else:
+            xp.maximum(y, v, out=y)
+    res = _to_nchw(xp, y)
+    return (res, _to_nchw(xp, idx)) if n_outputs > 1 else (res,)
+
+
+def _flat_indices(shape, offset, strides, dil, pads, out, storage_order):
+    """ONNX MaxPool Indices of the window element at ``offset`` for every output position:
+    ``(n * C + c) * prod(S) + position`` in the unpadded input, the spatial position
+    row-major (storage_order 0) or column-major (1), as ONNX Runtime computes it; an
+    (N, *out, C) array (channels-last, like the pooled values). Padding never wins a max
+    against real values, so clipping padded coordinates is harmless."""
+    n, c = shape[0], shape[1]
+    sp = list(shape[2:])
+    nsp = len(sp)
+    coords = [np.clip(np.arange(m) * s + o * d - pads[i], 0, sp[i] - 1)
+              for i, (m, s, o, d) in enumerate(zip(out, strides, offset, dil))]
+    grids = np.meshgrid(*coords, indexing="ij")
+    pos, mult = 0, 1
+    axes = range(nsp) if storage_order else reversed(range(nsp))
+    for a in axes:
+        pos = pos + grids[a] * mult
+        mult *= sp[a]
+    plane = int(np.prod(sp))
+    nc = (np.arange(n)[:, None] * c + np.arange(c)[None, :]) * plane          # (N, C)
+    idx = nc.reshape((n,) + (1,) * nsp + (c,)) + pos.reshape((1,) + pos.shape + (1,))
+    return np.ascontiguousarray(idx).astype(np.int64)
+
+
+def _check_avgpool(a):
+    _check_window_attrs(a)
+    if a["count_include_pad"] not in (0, 1):
+        raise OpError(f"count_include_pad {a['count_include_pad']} (expected 0 or 1)")
+
+
+@op("onnx::AveragePool", ("X",), check=_check_avgpool, fresh=True,
+    attrs={**_POOL_ATTRS, "count_include_pad": Attr(INT, 0)})
+def average_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides, count_include_pad):
+    kernel, strides, dil, pads, out, extra = _pool_setup(x, kernel_shape, strides, pads, dilations, auto_pad,
+                                                         ceil_mode, "AveragePool")
+    nsp = len(kernel)
+    after = [p + e for p, e in zip(pads[nsp:], extra)]
+    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], after, x.dtype.type(0))
+    total = None
+    for offset in np.ndindex(*kernel):
+        v = xl[(slice(None),) + _offset_slices(offset, dil, strides, out) + (slice(None),)]
+        if total is None:
+            total = v.copy()
+        else:
+            total += v
+    if not any(pads) and not any(extra):
+        total /= x.dtype.type(np.prod(kernel))
+    else:
+        # window sizes: real elements only, or real + explicit pads (never the ceil_mode overhang)
+        counts = device_const(xp, ("avgpool-count", x.shape[2:], kernel, strides, dil, pads, tuple(extra),
+                                   count_include_pad, x.dtype.str),
+                              lambda: _pool_counts(x.shape[2:], kernel, strides, dil, pads, extra, out,
+                                                   count_include_pad, x.dtype))
+        total /= counts
+    return _to_nchw(xp, total)
+
+
+def _pool_counts(sp, kernel, strides, dil, pads, extra, out, include_pad, dtype):
+    nsp = len(sp)
+    inside = np.ones(tuple(sp), dtype)
+    width = [(pads[i], pads[i + nsp] + extra[i]) for i in range(nsp)]
+    if include_pad:   # explicit pads count, the ceil_mode overhang does not
+        inside = np.pad(inside, [(pads[i], pads[i + nsp]) for i in range(nsp)], constant_values=1)
+        width = [(0, extra[i]) for i in range(nsp)]
+    m = np.pad(inside, width)
+    total = np.zeros(tuple(out), dtype)
+    for offset in np.ndindex(*kernel):
+        total += m[_offset_slices(offset, dil, strides, out)]
+    return total[None, ..., None]
+
+
+@op("onnx::GlobalAveragePool", fresh=True)
+def global_average_pool(xp, x):
+    return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+@op("onnx::GlobalMaxPool", fresh=True)
+def global_max_pool(xp, x):
+    return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+# --------------------------------------------------------------------------- #
+# Normalisation
+# --------------------------------------------------------------------------- #
+def _check_bn(a):
+    if a["training_mode"]:
+        raise OpError("BatchNormalization training_mode=1: the batch engine runs inference only")
+    if a["spatial"] != 1:
+        raise OpError("BatchNormalization spatial=0 (opset < 9 per-element statistics) is not supported")
+
+
+@op("onnx::BatchNormalization", ("X", "scale", "B", "input_mean", "input_var"),
+    outputs=("Y", "running_mean", "running_var"), check=_check_bn, fresh=True,
+    attrs={"epsilon": Attr(FLOAT, 1e-5), "momentum": Attr(FLOAT, 0.9), "training_mode": Attr(INT, 0),
+           "spatial": Attr(INT, 1)})
+def batch_norm(xp, x, scale, b, mean, var, epsilon, momentum, training_mode, spatial, n_outputs=1):
+    # momentum only updates running statistics in training mode, which is refused
+    if n_outputs > 1:
+        raise OpError("BatchNormalization running_mean/running_var exist in training mode only")
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # channel axis 1
+    t = x.dtype.type
+    inv = (scale / xp.sqrt(var + t(epsilon))).astype(x.dtype, copy=False)
+    shift = (b - mean * inv).astype(x.dtype, copy=False)
+    return (x * inv.reshape(shape) + shift.reshape(shape),)
+
+
+@op("onnx::InstanceNormalization", ("input", "scale", "B"), outputs=("output",), attrs={"epsilon": Attr(FLOAT, 1e-5)},
+    fresh=True)
+def instance_norm(xp, x, scale, b, epsilon):
+    axes = tuple(range(2, x.ndim))
+    mu = x.mean(axis=axes, keepdims=True)
+    d = x - mu
+    var = (d * d).mean(axis=axes, keepdims=True)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return d / xp.sqrt(var + x.dtype.type(epsilon)) * scale.reshape(shape) + b.reshape(shape)
+
+
+def _check_ln(a):
+    if a["stash_type"] not in (1, 11):
+        raise OpError(f"LayerNormalization stash_type {a['stash_type']} (expected 1 or 11)")
+
+
+@op("onnx::LayerNormalization", ("X", "Scale"), optional=("B",), outputs=("Y", "Mean", "InvStdDev"), fresh=True,
+    check=_check_ln, attrs={"axis": Attr(INT, -1), "epsilon": Attr(FLOAT, 1e-5), "stash_type": Attr(INT, 1)})
+def layer_norm(xp, x, scale, b=None, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
+    axes = tuple(range(norm_axis(axis, x.ndim), x.ndim))
+    xs = x.astype(np.float64 if stash_type == 11 else np.float32, copy=False) if x.dtype.kind == "f" else x
+    mu = xs.mean(axis=axes, keepdims=True)
+    d = xs - mu
+    var = (d * d).mean(axis=axes, keepdims=True)
+    inv = 1 / xp.sqrt(var + xs.dtype.type(epsilon))
+    y = (d * inv).astype(x.dtype, copy=False) * scale
+    if b is not None:
+        y = y + b
+    return (y, mu, inv)[:n_outputs]
+
+
+@op("onnx::LRN", attrs={"alpha": Attr(FLOAT, 1e-4), "beta": Attr(FLOAT, 0.75), "bias": Attr(FLOAT, 1.0),
+                        "size": Attr(INT)}, fresh=True)
+def lrn(xp, x, alpha, beta, bias, size):
+    if not size or size < 1:
+        raise OpError("LRN needs a positive size")
+    c = x.shape[1]
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = x * x
+    shape = list(sq.shape)
+    shape[1] = c + lo + hi
+    padded = xp.zeros(shape, dtype=x.dtype)
+    padded[:, lo:lo + c] = sq
+    s = padded[:, 0:c].copy()
+    for i in range(1, size):
+        s += padded[:, i:i + c]
+    t = x.dtype.type
+    return x / (t(bias) + t(alpha / size) * s) ** t(beta)
+
+
+# --------------------------------------------------------------------------- #
+# Softmax family
+# --------------------------------------------------------------------------- #
+def _reduce_last(xp, x, how):
+    """max/sum over a short last axis. NumPy reduces a 10-wide axis slowly (0.5 ms for
+    10k rows); folding column by column (max) or a BLAS product (sum) is 3-4x faster."""
+    if xp is np and x.ndim == 2 and x.shape[1] <= 64 and x.dtype.kind == "f":
+        if how == "sum":
+            return x @ np.ones((x.shape[1], 1), x.dtype)
+        m = x[:, 0].copy()
+        for j in range(1, x.shape[1]):
+            np.maximum(m, x[:, j], out=m)
+        return m[:, None]
+    return x.max(axis=-1, keepdims=True) if how == "max" else x.sum(axis=-1, keepdims=True)
+
+
+def _shift(xp, x, axis, inplace):
+    """x - max(x) along axis, in x's own memory when allowed."""
+    last = norm_axis(axis, x.ndim) == x.ndim - 1
+    m = _reduce_last(xp, x, "max") if last else x.max(axis=axis, keepdims=True)
+    return xp.subtract(x, m, out=x if inplace else None), last
+
+
+@op("onnx::Softmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)})
+def softmax(xp, x, axis, inplace=False):
+    e, last = _shift(xp, x, axis, inplace)
+    xp.exp(e, out=e)
+    e /= _reduce_last(xp, e, "sum") if last else e.sum(axis=axis, keepdims=True)
+    return e
+
+
+@op("onnx::LogSoftmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)})
+def log_softmax(xp, x, axis, inplace=False):
+    s, last = _shift(xp, x, axis, inplace)
+    e = xp.exp(s)
+    s -= xp.log(_reduce_last(xp, e, "sum") if last else e.sum(axis=axis, keepdims=True))
+    return s
+
+
+@op("onnx::Hardmax", ("input",), outputs=("output",), fresh=True, attrs={"axis": Attr(INT, -1)})
+def hardmax(xp, x, axis):
+    a = norm_axis(axis, x.ndim)
+    idx = xp.expand_dims(xp.argmax(x, axis=a), a)
+    ar = device_const(xp, ("hardmax", x.shape[a], a, x.ndim),
+                      lambda: np.arange(x.shape[a]).reshape([-1 if i == a else 1 for i in range(x.ndim)]))
+    return (ar == idx).astype(x.dtype)
+
+
+@op("onnx::Dropout", ("data",), optional=("ratio", "training_mode"), outputs=("output", "mask"),
+    static=("ratio", "training_mode"), attrs={"seed": Attr(INT), "ratio": Attr(FLOAT), "is_test": Attr(INT, 1)})
+def dropout(xp, x, ratio_in=None, training=None, seed=None, ratio=None, is_test=1, n_outputs=1):
+    """Inference: the identity (seed and ratio only matter in training mode, which is refused)."""
+    if training is not None and bool(scalar(training)) or not is_test:
+        raise OpError("Dropout in training mode: the batch engine runs inference only")
+    return (x, xp.ones(x.shape, dtype=bool))[:n_outputs]
+
+
+# --------------------------------------------------------------------------- #
+# Resize (nearest / linear, separable per axis) and the older Upsample
+# --------------------------------------------------------------------------- #
+_COORD_MODES = ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                "half_pixel_symmetric")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _check_resize(a):
+    if a["mode"] not in ("nearest", "linear"):
+        raise OpError(f"Resize mode {a['mode']!r}: only 'nearest' and 'linear' are supported (cubic is not)")
+    if a["coordinate_transformation_mode"] not in _COORD_MODES:
+        raise OpError(f"Resize coordinate_transformation_mode {a['coordinate_transformation_mode']!r} is not "
+                      f"supported (tf_crop_and_resize is not); expected one of {', '.join(_COORD_MODES)}")
+    if a["nearest_mode"] not in _NEAREST_MODES:
+        raise OpError(f"Resize nearest_mode {a['nearest_mode']!r}")
+    if a["antialias"]:
+        raise OpError("Resize antialias=1 is not supported")
+    if a["keep_aspect_ratio_policy"] != "stretch":
+        raise OpError(f"Resize keep_aspect_ratio_policy {a['keep_aspect_ratio_policy']!r} is not supported")
+    # cubic_coeff_a and exclude_outside only concern cubic; extrapolation_value only tf_crop_and_resize
+
+
+def _source_coords(out_n, in_n, scale, mode):
+    o = np.arange(out_n, dtype=np.float64)
+    if mode == "asymmetric":
+        return o / scale
+    if mode == "align_corners":
+        return o * (in_n - 1) / (out_n - 1) if out_n > 1 else np.zeros_like(o)
+    if mode == "pytorch_half_pixel":
+        return (o + 0.5) / scale - 0.5 if out_n > 1 else np.zeros_like(o)
+    if mode == "tf_half_pixel_for_nn":
+        return (o + 0.5) / scale
+    if mode == "half_pixel_symmetric":
+        adj = out_n / (scale * in_n)
+        center = in_n / 2 * (1 - adj)
+        return center + (o + 0.5) / scale - 0.5
+    return (o + 0.5) / scale - 0.5        # half_pixel
+
+
+def _nearest_index(c, in_n, mode):
+    if mode == "floor":
+        i = np.floor(c)
+    elif mode == "ceil":
+        i = np.ceil(c)
+    elif mode == "round_prefer_ceil":
+        i = np.floor(c + 0.5)
+    else:                                  # round_prefer_floor
+        i = np.ceil(c - 0.5)
+    return np.clip(i, 0, in_n - 1).astype(np.int64)
+
+
+@op("onnx::Resize", ("X",), optional=("roi", "scales", "sizes"), static=("roi", "scales", "sizes"),
+    check=_check_resize, fresh=True,
+    attrs={"mode": Attr(STRING, "nearest"), "coordinate_transformation_mode": Attr(STRING, "half_pixel"),
+           "nearest_mode": Attr(STRING, "round_prefer_floor"), "cubic_coeff_a": Attr(FLOAT, -0.75),
+           "exclude_outside": Attr(INT, 0), "extrapolation_value": Attr(FLOAT, 0.0), "antialias": Attr(INT, 0),
+           "axes": Attr(INTS), "keep_aspect_ratio_policy": Attr(STRING, "stretch")})
+def resize(xp, x, roi=None, scales=None, sizes=None, mode="nearest", coordinate_transformation_mode="half_pixel",
+           nearest_mode="round_prefer_floor", cubic_coeff_a=-0.75, exclude_outside=0, extrapolation_value=0.0,
+           antialias=0, axes=None, keep_aspect_ratio_policy="stretch"):
+    rank = x.ndim
+    ax = list(range(rank)) if axes is None else [norm_axis(a, rank) for a in axes]
+    sc = None if scales is None or np.asarray(scales).size == 0 else [float(s) for s in np.asarray(scales).ravel()]
+    sz = None if sizes is None or np.asarray(sizes).size == 0 else ints(sizes)
+    if (sc is None) == (sz is None):
+        raise OpError("Resize needs exactly one of scales and sizes")
+    full_scale = [1.0] * rank
+    out_shape = list(x.shape)
+    for i, a in enumerate(ax):
+        if sz is not None:
+            out_shape[a] = sz[i]
+            full_scale[a] = sz[i] / x.shape[a]
+        else:
+            full_scale[a] = sc[i]
+            out_shape[a] = int(np.floor(x.shape[a] * sc[i]))
+    check_alloc(out_shape)
+    return _resample(xp, x, out_shape, full_scale, mode, coordinate_transformation_mode, nearest_mode)
+
+
+def _resample(xp, x, out_shape, scales, mode, coord_mode, nearest_mode):
+    y = x
+    for a, (n_in, n_out, s) in enumerate(zip(x.shape, out_shape, scales)):
+        if n_in == n_out and s == 1.0:
+            continue
+        key = (n_in, n_out, s, mode, coord_mode, nearest_mode)
+        c = _source_coords(n_out, n_in, s, coord_mode)
+        if mode == "nearest":
+            idx = device_const(xp, ("resize-n",) + key, lambda c=c, n=n_in: _nearest_index(c, n, nearest_mode))
+            y = xp.take(y, idx, axis=a)
+        else:
+            c = np.clip(c, 0, n_in - 1)
+            lo = np.floor(c).astype(np.int64)
+            hi = np.minimum(lo + 1, n_in - 1)
+            wshape = [-1 if i == a else 1 for i in range(x.ndim)]
+            lo_d = device_const(xp, ("resize-lo",) + key, lambda lo=lo: lo)
+            hi_d = device_const(xp, ("resize-hi",) + key, lambda hi=hi: hi)
+            w_d = device_const(xp, ("resize-w", x.dtype.str, a, x.ndim) + key,
+                               lambda c=c, lo=lo, ws=wshape: (c - lo).astype(x.dtype).reshape(ws))
+            a_lo, a_hi = xp.take(y, lo_d, axis=a), xp.take(y, hi_d, axis=a)
+            y = a_lo + (a_hi - a_lo) * w_d
+    return y if y is not x else x.copy()
+
+
+def _check_upsample(a):
+    if a["mode"] not in ("nearest", "linear"):
+        raise OpError(f"Upsample mode {a['mode']!r} (expected nearest or linear)")
+
+
+@op("onnx::Upsample", ("X",), optional=("scales",), static=("scales",), check=_check_upsample, fresh=True,
+    attrs={"mode": Attr(STRING, "nearest"), "scales": Attr(FLOATS)})
+def upsample(xp, x, scales_in=None, mode="nearest", scales=None):
+    """Opset 7-9 Upsample: asymmetric coordinates, floor for nearest."""
+    if (scales_in is None) == (scales is None):
+        raise OpError("Upsample needs scales (as input or attribute)")
+    sc = [float(s) for s in (np.asarray(scales_in).ravel() if scales_in is not None else scales)]
+    out_shape = [int(np.floor(n * s)) for n, s in zip(x.shape, sc)]
+    check_alloc(out_shape)
+    return _resample(xp, x, out_shape, sc, mode, "asymmetric", "floor")
