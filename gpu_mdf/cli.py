@@ -114,11 +114,13 @@ def plot(mdf_file, out, levels):
 @click.option("--cluster", default=None,
               help="spread chunks over Dask: local[:N], cuda, or a scheduler address tcp://host:port")
 @click.option("--cluster-timeout", type=float, default=None, help="seconds to reach a scheduler (default 10)")
+@click.option("--constants", type=click.Path(dir_okay=False), default=None,
+              help=".npz of values for unconnected input ports (weights an exporter wrote as ports)")
 @CONFIG
 @click.option("--no-progress", is_flag=True)
 @_errors
 def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, cluster, cluster_timeout,
-          config_path, no_progress):
+          constants, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     With --config holding a ``jobs:`` list, runs every item in one process; each
@@ -144,7 +146,7 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
             raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
         res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
                             device=device, batch_size=batch_size, on_error=on_error, log=_log,
-                            normalize=normalize, progress=not no_progress, cluster=session)
+                            normalize=normalize, progress=not no_progress, cluster=session, constants=constants)
     acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
     click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
                + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")

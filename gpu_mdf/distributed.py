@@ -38,14 +38,16 @@ def _chunk_task(spec: dict, i: int) -> dict:
     from distributed import get_worker
 
     from .data import open_dataset
-    from .engine import compile
+    from .engine import compile, load_constants
     from .engine.alloc import tune_host_allocator
     from .infer import process_chunk
     tune_host_allocator()   # a worker process is ours too (Dask's nanny asks glibc to trim eagerly)
     t0 = time.perf_counter()
-    pkey = (spec["mdf_path"], spec["model_sha256"], spec["device"], spec["normalize"])
+    pkey = (spec["mdf_path"], spec["model_sha256"], spec["device"], spec["normalize"], spec.get("constants"))
     if pkey not in _PROGRAMS:
-        _PROGRAMS[pkey] = compile(spec["mdf_path"], device=spec["device"], normalize=spec["normalize"])
+        consts = load_constants(spec["constants"]) if spec.get("constants") else None
+        _PROGRAMS[pkey] = compile(spec["mdf_path"], device=spec["device"], normalize=spec["normalize"],
+                                  constants=consts)
     dkey = (spec["source"], spec["split"], spec["labels"])
     if dkey not in _DATASETS:
         _DATASETS[dkey] = open_dataset(spec["source"], split=spec["split"], labels=spec["labels"])

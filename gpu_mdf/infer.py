@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import EMBEDDED_MNIST_SHA256, Dataset, open_dataset
+from .data import EMBEDDED_MNIST_SHA256, Dataset, check_finite, open_dataset
 from .distributed import cluster_session
-from .engine import Program, compile
+from .engine import Program, compile, load_constants
 from .errors import DataError, GpuMdfError, OutputError
 from .io import atomic_path, file_sha256, write_json
 
@@ -63,18 +63,26 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
                   split: str = "test", labels: str | None = None, device: str = "auto",
                   batch_size: int | None = None, on_error: str = "fail", program: Program | None = None,
                   progress: bool = True, log=print, normalize: str | None = None,
-                  cluster=None) -> InferResult:
+                  cluster=None, constants: str | Path | None = None) -> InferResult:
     """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``.
 
     ``program`` reuses an already compiled program (multi-item jobs). ``cluster``
     (``local[:N]``, ``cuda`` or a scheduler address) spreads the chunks over Dask
     workers, which write to the same chunk store; the files are the same.
+    ``constants``: a ``.npz`` of values for unconnected input ports (weights that an
+    exporter wrote as ports), bound at compile time.
     """
     out = Path(out_dir).resolve()
     mdf_path = Path(mdf_path).resolve()
+    constants = None if constants is None else Path(constants).resolve()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
-        prog = program or compile(mdf_path, device="cpu" if session else device, normalize=normalize)
+        prog = program or compile(mdf_path, device="cpu" if session else device, normalize=normalize,
+                                  constants=None if constants is None else load_constants(constants))
+        if prog.primary_input is None:
+            raise GpuMdfError(f"{mdf_path.name}: bulk inference feeds one input, and this graph takes "
+                              f"{[p.describe() for p in prog.inputs] or 'none'}"
+                              + (" (bind the others with --constants)" if len(prog.inputs) > 1 else ""))
         ds = open_dataset(source, split=split, labels=labels)
         if len(ds) == 0:
             raise DataError(f"{ds.name}: no images")
@@ -82,6 +90,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
         job = {"gpu_mdf": __version__, "model_sha256": file_sha256(mdf_path), "model": str(mdf_path),
                "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
                "normalize": prog.normalize, "dtype": str(prog.dtype), "on_error": on_error}
+        if constants is not None:
+            job["constants_sha256"] = file_sha256(constants)
         chunk_dir = _claim(out, job)
         log(session.describe() if session else prog.backend.describe())
         log(f"{ds.describe()}; batch size {bs}")
@@ -99,7 +109,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
             if session:
                 cluster_info = session.run_chunks(
                     dict(mdf_path=str(mdf_path), model_sha256=job["model_sha256"], device=device,
-                         normalize=prog.normalize, source=_abs_source(source), split=split,
+                         normalize=prog.normalize, constants=None if constants is None else str(constants),
+                         source=_abs_source(source), split=split,
                          labels=None if labels is None else str(Path(labels).resolve()), batch_size=bs,
                          chunk_dir=str(chunk_dir), on_error=on_error),
                     todo, bar.update)
@@ -126,10 +137,9 @@ def _abs_source(source):
 def run_chunks_here(prog: Program, ds: Dataset, todo: list[int], bs: int, chunk_dir: Path, on_error: str,
                     on_done, threads: int | None = None) -> None:
     """Run chunks in this process: on the CPU, several chunks at once (one per core),
-    each with single-threaded BLAS; on a GPU, one after another."""
+    each with single-threaded BLAS; on a GPU, through the overlapped stream."""
     if prog.backend.is_gpu:
-        for i in todo:
-            on_done(process_chunk(prog, ds, i, bs, chunk_dir, on_error))
+        _run_chunks_streamed(prog, ds, todo, bs, chunk_dir, on_error, on_done)
         return
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -153,6 +163,38 @@ def run_chunks_here(prog: Program, ds: Dataset, todo: list[int], bs: int, chunk_
             raise
 
 
+def _run_chunks_streamed(prog: Program, ds: Dataset, todo: list[int], bs: int, chunk_dir: Path, on_error: str,
+                         on_done) -> None:
+    """GPU: chunks flow through :func:`~gpu_mdf.engine.stream.run_overlapped` (the copy
+    of chunk i+1 and i+2 while chunk i computes, results copied back asynchronously).
+    A chunk that cannot go whole (an unreadable item, NaN or Inf pixels) takes the
+    per-item path instead, which records each bad item."""
+    from collections import deque
+
+    fed: deque = deque()
+
+    def feed():
+        for i in todo:
+            lo, hi = i * bs, min(i * bs + bs, len(ds))
+            try:
+                x = ds.read(lo, hi)
+                if x.dtype.kind == "f":
+                    check_finite(x, np, "input")
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                probs, errors = _run_chunk(prog, ds, lo, hi, None, e, on_error)
+                on_done(_save_chunk(chunk_dir, i, probs, errors))
+                continue
+            fed.append((i, lo, hi))
+            yield x
+
+    for out in prog.run_many(feed(), check=False):
+        i, lo, hi = fed.popleft()
+        probs, errors = _finite_rows(_first_output(out), lo, ds, on_error)
+        on_done(_save_chunk(chunk_dir, i, probs, errors))
+
+
 def process_chunk(prog: Program, ds: Dataset, i: int, bs: int, chunk_dir: Path, on_error: str) -> int:
     """Read, run and save chunk ``i`` (atomically). Returns the number of images.
 
@@ -170,10 +212,14 @@ def process_chunk(prog: Program, ds: Dataset, i: int, bs: int, chunk_dir: Path, 
             raise
         x, err = None, e
     probs, errors = _run_chunk(prog, ds, lo, hi, x, err, on_error)
+    return _save_chunk(chunk_dir, i, probs, errors)
+
+
+def _save_chunk(chunk_dir: Path, i: int, probs, errors) -> int:
     with atomic_path(Path(chunk_dir) / f"{i:06d}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, probs=probs, errors=np.array([json.dumps(e) for e in errors], dtype=str))
-    return hi - lo
+    return len(probs)
 
 
 def _claim(out: Path, job: dict) -> Path:
@@ -204,7 +250,7 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, on_e
     """Probabilities for images [lo, hi); with on_error=skip, bad items become NaN rows."""
     if read_error is None:
         try:
-            return _first_output(_run(prog, x)), []
+            return _finite_rows(_first_output(_run(prog, x)), lo, ds, on_error)
         except DataError:
             if on_error != "skip":
                 raise
@@ -220,7 +266,28 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, on_e
     nout = prog.outputs[0].shape[-1] if prog.outputs[0].shape else 10
     probs = np.full((hi - lo, nout), np.nan, np.float32)
     if good:
-        probs[idx] = _first_output(_run(prog, np.concatenate(good)))
+        p, more = _finite_rows(_first_output(_run(prog, np.concatenate(good))), lo, ds, on_error,
+                               [lo + j for j in idx])
+        probs[idx] = p
+        errors = sorted(errors + more, key=lambda e: e["index"])
+    return probs, errors
+
+
+def _finite_rows(probs, lo: int, ds: Dataset, on_error: str, indices=None):
+    """Non-finite model outputs (an overflow inside the model) are per-item errors, like NaN input."""
+    probs = np.asarray(probs)
+    flat = probs.reshape(len(probs), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if not bad.any():
+        return probs, []
+    where = indices or list(range(lo, lo + len(probs)))
+    errors = [{"index": where[j], "item": ds.item_name(where[j]),
+               "error": "the model's output is not finite (NaN or Inf: an overflow inside the model)"}
+              for j in np.flatnonzero(bad)]
+    if on_error != "skip":
+        raise DataError(f"{errors[0]['item']}: {errors[0]['error']}")
+    probs = probs.astype(np.float32, copy=True)
+    probs[bad] = np.nan
     return probs, errors
 
 

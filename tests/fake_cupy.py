@@ -104,8 +104,8 @@ def _root(a):
 
 
 def _check_alloc(res, inputs_roots):
-    if _pool.limit and isinstance(res, np.ndarray) and _root(res) not in inputs_roots \
-            and res.nbytes > _pool.limit:
+    if _pool.limit and isinstance(res, np.ndarray) and res.nbytes > _pool.limit \
+            and not any(_root(res) is r for r in inputs_roots):
         raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
 
 

@@ -1,9 +1,20 @@
-"""GPU streaming: overlap host->device copies of the next chunk with compute of this one.
+"""GPU streaming: copies in, compute and copies out of consecutive chunks overlap.
 
-Chunks travel as compact host arrays (uint8 pixels: 784 bytes an image) through
-two pinned staging buffers on a dedicated copy stream; the compute stream waits
-on an event per chunk, so the copy of chunk i+1 runs while chunk i computes.
-A chunk that does not fit in device memory is split in half and retried.
+Three CUDA streams and two pinned buffers each way:
+
+* **copy in**: a chunk travels as compact host data (uint8 pixels: 784 bytes an image),
+  is copied into pinned memory on the host (several threads) and sent to the device
+  on the copy stream, which records an event;
+* **compute**: the compute stream waits for that event, normalises on the device and
+  runs the program, then records an event;
+* **copy out**: the result stream waits for the compute event and copies the outputs
+  into pinned host buffers asynchronously.
+
+The host thread only blocks to hand over a chunk's result, and by then it has already
+queued the next chunk's compute and the copy of the one after: the single
+device->host synchronisation of a chunk waits for work that overlapped other work.
+Float chunks are checked for NaN/Inf on the host before they are sent. A chunk that
+does not fit in device memory is split in half and retried.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from ..data import check_finite
 
 _COPY_THREADS = max(1, min(8, os.cpu_count() or 1))   # ~8 memcpy threads keep up with PCIe 5
 _copy_pool: ThreadPoolExecutor | None = None
@@ -56,66 +69,105 @@ def run_split_on_oom(program, x, check: bool = True, min_items: int = 1):
         return np.concatenate([a, b])
 
 
+class _Pinned:
+    """Two pinned host buffers used in turn, grown on demand."""
+
+    def __init__(self, cupyx):
+        self.cupyx = cupyx
+        self.bufs: list = [None, None]
+
+    def view(self, slot: int, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        buf = self.bufs[slot]
+        if buf is None or buf.nbytes < size:
+            buf = self.bufs[slot] = self.cupyx.empty_pinned((max(size, 1),), np.uint8)
+        return buf[:size].view(dtype).reshape(shape)
+
+
 def run_overlapped(program, chunks: Iterable, check: bool = True) -> Iterator:
     """Yield host results for each chunk, pipelining copies and compute on a GPU."""
     import cupy as cp
     import cupyx
 
-    backend = program.backend
-    if len(program.inputs) != 1:  # multi-input graphs: plain path
+    if len(program.inputs) != 1:  # several inputs: the plain path
         for c in chunks:
             yield run_split_on_oom(program, c, check)
         return
-    with backend.use():
+    spec = program.inputs[0]
+    with program.backend.use():
         copy_stream = cp.cuda.Stream(non_blocking=True)
         compute_stream = cp.cuda.Stream(non_blocking=True)
-        pinned: list = [None, None]
-        pending = None  # (device input, ready event) for the chunk in flight
-        slot = 0
+        out_stream = cp.cuda.Stream(non_blocking=True)
+        pin_in, pin_out = _Pinned(cupyx), {}
+        counter = 0
 
         def stage(host):
-            nonlocal slot
+            """Host chunk -> pinned -> device, on the copy stream; returns (device array, event)."""
+            nonlocal counter
             host = np.ascontiguousarray(host)
-            buf = pinned[slot]
-            if buf is None or buf.nbytes < host.nbytes or buf.dtype != host.dtype:
-                buf = pinned[slot] = cupyx.empty_pinned(host.shape, host.dtype)
-            view = buf.reshape(-1)[: host.size].reshape(host.shape)
+            if check and host.dtype.kind == "f":
+                check_finite(host, np, f"input {spec.name}")      # on the host: no device round trip
+            view = pin_in.view(counter % 2, host.shape, host.dtype)
             parallel_copy(view, host)
             with copy_stream:
                 dev = cp.empty(host.shape, host.dtype)
                 dev.set(view, stream=copy_stream)
-                ev = copy_stream.record()
-            slot ^= 1
-            return dev, ev
+                ready = copy_stream.record()
+            counter += 1
+            return dev, ready, host
+
+        def launch(dev, ready, slot):
+            """Compute one staged chunk and queue the copy of its results to pinned memory."""
+            compute_stream.wait_event(ready)
+            with compute_stream:
+                outs = program.execute({spec.name: program.prepare(dev, spec, check=False)})
+                computed = compute_stream.record()
+            out_stream.wait_event(computed)
+            hosts = {}
+            with out_stream:
+                for name, v in outs.items():
+                    if isinstance(v, np.ndarray):            # a host-side output (shape arithmetic)
+                        hosts[name] = v
+                        continue
+                    buf = pin_out.setdefault(name, _Pinned(cupyx)).view(slot, v.shape, v.dtype)
+                    hosts[name] = v.get(stream=out_stream, out=buf, blocking=False)
+                copied = out_stream.record()
+            return copied, hosts, outs      # device outputs stay referenced until copied
+
+        def finish(pending):
+            copied, hosts, _outs = pending
+            copied.synchronize()              # the one wait of a chunk: its result
+            res = {k: np.array(v, copy=True) for k, v in hosts.items()}   # pinned buffers are reused
+            return next(iter(res.values())) if len(res) == 1 else res
 
         it = iter(chunks)
         first = next(it, None)
         if first is None:
             return
-        pending = stage(first)
-        while pending is not None:
-            dev, ev = pending
-            nxt = next(it, None)
-            staged = None
-            compute_stream.wait_event(ev)
+        staged = stage(first)
+        pending = None
+        slot = 0
+        while staged is not None:
+            dev, ready, host = staged
             try:
-                with compute_stream:
-                    out = program.execute({program.inputs[0].name: program.prepare(dev, check=check)})
-                # stage the next chunk while this one computes
-                staged = stage(nxt) if nxt is not None else None
-                compute_stream.synchronize()
-                result = {k: v.get() for k, v in out.items()}
+                launched = launch(dev, ready, slot)
             except Exception as e:
                 if not _is_oom(e):
                     raise
-                out = None
+                launched = None
+            nxt = next(it, None)
+            staged = stage(nxt) if nxt is not None else None      # copy of i+1 while i computes
+            if pending is not None:
+                yield finish(pending)
+                pending = None
+            if launched is None:                                   # out of memory: split and retry
                 compute_stream.synchronize()
-                host = dev.get()
                 dev = None
                 cp.get_default_memory_pool().free_all_blocks()
-                result = run_split_on_oom(program, host, check)
-                result = result if isinstance(result, dict) else {program.outputs[0].name: result}
-                if staged is None and nxt is not None:
-                    staged = stage(nxt)
-            pending = staged
-            yield next(iter(result.values())) if len(result) == 1 else result
+                yield run_split_on_oom(program, host, check)
+            else:
+                pending = launched
+                slot ^= 1
+        if pending is not None:
+            yield finish(pending)
