@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_mnist, normalize
-from .engine import compile, load_mdf_dict
-from .engine.ops import lookup
+from .engine import compile, load_constants
 from .errors import GpuMdfError
 
 
@@ -38,155 +37,150 @@ def timeit(fn, repeats: int, warmup: int = 10) -> float:
 
 
 # --------------------------------------------------------------------------- #
-# MDF -> ONNX for graphs made of onnx:: functions (the gpu-mdf converter's output)
+# Inputs and engines
 # --------------------------------------------------------------------------- #
-def mdf_to_onnx(mdf, opset: int = 17):
-    """An ONNX model computing the same graph with the same weights.
-
-    Supports graphs whose functions are ``onnx::`` ops and whose output ports and
-    input-node outputs name a value directly; raises ValueError otherwise.
-    """
-
-    from onnx import TensorProto, helper, numpy_helper
-
-    d = load_mdf_dict(mdf)
-    (_, m), = d.items()
-    (_, g), = m["graphs"].items()
-    meta = (g.get("metadata") or {}).get("gpu_mdf", {})
-    nodes, inits, inputs = [], [], []
-    edges = {(e["receiver"], e["receiver_port"]): (e["sender"], e["sender_port"])
-             for e in g.get("edges", {}).values()}
-    port_value: dict[tuple[str, str], str] = {}
-
-    def q(nid, name):
-        return f"{nid}/{name}"
-
-    order = list(g["nodes"])  # the converter writes nodes in topological order
-    for nid in order:
-        n = g["nodes"][nid]
-        for pid, p in n.get("input_ports", {}).items():
-            if (nid, pid) in edges:
-                nodes.append(helper.make_node("Identity", [port_value[edges[(nid, pid)]]], [q(nid, pid)]))
-            else:
-                shape = ["N"] + list(p["shape"][1:])
-                inputs.append(helper.make_tensor_value_info(q(nid, pid), TensorProto.FLOAT, shape))
-        for pid, p in n.get("parameters", {}).items():
-            inits.append(numpy_helper.from_array(np.asarray(p["value"], np.float32), q(nid, pid)))
-        for fid, f in n.get("functions", {}).items():
-            fname = f.get("function")
-            spec = lookup(fname) if isinstance(fname, str) else None
-            if spec is None or not fname.startswith("onnx::"):
-                raise ValueError(f"node {nid} function {fid} ({fname or f.get('value')}) has no ONNX form")
-            ins, attrs = [], {}
-            names = list(spec.inputs) + list(spec.optional)
-            for k, v in (f.get("args") or {}).items():
-                if k in names or (spec.variadic and k not in spec.attrs):
-                    if isinstance(v, str):
-                        ins.append((names.index(k) if k in names else len(ins), q(nid, v)))
-                    else:
-                        a = np.asarray(v)
-                        a = a.astype(np.int64 if a.dtype.kind in "iu" else np.float32)
-                        cname = q(nid, f"{fid}_{k}")
-                        inits.append(numpy_helper.from_array(a, cname))
-                        ins.append((names.index(k) if k in names else len(ins), cname))
-                else:
-                    attrs[k] = v
-            ins.sort()
-            nodes.append(helper.make_node(fname.split("::")[1], [n_ for _, n_ in ins], [q(nid, fid)], **attrs))
-        for pid, p in n.get("output_ports", {}).items():
-            port_value[(nid, pid)] = q(nid, p["value"])
-    outs = meta.get("outputs") or []
-    out_names = []
-    for nid in order:
-        for pid in g["nodes"][nid].get("output_ports", {}):
-            if pid in outs:
-                out_names.append(pid)
-                nodes.append(helper.make_node("Identity", [port_value[(nid, pid)]], [pid]))
-    graph = helper.make_graph(nodes, "mdf", inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in out_names],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+def mdf_to_onnx(mdf, constants=None):
+    """The MDF graph as an ONNX model (the ONNX Runtime baseline when there is no
+    original ONNX file); ValueError for graphs with MDF expressions."""
+    from .engine.onnx_export import to_onnx
+    return to_onnx(compile(mdf, device="cpu", constants=constants))
 
 
-# --------------------------------------------------------------------------- #
-# Engines
-# --------------------------------------------------------------------------- #
-def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print) -> list[dict]:
-    (_, _), (xte, _) = load_mnist()
-    prog_cpu = compile(mdf_path, device="cpu")
-    x = normalize(xte, prog_cpu.normalize)
+def bench_inputs(prog, batch: int | None):
+    """The batch every engine gets: the MNIST test images (normalised as the graph says)
+    for a graph taking 784 values an item; random normal data of the declared shape
+    otherwise. Returns (array, description)."""
+    spec = prog.primary_input
+    if spec is None:
+        raise GpuMdfError(f"the benchmark feeds one input; this graph takes {[p.describe() for p in prog.inputs]}"
+                          " (bind the others with --constants)")
+    item = tuple(spec.shape[1:]) if spec.shape else None
+    if item is not None and int(np.prod(item)) == 784 and -1 not in item:
+        (_, _), (xte, _) = load_mnist()
+        n = batch or len(xte)
+        x = np.resize(xte, (n, 28, 28))
+        return normalize(x, prog.normalize).reshape((n,) + item), f"{n:,} MNIST test images"
+    if item is None or -1 in item:
+        raise GpuMdfError(f"input {spec.name} has no fixed item shape ({spec.describe()}); cannot make data")
+    n = batch or 64
+    x = np.random.default_rng(0).standard_normal((n,) + item).astype(prog.dtype)
+    return x, f"{n:,} random items of shape {item}"
+
+
+def _openblas_note() -> str:
+    bad = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(v)]
+    if bad:
+        return (f"WARNING: {' and '.join(bad)} set: NumPy may use slow BLAS kernels here "
+                f"(time with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE ...`)")
+    return "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset"
+
+
+def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, onnx_path=None, constants=None,
+              batch: int | None = None) -> list[dict]:
+    consts = load_constants(constants) if constants else None
+    prog_cpu = compile(mdf_path, device="cpu", constants=consts)
+    x, what = bench_inputs(prog_cpu, batch)
+    echo(f"  data: {what}; {_openblas_note()}; {len(os.sched_getaffinity(0))} CPU threads")
     rows: list[dict] = []
-    ref = prog_cpu.run(x)
+    ref = _first(prog_cpu.run(x))
 
     def add(name, seconds, out=None):
-        diff = float(np.abs(np.asarray(out) - ref).max()) if out is not None else None
+        diff = None
+        if out is not None:
+            diff = float(np.abs(np.asarray(out, np.float64).reshape(ref.shape) - ref).max())
         rows.append({"engine": name, "seconds": seconds, "images_per_s": len(x) / seconds,
                      "max_abs_diff_vs_gpu_mdf": diff})
         echo(f"  measured {name}: {seconds * 1e3:.2f} ms")
+
+    def skipped(name, why):
+        echo(f"  {name}: not measured ({why})")
 
     add("gpu-mdf (NumPy, CPU)", timeit(lambda: prog_cpu.run(x), repeats), ref)
     add("gpu-mdf (NumPy, CPU, no NaN check)", timeit(lambda: prog_cpu.run(x, check=False), repeats), ref)
     from .backend import probe_gpu
     probe = probe_gpu()
     if probe.usable:
-        pg = compile(mdf_path, device="gpu")
-        xd = pg.backend.to_device(x)
-        feeds = {pg.inputs[0].name: xd}
+        pg = compile(mdf_path, device="gpu", constants=consts)
+        xd = pg.prepare(x)
+        feeds = {pg.primary_input.name: xd}
 
         def dev():
             pg.execute(feeds)
             pg.backend.synchronize()
-        add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), pg.run(x))
-        add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), pg.run(x))
-        add("gpu-mdf (CuPy, from host uint8)", timeit(lambda: pg.run(xte), repeats), pg.run(xte))
+        add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), _first(pg.run(x)))
+        add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), _first(pg.run(x)))
     else:
-        echo(f"  CuPy: not measured ({probe.reason})")
+        skipped("CuPy", probe.reason)
 
     if "onnxruntime" not in skip:
         try:
             import onnxruntime as ort
-            sess = ort.InferenceSession(mdf_to_onnx(mdf_path).SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
-            name = sess.get_inputs()[0].name
-            add(f"ONNX Runtime {ort.__version__} (CPU)",
-                timeit(lambda: sess.run(None, {name: x}), repeats), sess.run(None, {name: x})[0])
-        except (ImportError, ValueError) as e:
-            echo(f"  ONNX Runtime: skipped ({e})")
+            if onnx_path:
+                model_bytes, label = Path(onnx_path).read_bytes(), "the original ONNX file"
+            else:
+                model_bytes, label = mdf_to_onnx(mdf_path, consts).SerializeToString(), "the MDF graph as ONNX"
+            sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+            inp = sess.get_inputs()[0]
+            xo = x.reshape((len(x),) + tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])) \
+                if len(inp.shape) != x.ndim else x
+            add(f"ONNX Runtime {ort.__version__} (CPU, {label})", timeit(lambda: sess.run(None, {inp.name: xo}),
+                                                                        repeats), sess.run(None, {inp.name: xo})[0])
+            del sess      # its threads spin-wait after each run: gone before the next engine is timed
+        except (ImportError, ValueError, OSError) as e:
+            skipped("ONNX Runtime", e)
+        except Exception as e:  # an ONNX Runtime refusal of the model
+            skipped("ONNX Runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     if "tensorflow" not in skip and keras_path:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import keras
         import tensorflow as tf
-        model = keras.models.load_model(keras_path, compile=False)
+        model = keras.models.load_model(keras_path, compile=False, safe_mode=True)
         xk = x.reshape((len(x),) + tuple(model.input_shape[1:]))
-        add(f"TensorFlow {tf.__version__} model.predict (batch 10000)",
-            timeit(lambda: model.predict(xk, batch_size=10000, verbose=0), max(3, repeats // 4)),
-            model.predict(xk, batch_size=10000, verbose=0))
+        add(f"TensorFlow {tf.__version__} model.predict (batch {len(x)})",
+            timeit(lambda: model.predict(xk, batch_size=len(xk), verbose=0), max(3, repeats // 4)),
+            model.predict(xk, batch_size=len(xk), verbose=0))
         fn = tf.function(lambda t: model(t, training=False))
         xt = tf.constant(xk)
         add("TensorFlow tf.function", timeit(lambda: fn(xt).numpy(), repeats), fn(xt).numpy())
     if "evaluablegraph" not in skip:
-        from modeci_mdf.execution_engine import EvaluableGraph
-        from modeci_mdf.utils import load_mdf
-        mm = load_mdf(str(mdf_path))
-        o = prog_cpu.outputs[0]
-
-        def eg_run():
-            eg = EvaluableGraph(mm.graphs[0], verbose=False)
-            eg.evaluate(initializer={prog_cpu.inputs[0].name: x})
-            return eg.enodes[o.node].evaluable_outputs[o.port].curr_value
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):
-            out = eg_run()
-            add("modeci_mdf EvaluableGraph", timeit(eg_run, 2, warmup=0), out)
+        _evaluable_graph_row(mdf_path, prog_cpu, x, consts, add, skipped)
     # measured again last: the spread between the two gpu-mdf rows shows this machine's drift
     add("gpu-mdf (NumPy, CPU), measured again last", timeit(lambda: prog_cpu.run(x), repeats), ref)
     base = rows[0]["seconds"]
     for r in rows:
         r["time_vs_gpu_mdf"] = r["seconds"] / base
     return rows
+
+
+def _first(out):
+    return next(iter(out.values())) if isinstance(out, dict) else out
+
+
+def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
+    try:
+        from modeci_mdf.execution_engine import EvaluableGraph
+        from modeci_mdf.utils import load_mdf
+    except ImportError as e:
+        skipped("modeci_mdf EvaluableGraph", e)
+        return
+    import contextlib
+    import io
+    mm = load_mdf(str(mdf_path))
+    o = prog.outputs[0]
+    init = dict(consts or {})
+    for p in prog.inputs:
+        init[p.name] = x.astype(np.float64) if p is prog.primary_input else p.default
+
+    def eg_run():
+        eg = EvaluableGraph(mm.graphs[0], verbose=False)
+        eg.evaluate(initializer=init)
+        return eg.enodes[o.node].evaluable_outputs[o.port].curr_value
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = eg_run()
+            add("modeci_mdf EvaluableGraph", timeit(eg_run, 2, warmup=0), out)
+    except Exception as e:
+        skipped("modeci_mdf EvaluableGraph", f"it failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
@@ -275,7 +269,7 @@ def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repea
 
 def render(rows: list[dict]) -> str:
     w = max(len(r["engine"]) for r in rows)
-    lines = [f"{'engine':<{w}}  {'ms / 10k':>10}  {'images/s':>13}  {'time vs gpu-mdf':>15}  {'max|diff|':>9}",
+    lines = [f"{'engine':<{w}}  {'ms':>10}  {'images/s':>13}  {'time vs gpu-mdf':>15}  {'max|diff|':>9}",
              "-" * (w + 56)]
     for r in rows:
         d = "" if r["max_abs_diff_vs_gpu_mdf"] is None else f"{r['max_abs_diff_vs_gpu_mdf']:.1e}"
@@ -284,15 +278,17 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0):
+def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0,
+         onnx_model=None, constants=None, batch=None):
     if mdf_file is None and keras_model is None:
         raise GpuMdfError("give an MDF file (and --keras-model for the TensorFlow baselines)")
     if mdf_file is None:  # convert the given Keras model
         from .convert import keras_to_mdf, load_keras_model, save_mdf
         tmp = Path(tempfile.mkdtemp()) / "bench.json"
         mdf_file = save_mdf(keras_to_mdf(load_keras_model(keras_model), normalize="l2"), tmp)
-    echo(f"benchmark: {mdf_file}, 10,000 MNIST test images, median of {repeats} after warm-ups")
-    rows = run_table(mdf_file, keras_model, repeats, skip, echo)
+    echo(f"benchmark: {mdf_file}, median of {repeats} after warm-ups")
+    rows = run_table(mdf_file, keras_model, repeats, skip, echo, onnx_path=onnx_model, constants=constants,
+                     batch=batch)
     echo("")
     echo(render(rows))
     result = {"rows": rows}

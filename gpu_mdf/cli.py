@@ -197,12 +197,21 @@ def info(as_json, no_tensorflow):
 @click.option("--cluster-scaling", type=int, default=0,
               help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
 @click.option("--json-out", default=None, help="write the table as JSON here")
+@click.option("--onnx-model", default=None, type=click.Path(dir_okay=False),
+              help="the original ONNX file, for the ONNX Runtime row (default: the MDF graph exported to ONNX)")
+@click.option("--constants", default=None, type=click.Path(dir_okay=False),
+              help=".npz of values for unconnected input ports (weights written as ports)")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="items per run (default: the 10,000 MNIST test images, or 64 random items)")
 @_errors
-def bench(mdf_file, keras_model, repeats, stream, skip, cluster_scaling, json_out):
-    """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios)."""
+def bench(mdf_file, keras_model, repeats, stream, skip, cluster_scaling, json_out, onnx_model, constants, batch):
+    """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios).
+
+    Time NumPy with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset where a machine sets them.
+    """
     from .bench import main as bench_main
     bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,
-               cluster_scaling_n=cluster_scaling)
+               cluster_scaling_n=cluster_scaling, onnx_model=onnx_model, constants=constants, batch=batch)
 
 
 if __name__ == "__main__":

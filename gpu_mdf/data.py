@@ -420,8 +420,8 @@ def normalize(x, mode: str = "l2", xp=np, dtype=np.float32):
     return x / norm
 
 
-def check_finite(x, xp=np, what: str = "input") -> None:
-    """Refuse NaN/Inf in float input, naming the first bad item.
+def check_finite(x, xp=np, what: str = "input", offset: int = 0) -> None:
+    """Refuse NaN/Inf in float input, naming the first bad item (numbered from ``offset``).
 
     Fast path: one BLAS product ``rows @ ones`` (a NaN or Inf anywhere in a row makes
     that row's sum non-finite), 3x cheaper than ``isfinite(x).all()``; flagged rows
@@ -438,4 +438,4 @@ def check_finite(x, xp=np, what: str = "input") -> None:
     bad = ~xp.isfinite(flat[rows]).all(axis=1)
     if bool(bad.any()):
         i = int(rows[int(xp.argmax(bad))])
-        raise DataError(f"{what}: item {i} holds NaN or Inf values")
+        raise DataError(f"{what}: item {offset + i} holds NaN or Inf values")

@@ -296,7 +296,7 @@ def _run(prog: Program, x):
     if prog.backend.is_gpu:
         from .engine.stream import run_split_on_oom
         return run_split_on_oom(prog, x)
-    return prog.run(x)
+    return prog.run(x, threads=1)        # chunks already run in parallel, one per core
 
 
 def _first_output(out):

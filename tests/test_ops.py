@@ -391,3 +391,22 @@ def test_mdf_standard_functions_match_modeci(name):
     assert list(spec.inputs) == list(ref["arguments"])
     got = spec.kernel(np, *(args[a] for a in spec.inputs))
     np.testing.assert_allclose(got, ref["function"](**args), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_onnx_export_of_the_compiled_graph(case):
+    """gpu_mdf.engine.onnx_export (the benchmark's ONNX Runtime baseline) reproduces every op."""
+    from gpu_mdf.engine.onnx_export import to_onnx
+    op, inputs, attrs = case[:3]
+    opts = case[3] if len(case) > 3 else {}
+    n_out = opts.get("n_out", 1)
+    mdf_attrs = {k: (onnx.numpy_helper.to_array(v).tolist() if isinstance(v, onnx.TensorProto) else v)
+                 for k, v in attrs.items()}
+    port_first = not opts.get("all_params")
+    want, prog = ours(op, inputs, mdf_attrs, n_out=n_out, port_first=port_first)
+    model = to_onnx(prog)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {} if not prog.inputs else {prog.inputs[0].name: next(v for v in inputs.values() if v is not None)}
+    got = sess.run(None, feed)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6)

@@ -324,19 +324,21 @@ _REDUCE_ATTRS = {"keepdims": Attr(INT, 1), "noop_with_empty_axes": Attr(INT, 0),
 
 def _fold_small_axes(xp, x, axes, keepdims, combine):
     """Reduce over a few short axes (e.g. the 2x2 tiles of a pooling) by combining
-    strided slices: NumPy's reduction over short interleaved axes is 2x slower."""
+    strided slices, one axis at a time from the outermost, so the slices keep their
+    long contiguous rows (NumPy's reduction over short interleaved axes is 2-4x slower)."""
     if xp is not np or not axes:
         return None
     count = int(np.prod([x.shape[a] for a in axes]))
     if count > 16 or count < 2:
         return None
-    out = None
-    for idx in np.ndindex(*[x.shape[a] for a in axes]):
-        sl = [slice(None)] * x.ndim
-        for a, i in zip(axes, idx):
-            sl[a] = i
-        v = x[tuple(sl)]
-        out = v.copy() if out is None else combine(out, v, out=out)
+    out = x
+    for removed, a in enumerate(axes):       # ascending: each step removes one axis
+        a -= removed
+        parts = [out[(slice(None),) * a + (i,)] for i in range(out.shape[a])]
+        acc = combine(parts[0], parts[1])
+        for p in parts[2:]:
+            combine(acc, p, out=acc)
+        out = acc
     if keepdims:
         out = np.expand_dims(out, tuple(axes))
     return out, count
