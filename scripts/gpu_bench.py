@@ -3,57 +3,82 @@
 
     python scripts/gpu_bench.py BUNDLE_DIR [--images 1000000]
 
-Prints one table: CuPy vs NumPy agreement on the 10k test images, device-resident
-throughput, and end-to-end throughput from host uint8 arrays, for each MDF file.
+For every model of the bundle, one table row:
+
+* agreement with the NumPy backend on 2,048 items (max |difference|, argmax agreement);
+* **device-resident** images/s: the input already normalised on the device, the program
+  run ``REPS`` times back to back and timed with CUDA events around all of them (one
+  synchronisation at the end), as the median of 5 such timings;
+* **end to end** images/s: host arrays (uint8 pixels for MNIST models) streamed through
+  ``Program.run_many`` (pinned staging, overlapped copies, results back on the host),
+  the median of 3 passes over ``--images`` items.
+
+Medians, never best-of; nothing is extrapolated from a single batch.
 """
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gpu_mdf.data import load_mnist
-from gpu_mdf.engine import compile
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bundle  # noqa: E402
+
+REPS = 20
 
 
-def timed(fn, sync, repeats=5):
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+def device_resident(prog, x_dev, reps=REPS, rounds=5) -> float:
+    """Seconds per batch: ``reps`` executions between two CUDA events, median of rounds."""
+    xp = prog.xp
+    feeds = {prog.primary_input.name: x_dev}
+    prog.execute(feeds)
+    prog.backend.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = xp.cuda.Event(), xp.cuda.Event()
+        start.record()
+        for _ in range(reps):
+            prog.execute(feeds)
+        end.record()
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def end_to_end(prog, host, chunk, rounds=3) -> float:
+    """Seconds for all of ``host`` through the overlapped stream, median of rounds."""
+    chunks = [host[i:i + chunk] for i in range(0, len(host), chunk)]
+    list(prog.run_many(iter(chunks[:2])))       # warm-up: pinned buffers, kernels compiled
+    times = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for _ in prog.run_many(iter(chunks)):
+            pass
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def bench(path: Path, n: int, device="gpu") -> dict:
-    """One model: agreement with NumPy, device-resident and end-to-end images/s.
-    ``device`` may be a Backend (the tests pass a CuPy stand-in)."""
-    cpu = compile(path, device="cpu")
-    gpu = compile(path, device=device)
-    (_, _), (xte, _) = load_mnist()
-    shape = tuple(gpu.inputs[0].shape[1:])
-    x10k = xte.reshape((len(xte),) + shape)
-    diff = float(np.abs(gpu.run(x10k) - cpu.run(x10k)).max())
-    agree = float((gpu.run(x10k).argmax(1) == cpu.run(x10k).argmax(1)).mean())
-    host = np.resize(x10k, (n,) + shape)           # n images tiled from the test set, uint8
-    sync = gpu.backend.synchronize
-    # device-resident: normalised input already on the GPU, one program execution
-    bs = gpu.suggest_batch_size(n)
-    dev = gpu.prepare(host[:bs])
-    feeds = {gpu.inputs[0].name: dev}
-    t_dev = timed(lambda: gpu.execute(feeds), sync) * (n / bs)
-    # end to end: host uint8 chunks -> pinned -> device (overlapped) -> normalise -> run -> host
+def bench(entry, n: int, device="gpu", reps=REPS, rounds=(5, 3)) -> dict:
+    """One model. ``device`` may be a Backend (the tests pass the CuPy stand-in, with
+    fewer repetitions)."""
+    cpu = gpu_bundle.compiled(entry, "cpu")
+    gpu = gpu_bundle.compiled(entry, device)
+    x = gpu_bundle.data(entry, cpu, 2048)
+    a, b = np.asarray(gpu.run(x)), np.asarray(cpu.run(x))
+    diff = float(np.abs(a - b).max())
+    agree = float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean())
+    bs = gpu.suggest_batch_size(min(n, 1 << 16))
+    xb = gpu_bundle.data(entry, cpu, bs)
+    t_dev = device_resident(gpu, gpu.prepare(xb), reps, rounds[0])
+    host = gpu_bundle.data(entry, cpu, n)
     chunk = min(bs, 1 << 17)
-    chunks = [host[i:i + chunk] for i in range(0, n, chunk)]
-    t_e2e = timed(lambda: [None for _ in gpu.run_many(iter(chunks))], sync, repeats=3)
-    return {"model": path.name, "images": n, "max_abs_diff_vs_numpy": diff, "argmax_agreement": agree,
-            "device_resident_images_per_s": n / t_dev, "end_to_end_images_per_s": n / t_e2e,
-            "batch": bs, "chunk": chunk, "gpu": gpu.backend.reason}
+    t_e2e = end_to_end(gpu, host, chunk, rounds[1])
+    return {"model": entry["name"], "images": n, "max_abs_diff_vs_numpy": diff, "argmax_agreement": agree,
+            "batch": bs, "device_resident_images_per_s": bs / t_dev, "chunk": chunk,
+            "end_to_end_images_per_s": n / t_e2e, "input_dtype": str(host.dtype), "gpu": gpu.backend.reason}
 
 
 def main(argv):
@@ -62,17 +87,25 @@ def main(argv):
     if not probe.usable:
         print(f"no GPU benchmark: {probe.reason}")
         return 2
-    folder = Path(argv[0]) if argv else Path("gpu_check_bundle")
+    args = [a for a in argv if not a.startswith("--") and not a.isdigit()]
+    folder = Path(args[0]) if args else Path("gpu_check_bundle")
     n = int(argv[argv.index("--images") + 1]) if "--images" in argv else 1_000_000
-    rows = [bench(p, n) for p in sorted(folder.glob("*.mdf.json"))]
-    print(f"{'model':<20} {'max|gpu-cpu|':>12} {'argmax agree':>12} {'device-resident img/s':>22} "
-          f"{'end-to-end img/s':>17}")
+    rows = []
+    for entry in gpu_bundle.models(folder):
+        m = n if entry["data"] == "mnist" else max(n // 20, 4096)    # 3x32x32 floats are 15x an MNIST image
+        rows.append(bench(entry, m))
+        r = rows[-1]
+        print(f"  {r['model']}: batch {r['batch']}, {r['images']:,} items end to end", flush=True)
+    print(f"{'model':<24} {'max|gpu-cpu|':>12} {'argmax':>7} {'batch':>7} {'device-resident img/s':>22} "
+          f"{'end-to-end img/s':>17} {'input':>8}")
     for r in rows:
-        print(f"{r['model']:<20} {r['max_abs_diff_vs_numpy']:>12.2e} {r['argmax_agreement']:>12.2%} "
-              f"{r['device_resident_images_per_s']:>22,.0f} {r['end_to_end_images_per_s']:>17,.0f}")
-    print(f"({n:,} images tiled from the MNIST test set; {rows[0]['gpu'] if rows else ''})")
+        print(f"{r['model']:<24} {r['max_abs_diff_vs_numpy']:>12.2e} {r['argmax_agreement']:>7.2%} {r['batch']:>7,} "
+              f"{r['device_resident_images_per_s']:>22,.0f} {r['end_to_end_images_per_s']:>17,.0f} "
+              f"{r['input_dtype']:>8}")
+    print(f"(medians: device-resident of 5 x {REPS} back-to-back batches timed with CUDA events; "
+          f"end to end of 3 passes; {rows[0]['gpu'] if rows else ''})")
     (folder / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
-    ok = all(r["max_abs_diff_vs_numpy"] < 1e-5 for r in rows)
+    ok = all(r["max_abs_diff_vs_numpy"] < 1e-4 for r in rows)
     return 0 if ok and rows else 1
 
 

@@ -422,9 +422,12 @@ lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
 class Event:
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.recorded = False
+        self.t = None
 
     def record(self, stream=None):
+        import time
         self.recorded = True
+        self.t = time.perf_counter()
         COUNT.log.append(("record", "event"))
 
     def synchronize(self):
@@ -514,8 +517,14 @@ class _Runtime:
         return {"name": b"Strict CuPy stand-in", "major": 9, "minor": 0, "totalGlobalMem": TOTAL}
 
 
+def _get_elapsed_time(start, end):
+    """Milliseconds between two recorded events (host time here)."""
+    return (end.t - start.t) * 1e3
+
+
 cuda = types.SimpleNamespace(
     Stream=Stream, Event=Event, Device=_Device, runtime=_Runtime, get_current_stream=_get_current_stream,
+    get_elapsed_time=_get_elapsed_time,
     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
     MemoryPool=_Pool)
 

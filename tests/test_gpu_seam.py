@@ -217,18 +217,34 @@ def test_batch_size_follows_free_memory(strict_gpu, reference_mdf):
     assert gpu.suggest_batch_size() > capped
 
 
-def test_gpu_benchmark_script_logic(strict_gpu, reference_mdf):
-    """scripts/gpu_bench.py, the GPU check's table, runs end to end on the stand-in."""
+def test_gpu_benchmark_script_logic(strict_gpu, reference_mdf, tmp_path):
+    """scripts/gpu_bench.py, the GPU check's table, runs end to end on the stand-in, on a
+    bundle like the one scripts/prepare_gpu_check.py makes (an MNIST model and an
+    imported graph with its weights as constants)."""
     import importlib.util
+    import json
+    import shutil
+    import sys
     from pathlib import Path
 
+    import mdf_fixtures as F
+    shutil.copy(reference_mdf, tmp_path / "reference.mdf.json")
+    mdf, weights = F.import_onnx(F.mobilenet_block(batch=1))
+    (tmp_path / "onnx_block.mdf.json").write_text(json.dumps(mdf.to_dict()))
+    np.savez(tmp_path / "onnx_block.constants.npz", **weights)
+    (tmp_path / "bundle.json").write_text(json.dumps({
+        "reference.mdf.json": {"data": "mnist"},
+        "onnx_block.mdf.json": {"data": "random", "constants": "onnx_block.constants.npz"}}))
+    sys.path.insert(0, str(Path("scripts").resolve()))
     spec = importlib.util.spec_from_file_location("gpu_bench", Path("scripts/gpu_bench.py"))
     gpu_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_bench)
-    row = gpu_bench.bench(reference_mdf, 30000, device=strict_gpu)
-    assert row["max_abs_diff_vs_numpy"] < 1e-5 and row["argmax_agreement"] == 1.0
-    assert row["device_resident_images_per_s"] > 0 and row["end_to_end_images_per_s"] > 0
-    assert row["images"] == 30000
+    import gpu_bundle
+    rows = [gpu_bench.bench(e, 3000, device=strict_gpu, reps=2, rounds=(1, 1)) for e in gpu_bundle.models(tmp_path)]
+    for row in rows:
+        assert row["max_abs_diff_vs_numpy"] < 1e-5 and row["argmax_agreement"] == 1.0
+        assert row["device_resident_images_per_s"] > 0 and row["end_to_end_images_per_s"] > 0
+    assert rows[0]["input_dtype"] == "uint8" and rows[1]["input_dtype"] == "float32"
 
 
 def test_bulk_inference_streams_on_a_gpu_and_resumes_identically(strict_gpu, reference_mdf, tmp_path):

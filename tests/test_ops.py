@@ -410,3 +410,15 @@ def test_onnx_export_of_the_compiled_graph(case):
     got = sess.run(None, feed)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6)
+
+
+def test_readme_lists_exactly_the_ops_of_the_table():
+    import re
+    from pathlib import Path
+    text = Path("README.md").read_text()
+    block = text[text.index("ONNX ops:"):text.index("and the MDF standard functions")]
+    block = re.sub(r"\([^)]*\)", "", block.split(":", 1)[1])        # drop the notes in parentheses
+    listed = {w.strip(" ;") for w in block.replace("\n", " ").split(",") if w.strip(" ;")}
+    onnx_ops = {k.split("::")[1] for k in OPS if k.startswith("onnx::")}
+    assert listed == onnx_ops
+    assert f"{len(onnx_ops)} ONNX ops" in text

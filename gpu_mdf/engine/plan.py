@@ -203,7 +203,9 @@ class Planner:
                     if isinstance(name, str) and name.startswith("onnx:"):
                         return np.dtype(np.float32)
             for _, p in items(n.get("input_ports")):
-                if isinstance(p, dict) and str(p.get("type") or "") in ("float", "float32", "tensor(float)"):
+                # "float32"/"tensor(float)" name float32; a bare "float" is ambiguous (Python's float
+                # is float64, modeci_mdf writes "float" for any float port) and does not decide
+                if isinstance(p, dict) and str(p.get("type") or "") in ("float32", "tensor(float)"):
                     return np.dtype(np.float32)
         return np.dtype(np.float64)
 
