@@ -118,7 +118,7 @@ class Backend:
 
 def select_backend(device: str = "auto", probe: GpuProbe | None = None) -> Backend:
     """Return the backend for ``device`` in ``auto | cpu | gpu | gpu:N``."""
-    device = (device or "auto").strip().lower()
+    device = (device or "auto").strip().lower().replace("cuda", "gpu")     # cuda[:N] is gpu[:N]
     m = re.fullmatch(r"(auto|cpu|gpu)(?::(\d+))?", device)
     if not m or (m.group(1) != "gpu" and m.group(2) is not None):
         raise DeviceError(f"unknown device {device!r}; expected auto, cpu, gpu or gpu:N")

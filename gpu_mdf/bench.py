@@ -131,9 +131,9 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
         except Exception as e:  # an ONNX Runtime refusal of the model
             skipped("ONNX Runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     if "tensorflow" not in skip and keras_path:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import keras
-        import tensorflow as tf
+        from .tfquiet import keras as _keras
+        from .tfquiet import tensorflow
+        tf, keras = tensorflow(), _keras()
         model = keras.models.load_model(keras_path, compile=False, safe_mode=True)
         xk = x.reshape((len(x),) + tuple(model.input_shape[1:]))
         add(f"TensorFlow {tf.__version__} model.predict (batch {len(x)})",

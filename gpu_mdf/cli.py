@@ -1,12 +1,17 @@
 """The ``gpu-mdf`` command line. Each command parses, calls one library function, prints.
 
-User errors (:class:`GpuMdfError`) print one line and exit 2; Ctrl-C exits 130.
+Every option is validated by click (types, ranges, choices) and shows its default in
+``--help``; each command's help ends with an example. User errors
+(:class:`GpuMdfError`) print one line and exit 2; Ctrl-C exits 130. TensorFlow's
+start-up noise is kept out of the output unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +20,27 @@ import click
 from . import __version__
 from .errors import GpuMdfError
 
-DEVICE = click.option("--device", default=None, help="auto | cpu | gpu | gpu:N (default: config, else auto)")
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+class DeviceType(click.ParamType):
+    """auto | cpu | gpu | gpu:N, with cuda and cuda:N as aliases of gpu."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        v = str(value).strip().lower()
+        m = re.fullmatch(r"(auto|cpu|gpu|cuda)(?::(\d+))?", v)
+        if not m or (m.group(1) in ("auto", "cpu") and m.group(2) is not None):
+            self.fail(f"{value!r}: expected auto, cpu, gpu or gpu:N (cuda and cuda:N mean gpu)", param, ctx)
+        return v.replace("cuda", "gpu")
+
+
+DEVICE = click.option("--device", type=DeviceType(), default=None,
+                      help="auto | cpu | gpu | gpu:N (cuda = gpu); default: the config's, else auto")
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                       help="YAML config (default: configs/mnist_dense.yaml)")
+NORMALIZE = click.Choice(["l2", "scale", "none"])
 
 
 def _errors(fn):
@@ -38,24 +61,38 @@ def _log(msg: str):
     click.echo(msg, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="gpu-mdf")
-def main():
-    """Train Keras models on MNIST, convert them to ModECI MDF, run MDF graphs in bulk."""
+@click.option("--verbose", is_flag=True, help="show TensorFlow's start-up messages and warnings")
+def main(verbose):
+    """Train Keras models on MNIST, convert them to ModECI MDF, run MDF graphs in bulk.
+
+    \b
+    Example:
+      gpu-mdf run                     # train, convert, infer, report (runs/mnist_dense)
+      gpu-mdf infer runs/mnist_dense/model.mdf.json --data my_digits/ --out runs/mine
+    """
     from .engine.alloc import tune_host_allocator
+    if verbose:
+        os.environ["GPU_MDF_VERBOSE"] = "1"
     tune_host_allocator()  # this process is ours: keep big temporaries in the heap
 
 
 @main.command()
 @CONFIG
-@click.option("--out", default=None, help="output folder (default runs/<name>/train)")
-@click.option("--epochs", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--train-limit", type=int, default=None, help="train on the first N images only")
+@click.option("--out", default=None, help="output folder (default: runs/<name>/train)")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="default: the config's")
+@click.option("--seed", type=int, default=None, help="default: the config's")
+@click.option("--train-limit", type=click.IntRange(1), default=None, help="train on the first N images only")
 @click.option("--data", default=None, help="data source (default: the embedded MNIST)")
 @_errors
 def train(config_path, out, epochs, seed, train_limit, data):
-    """Train the configured model; write .keras, .h5, summary, history, pictures."""
+    """Train the configured model; write .keras, .h5, summary, history, pictures.
+
+    \b
+    Example:
+      gpu-mdf train --config configs/mnist_cnn.yaml --epochs 1 --out runs/cnn_quick
+    """
     from .config import load_config, override
     from .train import train as do_train
     cfg = override(load_config(config_path), train__epochs=epochs, seed=seed,
@@ -67,15 +104,20 @@ def train(config_path, out, epochs, seed, train_limit, data):
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--out", required=True, help="folder for the MDF files")
+@click.option("--out", required=True, help="folder for the MDF files (<stem>.mdf.json)")
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default="json")
-@click.option("--normalize", type=click.Choice(["l2", "scale", "none"]), default="l2",
-              help="pixel normalisation recorded for the engine (default l2, the seed's)")
+@click.option("--normalize", type=NORMALIZE, default="l2",
+              help="pixel normalisation recorded for the engine (l2 is the seed's)")
 @_errors
 def convert(models, out, fmt, normalize):
-    """Convert Keras models (.keras/.h5 files or folders of them) to MDF."""
+    """Convert Keras models (.keras/.h5 files or folders of them) to MDF.
+
+    \b
+    Example:
+      gpu-mdf convert runs/*/model.keras my_models/ --out mdf/ --format both
+    """
     from .convert import convert_files
-    results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()))
+    results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()), log=_log)
     if not results:
         raise GpuMdfError(f"no .keras or .h5 files in {', '.join(models)}")
     ok = sum(r.ok for r in results)
@@ -89,7 +131,12 @@ def convert(models, out, fmt, normalize):
 @click.option("--level", "levels", multiple=True, type=click.IntRange(1, 3), default=(1, 3))
 @_errors
 def plot(mdf_file, out, levels):
-    """Render an MDF graph with modeci_mdf's Graphviz exporter (levels 1 and 3)."""
+    """Render an MDF graph with modeci_mdf's Graphviz exporter (levels 1 and 3).
+
+    \b
+    Example:
+      gpu-mdf plot runs/mnist_dense/model.mdf.json --level 3 --out pictures/
+    """
     from .engine import load_mdf_dict
     from .viz import PictureSkipped, plot_mdf
     load_mdf_dict(mdf_file)  # clear error for a missing or broken file
@@ -102,29 +149,43 @@ def plot(mdf_file, out, levels):
 
 @main.command()
 @click.argument("mdf_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--data", default=None, help="mnist[:test|:train], .npz, .npy, IDX file/folder, PNG folder")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test")
-@click.option("--labels", default=None, help="labels .npy for a .npy input")
-@click.option("--out", default=None, help="output folder (default runs/infer)")
+@click.option("--data", default=None,
+              help="mnist[:test|:train], .npz, .npy ((N,28,28), (N,28,28,1) or (N,784)), Kaggle .csv, "
+                   "IDX file/folder, or a folder of images (PNG, JPEG, BMP, TIFF; any size)  [default: mnist]")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", help="of an .npz or IDX folder")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False), help="labels .npy for a .npy input")
+@click.option("--out", default="runs/infer", help="output folder")
 @DEVICE
-@click.option("--batch-size", type=int, default=None)
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None)
-@click.option("--normalize", type=click.Choice(["l2", "scale", "none"]), default=None,
-              help="override the normalisation recorded in the MDF file")
-@click.option("--cluster", default=None,
-              help="spread chunks over Dask: local[:N], cuda, or a scheduler address tcp://host:port")
-@click.option("--cluster-timeout", type=float, default=None, help="seconds to reach a scheduler (default 10)")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="items per chunk (default: the config's, else 2048 on the CPU and free memory on a GPU)")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None,
+              help="skip: a bad item becomes an errors.csv row (default: the config's, else fail)")
+@click.option("--normalize", type=NORMALIZE, default=None,
+              help="override the pixel normalisation recorded in the MDF file; none feeds values as they are")
+@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto",
+              help="image files: white-on-black digits (MNIST) or inverted; auto decides from the border")
+@click.option("--top-k", type=click.IntRange(0), default=0, help="add the K best classes to predictions.csv")
 @click.option("--constants", type=click.Path(dir_okay=False), default=None,
               help=".npz of values for unconnected input ports (weights an exporter wrote as ports)")
+@click.option("--overwrite", is_flag=True, help="replace another job's files in --out")
+@click.option("--keep-chunks", is_flag=True, help="keep --out/.chunks after a successful job")
+@click.option("--cluster", default=None,
+              help="spread chunks over Dask: local[:N], cuda, or a scheduler address tcp://host:port")
+@click.option("--cluster-timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="seconds to reach a scheduler (default: the config's, else 10)")
 @CONFIG
 @click.option("--no-progress", is_flag=True)
 @_errors
-def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, cluster, cluster_timeout,
-          constants, config_path, no_progress):
+def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, constants,
+          overwrite, keep_chunks, cluster, cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     With --config holding a ``jobs:`` list, runs every item in one process; each
     model is compiled once. Exit code 1 when any item failed.
+
+    \b
+    Example:
+      gpu-mdf infer runs/mnist_dense/model.mdf.json --data scans/ --top-k 3 --on-error skip --out runs/scans
     """
     from .config import load_config
     from .distributed import cluster_session
@@ -136,17 +197,19 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     batch_size = batch_size or (cfg.infer.batch_size if cfg else None)
     cluster = cluster or (cfg.infer.cluster if cfg else None)
     timeout = cluster_timeout or (cfg.infer.cluster_timeout if cfg else 10.0)
+    options = dict(invert=invert, top_k=top_k, overwrite=overwrite, keep_chunks=keep_chunks, normalize=normalize,
+                   constants=constants)
     with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
-            ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"), default_model=mdf_file,
-                          device=device, batch_size=batch_size, on_error=on_error, log=_log,
-                          echo=click.echo, progress=not no_progress, cluster=session)
+            ok = run_jobs(cfg.jobs, Path(out if out != "runs/infer" else f"runs/{cfg.name}/jobs"),
+                          default_model=mdf_file, device=device, batch_size=batch_size, on_error=on_error,
+                          log=_log, echo=click.echo, progress=not no_progress, cluster=session, **options)
             sys.exit(0 if ok else 1)
         if not mdf_file:
             raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
-        res = run_inference(mdf_file, Path(out or "runs/infer"), source=data, split=split, labels=labels,
-                            device=device, batch_size=batch_size, on_error=on_error, log=_log,
-                            normalize=normalize, progress=not no_progress, cluster=session, constants=constants)
+        res = run_inference(mdf_file, Path(out), source=data, split=split, labels=labels, device=device,
+                            batch_size=batch_size, on_error=on_error, log=_log, progress=not no_progress,
+                            cluster=session, **options)
     acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
     click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
                + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")
@@ -155,17 +218,23 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
 
 @main.command()
 @CONFIG
-@click.option("--out", default=None, help="run folder (default runs/<name>)")
+@click.option("--out", default=None, help="run folder (default: runs/<name>)")
 @DEVICE
-@click.option("--epochs", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--train-limit", type=int, default=None)
-@click.option("--batch-size", type=int, default=None, help="inference batch size")
-@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default=None)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="default: the config's")
+@click.option("--seed", type=int, default=None, help="default: the config's")
+@click.option("--train-limit", type=click.IntRange(1), default=None, help="train on the first N images only")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="inference batch size")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default=None,
+              help="MDF format (default: the config's, else json)")
 @click.option("--no-progress", is_flag=True)
 @_errors
 def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no_progress):
-    """The whole pipeline: train, save, convert, infer, compare with Keras, report."""
+    """The whole pipeline: train, save, convert, infer, compare with Keras, report.
+
+    \b
+    Example:
+      gpu-mdf run --config configs/mnist_cnn.yaml --out runs/cnn
+    """
     from .config import load_config, override
     from .pipeline import run_pipeline
     cfg = override(load_config(config_path), train__epochs=epochs, seed=seed,
@@ -182,7 +251,12 @@ def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no
 @click.option("--no-tensorflow", is_flag=True, help="skip TensorFlow's view (faster)")
 @_errors
 def info(as_json, no_tensorflow):
-    """Versions, visible GPUs, and why the GPU is or is not used."""
+    """Versions, visible GPUs, and why the GPU is or is not used.
+
+    \b
+    Example:
+      gpu-mdf info --json
+    """
     from .info import collect, render
     data = collect(with_tensorflow=not no_tensorflow)
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
@@ -190,24 +264,30 @@ def info(as_json, no_tensorflow):
 
 @main.command()
 @click.argument("mdf_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--keras-model", default=None, help=".keras file for the TensorFlow baselines")
-@click.option("--repeats", type=int, default=20)
-@click.option("--stream", type=int, default=0, help="also stream N images (memory-mapped)")
-@click.option("--skip", multiple=True, help="baselines to skip: onnxruntime, tensorflow, evaluablegraph")
-@click.option("--cluster-scaling", type=int, default=0,
-              help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
-@click.option("--json-out", default=None, help="write the table as JSON here")
+@click.option("--keras-model", default=None, type=click.Path(dir_okay=False),
+              help=".keras file for the TensorFlow baselines")
 @click.option("--onnx-model", default=None, type=click.Path(dir_okay=False),
               help="the original ONNX file, for the ONNX Runtime row (default: the MDF graph exported to ONNX)")
 @click.option("--constants", default=None, type=click.Path(dir_okay=False),
               help=".npz of values for unconnected input ports (weights written as ports)")
 @click.option("--batch", type=click.IntRange(1), default=None,
               help="items per run (default: the 10,000 MNIST test images, or 64 random items)")
+@click.option("--repeats", type=click.IntRange(1), default=20, help="timed runs per engine (the median is shown)")
+@click.option("--stream", type=click.IntRange(0), default=0, help="also stream N images from a .npy file")
+@click.option("--skip", multiple=True, type=click.Choice(["onnxruntime", "tensorflow", "evaluablegraph"]),
+              help="baselines to skip")
+@click.option("--cluster-scaling", type=click.IntRange(0), default=0,
+              help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="write the table as JSON here")
 @_errors
-def bench(mdf_file, keras_model, repeats, stream, skip, cluster_scaling, json_out, onnx_model, constants, batch):
+def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, skip, cluster_scaling, json_out):
     """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios).
 
     Time NumPy with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset where a machine sets them.
+
+    \b
+    Example:
+      gpu-mdf bench runs/mnist_dense/model.mdf.json --keras-model runs/mnist_dense/model.keras
     """
     from .bench import main as bench_main
     bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,

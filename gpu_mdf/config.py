@@ -6,6 +6,7 @@ Every section maps onto CLI options; the CLI overrides what the file says.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,9 @@ def load_config(path: str | Path | None = None) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     cfg = _build(Config, raw or {}, path.name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name) or ".." in cfg.name:
+        raise ConfigError(f"{path.name}.name: {cfg.name!r} is not a plain name (letters, digits, . _ -): "
+                          f"it names the run folder runs/<name>")
     cfg.source = str(path)
     return cfg
 

@@ -11,8 +11,12 @@ Supported sources (see :func:`open_dataset`):
 * ``mnist`` / ``mnist:test`` / ``mnist:train``: the embedded MNIST copy;
 * ``file.npz``: keras layout (``x_train, y_train, x_test, y_test``), ``--split`` picks;
 * ``dir/`` or ``file-images-idx3-ubyte[.gz]``: IDX files (labels found beside them);
-* ``file.npy``: an array of images (memory-mapped), optional labels ``.npy``;
-* ``dir/`` of 28x28 greyscale PNGs (labels from digit-named sub-folders, if any).
+* ``file.npy``: an array of images, ``(N, 28, 28)``, ``(N, 28, 28, 1)`` or flattened
+  ``(N, 784)``; optional labels ``.npy``;
+* ``file.csv``: Kaggle's MNIST layout (``label,pixel0..pixel783`` or just the pixels,
+  with or without a header), read row ranges at a time;
+* ``dir/`` of image files (PNG, JPEG, BMP, TIFF, GIF) of any size and colour, brought
+  to MNIST's format (see :mod:`gpu_mdf.images`); labels from digit-named sub-folders.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class Dataset:
     reader: Callable[[int, int], np.ndarray] = field(repr=False)
     labels: np.ndarray | None = None
     item_names: Callable[[int], str] | None = field(default=None, repr=False)
+    inverted: dict | None = field(default=None, repr=False)   # image folders: index -> inverted?
+    path: str | None = None                                   # the full path of the source
 
     def __len__(self) -> int:
         return self.length
@@ -317,47 +323,109 @@ def _npy_dataset(path: Path, labels: Path | None) -> Dataset:
                    _check_labels(path.name, y, shape[0]))
 
 
-def _png_dataset(folder: Path) -> Dataset:
-    from PIL import Image, UnidentifiedImageError  # pillow ships with matplotlib
+def _image_dataset(folder: Path, size=(28, 28), invert: str = "auto") -> Dataset:
+    """A folder of image files, each brought to MNIST's format when it is read: any size,
+    colour or polarity; a file that cannot be read fails alone (its own error)."""
+    from .images import image_files, load_grey, to_mnist
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".png")
+    files = image_files(folder)
     if not files:
-        raise DataError(f"{folder}: no .png files in this folder")
+        raise DataError(f"{folder}: no image files (.png, .jpg, .bmp, .tif, .gif) in this folder")
     digit_dirs = all(p.parent != folder and re.fullmatch(r"\d", p.parent.name) for p in files)
     labels = np.array([int(p.parent.name) for p in files]) if digit_dirs else None
-
-    def load(p: Path) -> np.ndarray:
-        try:
-            with Image.open(p) as im:
-                if im.mode not in ("L", "P", "1", "I;16", "LA"):
-                    raise DataError(f"{p}: expected a greyscale PNG, got mode {im.mode}")
-                a = np.asarray(im.convert("L"))
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise DataError(f"{p}: unreadable PNG ({e})") from None
-        return a
-
-    first = load(files[0])
+    inverted: dict[int, bool] = {}
 
     def reader(a: int, b: int) -> np.ndarray:
-        out = np.empty((b - a,) + first.shape, np.uint8)
+        out = np.empty((b - a,) + tuple(size), np.uint8)
         for i, p in enumerate(files[a:b]):
-            img = load(p)
-            if img.shape != first.shape:
-                raise DataError(f"{p}: image is {img.shape[1]}x{img.shape[0]}, "
-                                f"expected {first.shape[1]}x{first.shape[0]}")
-            out[i] = img
+            out[i], inverted[a + i] = to_mnist(load_grey(p), size, invert)
         return out
 
-    return Dataset(folder.name, len(files), first.shape, np.dtype(np.uint8), reader, labels,
-                   item_names=lambda i: str(files[i]))
+    return Dataset(folder.name, len(files), tuple(size), np.dtype(np.uint8), reader, labels,
+                   item_names=lambda i: str(files[i]), inverted=inverted)
+
+
+def _csv_dataset(path: Path) -> Dataset:
+    """Kaggle's MNIST CSV: ``label,pixel0,...,pixel783`` (train.csv) or the pixels alone
+    (test.csv), with or without a header line. One pass records each row's byte offset
+    (and label); rows are then read range by range with positioned reads."""
+    import array
+    import os
+
+    offsets, labels = array.array("q"), array.array("h")
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+            fields = first.decode("utf-8", "replace").strip().split(",")
+            header = any(c.isalpha() for c in first.decode("utf-8", "replace"))
+            if header:
+                has_label = fields[0].strip().strip('"').lower() == "label"
+                pos = len(first)
+            else:
+                has_label = len(fields) == 785
+                pos = 0
+                f.seek(0)
+            ncols = len(fields)
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                    if has_label:
+                        try:
+                            labels.append(int(line[:line.index(b",")]))
+                        except ValueError:
+                            raise DataError(f"{path}: row {len(offsets)}: the label is not an integer") from None
+                pos += len(line)
+    except OSError as e:
+        raise DataError(f"{path}: unreadable CSV ({e})") from None
+    npix = ncols - int(has_label)
+    if npix != 784:
+        raise DataError(f"{path}: {ncols} columns; expected 784 pixels, with or without a label column first")
+    n = len(offsets)
+    offs = np.frombuffer(offsets, np.int64).copy() if n else np.zeros(0, np.int64)
+    end = pos
+    fd_holder: dict = {}
+    lock = threading.Lock()
+
+    def reader(a: int, b: int) -> np.ndarray:
+        with lock:
+            fd = fd_holder.get("fd")
+            if fd is None:
+                fd = fd_holder["fd"] = os.open(path, os.O_RDONLY)
+        start = int(offs[a])
+        stop = int(offs[b]) if b < n else end
+        block = os.pread(fd, stop - start, start)
+        try:
+            vals = np.array(block.replace(b"\r", b"").replace(b"\n", b",").rstrip(b",").split(b","), dtype=np.float64)
+        except ValueError:
+            raise DataError(f"{path}: rows {a}-{b - 1}: a value is not a number") from None
+        if vals.size != (b - a) * ncols:
+            raise DataError(f"{path}: rows {a}-{b - 1}: expected {ncols} values per row")
+        px = vals.reshape(b - a, ncols)[:, int(has_label):]
+        if np.all((px >= 0) & (px <= 255) & (px == np.round(px))):
+            return px.astype(np.uint8).reshape(b - a, 28, 28)
+        return px.astype(np.float32).reshape(b - a, 28, 28)
+
+    y = np.frombuffer(labels, np.int16).astype(np.int64) if has_label and n else None
+    return Dataset(path.name, n, (28, 28), np.dtype(np.uint8), reader, y,
+                   item_names=lambda i: f"{path.name} row {i}")
 
 
 # --------------------------------------------------------------------------- #
 # Entry point
 # --------------------------------------------------------------------------- #
 def open_dataset(source: str | Path | None = None, split: str = "test",
-                 labels: str | Path | None = None) -> Dataset:
-    """Open any supported source lazily; ``None`` means the embedded MNIST test set."""
+                 labels: str | Path | None = None, image_size=(28, 28), invert: str = "auto") -> Dataset:
+    """Open any supported source lazily; ``None`` means the embedded MNIST test set.
+
+    ``image_size`` and ``invert`` apply to folders of image files (see :mod:`gpu_mdf.images`).
+    """
+    ds = _open(source, split, labels, image_size, invert)
+    if ds.path is None and source is not None and not str(source).startswith("mnist"):
+        ds.path = str(Path(source).resolve())
+    return ds
+
+
+def _open(source, split, labels, image_size, invert) -> Dataset:
     src = "mnist" if source is None else str(source)
     m = re.fullmatch(r"mnist(?::(train|test))?", src)
     if m:   # the embedded copy: verified, and only the asked-for split is decompressed
@@ -373,15 +441,17 @@ def open_dataset(source: str | Path | None = None, split: str = "test",
         if any(path.glob("*-images-idx3-ubyte*")):
             img, found = _find_idx_pair(path, split)
             return _idx_dataset(img, lab or found)
-        return _png_dataset(path)
-    name = path.name
+        return _image_dataset(path, image_size, invert)
+    name = path.name.lower()
     if name.endswith(".npz"):
         return _npz_dataset(path, split)
     if name.endswith(".npy"):
         return _npy_dataset(path, lab)
+    if name.endswith(".csv"):
+        return _csv_dataset(path)
     if "idx3" in name or name.endswith((".idx", ".idx.gz")):
         return _idx_dataset(path, lab or _labels_beside(path))
-    raise DataError(f"{path}: unknown data format (expected .npz, .npy, IDX or a PNG folder)")
+    raise DataError(f"{path}: unknown data format (expected .npz, .npy, .csv, IDX or a folder of images)")
 
 
 # --------------------------------------------------------------------------- #
@@ -430,7 +500,8 @@ def check_finite(x, xp=np, what: str = "input", offset: int = 0) -> None:
     if not xp.issubdtype(x.dtype, xp.floating) or x.size == 0:
         return
     flat = x.reshape(len(x), -1)
-    sums = flat @ xp.ones(flat.shape[1], dtype=flat.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):        # an overflowing sum is checked exactly below
+        sums = flat @ xp.ones(flat.shape[1], dtype=flat.dtype)
     suspect = ~xp.isfinite(sums)
     if not bool(suspect.any()):
         return

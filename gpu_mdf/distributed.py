@@ -25,7 +25,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import DeviceError, GpuMdfError
 
@@ -48,14 +47,14 @@ def _chunk_task(spec: dict, i: int) -> dict:
         consts = load_constants(spec["constants"]) if spec.get("constants") else None
         _PROGRAMS[pkey] = compile(spec["mdf_path"], device=spec["device"], normalize=spec["normalize"],
                                   constants=consts)
-    dkey = (spec["source"], spec["split"], spec["labels"])
+    dkey = (spec["source"], spec["split"], spec["labels"], spec["invert"], tuple(spec["image_size"]))
     if dkey not in _DATASETS:
-        _DATASETS[dkey] = open_dataset(spec["source"], split=spec["split"], labels=spec["labels"])
+        _DATASETS[dkey] = open_dataset(spec["source"], split=spec["split"], labels=spec["labels"],
+                                       image_size=tuple(spec["image_size"]), invert=spec["invert"])
     prog = _PROGRAMS[pkey]
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, user_api="blas"):   # as in the single-process job: same bytes
-        n = process_chunk(prog, _DATASETS[dkey], i, spec["batch_size"], Path(spec["chunk_dir"]),
-                          spec["on_error"])
+        n = process_chunk(prog, _DATASETS[dkey], i, spec["spec"])
     return {"worker": get_worker().address, "images": n, "seconds": time.perf_counter() - t0,
             "device": prog.backend.device, "pid": os.getpid()}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import os
 import platform
 
 from . import __version__
@@ -27,9 +26,9 @@ def collect(with_tensorflow: bool = True) -> dict:
     info["cupy"] = {"usable": probe.usable, "reason": probe.reason, "devices": probe.devices,
                     "cuda_runtime": probe.runtime_version, "cuda_driver": probe.driver_version}
     if with_tensorflow and info["versions"]["tensorflow"]:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         try:
-            import tensorflow as tf
+            from .tfquiet import tensorflow
+            tf = tensorflow()
             gpus = tf.config.list_physical_devices("GPU")
             build = tf.sysconfig.get_build_info()
             info["tensorflow"] = {"gpus": [g.name for g in gpus],

@@ -35,6 +35,19 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
+def safe_join(base: str | Path, name: str, what: str = "name") -> Path:
+    """``base / name`` for a name that comes from input (a job item, a config): refused
+    when it would leave ``base`` (an absolute path, ``..``, a symbolic link pointing out)."""
+    from .errors import OutputError
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\x00" in name:
+        raise OutputError(f"{what} {name!r} must be a plain relative name inside {base}")
+    base_r = Path(base).resolve()
+    target = (base_r / name).resolve()
+    if target != base_r and base_r not in target.parents:
+        raise OutputError(f"{what} {name!r} leads outside {base} (to {target}); refused")
+    return base_r / name
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -14,9 +14,12 @@ from .errors import GpuMdfError
 
 
 def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size=None,
-             on_error="fail", log=print, echo=print, progress=True, cluster=None) -> bool:
-    """Run every item; ``cluster`` (a spec or an open session) serves all of them."""
+             on_error="fail", log=print, echo=print, progress=True, cluster=None, **infer_options) -> bool:
+    """Run every item; ``cluster`` (a spec or an open session) serves all of them. Each
+    item writes into ``out_dir/<name>``, which must stay inside ``out_dir``.
+    ``infer_options`` go to every item's :func:`~gpu_mdf.infer.run_inference`."""
     from .infer import run_inference
+    from .io import safe_join
 
     programs = {}
     ok_all = True
@@ -27,12 +30,14 @@ def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size
             try:
                 if not model:
                     raise GpuMdfError("no model: give one in the item or as MDF_FILE")
+                safe_join(out_dir, name, "job item name")     # refused before anything runs
                 key = str(Path(model).resolve())
                 if key not in programs:
                     programs[key] = compile(model, device="cpu" if session else device)
-                res = run_inference(model, out_dir / name, source=item.data, device=device,
+                folder = safe_join(out_dir, name, "job item name")
+                res = run_inference(model, folder, source=item.data, device=device,
                                     batch_size=batch_size, on_error=on_error, program=programs[key],
-                                    log=log, progress=progress, cluster=session)
+                                    log=log, progress=progress, cluster=session, **infer_options)
                 acc = f", accuracy {res.accuracy:.4f}" if res.accuracy is not None else ""
                 echo(f"ok   {name}: {res.n} images{acc}, {res.images_per_s:,.0f} images/s")
             except GpuMdfError as e:

@@ -48,8 +48,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
     out.mkdir(parents=True, exist_ok=True)
     tr = train(cfg, out, log=log)
 
-    import keras
-    model = keras.models.load_model(tr.model_path, compile=False)
+    from .tfquiet import keras
+    model = keras().models.load_model(tr.model_path, compile=False, safe_mode=True)
     log("converting to MDF")
     mdf = keras_to_mdf(model, normalize=cfg.data.normalize, model_id=cfg.name)
     mdf_paths = []

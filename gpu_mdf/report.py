@@ -1,70 +1,119 @@
-"""The run report: ``report.md`` and a self-contained ``report.html`` in the run folder."""
+"""The run report: ``report.md`` and a self-contained ``report.html`` in the run folder.
+
+Both are rendered from one list of sections, so the page holds everything the
+Markdown does: the summary table, the pictures (with alt text) and the notes on
+pictures that were skipped, the Keras summary, the per-class table, the files.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import write_text
 
 
-def _table(rows) -> list[str]:
-    out = ["| metric | value |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in rows]
-    return out
+@dataclass
+class Section:
+    title: str
+    table: list[list[str]] | None = None        # first row: the header
+    picture: Path | None = None
+    alt: str = ""
+    pre: str | None = None
+    items: list[str] = field(default_factory=list)
+    text: str | None = None
+
+
+def _md(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    for s in sections:
+        if s.title:
+            out += [f"## {s.title}", ""]
+        if s.table:
+            out += ["| " + " | ".join(s.table[0]) + " |", "|" + "---|" * len(s.table[0])]
+            out += ["| " + " | ".join(r) + " |" for r in s.table[1:]]
+            out.append("")
+        if s.picture is not None:
+            out += [f"![{s.alt}]({s.picture.name})", ""]
+        if s.pre is not None:
+            out += ["```", s.pre.rstrip(), "```", ""]
+        if s.items:
+            out += [f"- {i}" for i in s.items] + [""]
+        if s.text:
+            out += [s.text, ""]
+    return "\n".join(out)
+
+
+def _html(title: str, sections: list[Section]) -> str:
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>"]
+    for s in sections:
+        if s.title:
+            body.append(f"<h2>{e(s.title)}</h2>")
+        if s.table:
+            head = "".join(f"<th>{e(c)}</th>" for c in s.table[0])
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in s.table[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        if s.picture is not None:
+            data = base64.b64encode(s.picture.read_bytes()).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(s.alt)}">'
+                        f"<figcaption>{e(s.alt)}</figcaption></figure>")
+        if s.pre is not None:
+            body.append(f"<pre>{e(s.pre)}</pre>")
+        if s.items:
+            body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in s.items) + "</ul>")
+        if s.text:
+            body.append(f"<p>{e(s.text)}</p>")
+    return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{e(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:960px;margin:auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}"
+            "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}"
+            "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def write_report(out: Path, cfg, tr, res, summary, mdf_paths, mdf_pictures) -> Path:
     out = Path(out)
     m = res.metrics
     rows = [
-        ("Keras test accuracy", f"{summary.keras_accuracy:.4f}"),
-        ("MDF test accuracy", f"{summary.mdf_accuracy:.4f}"),
-        ("max abs difference MDF vs Keras", f"{summary.max_abs_diff:.3g}"),
-        ("argmax agreement", f"{summary.argmax_agreement:.2%}"),
-        ("MDF throughput", f"{summary.images_per_s:,.0f} images/s"),
-        ("inference device", f"{res.device} ({m['device_reason']})"),
-        ("training device", tr.device),
-        ("training time", f"{tr.seconds:.1f} s"),
-        ("total run time", f"{summary.seconds:.1f} s"),
-        ("MDF file", ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in mdf_paths)),
+        ["Keras test accuracy", f"{summary.keras_accuracy:.4f}"],
+        ["MDF test accuracy", f"{summary.mdf_accuracy:.4f}"],
+        ["max abs difference MDF vs Keras", f"{summary.max_abs_diff:.3g}"],
+        ["argmax agreement", f"{summary.argmax_agreement:.2%}"],
+        ["MDF throughput", f"{summary.images_per_s:,.0f} images/s"],
+        ["inference device", f"{res.device} ({m['device_reason']})"],
+        ["training device", tr.device],
+        ["training time", f"{tr.seconds:.1f} s"],
+        ["total run time", f"{summary.seconds:.1f} s"],
+        ["MDF file", ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in mdf_paths)],
     ]
-    pictures = [("Keras model", out / "model_plot.png"),
-                *[(f"MDF graph (level {p.stem[-1]})", p) for p in mdf_pictures],
-                ("First test digit", out / "digit.png"),
-                ("Confusion matrix", out / "confusion_matrix.png")]
-    pictures = [(t, p) for t, p in pictures if p.exists()]
-    summary_txt = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
-    per_class = m.get("per_class", {})
-
-    md = [f"# gpu-mdf run: {cfg.name}", "", *_table(rows), ""]
+    sections = [Section("", table=[["metric", "value"]] + rows)]
     if tr.skipped:
-        md += ["Skipped pictures:", *[f"- {name}: {why}" for name, why in tr.skipped], ""]
-    md += ["## Keras model", "", "```", summary_txt.rstrip(), "```", ""]
-    for title, p in pictures:
-        md += [f"## {title}", "", f"![{title}]({p.name})", ""]
+        sections.append(Section("Skipped pictures", items=[f"{name}: {why}" for name, why in tr.skipped]))
+    summary_txt = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    sections.append(Section("Keras model", pre=summary_txt))
+    pictures = [("Keras model", out / "model_plot.png", f"Keras layer graph of {cfg.name}"),
+                *[(f"MDF graph (level {p.stem[-1]})", p, f"MDF graph of {cfg.name}, detail level {p.stem[-1]}")
+                  for p in mdf_pictures],
+                ("First test digit", out / "digit.png", "The first test image with its predicted class"),
+                ("Confusion matrix", out / "confusion_matrix.png",
+                 "Confusion matrix of the MDF predictions on the test set")]
+    for title, p, alt in pictures:
+        if p.exists():
+            sections.append(Section(title, picture=p, alt=alt))
+    per_class = m.get("per_class", {})
     if per_class:
-        md += ["## Per class", "", "| class | precision | recall | support |", "|---|---|---|---|"]
-        md += [f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['support']} |"
-               for k, v in per_class.items() if v["precision"] is not None]
-        md.append("")
-    md += [f"Files: `inference/` (predictions.csv, probabilities.npy, metrics.json), "
-           f"`model.keras`, `model.h5`, {', '.join(f'`{p.name}`' for p in mdf_paths)}.", ""]
-    write_text(out / "report.md", "\n".join(md))
-
-    def img(p: Path) -> str:
-        data = base64.b64encode(p.read_bytes()).decode()
-        return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
-
-    body = [f"<h1>gpu-mdf run: {html.escape(cfg.name)}</h1>", "<table>"]
-    body += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows]
-    body += ["</table>", "<h2>Keras model</h2>", f"<pre>{html.escape(summary_txt)}</pre>"]
-    for title, p in pictures:
-        body += [f"<h2>{html.escape(title)}</h2>", img(p)]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>gpu-mdf report</title>"
-            "<style>body{font-family:sans-serif;max-width:960px;margin:auto}"
-            "td,th{padding:2px 8px;text-align:left}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")
-    write_text(out / "report.html", page)
+        table = [["class", "precision", "recall", "support"]]
+        table += [[k, "-" if v["precision"] is None else f"{v['precision']:.4f}",
+                   "-" if v["recall"] is None else f"{v['recall']:.4f}", str(v["support"])]
+                  for k, v in per_class.items()]
+        sections.append(Section("Per class", table=table))
+    sections.append(Section("Files", text="inference/ (predictions.csv, probabilities.npy, metrics.json), "
+                                          "model.keras, model.h5, " + ", ".join(p.name for p in mdf_paths)))
+    title = f"gpu-mdf run: {cfg.name}"
+    write_text(out / "report.md", _md(title, sections))
+    write_text(out / "report.html", _html(title, sections))
     return out / "report.md"

@@ -5,7 +5,6 @@ TensorFlow is imported here (lazily), never on the inference path.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,8 @@ from .io import atomic_path, write_json, write_text
 
 
 def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    return tf
+    from .tfquiet import tensorflow
+    return tensorflow()
 
 
 def tf_device() -> str:
@@ -36,7 +34,8 @@ def tf_device() -> str:
 
 def build_model(cfg: Config):
     """Keras model from ``cfg.model``; unknown layer types or arguments are ConfigErrors."""
-    import keras
+    from .tfquiet import keras as _keras
+    keras = _keras()
 
     layers = [keras.Input(shape=tuple(cfg.model.input_shape), name="pixels")]
     for i, spec in enumerate(cfg.model.layers):
@@ -95,7 +94,8 @@ class TrainResult:
 
 def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     """Train ``cfg``'s model on its data and write every artifact to ``out_dir``."""
-    import keras
+    from .tfquiet import keras as _keras
+    keras = _keras()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def _need_dot():
 
 def plot_keras_model(model, path: Path) -> Path:
     _need_dot()
-    import keras
+    from .tfquiet import keras as _keras
+    keras = _keras()
     path = Path(path)
     with atomic_path(path) as tmp:
         named = tmp.with_name(tmp.name + ".png")

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -48,3 +49,26 @@ def test_plot_of_a_broken_file(tmp_path):
     bad.write_text("{not json")
     r = CliRunner().invoke(main, ["plot", str(bad)])
     assert r.exit_code == 2 and "not a readable MDF file" in r.output
+
+
+def test_tensorflow_start_up_noise_is_silenced_but_errors_show(tmp_path):
+    """The oneDNN notice, "Could not find cuda drivers", absl's pre-init line: gone from
+    gpu-mdf's output; --verbose brings them back; a real error still shows."""
+    import subprocess
+    import sys
+
+    import keras
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(tmp_path / "m.keras")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GPU_MDF_VERBOSE")}
+    base = [sys.executable, "-m", "gpu_mdf"]
+    quiet = subprocess.run(base + ["convert", str(tmp_path / "m.keras"), "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    for noise in ("oneDNN", "absl::InitializeLog", "cuda drivers", "cpu_feature_guard", "cuInit"):
+        assert noise not in quiet.stderr + quiet.stdout, noise
+    loud = subprocess.run(base + ["--verbose", "convert", str(tmp_path / "m.keras"), "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert loud.returncode == 0 and "oneDNN" in loud.stderr
+    bad = subprocess.run(base + ["convert", str(tmp_path / "nope.keras"), "--out", str(tmp_path / "q")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "no such model file" in bad.stdout

@@ -233,9 +233,59 @@ def test_batch_conversion_cli_mixes_good_and_broken(tmp_path):
     lines = r.output.strip().splitlines()
     assert sum(line.startswith("ok ") for line in lines) == 2
     assert sum(line.startswith("FAIL") for line in lines) == 3
-    assert "Keras cannot load" in r.output and "no such model file" in r.output
+    assert "not a valid .keras archive" in r.output and "no such model file" in r.output
+    assert "Lambda layers run code: refused in safe mode" in r.output
     assert "2 of 5 model(s) converted" in lines[-1]
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.yaml", "good2.json", "good2.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.mdf.json", "good.mdf.yaml", "good2.mdf.json",
+                                                     "good2.mdf.yaml"]
+
+
+def test_two_models_one_stem_get_two_files_and_a_note(tmp_path):
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+    src = tmp_path / "models"
+    src.mkdir()
+    a, b = seq((6,), layers.Dense(3)), seq((6,), layers.Dense(4))
+    a.save(src / "dense.keras")
+    b.save(src / "dense.h5")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "2 of 2 model(s) converted" in r.output and "is written as dense-h5.mdf.json" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["dense-h5.mdf.json", "dense.mdf.json"]
+    x = R.standard_normal((3, 6)).astype("float32")
+    np.testing.assert_allclose(compile(out / "dense.mdf.json", device="cpu").run(x), a.predict(x, verbose=0),
+                               atol=1e-6)
+    np.testing.assert_allclose(compile(out / "dense-h5.mdf.json", device="cpu").run(x), b.predict(x, verbose=0),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t * 2)]).save(p.with_suffix(".h5")),
+     "Lambda layers run code: refused in safe mode"),
+    (lambda p: p.with_suffix(".keras").write_bytes(b"PK\x03\x04truncated"), "not a valid .keras archive"),
+    (lambda p: p.with_suffix(".h5").write_text("hello"), "not a valid HDF5 (.h5) file"),
+])
+def test_keras_load_errors_are_whole_and_plain(tmp_path, make, match):
+    from gpu_mdf.convert import load_keras_model
+    from gpu_mdf.errors import ModelFileError
+    make(tmp_path / "m")
+    path = next(tmp_path.glob("m.*"))
+    with pytest.raises(ModelFileError) as e:
+        load_keras_model(path)
+    assert match in str(e.value) and "If you trust the )" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_convert_output_must_be_a_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+    seq((6,), layers.Dense(3)).save(tmp_path / "m.keras")
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "m.keras"), "--out", str(f)])
+    assert r.exit_code == 2 and "a file, not a folder" in r.output
 
 
 def evaluable_graph_outputs(path, prog, feeds: dict):

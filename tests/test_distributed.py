@@ -74,7 +74,7 @@ def test_a_killed_worker_costs_only_its_chunks(reference_mdf, train_npy, single,
         def job():
             try:
                 result["r"] = run_inference(reference_mdf, out, source=train_npy[0], labels=train_npy[1],
-                                            device="cpu", batch_size=250, progress=False,
+                                            device="cpu", batch_size=250, progress=False, keep_chunks=True,
                                             log=lambda *_: None, cluster=cluster.scheduler_address)
             except BaseException as e:  # noqa: BLE001 - reported below
                 error["e"] = e

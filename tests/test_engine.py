@@ -284,3 +284,39 @@ def test_array_edge_weights_broadcast():
         "parameters": {"weight": [1.0, -2.0, 0.5]}}}}}}}
     x = np.array([[1.0, 2.0, 3.0]], np.float32)
     np.testing.assert_allclose(compile(m, device="cpu").run(x), x * [1.0, -2.0, 0.5])
+
+
+@pytest.mark.parametrize("value", ["[0] * 30000000", "[[0] * 3000] * 10000", "[0, 1] + [2] * 10 ** 8",
+                                   "-[0] * 100000000"])
+def test_hostile_literals_are_refused_cheaply(value):
+    """List repetition would build the list before anything could check its size: refused
+    when the expression is parsed, before anything is computed or allocated."""
+    import time
+    import tracemalloc
+    node = {"input_ports": {"x": {"shape": [1, 2]}}, "parameters": {"p": {"value": value}},
+            "output_ports": {"y": {"value": "x"}}}
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CompileError, match="list literal"):
+        compile(one_node_model(node), device="cpu")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 1.0 and peak < (20 << 20)
+
+
+def test_folded_constants_are_bounded():
+    node = {"input_ports": {"x": {"shape": [1, 2]}},
+            "parameters": {"shape": {"value": [20000, 20000]},
+                           "big": {"function": "onnx::ConstantOfShape", "args": {"input": "shape"}},
+                           "tiled": {"function": "onnx::Tile", "args": {"input": "x", "repeats": [1, 10 ** 9]}}},
+            "output_ports": {"y": {"value": "big"}, "z": {"value": "tiled"}}}
+    with pytest.raises(CompileError, match="exceeds the compile-time limit"):
+        compile(one_node_model(node), device="cpu")
+
+
+def test_a_runtime_tile_of_absurd_size_is_refused_at_compile_time():
+    node = {"input_ports": {"x": {"shape": [1, 2]}},
+            "parameters": {"tiled": {"function": "onnx::Tile", "args": {"input": "x", "repeats": [1, 10 ** 9]}}},
+            "output_ports": {"z": {"value": "tiled"}}}
+    with pytest.raises(CompileError, match="exceeds the compile-time limit"):
+        compile(one_node_model(node), device="cpu")

@@ -261,7 +261,8 @@ def test_bulk_inference_streams_on_a_gpu_and_resumes_identically(strict_gpu, ref
     assert kinds[:4] == ["h2d", "h2d", "h2d", "sync"]                      # chunks 1 and 2 sent before 0 returns
     # an interrupted job: some chunks missing, then the same command again
     part = tmp_path / "part"
-    run_inference(reference_mdf, part, program=gpu, batch_size=1500, progress=False, log=lambda *_: None)
+    run_inference(reference_mdf, part, program=gpu, batch_size=1500, progress=False, log=lambda *_: None,
+                  keep_chunks=True)
     for f in ("probabilities.npy", "predictions.csv", "metrics.json"):
         (part / f).unlink()
     for c in sorted((part / ".chunks").glob("*.npz"))[2:5]:

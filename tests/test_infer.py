@@ -25,19 +25,29 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
     probs = np.load(out / "probabilities.npy")
     assert probs.shape == (10000, 10)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 10000 and rows[0].keys() == {"index", "predicted", "probability", "true"}
+    assert len(rows) == 10000 and list(rows[0]) == ["index", "source", "predicted", "probability", "true"]
+    assert rows[3]["source"] == "mnist:test[3]"
     assert [int(r["true"]) for r in rows[:5]] == list(yte[:5])
     m = json.loads((out / "metrics.json").read_text())
     assert m["accuracy"] == pytest.approx((probs.argmax(1) == yte).mean())
     assert np.array(m["confusion_matrix"]).sum() == 10000
     assert set(m["per_class"]) == {str(i) for i in range(10)}
     assert m["device"] == "cpu" and m["images_per_s"] > 0 and "numpy" in m["versions"]
+    # provenance: when, which model (path and hash), which data, which software and machine
+    import datetime
+    datetime.datetime.fromisoformat(m["timestamp"])
+    assert m["model"] == str(reference_mdf.resolve()) and len(m["model_sha256"]) == 64
+    assert m["data"].startswith("embedded MNIST")
+    assert {"modeci_mdf", "cupy"} <= set(m["versions"]) and m["versions"]["cupy"] is None
+    assert m["host"]["cpu"] and m["host"]["threads"] >= 1
+    assert m["normalize"] == {"mode": "l2", "applied": "on the device"}
+    assert not (out / ".chunks").exists()                      # removed after success
 
 
 def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path):
     # 60,000 images in 600 chunks: a wide window to kill the job in the middle
     args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--data", "mnist:train",
-            "--device", "cpu", "--batch-size", "100", "--no-progress"]
+            "--device", "cpu", "--batch-size", "100", "--no-progress", "--keep-chunks"]
     full = tmp_path / "full"
     subprocess.run(args + ["--out", str(full)], check=True, capture_output=True)
 
@@ -67,7 +77,7 @@ def test_changed_model_or_foreign_folder_is_refused(reference_mdf, tmp_path):
     assert invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress").exit_code == 0
     before = (out / "predictions.csv").read_bytes()
     r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--batch-size", "500", "--no-progress")
-    assert r.exit_code == 2 and "another job's files (different batch_size)" in r.output
+    assert r.exit_code == 2 and "another job's files (different batch_size)" in r.output and "--overwrite" in r.output
     changed = tmp_path / "changed.json"
     changed.write_text(reference_mdf.read_text().replace('"ModECI MDF v0.4"', '"ModECI MDF v0.4" '))
     r = invoke("infer", changed, "--out", out, "--device", "cpu", "--no-progress")
@@ -115,7 +125,7 @@ def test_on_error_skip_records_bad_items(reference_mdf, tmp_path, mnist):
     (d / str(yte[0]) / "zz_broken.png").write_bytes(b"not a png")
     out = tmp_path / "o"
     r = invoke("infer", reference_mdf, "--data", d, "--out", out, "--device", "cpu", "--no-progress")
-    assert r.exit_code == 2 and "zz_broken.png: unreadable PNG" in r.output
+    assert r.exit_code == 2 and "zz_broken.png: unreadable image" in r.output
     r = invoke("infer", reference_mdf, "--data", d, "--out", tmp_path / "o2", "--device", "cpu",
                "--on-error", "skip", "--no-progress")
     assert r.exit_code == 0, r.output
@@ -144,3 +154,101 @@ jobs:
     assert "FAIL broken" in r.output
     assert "1 model(s) compiled for 3 item(s)" in r.output
     assert (tmp_path / "jobs" / "first" / "predictions.csv").exists()
+
+
+def test_top_k_overwrite_keep_chunks_and_a_finished_job(reference_mdf, tmp_path):
+    out = tmp_path / "o"
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--top-k", "3",
+               "--keep-chunks")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert list(rows[0])[-6:] == ["top1", "top1_probability", "top2", "top2_probability", "top3",
+                                  "top3_probability"]
+    probs = np.load(out / "probabilities.npy")
+    top = np.argsort(-probs[0])[:3]
+    assert [int(rows[0][f"top{k}"]) for k in (1, 2, 3)] == top.tolist() and rows[0]["top1"] == rows[0]["predicted"]
+    assert float(rows[0]["top2_probability"]) == pytest.approx(probs[0, top[1]], abs=1e-6)
+    assert (out / ".chunks").is_dir()                              # --keep-chunks
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--top-k", "11")
+    assert r.exit_code == 2 and "--top-k 11: the model has 10 classes" in r.output
+    # another job in the same folder: refused, or replaced with --overwrite (never mixed)
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--batch-size", "999")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--batch-size", "999",
+               "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "job.json").read_text())["batch_size"] == 999
+    assert list(csv.DictReader(open(out / "predictions.csv")))[0].keys() == \
+        {"index", "source", "predicted", "probability", "true"}
+    assert not (out / ".chunks").exists()
+    # the same command again: complete already, nothing recomputed or damaged
+    before = (out / "predictions.csv").read_bytes()
+    r = invoke("infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--batch-size", "999")
+    assert r.exit_code == 0 and "complete already" in r.output
+    assert (out / "predictions.csv").read_bytes() == before
+
+
+def test_stale_temporaries_of_a_killed_final_write_are_cleaned(reference_mdf, tmp_path):
+    out = tmp_path / "o"
+    args = ["infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--keep-chunks"]
+    assert invoke(*args).exit_code == 0
+    for f in ("predictions.csv", "probabilities.npy", "metrics.json"):
+        (out / f).unlink()
+    (out / ".predictions.csv.abc123.tmp").write_text("half a file")        # what a SIGKILL leaves
+    (out / ".chunks" / ".000003.npz.xyz.tmp").write_bytes(b"half")
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert not list(out.glob(".*.tmp")) and not list((out / ".chunks").glob(".*.tmp"))
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 10000
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch-size", "-5"], "Invalid value for '--batch-size'"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--device", "tpu"], "expected auto, cpu, gpu or gpu:N"),
+    (["--device", "cpu:1"], "expected auto, cpu, gpu or gpu:N"),
+    (["--top-k", "-1"], "Invalid value for '--top-k'"),
+    (["--invert", "maybe"], "Invalid value for '--invert'"),
+    (["--cluster-timeout", "0"], "Invalid value for '--cluster-timeout'"),
+])
+def test_options_are_validated_before_anything_is_written(reference_mdf, tmp_path, args, match):
+    out = tmp_path / "o"
+    r = invoke("infer", reference_mdf, "--out", out, "--no-progress", *args)
+    assert r.exit_code == 2 and match in r.output, r.output
+    assert not out.exists()
+
+
+def test_cuda_is_an_alias_of_gpu_and_out_must_be_a_folder(reference_mdf, tmp_path):
+    r = invoke("infer", reference_mdf, "--out", tmp_path / "o", "--device", "cuda", "--no-progress")
+    assert r.exit_code == 2 and "GPU was demanded (gpu)" in r.output     # accepted, then no GPU here
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    r = invoke("infer", reference_mdf, "--out", f, "--device", "cpu", "--no-progress")
+    assert r.exit_code == 2 and "a file, not a folder" in r.output and r.output.count("\n") == 1
+    assert f.read_text() == "mine"
+
+
+def test_job_item_names_and_run_names_stay_inside_the_output_folder(reference_mdf, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "link").symlink_to(outside)
+    for name in ("../escaped", str(tmp_path / "absolute"), "link"):
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(f"name: t\ninfer: {{device: cpu}}\njobs:\n  - {{model: {reference_mdf}, name: '{name}'}}\n")
+        r = invoke("infer", "--config", cfg, "--out", tmp_path / "jobs", "--no-progress")
+        assert r.exit_code == 1 and "FAIL" in r.output and ("outside" in r.output or "plain relative" in r.output)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()
+    assert not any(outside.iterdir())
+    cfg.write_text(f"name: ../../up\njobs:\n  - {{model: {reference_mdf}}}\n")
+    r = invoke("infer", "--config", cfg, "--no-progress")
+    assert r.exit_code == 2 and "is not a plain name" in r.output
+
+
+def test_every_command_shows_defaults_and_ends_with_an_example():
+    for cmd in ("run", "train", "convert", "infer", "plot", "bench", "info"):
+        r = invoke(cmd, "--help")
+        assert r.exit_code == 0
+        assert "Example:" in r.output and "gpu-mdf " + cmd in r.output.split("Example:")[1], cmd
+    assert "[default: runs/infer]" in invoke("infer", "--help").output
+    assert "[default: 20; x>=1]" in invoke("bench", "--help").output

@@ -24,7 +24,7 @@ def test_run_produces_the_whole_run_folder(tmp_path):
                  "inference/probabilities.npy", "inference/metrics.json"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    assert "MDF test accuracy" in report and "![Confusion matrix](confusion_matrix.png)" in report
+    assert "MDF test accuracy" in report and "(confusion_matrix.png)" in report
     assert "Total params" in report or "Trainable params" in report
     if shutil.which("dot"):
         assert (out / "mdf_graph_level1.png").exists() and (out / "mdf_graph_level3.png").exists()
@@ -33,6 +33,43 @@ def test_run_produces_the_whole_run_folder(tmp_path):
         assert "Skipped pictures" in report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
+    # the page, as a browser shows it: every picture loads, with alt text; nothing errs
+    from browser import page_report
+    page = page_report(out / "report.html")
+    assert len(page["images"]) >= 3 and all(i["loaded"] and i["alt"] for i in page["images"]), page["images"]
+    assert page["errors"] == []
+    for part in ("MDF test accuracy", "Per class", "precision", "Keras model", "Files"):
+        assert part in page["text"], part
+
+
+def test_html_report_has_everything_the_markdown_has(tmp_path):
+    """Skipped-picture notes and the per-class table are on the page too."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from gpu_mdf.report import write_report
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digit.png")
+    (tmp_path / "summary.txt").write_text("Total params: 10")
+    mdf = tmp_path / "model.mdf.json"
+    mdf.write_text("{}")
+    per_class = {str(k): {"precision": 0.5, "recall": None if k == 3 else 0.25, "support": k} for k in range(10)}
+    res = SimpleNamespace(device="cpu", metrics={"device_reason": "CPU requested", "per_class": per_class})
+    tr = SimpleNamespace(device="CPU", seconds=1.0, skipped=[("Keras model plot", "Graphviz's dot is missing")])
+    summary = SimpleNamespace(keras_accuracy=0.9, mdf_accuracy=0.9, max_abs_diff=1e-7, argmax_agreement=1.0,
+                              images_per_s=1000.0, seconds=2.0)
+    write_report(tmp_path, SimpleNamespace(name="t"), tr, res, summary, [mdf], [])
+    md, html = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for part in ("Skipped pictures", "Keras model plot: Graphviz's dot is missing", "Per class",
+                 "| 3 | 0.5000 | - | 3 |"):
+        assert part in md, part
+    for part in ("Skipped pictures", "Keras model plot: Graphviz&#x27;s dot is missing", "Per class",
+                 "<td>3</td><td>0.5000</td><td>-</td><td>3</td>", 'alt="The first test image'):
+        assert part in html, part
+    from browser import page_report
+    page = page_report(tmp_path / "report.html")
+    assert [i["loaded"] for i in page["images"]] == [True] and page["errors"] == []
 
 
 @pytest.mark.slow

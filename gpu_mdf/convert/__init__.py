@@ -8,7 +8,6 @@ See :mod:`gpu_mdf.convert.keras` for the per-layer translators.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,24 +23,41 @@ __all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "sup
 
 
 def _keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    return keras
+    from ..tfquiet import keras
+    return keras()
 
 
 def load_keras_model(path: str | Path):
-    """Load a ``.keras`` or ``.h5`` model, with one clear error when Keras refuses it."""
+    """Load a ``.keras`` or ``.h5`` model in Keras's safe mode (a Lambda layer's code is
+    never run), with one whole, plain error when Keras refuses it."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: a folder, not a Keras model file")
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5)")
     keras = _keras()
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: Keras cannot load this model ({type(e).__name__}: {msg[:200]})") from None
+        raise ModelFileError(f"{path}: {keras_load_error(path, e)}") from None
+
+
+def keras_load_error(path: Path, e: Exception) -> str:
+    """Keras's refusal in plain words, whole and on one line."""
+    import zipfile
+    text = " ".join(str(e).split())
+    if "Lambda" in text and ("safe_mode" in text or "arbitrary code" in text):
+        return ("Lambda layers run code: refused in safe mode (the model holds a Python function; "
+                "gpu-mdf loads models with safe_mode=True and converts only layers it can describe)")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        return "not a valid .keras archive (a .keras file is a zip archive; this one is not, or is truncated)"
+    if isinstance(e, OSError) and "file signature not found" in text:
+        return "not a valid HDF5 (.h5) file"
+    if isinstance(e, OSError) and "truncated file" in text:
+        return f"a truncated HDF5 (.h5) file ({text})"
+    return f"Keras cannot load this model: {type(e).__name__}: {text}"
 
 
 def _graph_model(model):
@@ -246,24 +262,52 @@ def _expand(sources) -> list[Path]:
     return files
 
 
+def output_names(files: list[Path], suffixes: list[str]) -> tuple[list[str], list[str]]:
+    """``<stem>.mdf.json`` for each model (the name ``gpu-mdf run`` writes); two models
+    with one stem (``dense.keras`` and ``dense.h5``) get distinct names (the native
+    ``.keras`` keeps the plain one), and each such renaming is reported."""
+    taken: set[str] = set()
+    names: list[str | None] = [None] * len(files)
+    notes = []
+    order = sorted(range(len(files)), key=lambda i: (files[i].suffix != ".keras", i))
+    for i in order:
+        f = files[i]
+        stem = f.stem
+        if stem in taken:
+            alt, n = f"{stem}-{f.suffix.lstrip('.')}", 2
+            while alt in taken:
+                alt, n = f"{stem}-{f.suffix.lstrip('.')}{n}", n + 1
+            notes.append(f"note: {f} is written as {alt}.mdf{suffixes[0]} ({stem}.mdf{suffixes[0]} is another model's)")
+            stem = alt
+        taken.add(stem)
+        names[i] = stem
+    return names, notes
+
+
 def convert_files(sources, out_dir: str | Path, fmt: str = "json", normalize: str | None = None,
-                  on_result=None) -> list[ConvertResult]:
+                  on_result=None, log=None) -> list[ConvertResult]:
     """Convert many model files; one failure never stops the others."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GpuMdfError(f"{out_dir}: a file, not a folder; give --out a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     suffixes = {"json": [".json"], "yaml": [".yaml"], "both": [".json", ".yaml"]}[fmt]
+    files = _expand(sources)
+    stems, notes = output_names(files, suffixes)
+    for note in notes:
+        (log or print)(note)
     results = []
-    for src in _expand(sources):
+    for src, stem in zip(files, stems):
         t0 = time.perf_counter()
         try:
             model = load_keras_model(src)
-            mdf = keras_to_mdf(model, normalize=normalize, model_id=src.stem)
-            outs = [save_mdf(mdf, out_dir / f"{src.stem}{sfx}") for sfx in suffixes]
+            mdf = keras_to_mdf(model, normalize=normalize, model_id=stem)
+            outs = [save_mdf(mdf, out_dir / f"{stem}.mdf{sfx}") for sfx in suffixes]
             params = int(sum(np.prod(w.shape) for w in model.weights))
             r = ConvertResult(src, True, outs, len(mdf.graphs[0].nodes), params,
                               time.perf_counter() - t0)
         except GpuMdfError as e:
-            r = ConvertResult(src, False, [], error=str(e))
+            r = ConvertResult(src, False, [], error=str(e).removeprefix(f"{src}: "))
         except Exception as e:  # a translator bug must not stop the batch either
             r = ConvertResult(src, False, [], error=f"internal error {type(e).__name__}: {e}")
         results.append(r)

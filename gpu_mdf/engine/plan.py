@@ -225,6 +225,8 @@ class Planner:
             raise CompileError(f"{what}: not a numeric value") from None
         if a.dtype == object or a.dtype.kind in "USVO":
             raise CompileError(f"{what}: not a numeric value")
+        if a.size > ops_mod.MAX_FOLDED_ELEMENTS:
+            raise CompileError(f"{what}: {a.size:,} values exceed the limit of {ops_mod.MAX_FOLDED_ELEMENTS:,}")
         if a.dtype.kind == "f":
             a = a.astype(self.dtype)
         return a

@@ -165,16 +165,18 @@ class Program:
 
     @staticmethod
     def _target_shape(x, spec: InputSpec):
-        """The batch in the port's declared layout: the same values, up to size-1 axes
-        (e.g. a channel axis); the leading axis is the batch."""
+        """The batch in the port's declared layout; the leading axis is the batch. The same
+        values arranged otherwise are accepted: up to size-1 axes (a channel axis), or the
+        same number of values an item (``(N, 784)`` for a model taking 28x28 images)."""
         if spec.shape is None or x.ndim == 0:
             return None
         want = tuple(spec.shape[1:])
         if tuple(x.shape[1:]) == want or (-1 in want):
             return None
-        if [d for d in x.shape[1:] if d != 1] != [d for d in want if d != 1]:
+        same_dims = [d for d in x.shape[1:] if d != 1] == [d for d in want if d != 1]
+        if not same_dims and int(np.prod(x.shape[1:])) != int(np.prod(want)):
             raise DataError(f"input {spec.name}: got shape {tuple(x.shape)}, the model expects "
-                            "(N, " + ", ".join(str(d) for d in want) + ")")
+                            "(N, " + ", ".join(str(d) for d in want) + f") ({int(np.prod(want))} values an item)")
         return (len(x),) + want
 
     def _feeds(self, batch, check: bool) -> dict[str, Any]:
@@ -218,6 +220,14 @@ class Program:
         env: dict[Any, Any] = {}
         for p in self.inputs:
             env[("input", p.name)] = feeds[p.name] if p.name in feeds else self._defaults[p.name]
+        if not self.backend.is_gpu:
+            # overflow and NaN inside a model are not warnings here: a non-finite output is
+            # an error of its item, reported by whoever reads the results (gpu-mdf infer)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return self._loop(env, trace)
+        return self._loop(env, trace)
+
+    def _loop(self, env, trace):
         for key, fn, release in self._steps:
             env[key] = fn(env)
             if trace is not None:
@@ -479,8 +489,9 @@ def _probe_shapes(prog: Program):
     if not batched and prog.inputs and prog.inputs[0].shape:
         batch = max(1, prog.inputs[0].shape[0])
     sizes: list[int] = []
+    from .ops import folding
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), folding():      # creation ops stay bounded on the probe too
             values = probe.execute(feeds, trace=sizes)
     except CompileError:
         raise

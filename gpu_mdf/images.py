@@ -1,0 +1,107 @@
+"""Image files as people have them -> MNIST-format digits.
+
+PNG, JPEG, BMP, TIFF, GIF (first frame) through Pillow; colour and transparency
+converted to greyscale; polarity detected from the border (MNIST digits are white on
+black: a dark digit on a light background, the usual scan or drawing, is inverted);
+then MNIST's own preprocessing (LeCun et al.): the digit's bounding box fitted into a
+20x20 box keeping its aspect ratio, and the result placed in the 28x28 field with its
+centre of mass at the centre. An image already in MNIST's format (the target size,
+white on black) is left as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+INVERT_MODES = ("auto", "yes", "no")
+
+
+def load_grey(path: Path) -> np.ndarray:
+    """A file as a uint8 greyscale array; transparency composited onto white."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                hi = a.max() or 1.0
+                return (a * (255.0 / hi)).astype(np.uint8)
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape
+    k = max(1, min(h, w) // 14)
+    return np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])
+
+
+def dark_on_light(a: np.ndarray) -> bool:
+    """True when the border is light: a dark digit on a light background."""
+    return float(np.median(_border(a))) > 127.0
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    """Background to 0 and the strokes to full intensity, as in MNIST: a grey page (a scan
+    at 235 inverts to 20) would otherwise shift every pixel the model sees."""
+    bg = float(np.median(_border(a)))
+    if bg <= 0:                             # a black background already (MNIST's own files): as it is
+        return a
+    top = float(np.percentile(a, 99.5))
+    if top - bg < 16:                       # no digit to speak of: keep it as it is
+        return a
+    return np.clip((a.astype(np.float64) - bg) * (255.0 / (top - bg)), 0, 255).round().astype(np.uint8)
+
+
+def to_mnist(a: np.ndarray, size: tuple[int, int] = (28, 28), invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """A greyscale image -> (uint8 digit in MNIST format of ``size``, whether it was inverted)."""
+    if invert not in INVERT_MODES:
+        raise DataError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
+    flip = invert == "yes" or (invert == "auto" and dark_on_light(a))
+    if flip:
+        a = 255 - a
+    a = _stretch(a)
+    if a.shape == tuple(size):
+        return a.astype(np.uint8, copy=False), flip
+    return _fit_and_centre(a, size), flip
+
+
+def _fit_and_centre(a: np.ndarray, size) -> np.ndarray:
+    from PIL import Image
+    h, w = size
+    box = round(min(h, w) * 20 / 28)               # MNIST: 20x20 inside 28x28
+    mask = a > 25                                    # the digit (the background is 0 after _stretch)
+    if not mask.any():
+        return np.zeros(size, np.uint8)           # a blank image stays blank
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    crop = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    ch, cw = crop.shape
+    scale = box / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    small = np.asarray(Image.fromarray(crop).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.float64)
+    small = np.clip(small, 0, 255)
+    total = small.sum()
+    if total <= 0:
+        return np.zeros(size, np.uint8)
+    yy, xx = np.mgrid[0:nh, 0:nw]
+    cy, cx = (yy * small).sum() / total, (xx * small).sum() / total
+    top, left = int(round(h / 2 - 0.5 - cy)), int(round(w / 2 - 0.5 - cx))
+    out = np.zeros(size, np.float64)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + nh, h), min(left + nw, w)
+    out[y0:y1, x0:x1] = small[y0 - top:y1 - top, x0 - left:x1 - left]
+    return np.round(out).astype(np.uint8)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
