@@ -35,7 +35,7 @@ def probe_gpu() -> GpuProbe:
     try:
         import cupy
     except ImportError as e:
-        return GpuProbe(False, f"CuPy is not installed ({e}); install gpu-mdf[gpu]")
+        return GpuProbe(False, f"CuPy is not installed ({e}): pip install 'gpu-mdf[gpu]'")
     except Exception as e:  # a broken CuPy wheel (CUDA version mismatch) raises many types
         return GpuProbe(False, f"CuPy failed to import: {type(e).__name__}: {e}")
     rt = cupy.cuda.runtime

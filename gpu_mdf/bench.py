@@ -23,6 +23,7 @@ import numpy as np
 from .data import load_mnist, normalize
 from .engine import compile, load_constants
 from .errors import GpuMdfError
+from .extras import hint, installed
 
 
 def timeit(fn, repeats: int, warmup: int = 10) -> float:
@@ -112,7 +113,10 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     else:
         skipped("CuPy", probe.reason)
 
-    if "onnxruntime" not in skip:
+    missing = [m for m in ("onnxruntime", *(() if onnx_path else ("onnx",))) if not installed(m)]
+    if "onnxruntime" not in skip and missing:
+        skipped("ONNX Runtime", hint(missing[0], "this baseline"))
+    elif "onnxruntime" not in skip:
         try:
             import onnxruntime as ort
             if onnx_path:
@@ -130,7 +134,9 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
             skipped("ONNX Runtime", e)
         except Exception as e:  # an ONNX Runtime refusal of the model
             skipped("ONNX Runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    if "tensorflow" not in skip and keras_path:
+    if "tensorflow" not in skip and keras_path and not installed("tensorflow"):
+        skipped("TensorFlow", hint("tensorflow", "this baseline"))
+    elif "tensorflow" not in skip and keras_path:
         from .tfquiet import keras as _keras
         from .tfquiet import tensorflow
         tf, keras = tensorflow(), _keras()
@@ -157,14 +163,14 @@ def _first(out):
 
 
 def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
-    try:
-        from modeci_mdf.execution_engine import EvaluableGraph
-        from modeci_mdf.utils import load_mdf
-    except ImportError as e:
-        skipped("modeci_mdf EvaluableGraph", e)
+    if not installed("modeci_mdf"):
+        skipped("modeci_mdf EvaluableGraph", hint("modeci_mdf", "this baseline"))
         return
     import contextlib
     import io
+
+    from modeci_mdf.execution_engine import EvaluableGraph
+    from modeci_mdf.utils import load_mdf
     mm = load_mdf(str(mdf_path))
     o = prog.outputs[0]
     init = dict(consts or {})

@@ -491,7 +491,7 @@ def _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resum
 
 def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, job, nchunks, resumed) -> dict:
     where = "on the device" if np.dtype(ds.dtype).kind in "iub" else "on the host (float pixels)"
-    m = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    m = {"timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
          "images": n, "skipped": skipped, "source": ds.name,
          "data": ds.path or f"embedded MNIST ({ds.name})", "model": job["model"], "model_sha256": job["model_sha256"],
          "batch_size": job["batch_size"], "chunks": nchunks, "chunks_resumed": resumed,

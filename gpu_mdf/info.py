@@ -19,7 +19,7 @@ def _version(dist: str) -> str | None:
 def collect(with_tensorflow: bool = True) -> dict:
     info = {"gpu_mdf": __version__, "python": platform.python_version(),
             "platform": platform.platform(),
-            "versions": {d: _version(d) for d in ("numpy", "tensorflow", "keras", "modeci-mdf",
+            "versions": {d: _version(d) for d in ("numpy", "tensorflow", "keras", "jax", "modeci-mdf",
                                                   "onnxruntime", "cupy-cuda12x", "cupy-cuda13x",
                                                   "cupy", "click")}}
     probe = probe_gpu()

@@ -49,7 +49,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
     tr = train(cfg, out, log=log)
 
     from .tfquiet import keras
-    model = keras().models.load_model(tr.model_path, compile=False, safe_mode=True)
+    model = keras("the pipeline").models.load_model(tr.model_path, compile=False, safe_mode=True)
     log("converting to MDF")
     mdf = keras_to_mdf(model, normalize=cfg.data.normalize, model_id=cfg.name)
     mdf_paths = []

@@ -16,6 +16,8 @@ import re
 import sys
 import tempfile
 
+from . import extras
+
 NOISE = re.compile("|".join([
     r"All log messages before absl::InitializeLog\(\) is called",
     r"oneDNN custom operations are on",
@@ -57,9 +59,11 @@ def native_stderr_filtered():
             sys.stderr.flush()
 
 
-def tensorflow():
+def tensorflow(purpose: str = "this command"):
     """``import tensorflow``, quietly (and its device query, where cuInit complains)."""
     if "tf" not in _loaded:
+        if not extras.installed("tensorflow"):
+            raise extras.MissingExtra(extras.hint("tensorflow", purpose))
         if not verbose():
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with native_stderr_filtered():
@@ -72,8 +76,37 @@ def tensorflow():
     return _loaded["tf"]
 
 
-def keras():
-    """``import keras`` (on TensorFlow), quietly."""
-    tensorflow()
-    import keras as k
-    return k
+def keras_backend(purpose: str = "this command") -> str:
+    """The Keras backend to use, set in ``KERAS_BACKEND`` before Keras is imported: the
+    user's choice, else TensorFlow where installed, else JAX (``~/.keras/keras.json``
+    naming a backend that is not installed would make ``import keras`` fail)."""
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is None:
+        if extras.installed("tensorflow"):
+            backend = "tensorflow"
+        elif extras.installed("jax"):
+            backend = "jax"
+        else:
+            raise extras.MissingExtra(f"{purpose} needs Keras on TensorFlow or JAX, and neither is installed "
+                                      "here: pip install 'gpu-mdf[convert]'")
+        os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def keras(purpose: str = "this command"):
+    """``import keras``, quietly: on TensorFlow where it is installed, else on JAX.
+
+    Loading and converting ``.keras``/``.h5`` models needs no TensorFlow: Keras 3 reads
+    both formats on its JAX backend (``pip install 'gpu-mdf[convert]'``), and the weights
+    it hands the converter are the same numbers. Training needs TensorFlow. A
+    ``KERAS_BACKEND`` set by the user is respected.
+    """
+    if "keras" not in _loaded:
+        if not extras.installed("keras"):
+            raise extras.MissingExtra(extras.hint("keras", purpose))
+        if keras_backend(purpose) == "tensorflow":
+            tensorflow(purpose)
+        with native_stderr_filtered():
+            import keras as k
+        _loaded["keras"] = k
+    return _loaded["keras"]

@@ -19,7 +19,18 @@ from .io import atomic_path, write_json, write_text
 
 def _tf():
     from .tfquiet import tensorflow
-    return tensorflow()
+    return tensorflow("training")
+
+
+def _keras():
+    """Keras on TensorFlow: training runs through TensorFlow (on its GPU when it sees one)."""
+    from .tfquiet import keras
+    _tf()
+    k = keras("training")
+    if k.backend.backend() != "tensorflow":
+        raise ConfigError(f"training runs on Keras's TensorFlow backend, but KERAS_BACKEND is "
+                          f"{k.backend.backend()!r}: unset it")
+    return k
 
 
 def tf_device() -> str:
@@ -33,9 +44,10 @@ def tf_device() -> str:
 
 
 def build_model(cfg: Config):
-    """Keras model from ``cfg.model``; unknown layer types or arguments are ConfigErrors."""
-    from .tfquiet import keras as _keras
-    keras = _keras()
+    """Keras model from ``cfg.model``; unknown layer types or arguments are ConfigErrors.
+    (Any Keras backend builds it; :func:`train` needs TensorFlow.)"""
+    from .tfquiet import keras as _any_keras
+    keras = _any_keras("building models")
 
     layers = [keras.Input(shape=tuple(cfg.model.input_shape), name="pixels")]
     for i, spec in enumerate(cfg.model.layers):
@@ -94,7 +106,6 @@ class TrainResult:
 
 def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     """Train ``cfg``'s model on its data and write every artifact to ``out_dir``."""
-    from .tfquiet import keras as _keras
     keras = _keras()
 
     out = Path(out_dir)

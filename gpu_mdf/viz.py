@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .extras import hint, installed, require
 from .io import atomic_path
 
 GRAPHVIZ_HINT = "install Graphviz's dot (apt-get install graphviz, or conda install graphviz)"
@@ -20,7 +21,7 @@ class PictureSkipped(Exception):
 
 
 def _plt():
-    import matplotlib
+    matplotlib = require("matplotlib", "drawing pictures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -97,6 +98,8 @@ def plot_mdf(mdf_path: str | Path, out_dir: str | Path, levels=(1, 3)) -> list[P
     """Render the MDF graph with modeci_mdf's Graphviz exporter (level 1 overview,
     level 3 detail). Returns the PNG paths."""
     _need_dot()
+    if not installed("modeci_mdf"):
+        raise PictureSkipped(hint("modeci_mdf", "drawing MDF graphs"))
     from modeci_mdf.interfaces.graphviz.exporter import mdf_to_graphviz
     from modeci_mdf.utils import load_mdf
 

@@ -2,6 +2,13 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from gpu_mdf.tfquiet import keras_backend  # noqa: E402
+
+try:   # tests that import keras get the backend gpu-mdf would pick (JAX where TensorFlow is absent)
+    keras_backend()
+except ImportError:
+    pass
+
 import numpy as np
 import pytest
 

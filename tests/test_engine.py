@@ -148,6 +148,7 @@ def test_reference_model_full_test_set_within_1e5(reference_model, reference_mdf
 def test_upstream_keras_to_mdf_files_run_and_match_evaluable_graph(reference_model, x_test_l2, tmp_path):
     """modeci_mdf's own importer bakes the batch into a parameter: as written, the graph is
     closed and evaluates once, like EvaluableGraph; ``inputs=`` feeds that parameter instead."""
+    pytest.importorskip("tensorflow", reason="modeci_mdf's Keras importer imports tensorflow.keras")
     from modeci_mdf.execution_engine import EvaluableGraph
     from modeci_mdf.interfaces.keras import keras_to_mdf as upstream
     from modeci_mdf.utils import load_mdf

@@ -1,7 +1,10 @@
-"""Keras -> ModECI MDF conversion (imports TensorFlow/Keras lazily, on first use).
+"""Keras -> ModECI MDF conversion (imports Keras lazily, on first use).
 
-    model = gpu_mdf.convert.keras_to_mdf(keras_model)      # a modeci_mdf.mdf.Model
-    gpu_mdf.convert.save_mdf(model, "out/model.json")        # atomic write
+    mdf = gpu_mdf.convert.keras_to_mdf(keras_model)    # the MDF document, a plain dict
+    gpu_mdf.convert.save_mdf(mdf, "out/model.json")      # atomic write
+
+Writing MDF needs Keras only (on TensorFlow, or on JAX where TensorFlow is not
+installed: ``pip install 'gpu-mdf[convert]'``); modeci_mdf reads what it writes.
 
 See :mod:`gpu_mdf.convert.keras` for the per-layer translators.
 """
@@ -24,7 +27,7 @@ __all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "sup
 
 def _keras():
     from ..tfquiet import keras
-    return keras()
+    return keras("converting Keras models")
 
 
 def load_keras_model(path: str | Path):
@@ -79,22 +82,24 @@ def _port_shape(t) -> tuple[int, ...]:
     return tuple(1 if d is None else int(d) for d in t.shape)
 
 
-def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = None):
-    """Translate a built Keras Sequential/functional model into a ``modeci_mdf.mdf.Model``.
+MDF_FORMAT = "ModECI MDF v0.4"
+
+
+def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = None) -> dict:
+    """Translate a built Keras Sequential/functional model into an MDF model, as the
+    plain document ``{model_id: {...}}`` that ``modeci_mdf.utils.load_mdf`` reads and
+    :func:`gpu_mdf.engine.compile` takes (no modeci_mdf needed to write it).
 
     The graph takes each model input through an input port named after the
     Keras input; ``normalize`` records the pixel normalisation the model expects
     (``l2``, ``scale`` or ``none``) in the graph metadata for the engine to apply.
     """
-    from modeci_mdf.mdf import Edge, Function, Graph, InputPort, Model, Node, OutputPort, Parameter
-
+    from .. import __version__
     keras = _keras()
     gm = _graph_model(model)
     mid = safe_id(model_id or model.name)
-    graph = Graph(id=f"{mid}_graph")
-    mdf = Model(id=mid, metadata={"generator": "gpu-mdf", "keras_version": keras.__version__})
-    mdf.graphs.append(graph)
-
+    nodes: dict[str, dict] = {}
+    edges: dict[str, dict] = {}
     tensor_src: dict[int, tuple[str, str]] = {}   # id(KerasTensor) -> (node id, port id)
     used_ids: set[str] = set()
     input_names = []
@@ -113,15 +118,14 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         layer = t._keras_history.operation
         nid = fresh(layer.name)
         port = nid                         # the initializer key in EvaluableGraph
-        node = Node(id=f"{nid}_input", metadata={"keras_class": "InputLayer"})
-        node.input_ports.append(InputPort(id=port, shape=_port_shape(t), type=str(t.dtype),
-                                          metadata={"batch_axis": 0}))
-        node.output_ports.append(OutputPort(id=f"{nid}_out", value=port))
-        graph.nodes.append(node)
-        tensor_src[id(t)] = (node.id, f"{nid}_out")
+        nodes[f"{nid}_input"] = {
+            "metadata": {"keras_class": "InputLayer"},
+            "input_ports": {port: {"metadata": {"batch_axis": 0}, "shape": list(_port_shape(t)),
+                                   "type": str(t.dtype)}},
+            "output_ports": {f"{nid}_out": {"value": port}}}
+        tensor_src[id(t)] = (f"{nid}_input", f"{nid}_out")
         input_names.append(port)
 
-    edge_count = 0
     for depth in sorted(gm._nodes_by_depth, reverse=True):
         for kn in gm._nodes_by_depth[depth]:
             layer = kn.operation
@@ -143,39 +147,46 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
             meta = {"keras_class": cls}
             if nid != layer.name:
                 meta["keras_name"] = layer.name
-            node = Node(id=nid, metadata=meta)
-            for p, t in zip(ports, ins):
-                node.input_ports.append(InputPort(id=p, shape=_port_shape(t), type=str(t.dtype)))
-            for pid, value in b.parameters:
-                node.parameters.append(Parameter(id=pid, value=value))
-            for fid, function, args, value in b.functions:
-                if function is not None:
-                    node.functions.append(Function(id=fid, function=function, args=args))
-                else:
-                    node.functions.append(Function(id=fid, value=value))
+            node: dict = {"metadata": meta,
+                          "input_ports": {p: {"shape": list(_port_shape(t)), "type": str(t.dtype)}
+                                          for p, t in zip(ports, ins)}}
+            functions = {fid: ({"function": function, "args": args} if function is not None else {"value": value})
+                         for fid, function, args, value in b.functions}
+            if functions:
+                node["functions"] = functions
+            if b.parameters:
+                node["parameters"] = {pid: {"value": value} for pid, value in b.parameters}
             out_port = f"{nid}_out"
-            node.output_ports.append(OutputPort(id=out_port, value=result))
-            graph.nodes.append(node)
+            node["output_ports"] = {out_port: {"value": result}}
+            nodes[nid] = node
             for p, t in zip(ports, ins):
                 sender, sport = tensor_src[id(t)]
-                edge_count += 1
-                graph.edges.append(Edge(id=f"e{edge_count}_{sender}_{nid}", sender=sender,
-                                        sender_port=sport, receiver=nid, receiver_port=p))
+                edges[f"e{len(edges) + 1}_{sender}_{nid}"] = {"sender": sender, "receiver": nid,
+                                                               "sender_port": sport, "receiver_port": p}
             outs = kn.output_tensors
             if len(outs) != 1:
                 raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) has {len(outs)} outputs")
             tensor_src[id(outs[0])] = (nid, out_port)
 
     outputs = [tensor_src[id(t)][1] for t in gm.outputs]
-    graph.metadata = {"gpu_mdf": {"inputs": input_names, "outputs": outputs,
-                                  "normalize": normalize or "none", "batch_axis": 0}}
-    return mdf
+    graph = {"metadata": {"gpu_mdf": {"inputs": input_names, "outputs": outputs,
+                                      "normalize": normalize or "none", "batch_axis": 0}},
+             "nodes": nodes, "edges": edges}
+    return {mid: {"format": MDF_FORMAT, "generating_application": f"gpu-mdf {__version__}",
+                  "metadata": {"generator": "gpu-mdf", "keras_version": keras.__version__},
+                  "graphs": {f"{mid}_graph": graph}}}
+
+
+def mdf_graph(mdf: dict) -> dict:
+    """The (only) graph of an MDF document written by :func:`keras_to_mdf`."""
+    return next(iter(next(iter(mdf.values()))["graphs"].values()))
 
 
 def save_mdf(mdf, path: str | Path) -> Path:
     """Write MDF as JSON or YAML (by suffix), atomically and compactly.
 
-    The document is modeci_mdf's own ``to_dict()``; weight arrays are written as
+    ``mdf`` is the document of :func:`keras_to_mdf` (or a modeci_mdf ``Model``, through
+    its ``to_dict()``); weight arrays are written as
     flow lists of the shortest decimal text that reads back to the same float32
     (bit for bit), one array per line, instead of one float64 per indented line.
     """
@@ -211,7 +222,7 @@ def mdf_text(mdf, fmt: str = "json") -> str:
             return [walk(x) for x in v] if not isinstance(v, np.ndarray) else walk(v.tolist())
         return v
 
-    doc = walk(mdf.to_dict())
+    doc = walk(mdf if isinstance(mdf, dict) else mdf.to_dict())
     if fmt == "json":
         text = json.dumps(doc, indent=2)
     else:
@@ -287,6 +298,7 @@ def output_names(files: list[Path], suffixes: list[str]) -> tuple[list[str], lis
 def convert_files(sources, out_dir: str | Path, fmt: str = "json", normalize: str | None = None,
                   on_result=None, log=None) -> list[ConvertResult]:
     """Convert many model files; one failure never stops the others."""
+    _keras()   # a missing Keras is one error for the whole call, not one per file
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GpuMdfError(f"{out_dir}: a file, not a folder; give --out a folder")
@@ -304,7 +316,7 @@ def convert_files(sources, out_dir: str | Path, fmt: str = "json", normalize: st
             mdf = keras_to_mdf(model, normalize=normalize, model_id=stem)
             outs = [save_mdf(mdf, out_dir / f"{stem}.mdf{sfx}") for sfx in suffixes]
             params = int(sum(np.prod(w.shape) for w in model.weights))
-            r = ConvertResult(src, True, outs, len(mdf.graphs[0].nodes), params,
+            r = ConvertResult(src, True, outs, len(mdf_graph(mdf)["nodes"]), params,
                               time.perf_counter() - t0)
         except GpuMdfError as e:
             r = ConvertResult(src, False, [], error=str(e).removeprefix(f"{src}: "))
