@@ -247,6 +247,33 @@ def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no
 
 
 @main.command()
+@click.option("--model-repository", "repository", required=True, type=click.Path(file_okay=False),
+              help="models as DIR/<model>/<version>/model.mdf.json (+ optional DIR/<model>/config.yaml)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0 exposes the server to the network)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port")
+@DEVICE
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="require 'Authorization: Bearer <token>' (the file's content) on every route but health")
+@click.option("--max-body-mb", type=click.FloatRange(0.001), default=64, show_default=True,
+              help="largest request body")
+@click.option("--no-access-log", is_flag=True, help="no JSON access-log line per request")
+@_errors
+def serve(repository, host, port, device, token_file, max_body_mb, no_access_log):
+    """Serve MDF inference and Keras conversion over KServe v2 (REST, with Triton's binary
+    tensor data and model repository extensions), batching concurrent requests.
+
+    \b
+    Example:
+      gpu-mdf serve --model-repository models/ --port 8000 --token-file token.txt
+      curl localhost:8000/v2/models/mnist
+    """
+    from .serve import serve as run_server
+    run_server(repository, host=host, port=port, device=device or "auto", token_file=token_file,
+               max_body_mb=max_body_mb, access_log=not no_access_log)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--no-tensorflow", is_flag=True, help="skip TensorFlow's view (faster)")
 @_errors

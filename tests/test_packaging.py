@@ -102,6 +102,38 @@ def test_slim_core_install_runs_inference_without_tensorflow_keras_or_modeci(tmp
     assert "gpu-mdf (NumPy, CPU)" in r.stdout and "pip install 'gpu-mdf[mdf]'" in r.stdout, r.stdout
 
 
+def test_runtime_install_serves_without_tensorflow(tmp_path, digits):
+    """What the runtime image holds (core + [serve]): the server runs, infers, and says that
+    conversion needs [convert]."""
+    import urllib.error
+    import urllib.request
+
+    from gpu_mdf.serve.launch import launched
+    bin_dir = _venv(tmp_path / "venv")
+    src = _checkout_copy(tmp_path / "src")
+    _run([bin_dir / "python", "-m", "pip", "install", "-q", f"{src}[serve]"], cwd=tmp_path)
+    assert _absent(bin_dir, tmp_path) == []
+    repo = tmp_path / "models" / "softmax" / "1"
+    repo.mkdir(parents=True)
+    shutil.copy(EXAMPLE, repo / "model.mdf.json")
+    env = {k: "" for k in ("PYTHONPATH",)}
+    x = np.load(digits[0])[:4]
+    with launched(tmp_path / "models", "--no-access-log", python=str(bin_dir / "python"), cwd=str(tmp_path),
+                  env=env) as srv:
+        body = json.dumps({"inputs": [{"name": "pixels", "shape": [4, 28, 28], "datatype": "UINT8",
+                                       "data": x.ravel().tolist()}]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{srv.url}/v2/models/softmax/infer", body),
+                                    timeout=60) as r:
+            out = json.loads(r.read())["outputs"][0]
+        from gpu_mdf.engine import compile
+        np.testing.assert_allclose(np.array(out["data"]).reshape(4, 10), compile(EXAMPLE, device="cpu").run(x),
+                                   atol=1e-6)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"{srv.url}/v2/convert", b"PK\x03\x04" + b"0" * 64),
+                                   timeout=60)
+        assert e.value.code == 501 and "pip install 'gpu-mdf[convert]'" in json.loads(e.value.read())["error"]
+
+
 def test_sdist_and_wheel_carry_mnist_and_its_licence_and_pass_twine(dist):
     wheel, = dist.glob("gpu_mdf-*.whl")
     sdist, = dist.glob("gpu_mdf-*.tar.gz")

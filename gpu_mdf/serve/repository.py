@@ -1,0 +1,297 @@
+"""The model repository: Triton's layout, MDF models.
+
+    DIR/<model>/config.yaml              optional (keys below)
+    DIR/<model>/<version>/model.mdf.json (or model.mdf.yaml); versions are positive integers
+
+``config.yaml`` keys (unknown keys and wrong types are refused, naming the key):
+
+    max_batch_size: 256        items per device batch
+    max_queue_delay_ms: 5      how long a batch waits for more requests after its first
+    max_queue_size: 256        requests waiting; over it, 503
+    max_queue_mb: 256          bytes waiting; over it, 503
+    dynamic_batching: true     false: every request runs alone
+    device: auto               auto | cpu | gpu | gpu:N (default: the server's --device)
+    normalize: l2              override the pixel normalisation the graph records
+    constants: weights.npz     weights bound to input ports (path inside the model folder)
+    outputs: [probabilities]   served names of the graph's outputs, in order (or a mapping)
+
+Every version of a model is compiled once, at load; a request without a version goes to
+the highest loaded one.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GpuMdfError
+from ..io import safe_join
+from .batcher import Batcher
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MODEL_FILES = ("model.mdf.json", "model.mdf.yaml")
+CONFIG_KEYS = {"max_batch_size": int, "max_queue_delay_ms": (int, float), "max_queue_size": int,
+               "max_queue_mb": (int, float), "dynamic_batching": bool, "device": str, "normalize": str,
+               "constants": str, "outputs": (list, dict)}
+
+
+class RepositoryError(GpuMdfError):
+    pass
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", ".."):
+        raise RepositoryError(f"model name {name!r}: use letters, digits, '_', '.', '-' (up to 128)")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    max_batch_size: int = 256
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256
+    max_queue_mb: float = 256.0
+    dynamic_batching: bool = True
+    device: str | None = None
+    normalize: str | None = None
+    constants: str | None = None
+    outputs: list | dict | None = None
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelConfig:
+        path = model_dir / "config.yaml"
+        if not path.exists():
+            return cls()
+        import yaml
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise RepositoryError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(doc, dict):
+            raise RepositoryError(f"{path}: expected a mapping of settings")
+        for k, v in doc.items():
+            if k not in CONFIG_KEYS:
+                raise RepositoryError(f"{path}: unknown key {k!r} (known: {', '.join(CONFIG_KEYS)})")
+            want = CONFIG_KEYS[k]
+            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
+                raise RepositoryError(f"{path}: {k} must be {getattr(want, '__name__', 'a number')}, got {v!r}")
+        cfg = cls(**doc)
+        for k in ("max_batch_size", "max_queue_size"):
+            if getattr(cfg, k) < 1:
+                raise RepositoryError(f"{path}: {k} must be at least 1")
+        if cfg.max_queue_delay_ms < 0 or cfg.max_queue_mb <= 0:
+            raise RepositoryError(f"{path}: max_queue_delay_ms must be >= 0 and max_queue_mb > 0")
+        return cfg
+
+
+@dataclass
+class Version:
+    """One loaded model version: its program, its served names, its batcher."""
+    model: str
+    version: str
+    path: Path
+    program: object
+    input_names: dict[str, bool]           # served input name -> required
+    output_names: dict[str, str]           # served output name -> graph output name
+    batcher: Batcher
+    config: ModelConfig
+
+    def metadata(self) -> dict:
+        p = self.program
+        ins = [{"name": s.name, "datatype": _datatype(s.dtype), "shape": _shape(s.shape)} for s in p.inputs]
+        by_graph = {g: s for s, g in self.output_names.items()}
+        outs = [{"name": by_graph[o.name], "datatype": _datatype(o.dtype or p.dtype), "shape": _shape(o.shape)}
+                for o in p.outputs]
+        return {"name": self.model, "versions": [self.version], "platform": "gpu-mdf_mdf",
+                "inputs": ins, "outputs": outs,
+                "parameters": {"normalize": p.normalize, "device": p.backend.describe(),
+                               "max_batch_size": self.config.max_batch_size,
+                               "dynamic_batching": self.config.dynamic_batching,
+                               "integer_inputs": "pixels, normalised by the model ('normalize')",
+                               "float_inputs": "taken as already normalised"}}
+
+
+def _datatype(dtype) -> str:
+    from .protocol import DATATYPE_OF
+    try:
+        return DATATYPE_OF[np.dtype(dtype or "float32")]
+    except TypeError:
+        return "FP32"
+
+
+def _shape(shape) -> list[int]:
+    return [-1] if shape is None else [int(d) for d in shape]
+
+
+@dataclass
+class ModelState:
+    name: str
+    versions: dict[str, Version] = field(default_factory=dict)
+    state: str = "UNAVAILABLE"       # READY | UNAVAILABLE | UNLOADED
+    reason: str = ""
+
+
+class Repository:
+    """The models of a repository folder, loaded and unloaded by name."""
+
+    def __init__(self, root: str | Path, device: str = "auto", metrics=None, log=print):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise RepositoryError(f"{self.root}: no such model repository folder")
+        self.device, self.metrics, self.log = device, metrics, log
+        self.models: dict[str, ModelState] = {}
+        self._lock = threading.RLock()
+
+    def names_on_disk(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
+
+    def load_all(self) -> None:
+        for name in self.names_on_disk():
+            self.load(name)
+
+    def index(self) -> list[dict]:
+        with self._lock:
+            names = sorted(set(self.names_on_disk()) | set(self.models))
+            rows = []
+            for n in names:
+                m = self.models.get(n)
+                if m is None:
+                    rows.append({"name": n, "state": "UNAVAILABLE", "reason": "not loaded"})
+                    continue
+                for v in sorted(m.versions, key=int) or [None]:
+                    row = {"name": n, "state": m.state, "reason": m.reason}
+                    if v is not None:
+                        row["version"] = v
+                    rows.append(row)
+            return rows
+
+    def get(self, name: str, version: str | None = None) -> Version:
+        """The version to serve; LookupError (404) or RuntimeError (not ready) otherwise."""
+        m = self.models.get(name)
+        if m is None:
+            raise LookupError(f"unknown model {name!r}")
+        if m.state != "READY":
+            raise RuntimeError(f"model {name!r} is not ready ({m.state.lower()}{': ' + m.reason if m.reason else ''})")
+        versions = m.versions
+        if version is None:
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise LookupError(f"model {name!r} has no version {version!r} (loaded: {sorted(versions, key=int)})")
+        return versions[version]
+
+    def load(self, name: str) -> ModelState:
+        """(Re)load a model from disk: every version compiled, then swapped in at once; the
+        old batchers finish their queues. A failure leaves the model UNAVAILABLE with the reason."""
+        check_name(name)
+        model_dir = safe_join(self.root, name)
+        old = self.models.get(name)
+        try:
+            if not model_dir.is_dir():
+                raise RepositoryError(f"no folder {name!r} in the repository")
+            cfg = ModelConfig.load(model_dir)
+            vdirs = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
+                           key=lambda p: int(p.name))
+            if not vdirs:
+                raise RepositoryError(f"{model_dir}: no version folder (1/, 2/, ...)")
+            versions = {}
+            for vd in vdirs:
+                versions[str(int(vd.name))] = self._load_version(name, str(int(vd.name)), vd, model_dir, cfg)
+            state = ModelState(name, versions, "READY", "")
+            self.log(f"loaded {name} (versions {', '.join(versions)}) on "
+                     f"{next(iter(versions.values())).program.backend.describe()}")
+        except (GpuMdfError, OSError) as e:
+            state = ModelState(name, {}, "UNAVAILABLE", str(e))
+            self.log(f"failed to load {name}: {e}")
+        with self._lock:
+            self.models[name] = state
+        if old:
+            for v in old.versions.values():
+                v.batcher.close(wait=False)
+        return state
+
+    def unload(self, name: str) -> None:
+        check_name(name)
+        with self._lock:
+            m = self.models.get(name)
+            if m is None:
+                raise LookupError(f"unknown model {name!r}")
+            self.models[name] = ModelState(name, {}, "UNLOADED", "unloaded by request")
+        for v in m.versions.values():
+            v.batcher.close(wait=False)
+        self.log(f"unloaded {name}")
+
+    def close(self) -> None:
+        with self._lock:
+            models = list(self.models.values())
+        for m in models:
+            for v in m.versions.values():
+                v.batcher.close(wait=True)
+
+    def next_version(self, name: str) -> str:
+        d = safe_join(self.root, check_name(name))
+        have = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+        return str(max(have, default=0) + 1)
+
+    # -- internals ------------------------------------------------------------------ #
+    def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ModelConfig) -> Version:
+        from ..engine import compile, load_constants
+        files = [vdir / f for f in MODEL_FILES if (vdir / f).is_file()]
+        if len(files) != 1:
+            raise RepositoryError(f"{vdir}: expected one of {' or '.join(MODEL_FILES)}, found "
+                                  f"{[f.name for f in files] or 'none'}")
+        consts = load_constants(safe_join(model_dir, cfg.constants)) if cfg.constants else None
+        prog = compile(files[0], device=cfg.device or self.device, normalize=cfg.normalize, constants=consts)
+        if not prog.inputs:
+            raise RepositoryError(f"{files[0]}: a closed graph (no input) cannot serve requests")
+        outputs = _output_names(prog, cfg, files[0])
+        label = f"{name}/{version}"
+
+        def on_batch(items, requests, seconds):
+            if self.metrics:
+                self.metrics.batch(name, version, items, requests, seconds)
+        batcher = Batcher(lambda feeds: _run(prog, feeds, outputs), label, cfg.max_batch_size,
+                          cfg.max_queue_delay_ms / 1000, cfg.max_queue_size, int(cfg.max_queue_mb * 2**20),
+                          cfg.dynamic_batching, on_batch)
+        return Version(name, version, files[0], prog, {p.name: p.default is None for p in prog.inputs},
+                       outputs, batcher, cfg)
+
+
+def _output_names(prog, cfg: ModelConfig, path) -> dict[str, str]:
+    graph = [o.name for o in prog.outputs]
+    if cfg.outputs is None:
+        return {g: g for g in graph}
+    if isinstance(cfg.outputs, list):
+        if len(cfg.outputs) != len(graph) or not all(isinstance(n, str) for n in cfg.outputs):
+            raise RepositoryError(f"{path}: config outputs lists {len(cfg.outputs)} names; the graph has "
+                                  f"{len(graph)} outputs {graph}")
+        served = dict(zip(cfg.outputs, graph))
+    else:
+        unknown = [g for g in cfg.outputs if g not in graph]
+        if unknown:
+            raise RepositoryError(f"{path}: config outputs name unknown graph output(s) {unknown}; "
+                                  f"the graph has {graph}")
+        served = {cfg.outputs.get(g, g): g for g in graph}
+    if len(served) != len(graph):
+        raise RepositoryError(f"{path}: config outputs gives two outputs one name")
+    return served
+
+
+def _run(prog, feeds: dict, outputs: dict[str, str]) -> dict[str, np.ndarray]:
+    """One batch through the program; outputs by served name (host arrays)."""
+    spec = prog.primary_input
+    if spec is not None and list(feeds) == [spec.name]:
+        x = feeds[spec.name]
+        if prog.backend.is_gpu:
+            from ..engine.stream import run_split_on_oom
+            out = run_split_on_oom(prog, x, check=False)
+        else:
+            out = prog.run(x, check=False)
+    else:
+        out = prog.run(feeds, check=False)
+    if not isinstance(out, dict):
+        out = {prog.outputs[0].name: out}
+    return {s: np.asarray(out[g]) for s, g in outputs.items()}
