@@ -330,7 +330,8 @@ def _finite_rows(probs, lo: int, ds: Dataset, on_error: str, indices=None):
         return probs, []
     where = indices or list(range(lo, lo + len(probs)))
     errors = [{"index": where[j], "item": ds.item_name(where[j]),
-               "error": "the model's output is not finite (NaN or Inf: an overflow inside the model)"}
+               "error": "the model's output is not finite (NaN or Inf: an overflow inside the model, or an "
+                        "input it cannot take, such as an out-of-range embedding id)"}
               for j in np.flatnonzero(bad)]
     if on_error != "skip":
         raise DataError(f"{errors[0]['item']}: {errors[0]['error']}")

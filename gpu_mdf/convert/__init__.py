@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import GpuMdfError, ModelFileError, UnsupportedLayerError
 from ..io import atomic_path
-from .keras import TRANSLATORS, NodeBuilder, safe_id, supported_layers
+from .keras import REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, safe_id, supported_layers
 
 __all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "supported_layers",
            "ConvertResult"]
@@ -77,6 +77,10 @@ def _graph_model(model):
     return model
 
 
+def _is_model(keras, layer) -> bool:
+    return isinstance(layer, keras.Model)
+
+
 def _port_shape(t) -> tuple[int, ...]:
     """A Keras tensor's shape as an MDF port shape: the free batch axis written as 1."""
     return tuple(1 if d is None else int(d) for d in t.shape)
@@ -104,14 +108,24 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
     used_ids: set[str] = set()
     input_names = []
 
-    def fresh(name):
-        base, i = safe_id(name), 1
-        nid = base
+    def fresh(name, keep=""):
+        base = "/".join(safe_id(part) for part in name.split("/")) if keep else safe_id(name)
+        nid, i = base, 1
         while nid in used_ids:
             i += 1
             nid = f"{base}_{i}"
         used_ids.add(nid)
         return nid
+
+    paths: set[str] = set()
+
+    def fresh_path(path):   # a model called twice gets two paths: base, base_2
+        p, i = path, 1
+        while p in paths:
+            i += 1
+            p = f"{path}_{i}"
+        paths.add(p)
+        return p
 
     # model inputs: one identity node each, whose input port is the graph input
     for t in gm.inputs:
@@ -126,47 +140,98 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         tensor_src[id(t)] = (f"{nid}_input", f"{nid}_out")
         input_names.append(port)
 
-    for depth in sorted(gm._nodes_by_depth, reverse=True):
-        for kn in gm._nodes_by_depth[depth]:
-            layer = kn.operation
-            if kn.is_input or layer is None:
+    def walk(g, src: dict, prefix: str) -> None:
+        """Translate graph ``g``'s layer calls, in order; ``src`` maps id(KerasTensor) to
+        the (node, port) giving it. A model used as a layer is walked in place, its layers'
+        node ids prefixed with its path (``base/block_1_conv``), once per call."""
+        for kns in g._nodes_by_depth.values():
+            for kn in kns:
+                name = type(kn.operation).__name__
+                if name in REFUSED_LAYERS:
+                    raise UnsupportedLayerError(f"layer {kn.operation.name!r} ({name}): "
+                                                f"{REFUSED_LAYERS[name]} is not supported")
+        for depth in sorted(g._nodes_by_depth, reverse=True):
+            for kn in g._nodes_by_depth[depth]:
+                layer = kn.operation
+                if kn.is_input or layer is None:
+                    continue
+                ins, outs = list(kn.input_tensors), list(kn.output_tensors)
+                if _is_model(keras, layer):
+                    inner = _graph_model(layer)
+                    if len(inner.inputs) != len(ins):
+                        raise UnsupportedLayerError(f"model {layer.name!r} used as a layer with {len(ins)} inputs; "
+                                                    f"it takes {len(inner.inputs)}")
+                    scope = {id(it): src[id(t)] for it, t in zip(inner.inputs, ins)}
+                    walk(inner, scope, fresh_path(prefix + layer.name) + "/")
+                    for t, it in zip(outs, inner.outputs):
+                        src[id(t)] = scope[id(it)]
+                    continue
+                for t, source in zip(outs, translate(kn, layer, ins, outs, src, prefix)):
+                    src[id(t)] = source
+
+    def translate(kn, layer, ins, outs, src, prefix) -> list[tuple[str, str]]:
+        """One layer call as a node (and, for a Stack result, a joining node); returns the
+        (node, port) of each of its outputs."""
+        cls = type(layer).__name__
+        fn = TRANSLATORS.get(cls)
+        if fn is None:
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r} of kind {cls} is not supported; supported kinds: "
+                f"{', '.join(supported_layers())}")
+        if getattr(layer, "stateful", False):
+            raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) is stateful")
+        nid = fresh(prefix + layer.name, keep="/")
+        pid = safe_id(nid)
+        ports = [f"{pid}_in{i}" if len(ins) > 1 else f"{pid}_in" for i in range(len(ins))]
+        b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins], tuple(outs[0].shape), reserved=set(ports))
+        results = fn(layer, b, ports)
+        results = list(results) if isinstance(results, (list, tuple)) else [results]
+        if len(results) != len(outs):
+            raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) has {len(outs)} outputs; "
+                                        f"the translator gives {len(results)}")
+        meta = {"keras_class": cls}
+        if nid != layer.name:
+            meta["keras_name"] = layer.name
+        node: dict = {"metadata": meta,
+                      "input_ports": {p: {"shape": list(_port_shape(t)), "type": str(t.dtype)}
+                                      for p, t in zip(ports, ins)}}
+        functions = {fid: ({"function": function, "args": args} if function is not None else {"value": value})
+                     for fid, function, args, value in b.functions}
+        if functions:
+            node["functions"] = functions
+        if b.parameters:
+            node["parameters"] = {p: {"value": value} for p, value in b.parameters}
+        node["output_ports"] = {}
+        nodes[nid] = node
+        for p, t in zip(ports, ins):
+            add_edge(src[id(t)], (nid, p))
+        sources = []
+        for k, r in enumerate(results):
+            suffix = "" if len(results) == 1 else str(k)
+            if not isinstance(r, Stack):
+                node["output_ports"][f"{pid}_out{suffix}"] = {"value": r}
+                sources.append((nid, f"{pid}_out{suffix}"))
                 continue
-            cls = type(layer).__name__
-            fn = TRANSLATORS.get(cls)
-            if fn is None:
-                raise UnsupportedLayerError(
-                    f"layer {layer.name!r} of kind {cls} is not supported; supported kinds: "
-                    f"{', '.join(supported_layers())}")
-            if getattr(layer, "stateful", False):
-                raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) is stateful")
-            ins = list(kn.input_tensors)
-            nid = fresh(layer.name)
-            ports = [f"{nid}_in{i}" if len(ins) > 1 else f"{nid}_in" for i in range(len(ins))]
-            b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins], reserved=set(ports))
-            result = fn(layer, b, ports)
-            meta = {"keras_class": cls}
-            if nid != layer.name:
-                meta["keras_name"] = layer.name
-            node: dict = {"metadata": meta,
-                          "input_ports": {p: {"shape": list(_port_shape(t)), "type": str(t.dtype)}
-                                          for p, t in zip(ports, ins)}}
-            functions = {fid: ({"function": function, "args": args} if function is not None else {"value": value})
-                         for fid, function, args, value in b.functions}
-            if functions:
-                node["functions"] = functions
-            if b.parameters:
-                node["parameters"] = {pid: {"value": value} for pid, value in b.parameters}
-            out_port = f"{nid}_out"
-            node["output_ports"] = {out_port: {"value": result}}
-            nodes[nid] = node
-            for p, t in zip(ports, ins):
-                sender, sport = tensor_src[id(t)]
-                edges[f"e{len(edges) + 1}_{sender}_{nid}"] = {"sender": sender, "receiver": nid,
-                                                               "sender_port": sport, "receiver_port": p}
-            outs = kn.output_tensors
-            if len(outs) != 1:
-                raise UnsupportedLayerError(f"layer {layer.name!r} ({cls}) has {len(outs)} outputs")
-            tensor_src[id(outs[0])] = (nid, out_port)
+            # the per-step values leave through ports of their own and meet in a Concat node
+            jid = fresh(f"{nid}_join{suffix}", keep="/")
+            jp = safe_id(jid)
+            jports = [f"{jp}_in{i}" for i in range(len(r.values))]
+            nodes[jid] = {"metadata": {"keras_class": cls, "keras_name": layer.name, "joins": nid},
+                          "input_ports": {p: {} for p in jports},
+                          "functions": {"joined": {"function": "onnx::Concat",
+                                                   "args": {"axis": r.axis, **{p: p for p in jports}}}},
+                          "output_ports": {f"{jp}_out": {"value": "joined"}}}
+            for i, (v, jport) in enumerate(zip(r.values, jports)):
+                node["output_ports"][f"{pid}_step{suffix}_{i}"] = {"value": v}
+                add_edge((nid, f"{pid}_step{suffix}_{i}"), (jid, jport))
+            sources.append((jid, f"{jp}_out"))
+        return sources
+
+    def add_edge(sender, receiver):
+        edges[f"e{len(edges) + 1}_{safe_id(sender[0])}_{safe_id(receiver[0])}"] = {
+            "sender": sender[0], "receiver": receiver[0], "sender_port": sender[1], "receiver_port": receiver[1]}
+
+    walk(gm, tensor_src, "")
 
     outputs = [tensor_src[id(t)][1] for t in gm.outputs]
     graph = {"metadata": {"gpu_mdf": {"inputs": input_names, "outputs": outputs,

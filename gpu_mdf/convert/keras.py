@@ -26,6 +26,9 @@ from ..errors import UnsupportedLayerError
 
 TRANSLATORS: dict[str, Callable] = {}
 ACTIVATIONS: dict[str, Callable] = {}
+# Layer kinds refused with a reason (rather than "not supported"): they change what other
+# layers compute in ways an unmasked MDF graph would silently ignore.
+REFUSED_LAYERS = {"Masking": "masking (the masked steps would be computed like any other)"}
 
 
 def translator(*class_names: str):
@@ -44,6 +47,15 @@ def activation(*names: str):
     return deco
 
 
+@dataclass
+class Stack:
+    """A translator's result made of per-step values (N, 1, ...) joined along ``axis`` by
+    the converter in a node of its own (modeci_mdf's EvaluableGraph gives a variadic op
+    such as Concat every value of its node, so Concat gets a node that holds only it)."""
+    values: list
+    axis: int = 1
+
+
 def supported_layers() -> list[str]:
     return sorted(TRANSLATORS)
 
@@ -58,9 +70,11 @@ class NodeBuilder:
     id: str
     layer: object
     in_shapes: list[tuple]            # Keras shapes of the inputs, batch axis None
+    out_shape: tuple = ()             # Keras shape of the output
     parameters: list = field(default_factory=list)    # (id, value)
     functions: list = field(default_factory=list)     # (id, function | None, args | None, value | None)
     reserved: set = field(default_factory=set)        # ids taken already (the node's input ports)
+    memo: dict = field(default_factory=dict)          # values a translator makes once per node
 
     def _fresh(self, base: str) -> str:
         name, i = base, 1
@@ -165,7 +179,15 @@ SINGLE_OP_ACTIVATIONS = {
     "softsign": ("Softsign", "input", {}),
     "exponential": ("Exp", "input", {}),
     "leaky_relu": ("LeakyRelu", "X", {"alpha": 0.2}),  # Keras 3's default negative slope
+    "celu": ("Celu", "X", {"alpha": 1.0}),
+    "hard_silu": ("HardSwish", "X", {}),              # x * relu6(x + 3) / 6, Keras 3's hard_sigmoid
+    "hard_swish": ("HardSwish", "X", {}),
+    "hard_tanh": ("Clip", "input", {"min": -1.0, "max": 1.0}),
+    "hard_shrink": ("Shrink", "input", {"bias": 0.0, "lambd": 0.5}),   # |x| > 0.5 ? x : 0
+    "soft_shrink": ("Shrink", "input", {"bias": 0.5, "lambd": 0.5}),   # x -+ 0.5 beyond +-0.5, else 0
 }
+# In keras.activations but not usable by name (they need arguments): refused, saying so.
+REFUSED_ACTIVATIONS = {"threshold": "needs its threshold and default_value arguments"}
 
 
 def single_op(b, x, name: str, **attrs) -> str:
@@ -197,6 +219,79 @@ def _mish(b, x):
     return b.op("mish", "onnx::Mul", A=x, B=t)
 
 
+@activation("log_sigmoid")
+def _log_sigmoid(b, x):   # -softplus(-x)
+    return b.op("log_sigmoid", "onnx::Neg", X=b.op("softplus", "onnx::Softplus", X=b.op("neg", "onnx::Neg", X=x)))
+
+
+@activation("tanh_shrink")
+def _tanh_shrink(b, x):
+    return b.op("tanh_shrink", "onnx::Sub", A=x, B=b.op("tanh", "onnx::Tanh", input=x))
+
+
+@activation("squareplus")
+def _squareplus(b, x):   # (x + sqrt(x^2 + 4)) / 2, Keras's default b = 4
+    r = b.op("root", "onnx::Sqrt", X=b.op("sq4", "onnx::Add", A=b.op("sq", "onnx::Mul", A=x, B=x),
+                                           B=b.param("b", np.float32(4))))
+    return b.op("squareplus", "onnx::Div", A=b.op("sum", "onnx::Add", A=x, B=r), B=b.param("two", np.float32(2)))
+
+
+@activation("sparse_sigmoid")
+def _sparse_sigmoid(b, x):   # 0 below -1, 1 above 1, (x + 1) / 2 between: a clip of the middle branch
+    half = b.op("half", "onnx::Mul", A=b.op("x1", "onnx::Add", A=x, B=b.param("one", np.float32(1))),
+                B=b.param("half_c", np.float32(0.5)))
+    return b.op("sparse_sigmoid", "onnx::Clip", input=half, min=0.0, max=1.0)
+
+
+@activation("sparse_plus")
+def _sparse_plus(b, x):   # 0 for x <= -1, (x + 1)^2 / 4 for -1 < x < 1, x for x >= 1
+    one = b.param("one", np.float32(1))
+    x1 = b.op("x1", "onnx::Add", A=x, B=one)
+    quad = b.op("quad", "onnx::Mul", A=b.op("sq", "onnx::Mul", A=x1, B=x1), B=b.param("quarter", np.float32(0.25)))
+    mid = b.op("mid", "onnx::Where", condition=b.op("lt1", "onnx::Less", A=x, B=one), X=quad, Y=x)
+    zero = b.param("zero", np.float32(0))
+    return b.op("sparse_plus", "onnx::Where", condition=b.op("le_m1", "onnx::LessOrEqual", A=x,
+                                                              B=b.param("minus_one", np.float32(-1))),
+                X=zero, Y=mid)
+
+
+@activation("glu")
+def _glu(b, x):   # x1 * sigmoid(x2), the halves of the last axis
+    # the size of the axis glu halves: the layer's units or filters, else its input's
+    # (Keras's own symbolic output shape of Dense(activation='glu') is not halved)
+    size = getattr(b.layer, "units", None) or getattr(b.layer, "filters", None) or b.in_shapes[0][-1]
+    if size is None or size % 2:
+        b.unsupported(f"glu on an axis of size {size} (needs a known even size)")
+    half = size // 2
+    x1 = b.op("x1", "onnx::Slice", data=x, starts=[0], ends=[half], axes=[-1])
+    x2 = b.op("x2", "onnx::Slice", data=x, starts=[half], ends=[2 * half], axes=[-1])
+    return b.op("glu", "onnx::Mul", A=x1, B=b.op("gate", "onnx::Sigmoid", X=x2))
+
+
+@activation("sparsemax")
+def _sparsemax(b, x):
+    """Keras's sparsemax over the last axis, without sorting (no TopK, whose two outputs
+    modeci_mdf's EvaluableGraph cannot take): for each entry j, c_j = #{i: x_i >= x_j} (its
+    rank) and s_j = the sum of those x_i (the cumulative sum at that rank); j is in the
+    support when 1 + c_j x_j > s_j; y = max(x - tau, 0).
+
+    tau is what Keras 3 computes (all its backends): (sum over the support of s_j - 1) / k,
+    the sum of the cumulative sums, not the paper's (s at rank k - 1) / k; the two agree
+    when the support has one entry. The converter reproduces the model, as Keras runs it."""
+    xi = b.op("xi", "onnx::Unsqueeze", data=x, axes=[-2])       # (..., 1, n): x_i along the last axis
+    xj = b.op("xj", "onnx::Unsqueeze", data=x, axes=[-1])       # (..., n, 1): x_j along the other
+    ge = b.op("ge", "onnx::Cast", input=b.op("ge_b", "onnx::GreaterOrEqual", A=xi, B=xj), to=1)
+    c = b.op("count", "onnx::ReduceSum", data=ge, axes=[-1], keepdims=0)
+    sj = b.op("sums", "onnx::ReduceSum", data=b.op("ge_x", "onnx::Mul", A=ge, B=xi), axes=[-1], keepdims=0)
+    one = b.param("one", np.float32(1))
+    lhs = b.op("lhs", "onnx::Add", A=one, B=b.op("cx", "onnx::Mul", A=c, B=x))
+    support = b.op("support", "onnx::Cast", input=b.op("in_support", "onnx::Greater", A=lhs, B=sj), to=1)
+    k = b.op("k", "onnx::ReduceSum", data=support, axes=[-1], keepdims=1)
+    total = b.op("total", "onnx::ReduceSum", data=b.op("ss", "onnx::Mul", A=support, B=sj), axes=[-1], keepdims=1)
+    tau = b.op("tau", "onnx::Div", A=b.op("total1", "onnx::Sub", A=total, B=one), B=k)
+    return b.op("sparsemax", "onnx::Relu", X=b.op("shifted", "onnx::Sub", A=x, B=tau))
+
+
 def activation_name(fn) -> str:
     name = getattr(fn, "__name__", None) or str(fn)
     return {"softmax_v2": "softmax", "silu": "silu"}.get(name, name)
@@ -204,6 +299,8 @@ def activation_name(fn) -> str:
 
 def apply_activation(b: NodeBuilder, x: str, fn) -> str:
     name = activation_name(fn)
+    if name in REFUSED_ACTIVATIONS:
+        b.unsupported(f"activation {name!r} ({REFUSED_ACTIVATIONS[name]})")
     if name not in ACTIVATIONS:
         b.unsupported(f"activation {name!r} (supported: {sorted(ACTIVATIONS)})")
     return ACTIVATIONS[name](b, x)
@@ -429,6 +526,218 @@ def _separable(layer, b, xs):
             args["B"] = b.param("bias", w["bias"])
         return b.op("pointwise", "onnx::Conv", **args)
     return _channels_first(layer, b, xs, 4, body)
+
+
+@translator("Conv1DTranspose", "Conv2DTranspose")
+def _conv_transpose(layer, b, xs):
+    """ONNX ConvTranspose with TensorFlow's output size and padding: the output length is
+    Keras's (``deconv_output_length``); the pads are those of the forward 'same'/'valid'
+    convolution that length would have, the rest is output_padding (added at the end)."""
+    nsp = 1 if type(layer).__name__ == "Conv1DTranspose" else 2
+    w = weights(layer)
+    kernel = tuple(w["kernel"].shape[:nsp])
+    strides = _tuple(layer.strides, nsp)
+    dil = _tuple(layer.dilation_rate, nsp)
+    opad = _tuple(layer.output_padding, nsp) if layer.output_padding is not None else (None,) * nsp
+    cl = layer.data_format == "channels_last"
+    in_sp = b.in_shapes[0][1:1 + nsp] if cl else b.in_shapes[0][2:]
+    if layer.padding not in ("same", "valid") or any(n is None for n in in_sp):
+        b.unsupported(f"padding={layer.padding!r} or an unknown spatial size")
+    begin, end, extra = [], [], []
+    for n, k, s, d, op_ in zip(in_sp, kernel, strides, dil, opad):
+        keff = (k - 1) * d + 1
+        if layer.padding == "valid":   # Keras's output length (its TensorFlow padding rules)
+            out = (n - 1) * s + keff + (max(keff, s) - keff if op_ is None else op_)
+        else:
+            out = n * s if op_ is None else (n - 1) * s + keff % 2 + op_
+        total = max((n - 1) * s + keff - out, 0)
+        begin.append(total // 2)
+        end.append(total - total // 2)
+        extra.append(out - ((n - 1) * s + keff - total))
+    k = b.param("kernel", w["kernel"])                    # Keras (k..., filters, in): ONNX wants (in, filters, k...)
+    kt = b.op("kernel_iohw", "onnx::Transpose", data=k, perm=[nsp + 1, nsp] + list(range(nsp)))
+
+    def body(x):
+        args = dict(X=x, W=kt, kernel_shape=list(kernel), strides=list(strides), dilations=list(dil),
+                    pads=begin + end, output_padding=extra)
+        if "bias" in w:
+            args["B"] = b.param("bias", w["bias"])
+        return b.op("conv_transpose", "onnx::ConvTranspose", **args)
+    return _channels_first(layer, b, xs, nsp + 2, body)
+
+
+# --------------------------------------------------------------------------- #
+# Recurrent layers, unrolled over the input's fixed number of steps
+# --------------------------------------------------------------------------- #
+def _slice_last(b, x, lo, hi, name):
+    return b.op(name, "onnx::Slice", data=x, starts=[lo], ends=[hi], axes=[-1])
+
+
+def _rnn_steps(layer, b, x, kind: str, reverse: bool, tag: str = ""):
+    """Run one recurrent layer's cell over the steps of ``x`` (N, T, F); returns the
+    outputs h_t (N, 1, units) in processing order and the final states. The input
+    projection of all steps is one MatMul; the weights are parameters of the node, stored once."""
+    shape = b.in_shapes[0]
+    if len(shape) != 3 or shape[1] is None:
+        b.unsupported("an input without a fixed number of steps (the time axis is None); "
+                      "the MDF graph unrolls the recurrence over a known length")
+    steps = int(shape[1])
+    cell = layer.cell
+    w = weights(cell)
+    u = int(cell.units)
+    act, rec = cell.activation, cell.recurrent_activation if kind != "simple" else None
+    kernel = b.param(f"{tag}kernel", w["kernel"])
+    rk = b.param(f"{tag}recurrent_kernel", w["recurrent_kernel"])
+    xw = b.op(f"{tag}xw", "onnx::MatMul", A=x, B=kernel)
+    bias = w.get("bias")
+    rbias = None
+    if bias is not None and kind == "gru" and cell.reset_after:
+        xw = b.op(f"{tag}xw_b", "onnx::Add", A=xw, B=b.param(f"{tag}input_bias", bias[0]))
+        rbias = b.param(f"{tag}recurrent_bias", bias[1])
+    elif bias is not None:
+        xw = b.op(f"{tag}xw_b", "onnx::Add", A=xw, B=b.param(f"{tag}bias", bias))
+    h = c = None
+    outs = []
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    for t in order:
+        # step t as (N, 1, k*units): every step value keeps the time axis, so that the
+        # sequence is a Concat of the steps and the last step one Reshape
+        xt = b.op(f"{tag}x{t}", "onnx::Slice", data=xw, starts=[t], ends=[t + 1], axes=[1])
+        if kind == "simple":
+            z = xt if h is None else b.op(f"{tag}z{t}", "onnx::Add", A=xt, B=b.op(f"{tag}hu{t}", "onnx::MatMul",
+                                                                                   A=h, B=rk))
+            h = apply_activation(b, z, act)
+        elif kind == "lstm":
+            z = xt if h is None else b.op(f"{tag}z{t}", "onnx::Add", A=xt, B=b.op(f"{tag}hu{t}", "onnx::MatMul",
+                                                                                   A=h, B=rk))
+            i = apply_activation(b, _slice_last(b, z, 0, u, f"{tag}zi{t}"), rec)
+            f = apply_activation(b, _slice_last(b, z, u, 2 * u, f"{tag}zf{t}"), rec)
+            g = apply_activation(b, _slice_last(b, z, 2 * u, 3 * u, f"{tag}zc{t}"), act)
+            o = apply_activation(b, _slice_last(b, z, 3 * u, 4 * u, f"{tag}zo{t}"), rec)
+            ig = b.op(f"{tag}ig{t}", "onnx::Mul", A=i, B=g)
+            c = ig if c is None else b.op(f"{tag}c{t}", "onnx::Add", A=b.op(f"{tag}fc{t}", "onnx::Mul", A=f, B=c),
+                                          B=ig)
+            h = b.op(f"{tag}h{t}", "onnx::Mul", A=o, B=apply_activation(b, c, act))
+        else:   # GRU
+            x_z, x_r, x_h = (_slice_last(b, xt, k * u, (k + 1) * u, f"{tag}x{n}{t}") for k, n in enumerate("zrh"))
+            if cell.reset_after:
+                hu = None if h is None else b.op(f"{tag}hu{t}", "onnx::MatMul", A=h, B=rk)
+                if rbias is not None:
+                    hu = rbias if hu is None else b.op(f"{tag}hub{t}", "onnx::Add", A=hu, B=rbias)
+                r_z, r_r, r_h = ((None,) * 3 if hu is None else
+                                 (_slice_last(b, hu, k * u, (k + 1) * u, f"{tag}r{n}{t}") for k, n in enumerate("zrh")))
+                z = apply_activation(b, x_z if r_z is None else b.op(f"{tag}sz{t}", "onnx::Add", A=x_z, B=r_z), rec)
+                r = apply_activation(b, x_r if r_r is None else b.op(f"{tag}sr{t}", "onnx::Add", A=x_r, B=r_r), rec)
+                pre = x_h if r_h is None else b.op(f"{tag}sh{t}", "onnx::Add", A=x_h,
+                                                   B=b.op(f"{tag}rrh{t}", "onnx::Mul", A=r, B=r_h))
+            else:
+                if h is None:
+                    z, r, pre = apply_activation(b, x_z, rec), None, x_h
+                else:
+                    rz = b.op(f"{tag}rz{t}", "onnx::MatMul", A=h, B=_slice_rows(b, rk, 0, u, f"{tag}uz"))
+                    rr = b.op(f"{tag}rr{t}", "onnx::MatMul", A=h, B=_slice_rows(b, rk, u, 2 * u, f"{tag}ur"))
+                    z = apply_activation(b, b.op(f"{tag}sz{t}", "onnx::Add", A=x_z, B=rz), rec)
+                    r = apply_activation(b, b.op(f"{tag}sr{t}", "onnx::Add", A=x_r, B=rr), rec)
+                    rh = b.op(f"{tag}rh{t}", "onnx::MatMul", A=b.op(f"{tag}rh_in{t}", "onnx::Mul", A=r, B=h),
+                              B=_slice_rows(b, rk, 2 * u, 3 * u, f"{tag}uh"))
+                    pre = b.op(f"{tag}sh{t}", "onnx::Add", A=x_h, B=rh)
+            hh = apply_activation(b, pre, act)
+            one_minus_z = b.op(f"{tag}omz{t}", "onnx::Sub", A=b.param(f"{tag}one", np.float32(1)), B=z)
+            new = b.op(f"{tag}zhh{t}", "onnx::Mul", A=one_minus_z, B=hh)
+            h = new if h is None else b.op(f"{tag}h{t}", "onnx::Add", A=b.op(f"{tag}zh{t}", "onnx::Mul", A=z, B=h),
+                                          B=new)
+        outs.append(h)
+    return outs, ([h, c] if kind == "lstm" else [h])
+
+
+def _slice_rows(b, rk, lo, hi, name):
+    """Columns lo:hi of the recurrent kernel, made once per node."""
+    if name not in b.memo:
+        b.memo[name] = _slice_last(b, rk, lo, hi, name)
+    return b.memo[name]
+
+
+_RNN_KINDS = {"SimpleRNN": "simple", "LSTM": "lstm", "GRU": "gru"}
+
+
+@translator("SimpleRNN", "LSTM", "GRU")
+def _rnn(layer, b, xs):
+    """Unrolled over the steps: return_sequences gives every step's output (in processing
+    order, as Keras does with go_backwards), return_state adds the final states."""
+    outs, states = _rnn_steps(layer, b, xs[0], _RNN_KINDS[type(layer).__name__], bool(layer.go_backwards))
+    states = [_last(b, v, f"state{i}") for i, v in enumerate(states)]
+    first = Stack(outs) if layer.return_sequences else states[0]
+    return [first, *states] if layer.return_state else first
+
+
+def _last(b, v, name):
+    """(N, 1, units) -> (N, units)."""
+    return b.op(name, "onnx::Reshape", data=v, shape=[0, -1])
+
+
+@translator("Bidirectional")
+def _bidirectional(layer, b, xs):
+    fw, bw = layer.forward_layer, layer.backward_layer
+    kinds = [_RNN_KINDS.get(type(lay).__name__) for lay in (fw, bw)]
+    if None in kinds:
+        b.unsupported(f"Bidirectional around {type(fw).__name__}/{type(bw).__name__}")
+    if layer.return_state:
+        b.unsupported("return_state=True on Bidirectional")
+    mode = layer.merge_mode
+    if mode not in ("concat", "sum", "mul", "ave", None):
+        b.unsupported(f"merge_mode={mode!r}")
+    if mode is None:
+        b.unsupported("merge_mode=None (two outputs)")
+    if fw.stateful or bw.stateful:
+        b.unsupported("stateful=True")
+    f_outs, _ = _rnn_steps(fw, b, xs[0], kinds[0], bool(fw.go_backwards), "fw_")
+    b_outs, _ = _rnn_steps(bw, b, xs[0], kinds[1], bool(bw.go_backwards), "bw_")
+    uf, ub = int(fw.cell.units), int(bw.cell.units)
+
+    def merge(a, c, i):
+        if mode == "sum":
+            return b.op(f"merged{i}", "onnx::Add", A=a, B=c)
+        if mode == "mul":
+            return b.op(f"merged{i}", "onnx::Mul", A=a, B=c)
+        if mode == "ave":
+            return b.op(f"merged{i}", "onnx::Mul", A=b.op(f"sum{i}", "onnx::Add", A=a, B=c),
+                        B=b.param("half", np.float32(0.5)))
+        # concat along the features as two exact placements (x @ [I 0] + y @ [0 I]): no Concat
+        # in a node that holds other values (see Stack)
+        if "place" not in b.memo:
+            b.memo["place"] = (b.param("place_fw", np.eye(uf, uf + ub, dtype=np.float32)),
+                               b.param("place_bw", np.eye(ub, uf + ub, uf, dtype=np.float32)))
+        pf, pb = b.memo["place"]
+        return b.op(f"merged{i}", "onnx::Add", A=b.op(f"fw_p{i}", "onnx::MatMul", A=a, B=pf),
+                    B=b.op(f"bw_p{i}", "onnx::MatMul", A=c, B=pb))
+    if not layer.return_sequences:
+        return _last(b, merge(f_outs[-1], b_outs[-1], ""), "merged_last")
+    steps = len(f_outs)
+    # the backward layer's outputs come in its processing order; Keras flips them back
+    f_time = f_outs if not fw.go_backwards else f_outs[::-1]
+    b_time = b_outs[::-1] if bw.go_backwards else b_outs
+    return Stack([merge(f_time[t], b_time[t], t) for t in range(steps)])
+
+
+@translator("Embedding")
+def _embedding(layer, b, xs):
+    """Rows of the embedding matrix by id. An id outside [0, input_dim) makes that position
+    NaN (never another row), so the item's output is not finite and gpu-mdf reports it
+    as an error of that item."""
+    if getattr(layer, "mask_zero", False):
+        b.unsupported("mask_zero=True (masking)")
+    w = weights(layer)
+    if "embeddings" not in w:
+        b.unsupported("this Embedding configuration (LoRA or quantised)")
+    table = w["embeddings"]
+    ids = b.op("ids", "onnx::Cast", input=xs[0], to=7)                       # int64
+    lo, hi = b.param("lo", np.int64(0)), b.param("hi", np.int64(table.shape[0] - 1))
+    bad = b.op("bad", "onnx::Or", A=b.op("below", "onnx::Less", A=ids, B=lo),
+               B=b.op("above", "onnx::Greater", A=ids, B=hi))
+    safe = b.op("safe_ids", "onnx::Where", condition=bad, X=lo, Y=ids)
+    rows = b.op("rows", "onnx::Gather", data=b.param("embeddings", table), indices=safe, axis=0)
+    bad_b = b.op("bad_b", "onnx::Unsqueeze", data=bad, axes=[-1])
+    return b.op("embedded", "onnx::Where", condition=bad_b, X=b.param("nan", np.float32("nan")), Y=rows)
 
 
 @translator("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")

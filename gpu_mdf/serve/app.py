@@ -261,7 +261,8 @@ def create_app(repo: Repository, settings: Settings, metrics: Metrics) -> Starle
                 if a.dtype.kind == "f" and not np.isfinite(a).all():
                     row = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
                     raise ProtocolError(f"item {row}: the model's output {oname!r} is not finite "
-                                        "(NaN or Inf: an overflow inside the model)", 400)
+                                        "(NaN or Inf: an overflow inside the model, or an input it cannot take, "
+                                        "such as an out-of-range embedding id)", 400)
             metrics.observe("gpu_mdf_queue_seconds", labels, stats["queue_s"])
             metrics.observe("gpu_mdf_compute_seconds", labels, stats["compute_s"])
             content, header_len = infer_response(v.model, v.version, req, out)
