@@ -98,8 +98,8 @@ def train(config_path, out, epochs, seed, train_limit, data):
     cfg = override(load_config(config_path), train__epochs=epochs, seed=seed,
                    data__train_limit=train_limit, data__source=data)
     res = do_train(cfg, Path(out or f"runs/{cfg.name}/train"), log=_log)
-    click.echo(f"test accuracy {res.test_accuracy:.4f} (loss {res.test_loss:.4f}) on {res.device}; "
-               f"model in {res.model_path}")
+    score = f"test accuracy {res.test_accuracy:.4f} (loss" if res.test_accuracy is not None else "(test loss"
+    click.echo(f"{score} {res.test_loss:.4f}) on {res.device}; model in {res.model_path}")
 
 
 @main.command()

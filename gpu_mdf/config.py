@@ -50,6 +50,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
     validation_split: float = 0.0
+    target: str = "labels"         # labels (a classifier) | input (an autoencoder: it reproduces its input)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _build(cls, raw: Any, where: str):
 
 
 _CHOICES = {"normalize": ("l2", "scale", "none"), "format": ("json", "yaml", "both"),
-            "on_error": ("fail", "skip")}
+            "on_error": ("fail", "skip"), "target": ("labels", "input")}
 
 
 def _runtime_types(t) -> tuple[type, ...]:

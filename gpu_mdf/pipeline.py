@@ -15,25 +15,34 @@ from .io import write_json
 @dataclass
 class RunSummary:
     out_dir: Path
-    keras_accuracy: float
-    mdf_accuracy: float
+    keras_accuracy: float | None        # None for an autoencoder
+    mdf_accuracy: float | None
     max_abs_diff: float
-    argmax_agreement: float
+    argmax_agreement: float | None
     images_per_s: float
     device: str
     seconds: float
     jobs_ok: bool = True
+    keras_mse: float | None = None      # reconstruction error of an autoencoder
+    mdf_mse: float | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        if self.keras_mse is not None:
+            first = [("Keras reconstruction MSE", f"{self.keras_mse:.6f}"),
+                     ("MDF reconstruction MSE", f"{self.mdf_mse:.6f}")]
+        else:
+            first = [("Keras test accuracy", f"{self.keras_accuracy:.4f}"),
+                     ("MDF test accuracy", f"{self.mdf_accuracy:.4f}")]
+        rows = first + [("max |MDF - Keras|", f"{self.max_abs_diff:.3g}")]
+        if self.argmax_agreement is not None:
+            rows.append(("argmax agreement", f"{self.argmax_agreement:.2%}"))
+        return rows + [("MDF throughput", f"{self.images_per_s:,.0f} images/s on {self.device}"),
+                       ("total time", f"{self.seconds:.1f} s"), ("run folder", str(self.out_dir))]
 
     def text(self) -> str:
-        return "\n".join([
-            f"Keras test accuracy : {self.keras_accuracy:.4f}",
-            f"MDF test accuracy   : {self.mdf_accuracy:.4f}",
-            f"max |MDF - Keras|   : {self.max_abs_diff:.3g}",
-            f"argmax agreement    : {self.argmax_agreement:.2%}",
-            f"MDF throughput      : {self.images_per_s:,.0f} images/s on {self.device}",
-            f"total time          : {self.seconds:.1f} s",
-            f"run folder          : {self.out_dir}",
-        ] + ([] if self.jobs_ok else ["some job items failed: see the lines above"]))
+        w = max(len(k) for k, _ in self.rows())
+        return "\n".join([f"{k:<{w}} : {v}" for k, v in self.rows()]
+                         + ([] if self.jobs_ok else ["some job items failed: see the lines above"]))
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=print,
@@ -77,9 +86,18 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
     xk = prepare_images(ds.read(), cfg)
     keras_probs = model.predict(xk, batch_size=10000, verbose=0)
     mdf_probs = np.load(out / "inference" / "probabilities.npy", mmap_mode="r")
-    valid = ~np.isnan(mdf_probs).any(axis=1)
+    valid = ~np.isnan(np.asarray(mdf_probs).reshape(len(mdf_probs), -1)).any(axis=1)
     diff = float(np.abs(mdf_probs[valid] - keras_probs[valid]).max())
-    agree = float((mdf_probs[valid].argmax(1) == keras_probs[valid].argmax(1)).mean())
+    recon = cfg.train.target == "input"
+    keras_mse = mdf_mse = agree = None
+    if recon:       # an autoencoder: how well each reproduces the input
+        target = xk.reshape(keras_probs.shape)
+        keras_mse = float(np.mean((keras_probs - target) ** 2))
+        mdf_mse = float(np.mean((mdf_probs[valid] - target[valid]) ** 2))
+        viz.plot_pairs(ds.read(0, 8), mdf_probs[:8], out / "reconstructions.png",
+                       "MDF reconstructions of the first test images")
+    else:
+        agree = float((mdf_probs[valid].argmax(1) == keras_probs[valid].argmax(1)).mean())
     cm = np.array(res.metrics["confusion_matrix"]) if "confusion_matrix" in res.metrics else None
     if cm is not None:
         viz.plot_confusion(cm, out / "confusion_matrix.png", f"MDF on {ds.name}")
@@ -90,10 +108,11 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
         jobs_ok = run_jobs(cfg.jobs, out / "jobs", default_model=mdf_path, device=device,
                            batch_size=cfg.infer.batch_size, on_error=cfg.infer.on_error, log=log,
                            echo=log, progress=progress, cluster=cfg.infer.cluster)
-    summary = RunSummary(out, tr.test_accuracy, res.accuracy or float("nan"), diff, agree,
-                         res.images_per_s, res.device, time.perf_counter() - t0, jobs_ok)
+    summary = RunSummary(out, tr.test_accuracy, None if recon else (res.accuracy or float("nan")), diff, agree,
+                         res.images_per_s, res.device, time.perf_counter() - t0, jobs_ok, keras_mse, mdf_mse)
     write_json(out / "summary.json", {
-        "keras_test_accuracy": tr.test_accuracy, "mdf_test_accuracy": res.accuracy,
+        "keras_test_accuracy": tr.test_accuracy, "mdf_test_accuracy": None if recon else res.accuracy,
+        "keras_reconstruction_mse": keras_mse, "mdf_reconstruction_mse": mdf_mse,
         "max_abs_diff": diff, "argmax_agreement": agree, "images_per_s": res.images_per_s,
         "device": res.device, "train_device": tr.device, "seconds": summary.seconds,
         "mdf_file": str(mdf_path), "mdf_bytes": mdf_path.stat().st_size, "skipped_pictures": tr.skipped})

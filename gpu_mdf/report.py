@@ -78,11 +78,7 @@ def _html(title: str, sections: list[Section]) -> str:
 def write_report(out: Path, cfg, tr, res, summary, mdf_paths, mdf_pictures) -> Path:
     out = Path(out)
     m = res.metrics
-    rows = [
-        ["Keras test accuracy", f"{summary.keras_accuracy:.4f}"],
-        ["MDF test accuracy", f"{summary.mdf_accuracy:.4f}"],
-        ["max abs difference MDF vs Keras", f"{summary.max_abs_diff:.3g}"],
-        ["argmax agreement", f"{summary.argmax_agreement:.2%}"],
+    rows = [[k, v] for k, v in summary.rows() if k not in ("MDF throughput", "total time", "run folder")] + [
         ["MDF throughput", f"{summary.images_per_s:,.0f} images/s"],
         ["inference device", f"{res.device} ({m['device_reason']})"],
         ["training device", tr.device],
@@ -99,6 +95,8 @@ def write_report(out: Path, cfg, tr, res, summary, mdf_paths, mdf_pictures) -> P
                 *[(f"MDF graph (level {p.stem[-1]})", p, f"MDF graph of {cfg.name}, detail level {p.stem[-1]}")
                   for p in mdf_pictures],
                 ("First test digit", out / "digit.png", "The first test image with its predicted class"),
+                ("Reconstructions", out / "reconstructions.png",
+                 "The first test images (top) and the MDF graph's reconstructions of them (bottom)"),
                 ("Confusion matrix", out / "confusion_matrix.png",
                  "Confusion matrix of the MDF predictions on the test set")]
     for title, p, alt in pictures:

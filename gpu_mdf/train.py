@@ -80,6 +80,15 @@ def build_model(cfg: Config):
     return model
 
 
+def reconstruction_target(x: np.ndarray, model, cfg: Config) -> np.ndarray:
+    """The input as the model's output shape: what an autoencoder is trained to give."""
+    out = tuple(model.output_shape[1:])
+    if None in out or int(np.prod(out)) != int(np.prod(x.shape[1:])):
+        raise ConfigError(f"{cfg.source}: train.target: input needs a model whose output has as many values "
+                          f"as its input ({tuple(x.shape[1:])}); it gives {out}")
+    return x.reshape((len(x),) + out)
+
+
 def prepare_images(x: np.ndarray, cfg: Config) -> np.ndarray:
     """Normalise pixels and shape them as the model's input (adds a channel axis if needed)."""
     x = normalize(x, cfg.data.normalize)
@@ -97,7 +106,7 @@ class TrainResult:
     model_path: Path
     h5_path: Path
     test_loss: float
-    test_accuracy: float
+    test_accuracy: float | None      # None for an autoencoder (target: input)
     device: str
     seconds: float
     files: dict = field(default_factory=dict)
@@ -123,12 +132,18 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     xtr, xte = prepare_images(xtr, cfg), prepare_images(pixels_te, cfg)
 
     model = build_model(cfg)
+    recon = cfg.train.target == "input"
+    if recon:       # an autoencoder learns to give back its (normalised) input
+        ytr, yte = reconstruction_target(xtr, model, cfg), reconstruction_target(xte, model, cfg)
     t0 = time.perf_counter()
     hist = model.fit(xtr, ytr, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                      validation_split=cfg.train.validation_split, verbose=2)
     seconds = time.perf_counter() - t0
-    loss, acc = model.evaluate(xte, yte, verbose=0)[:2]
-    log(f"test loss {loss:.4f}, test accuracy {acc:.4f} ({seconds:.1f} s training)")
+    scores = np.atleast_1d(model.evaluate(xte, yte, verbose=0))
+    loss = float(scores[0])
+    acc = None if recon else float(scores[1])
+    log(f"test loss {loss:.4f}, " + (f"test accuracy {acc:.4f}" if acc is not None else "an autoencoder")
+        + f" ({seconds:.1f} s training)")
 
     files = {}
     files["model"] = _save(model, out / "model.keras")
@@ -138,8 +153,8 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     files["summary"] = write_text(out / "summary.txt", "\n".join(lines) + "\n")
     files["history"] = write_json(out / "history.json", {k: [float(v) for v in vs]
                                                         for k, vs in hist.history.items()})
-    probs = model.predict(xte[:1], verbose=0)
-    metrics = {"test_loss": float(loss), "test_accuracy": float(acc), "device": device,
+    probs = model.predict(xte[:8 if recon else 1], verbose=0)
+    metrics = {"test_loss": float(loss), "test_accuracy": acc, "device": device,
                "train_seconds": seconds, "epochs": cfg.train.epochs, "seed": cfg.seed,
                "train_images": int(len(xtr)), "config": cfg.to_dict()}
     files["metrics"] = write_json(out / "train_metrics.json", metrics)
@@ -151,9 +166,13 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     except viz.PictureSkipped as e:
         skipped.append(("model_plot.png", str(e)))
         log(f"skipped model_plot.png: {e}")
-    files["digit"] = viz.plot_digit(pixels_te[0], int(np.argmax(probs[0])), int(yte[0]),
-                                    out / "digit.png", float(np.max(probs[0])))
-    return TrainResult(out, files["model"], files["model_h5"], float(loss), float(acc), device,
+    if recon:
+        files["reconstructions"] = viz.plot_pairs(pixels_te[:8], probs[:8], out / "reconstructions.png",
+                                                  "Keras reconstructions of the first test images")
+    else:
+        files["digit"] = viz.plot_digit(pixels_te[0], int(np.argmax(probs[0])), int(yte[0]),
+                                        out / "digit.png", float(np.max(probs[0])))
+    return TrainResult(out, files["model"], files["model_h5"], float(loss), acc, device,
                        seconds, files, skipped)
 
 

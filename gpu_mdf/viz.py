@@ -64,6 +64,23 @@ def plot_digit(image: np.ndarray, predicted: int, true: int | None, path: Path,
     return _save_fig(fig, path)
 
 
+def plot_pairs(images: np.ndarray, reconstructions: np.ndarray, path: Path, title: str) -> Path:
+    """Input images (top row) over the model's reconstructions (bottom row)."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.8), dpi=100, squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((images[i], reconstructions[i])):
+            a = np.asarray(img, np.float32)
+            side = int(round(np.sqrt(a.size)))
+            axes[row][i].imshow(a.reshape(side, side) if side * side == a.size else a.squeeze(), cmap=plt.cm.binary)
+            axes[row][i].axis("off")
+    axes[0][0].set_title("input", fontsize=8, loc="left")
+    axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    return _save_fig(fig, path)
+
+
 def plot_confusion(cm: np.ndarray, path: Path, title: str = "Confusion matrix") -> Path:
     plt = _plt()
     cm = np.asarray(cm)

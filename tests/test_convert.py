@@ -485,3 +485,11 @@ def test_recurrent_return_state_and_refusals(tmp_path):
     node = next(n for n in next(iter(doc.values()))["graphs"].popitem()[1]["nodes"].values()
                 if n["metadata"]["keras_class"] == "LSTM")
     assert sum(1 for p in node["parameters"] if "kernel" in p) == 2
+
+
+def test_readme_layer_list_is_the_registry():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- layers:start -->")[1].split("<!-- layers:end -->")[0]
+    listed = [w.strip() for w in block.replace("\n", " ").split(",") if w.strip()]
+    assert listed == supported_layers(), "README.md's layer list and the converter's registry disagree"

@@ -321,3 +321,22 @@ def test_a_runtime_tile_of_absurd_size_is_refused_at_compile_time():
             "output_ports": {"z": {"value": "tiled"}}}
     with pytest.raises(CompileError, match="exceeds the compile-time limit"):
         compile(one_node_model(node), device="cpu")
+
+
+def test_cpu_blocks_a_little_larger_than_block_size_do_not_deadlock(monkeypatch):
+    """Blocks are equal parts of the batch, so one can be a little over block_size; running
+    it must not block it again on the same thread pool (which deadlocked)."""
+    import threading
+    from pathlib import Path
+
+    from gpu_mdf.engine.program import Program
+    prog = compile(Path(__file__).resolve().parents[1] / "examples" / "mnist_softmax.mdf.json", device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (101, 28, 28)).astype(np.uint8)
+    whole = prog.run(x)
+    monkeypatch.setattr(Program, "block_size", property(lambda self: 4))   # 101 items: 25 blocks of 5
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("y", prog.run(x, threads=2)), daemon=True)
+    t.start()
+    t.join(30)
+    assert "y" in out, "blocked run did not finish (nested blocking on the pool)"
+    np.testing.assert_allclose(out["y"], whole, atol=1e-6)

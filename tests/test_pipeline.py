@@ -57,8 +57,8 @@ def test_html_report_has_everything_the_markdown_has(tmp_path):
     per_class = {str(k): {"precision": 0.5, "recall": None if k == 3 else 0.25, "support": k} for k in range(10)}
     res = SimpleNamespace(device="cpu", metrics={"device_reason": "CPU requested", "per_class": per_class})
     tr = SimpleNamespace(device="CPU", seconds=1.0, skipped=[("Keras model plot", "Graphviz's dot is missing")])
-    summary = SimpleNamespace(keras_accuracy=0.9, mdf_accuracy=0.9, max_abs_diff=1e-7, argmax_agreement=1.0,
-                              images_per_s=1000.0, seconds=2.0)
+    from gpu_mdf.pipeline import RunSummary
+    summary = RunSummary(tmp_path, 0.9, 0.9, 1e-7, 1.0, 1000.0, "cpu", 2.0)
     write_report(tmp_path, SimpleNamespace(name="t"), tr, res, summary, [mdf], [])
     md, html = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
     for part in ("Skipped pictures", "Keras model plot: Graphviz's dot is missing", "Per class",
@@ -93,3 +93,22 @@ jobs:
     assert "ok   few: 100 images" in r.output and "FAIL missing" in r.output
     assert (out / "jobs" / "few" / "predictions.csv").exists()
     assert "some job items failed" in r.output
+
+
+@pytest.mark.slow
+def test_autoencoder_config_runs_end_to_end_with_reconstruction_error(tmp_path):
+    """configs/mnist_autoencoder.yaml (Conv2D down, Conv2DTranspose up): trained on its own
+    input, converted, run as MDF; the summary and report give reconstruction error and
+    input/reconstruction pairs instead of accuracy."""
+    out = tmp_path / "ae"
+    r = CliRunner().invoke(main, ["run", "--config", "configs/mnist_autoencoder.yaml", "--out", str(out),
+                                  "--train-limit", "3000", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "MDF reconstruction MSE" in r.output and "accuracy" not in r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["max_abs_diff"] < 1e-5 and s["argmax_agreement"] is None and s["mdf_test_accuracy"] is None
+    assert s["mdf_reconstruction_mse"] == pytest.approx(s["keras_reconstruction_mse"], rel=1e-4)
+    assert 0 < s["mdf_reconstruction_mse"] < 0.06          # better than predicting the mean image
+    assert (out / "reconstructions.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "reconstruction MSE" in report and "reconstructions.png" in report

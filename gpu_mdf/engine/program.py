@@ -254,6 +254,9 @@ class Program:
         if not self.backend.is_gpu and self.primary_input is not None and getattr(batch, "ndim", 0) \
                 and self.block_size and len(batch) > self.block_size:
             return self._run_blocks(batch, threads or _cpu_threads(), check)
+        return self._run_whole(batch, to_host, check)
+
+    def _run_whole(self, batch, to_host: bool = True, check: bool = True):
         with self.backend.use():
             out = self.execute(self._feeds(batch, check))
             if to_host:
@@ -279,7 +282,7 @@ class Program:
             part = batch[lo:lo + bs]
             if check and part.dtype.kind == "f":
                 check_finite(part, np, what, offset=lo)        # items numbered in the whole batch
-            return self.run(part, check=False)
+            return self._run_whole(part, check=False)   # never blocked again (a block may be a little larger)
         starts = range(0, len(batch), bs)
         if threads > 1:
             with threadpool_limits(1, user_api="blas"):
