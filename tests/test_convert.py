@@ -493,3 +493,93 @@ def test_readme_layer_list_is_the_registry():
     block = text.split("<!-- layers:start -->")[1].split("<!-- layers:end -->")[0]
     listed = [w.strip() for w in block.replace("\n", " ").split(",") if w.strip()]
     assert listed == supported_layers(), "README.md's layer list and the converter's registry disagree"
+
+
+IMG3 = (4, 6, 5, 2)
+MORE_LAYER_CASES = {
+    "Conv3D": (IMG3, [layers.Conv3D(3, 2, strides=(1, 2, 1), padding="same", activation="relu")]),
+    "MaxPooling3D": (IMG3, [layers.MaxPooling3D(2)]),
+    "AveragePooling3D-same": (IMG3, [layers.AveragePooling3D(2, strides=1, padding="same")]),
+    "GlobalAveragePooling3D": (IMG3, [layers.GlobalAveragePooling3D()]),
+    "GlobalMaxPooling3D": (IMG3, [layers.GlobalMaxPooling3D()]),
+    "Flatten-channels-first": ((3, 4, 5), [layers.Flatten(data_format="channels_first"), layers.Dense(3)]),
+    "RepeatVector": ((5,), [layers.RepeatVector(3), layers.LSTM(2)]),
+    "UnitNormalization": ((4, 6), [layers.UnitNormalization(axis=[1, 2])]),
+    "GroupNormalization": ((6, 5, 8), [layers.GroupNormalization(groups=4)]),
+    "GroupNormalization-1d": ((7, 6), [layers.GroupNormalization(groups=3, center=False)]),
+    "TimeDistributed-Dense": ((5, 6), [layers.TimeDistributed(layers.Dense(3, activation="relu"))]),
+    "TimeDistributed-Conv2D": ((3, 8, 8, 2), [layers.TimeDistributed(layers.Conv2D(4, 3)),
+                                              layers.TimeDistributed(layers.GlobalAveragePooling2D())]),
+    "UpSampling2D-bilinear": (IMG, [layers.UpSampling2D((2, 3), interpolation="bilinear")]),
+    "Resizing-down": (IMG, [layers.Resizing(5, 7)]),
+    "Resizing-up-nearest": (IMG, [layers.Resizing(17, 13, interpolation="nearest")]),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_LAYER_CASES))
+def test_more_layer_kinds_match_keras_and_evaluable_graph(case, tmp_path):
+    shape, ls = MORE_LAYER_CASES[case]
+    model = seq(shape, *ls)
+    x = R.standard_normal((4,) + shape).astype("float32")
+    roundtrip(model, tmp_path, x)
+    _eg_matches(model, tmp_path, x[:2])
+
+
+def _two_inputs(make, s1, s2, tmp_path):
+    keras.utils.set_random_seed(0)
+    a, c = keras.Input(s1, name="a"), keras.Input(s2, name="c")
+    model = randomise(keras.Model([a, c], make(a, c)))
+    xa = R.standard_normal((3,) + s1).astype("float32")
+    xc = R.standard_normal((3,) + s2).astype("float32")
+    path = save_mdf(keras_to_mdf(model), tmp_path / "two.json")
+    prog = compile(path, device="cpu")
+    want = model.predict([xa, xc], verbose=0)
+    np.testing.assert_allclose(prog.run({"a": xa, "c": xc}), want, atol=1e-5)
+    got = evaluable_graph_outputs(path, prog, {"a": xa, "c": xc})
+    np.testing.assert_allclose(next(iter(got.values())), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,s1,s2", [
+    (lambda a, c: layers.Dot(axes=1)([a, c]), (6,), (6,)),
+    (lambda a, c: layers.Dot(axes=(2, 2), normalize=True)([a, c]), (4, 6), (5, 6)),
+    (lambda a, c: layers.Dot(axes=(1, 1))([a, c]), (4, 6), (4, 3)),
+    (lambda a, c: layers.Attention()([a, c]), (4, 6), (5, 6)),
+    (lambda a, c: layers.Attention(use_scale=True)([a, c, c]), (4, 6), (5, 6)),
+    (lambda a, c: layers.MultiHeadAttention(num_heads=2, key_dim=3)(a, c), (4, 6), (5, 6)),
+    (lambda a, c: layers.MultiHeadAttention(num_heads=3, key_dim=2, value_dim=4, use_bias=False)(a, a), (4, 6),
+     (5, 6)),
+], ids=["Dot-2d", "Dot-3d-normalize", "Dot-3d-axis1", "Attention", "Attention-scale-key", "MHA-cross",
+        "MHA-self-nobias"])
+def test_dot_and_attention_layers(make, s1, s2, tmp_path):
+    _two_inputs(make, s1, s2, tmp_path)
+
+
+def test_attention_masks_are_refused():
+    i = keras.Input((4, 6))
+    out = layers.MultiHeadAttention(num_heads=2, key_dim=3)(i, i, use_causal_mask=True)
+    with pytest.raises(UnsupportedLayerError, match="causal"):
+        keras_to_mdf(keras.Model(i, out))
+
+
+APPLICATIONS = {  # the smallest input each takes; one model per family
+    "ConvNeXtTiny": 32, "DenseNet121": 32, "EfficientNetB0": 32, "EfficientNetV2B0": 32, "InceptionV3": 75,
+    "InceptionResNetV2": 75, "MobileNet": 32, "MobileNetV2": 32, "MobileNetV3Small": 32, "NASNetMobile": 32,
+    "ResNet50": 32, "ResNet50V2": 32, "VGG16": 32, "Xception": 71,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(APPLICATIONS))
+def test_keras_applications_convert_and_match(name):
+    """Every application family, random weights (weights=None), logits out: the MDF graph
+    (compiled in memory) matches model.predict within 1e-4 of the logits' scale."""
+    size = APPLICATIONS[name]
+    keras.utils.set_random_seed(0)
+    kwargs = {"include_preprocessing": False} if name.startswith(("MobileNetV3", "EfficientNetV2")) else {}
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
+                                              classifier_activation=None, **kwargs)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype("float32")
+    got = compile(keras_to_mdf(model), device="cpu").run(x)
+    want = model.predict(x, verbose=0)
+    scale = max(1.0, float(np.abs(want).max()))
+    assert float(np.abs(got - want).max()) <= 1e-4 * scale

@@ -183,7 +183,8 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         nid = fresh(prefix + layer.name, keep="/")
         pid = safe_id(nid)
         ports = [f"{pid}_in{i}" if len(ins) > 1 else f"{pid}_in" for i in range(len(ins))]
-        b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins], tuple(outs[0].shape), reserved=set(ports))
+        b = NodeBuilder(nid, layer, [tuple(t.shape) for t in ins], tuple(outs[0].shape), reserved=set(ports),
+                        call_kwargs=dict(getattr(getattr(kn, "arguments", None), "kwargs", None) or {}))
         results = fn(layer, b, ports)
         results = list(results) if isinstance(results, (list, tuple)) else [results]
         if len(results) != len(outs):

@@ -75,6 +75,7 @@ class NodeBuilder:
     functions: list = field(default_factory=list)     # (id, function | None, args | None, value | None)
     reserved: set = field(default_factory=set)        # ids taken already (the node's input ports)
     memo: dict = field(default_factory=dict)          # values a translator makes once per node
+    call_kwargs: dict = field(default_factory=dict)   # the layer call's keyword arguments
 
     def _fresh(self, base: str) -> str:
         name, i = base, 1
@@ -311,9 +312,115 @@ def apply_activation(b: NodeBuilder, x: str, fn) -> str:
 # --------------------------------------------------------------------------- #
 @translator("Flatten")
 def _flatten(layer, b, xs):
-    if getattr(layer, "data_format", "channels_last") == "channels_first" and len(b.in_shapes[0]) > 2:
-        b.unsupported("data_format='channels_first'")
-    return b.op("flatten", "onnx::Flatten", input=xs[0], axis=1)
+    x, rank = xs[0], len(b.in_shapes[0])
+    if getattr(layer, "data_format", "channels_last") == "channels_first" and rank > 2:
+        x = b.to_channels_last(x, rank)       # Keras switches to channels-last before flattening
+    return b.op("flatten", "onnx::Flatten", input=x, axis=1)
+
+
+@translator("RepeatVector")
+def _repeat_vector(layer, b, xs):
+    f = b.in_shapes[0][1]
+    y = b.op("row", "onnx::Reshape", data=xs[0], shape=[0, 1, f])
+    return b.op("repeated", "onnx::Expand", input=y, shape=[1, int(layer.n), 1])
+
+
+@translator("UnitNormalization")
+def _unit_norm(layer, b, xs):
+    """x * min(1 / sqrt(sum x^2), 1e12), as Keras's ops.normalize(order=2, epsilon=1e-12)."""
+    rank = len(b.in_shapes[0])
+    axes = sorted(a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]))
+    x = xs[0]
+    ss = b.op("square_sum", "onnx::ReduceSum", data=b.op("sq", "onnx::Mul", A=x, B=x), axes=axes, keepdims=1)
+    inv = b.op("inv_norm", "onnx::Reciprocal", X=b.op("norm", "onnx::Sqrt", X=ss))
+    inv = _min2(b, inv, b.param("cap", np.float32(1e12)), "capped")
+    return b.op("normalized", "onnx::Mul", A=x, B=inv)
+
+
+@translator("GroupNormalization")
+def _group_norm(layer, b, xs):
+    """Keras's algebra on (N, ..., groups, C/groups): moments over every axis but the batch
+    and the group; inv = gamma / sqrt(var + eps); y = x * inv + (beta - mean * inv)."""
+    shape = b.in_shapes[0]
+    rank = len(shape)
+    if layer.axis not in (-1, rank - 1):
+        b.unsupported(f"axis={layer.axis} (channels-last only)")
+    if any(d is None for d in shape[1:]):
+        b.unsupported("an input with an unknown size")
+    c, g = int(shape[-1]), int(layer.groups)
+    grouped = [0] + [int(d) for d in shape[1:-1]] + [g, c // g]
+    x = b.op("grouped", "onnx::Reshape", data=xs[0], shape=grouped)
+    axes = [a for a in range(1, rank + 1) if a != rank - 1]
+    mean = b.op("mean", "onnx::ReduceMean", data=x, axes=axes, keepdims=1)
+    d = b.op("centered", "onnx::Sub", A=x, B=mean)
+    var = b.op("variance", "onnx::ReduceMean", data=b.op("squared", "onnx::Mul", A=d, B=d), axes=axes, keepdims=1)
+    inv = b.op("inv", "onnx::Reciprocal", X=b.op("std", "onnx::Sqrt", X=b.op(
+        "var_eps", "onnx::Add", A=var, B=b.param("epsilon", np.float32(layer.epsilon)))))
+    w = weights(layer)
+    bshape = [1] * (rank - 1) + [g, c // g]
+    if "gamma" in w:
+        inv = b.op("inv_g", "onnx::Mul", A=inv, B=b.op("gamma_b", "onnx::Reshape", data=b.param("gamma", w["gamma"]),
+                                                        shape=bshape))
+    res = b.op("res", "onnx::Neg", X=b.op("mean_inv", "onnx::Mul", A=mean, B=inv))
+    if "beta" in w:
+        res = b.op("res_b", "onnx::Add", A=res, B=b.op("beta_b", "onnx::Reshape", data=b.param("beta", w["beta"]),
+                                                       shape=bshape))
+    y = b.op("normalized", "onnx::Add", A=b.op("scaled", "onnx::Mul", A=x, B=inv), B=res)
+    return b.op("ungrouped", "onnx::Reshape", data=y, shape=[0] + [int(d) for d in shape[1:]])
+
+
+def _application_layer(layer) -> bool:
+    """A layer class of keras.applications itself (not a user's class of the same name)."""
+    return type(layer).__module__.startswith("keras.src.applications.")
+
+
+@translator("LayerScale")
+def _layer_scale(layer, b, xs):          # ConvNeXt: x * gamma, per channel
+    if not _application_layer(layer):
+        b.unsupported("a custom layer named LayerScale (only keras.applications' own)")
+    return b.op("scaled", "onnx::Mul", A=xs[0], B=b.param("gamma", np.asarray(layer.gamma.numpy())))
+
+
+@translator("StochasticDepth")
+def _stochastic_depth(layer, b, xs):     # ConvNeXt: identity at inference
+    if not _application_layer(layer):
+        b.unsupported("a custom layer named StochasticDepth (only keras.applications' own)")
+    return b.op("identity", "onnx::Identity", input=xs[0])
+
+
+@translator("CustomScaleLayer")
+def _custom_scale(layer, b, xs):         # InceptionResNetV2: inputs[0] + inputs[1] * scale
+    if not _application_layer(layer):
+        b.unsupported("a custom layer named CustomScaleLayer (only keras.applications' own)")
+    scaled = b.op("scaled", "onnx::Mul", A=xs[1], B=b.param("scale", np.float32(layer.scale)))
+    return b.op("sum", "onnx::Add", A=xs[0], B=scaled)
+
+
+@translator("TimeDistributed")
+def _time_distributed(layer, b, xs):
+    """The inner layer on (N*T, ...) (a reshape), then back to (N, T, ...)."""
+    inner = layer.layer
+    fn = TRANSLATORS.get(type(inner).__name__)
+    if fn is None:
+        b.unsupported(f"TimeDistributed({type(inner).__name__})")
+    shape = b.in_shapes[0]
+    if any(d is None for d in shape[1:]):
+        b.unsupported("an input with an unknown size")
+    steps = int(shape[1])
+    inner_in = (None,) + tuple(shape[2:])
+    inner_out = tuple(inner.compute_output_shape(inner_in))
+    if any(d is None for d in inner_out[1:]):
+        b.unsupported(f"TimeDistributed({type(inner).__name__}) with an output of unknown size")
+    flat = b.op("merged_steps", "onnx::Reshape", data=xs[0], shape=[-1] + [int(d) for d in shape[2:]])
+    saved = (b.layer, b.in_shapes, b.out_shape)
+    b.layer, b.in_shapes, b.out_shape = inner, [inner_in], inner_out
+    try:
+        y = fn(inner, b, [flat])
+    finally:
+        b.layer, b.in_shapes, b.out_shape = saved
+    if not isinstance(y, str):
+        b.unsupported(f"TimeDistributed({type(inner).__name__}) with several outputs")
+    return b.op("split_steps", "onnx::Reshape", data=y, shape=[-1, steps] + [int(d) for d in inner_out[1:]])
 
 
 @translator("Reshape")
@@ -485,9 +592,9 @@ def _channels_first(layer, b, xs, rank, body):
     return apply_activation(b, b.to_channels_last(y, rank) if cl else y, layer.activation)
 
 
-@translator("Conv1D", "Conv2D")
+@translator("Conv1D", "Conv2D", "Conv3D")
 def _conv(layer, b, xs):
-    nsp = 1 if type(layer).__name__ == "Conv1D" else 2
+    nsp = int(type(layer).__name__[-2])
     w = weights(layer)
     bias = b.param("bias", w["bias"]) if "bias" in w else None
     k = b.param("kernel", w["kernel"])
@@ -740,7 +847,8 @@ def _embedding(layer, b, xs):
     return b.op("embedded", "onnx::Where", condition=bad_b, X=b.param("nan", np.float32("nan")), Y=rows)
 
 
-@translator("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
+@translator("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+            "AveragePooling3D")
 def _pool(layer, b, xs):
     nsp = int(type(layer).__name__[-2])
     rank = nsp + 2
@@ -800,8 +908,8 @@ def _sliced_max_pool(b, x, kernel, strides, pads):
     return _fold(b, slices, _max2, "maxpool")
 
 
-@translator("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
-            "GlobalMaxPooling2D")
+@translator("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D",
+            "GlobalMaxPooling2D", "GlobalMaxPooling3D")
 def _global_pool(layer, b, xs):
     rank = len(b.in_shapes[0])
     axes = list(range(1, rank - 1)) if layer.data_format == "channels_last" else list(range(2, rank))
@@ -828,12 +936,57 @@ def _crop(layer, b, xs):
     return b.op("crop", "onnx::Slice", data=xs[0], starts=[t, lf], ends=[h - bt, w - r], axes=axes)
 
 
+def _resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
+    """(n_out, n_in) weights of TensorFlow's resize along one axis (half-pixel centres, no
+    antialiasing): bilinear mixes the two nearest inputs, nearest picks one."""
+    a = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        if method == "nearest":
+            a[i, min(int(np.floor((i + 0.5) * scale)), n_in - 1)] = 1.0
+            continue
+        src = (i + 0.5) * scale - 0.5
+        f = np.floor(src)
+        lo, hi, w = int(max(f, 0)), int(min(np.ceil(src), n_in - 1)), src - f
+        a[i, lo] += 1 - w
+        a[i, hi] += w
+    return a.astype(np.float32)
+
+
+def _resize(layer, b, x, out_h: int, out_w: int, method: str):
+    """Resize as two matrix products, A_h @ image @ A_w^T on (N, C, H, W): ops that
+    modeci_mdf's EvaluableGraph runs (its Resize does not)."""
+    if method not in ("bilinear", "nearest"):
+        b.unsupported(f"interpolation={method!r} (bilinear and nearest only)")
+    cl = layer.data_format == "channels_last"
+    _, h, w = (b.in_shapes[0][0], *b.in_shapes[0][1:3]) if cl else (None, *b.in_shapes[0][2:4])
+    if h is None or w is None:
+        b.unsupported("an image of unknown size")
+    y = b.to_channels_first(x, 4) if cl else x
+    y = b.op("rows", "onnx::MatMul", A=b.param("resize_h", _resize_matrix(h, out_h, method)), B=y)
+    y = b.op("cols", "onnx::MatMul", A=y, B=b.param("resize_w_t", _resize_matrix(w, out_w, method).T.copy()))
+    return b.to_channels_last(y, 4) if cl else y
+
+
+@translator("Resizing")
+def _resizing(layer, b, xs):
+    if layer.crop_to_aspect_ratio or layer.pad_to_aspect_ratio:
+        b.unsupported("crop_to_aspect_ratio / pad_to_aspect_ratio")
+    if getattr(layer, "antialias", False):
+        b.unsupported("antialias=True")
+    return _resize(layer, b, xs[0], int(layer.height), int(layer.width), layer.interpolation)
+
+
 @translator("UpSampling2D")
 def _upsample(layer, b, xs):
     """Nearest-neighbour upsampling as reshape + broadcast + reshape:
-    (N, H, W, C) -> (N, H, 1, W, 1, C) -> (N, H, sh, W, sw, C) -> (N, H*sh, W*sw, C)."""
+    (N, H, W, C) -> (N, H, 1, W, 1, C) -> (N, H, sh, W, sw, C) -> (N, H*sh, W*sw, C);
+    bilinear as resize matrices."""
     if layer.interpolation != "nearest":
-        b.unsupported(f"interpolation={layer.interpolation!r} (only 'nearest')")
+        sh, sw = (int(v) for v in layer.size)
+        cl = layer.data_format == "channels_last"
+        h, w = b.in_shapes[0][1:3] if cl else b.in_shapes[0][2:4]
+        return _resize(layer, b, xs[0], h * sh, w * sw, layer.interpolation)
     sh, sw = (int(v) for v in layer.size)
     if layer.data_format == "channels_last":
         _, h, w, c = b.in_shapes[0]
@@ -907,6 +1060,97 @@ def _concatenate(layer, b, xs):
     # else), so modeci_mdf's EvaluableGraph sees exactly these inputs
     rank = len(b.in_shapes[0])
     return b.op("concat", "onnx::Concat", axis=int(layer.axis) % rank, **{x: x for x in xs})
+
+
+@translator("Dot")
+def _dot(layer, b, xs):
+    """Keras's batch_dot of two rank-2 or rank-3 tensors, optionally L2-normalised first."""
+    ranks = [len(s) for s in b.in_shapes]
+    axes = layer.axes if isinstance(layer.axes, (list, tuple)) else [layer.axes] * 2
+    axes = [a % r for a, r in zip(axes, ranks)]
+    if ranks not in ([2, 2], [3, 3]):
+        b.unsupported(f"Dot of rank-{ranks[0]} and rank-{ranks[1]} inputs (rank 2 or 3)")
+    x1, x2 = xs
+    if layer.normalize:   # ops.normalize: x * min(rsqrt(sum x^2), 1 / epsilon), epsilon 1e-7
+        def unit(x, axis, n):
+            ss = b.op(f"ss{n}", "onnx::ReduceSum", data=b.op(f"sq{n}", "onnx::Mul", A=x, B=x), axes=[axis],
+                      keepdims=1)
+            inv = b.op(f"inv{n}", "onnx::Reciprocal", X=b.op(f"norm{n}", "onnx::Sqrt", X=ss))
+            return b.op(f"unit{n}", "onnx::Mul", A=x, B=_min2(b, inv, b.param("cap", np.float32(1e7)), f"cap{n}"))
+        x1, x2 = unit(x1, axes[0], 1), unit(x2, axes[1], 2)
+    if ranks == [2, 2]:
+        return b.op("dot", "onnx::ReduceSum", data=b.op("prod", "onnx::Mul", A=x1, B=x2), axes=[1], keepdims=1)
+    a = x1 if axes[0] == 2 else b.op("a_t", "onnx::Transpose", data=x1, perm=[0, 2, 1])
+    c = x2 if axes[1] == 1 else b.op("b_t", "onnx::Transpose", data=x2, perm=[0, 2, 1])
+    return b.op("dot", "onnx::MatMul", A=a, B=c)
+
+
+def _attend(b, q, k, v, scale=None, tag=""):
+    """softmax(q @ k^T [* scale]) @ v over the last two axes."""
+    kt = b.op(f"{tag}k_t", "onnx::Transpose", data=k, perm=[0, 2, 1] if "h" not in tag else [0, 1, 3, 2])
+    scores = b.op(f"{tag}scores", "onnx::MatMul", A=q, B=kt)
+    if scale is not None:
+        scores = b.op(f"{tag}scaled", "onnx::Mul", A=scores, B=scale)
+    weights_ = b.op(f"{tag}weights", "onnx::Softmax", input=scores, axis=-1)
+    return b.op(f"{tag}attended", "onnx::MatMul", A=weights_, B=v)
+
+
+def _refuse_masks(layer, b, n_inputs):
+    kw = b.call_kwargs
+    if kw.get("use_causal_mask") or kw.get("return_attention_scores"):
+        b.unsupported("use_causal_mask / return_attention_scores")
+    if len(b.in_shapes) > n_inputs or kw.get("attention_mask") is not None or kw.get("mask") is not None:
+        b.unsupported("attention masks")
+
+
+@translator("Attention")
+def _attention(layer, b, xs):
+    """Luong dot-product attention: [query, value(, key)]."""
+    _refuse_masks(layer, b, 3)
+    if layer.score_mode != "dot":
+        b.unsupported(f"score_mode={layer.score_mode!r} (dot only)")
+    q, v = xs[0], xs[1]
+    k = xs[2] if len(xs) > 2 else v
+    scale = b.param("scale", np.asarray(weights(layer)["scale"], np.float32)) if layer.use_scale else None
+    return _attend(b, q, k, v, scale)
+
+
+@translator("MultiHeadAttention")
+def _multi_head_attention(layer, b, xs):
+    """Keras's MultiHeadAttention on (N, T, F) inputs: the query, key and value projections
+    (EinsumDense, kernels (F, heads, dim)), scaled dot-product attention per head over the
+    time axis, and the output projection (kernel (heads, dim, F_out))."""
+    _refuse_masks(layer, b, 3)
+    if any(len(s) != 3 for s in b.in_shapes):
+        b.unsupported("inputs other than (batch, steps, features)")
+    if layer._attention_axes not in (None, (1,), [1]):
+        b.unsupported(f"attention_axes={layer._attention_axes}")
+    heads, dim = int(layer.num_heads), int(layer.key_dim)
+    vdim = int(layer.value_dim or dim)
+    q_in, v_in = xs[0], xs[1]
+    k_in = xs[2] if len(xs) > 2 else v_in
+
+    def project(x, dense, name, d):
+        w = weights(dense)
+        kernel = w["kernel"]
+        y = b.op(f"{name}_proj", "onnx::MatMul", A=x, B=b.param(f"{name}_kernel", kernel.reshape(kernel.shape[0], -1)))
+        if "bias" in w:
+            y = b.op(f"{name}_biased", "onnx::Add", A=y, B=b.param(f"{name}_bias", w["bias"].reshape(-1)))
+        y = b.op(f"{name}_heads", "onnx::Reshape", data=y, shape=[0, 0, heads, d])
+        return b.op(f"{name}_h", "onnx::Transpose", data=y, perm=[0, 2, 1, 3])      # (N, heads, T, d)
+    q = project(q_in, layer._query_dense, "query", dim)
+    q = b.op("query_scaled", "onnx::Mul", A=q, B=b.param("inv_sqrt_dim", np.float32(1.0 / np.sqrt(dim))))
+    k = project(k_in, layer._key_dense, "key", dim)
+    v = project(v_in, layer._value_dense, "value", vdim)
+    att = _attend(b, q, k, v, tag="h")                                               # (N, heads, T, vdim)
+    att = b.op("merged", "onnx::Reshape", data=b.op("att_t", "onnx::Transpose", data=att, perm=[0, 2, 1, 3]),
+               shape=[0, 0, heads * vdim])
+    w = weights(layer._output_dense)
+    kernel = w["kernel"]
+    y = b.op("output", "onnx::MatMul", A=att, B=b.param("output_kernel", kernel.reshape(heads * vdim, -1)))
+    if "bias" in w:
+        y = b.op("output_biased", "onnx::Add", A=y, B=b.param("output_bias", w["bias"]))
+    return y
 
 
 # --------------------------------------------------------------------------- #
