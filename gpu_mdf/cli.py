@@ -105,7 +105,8 @@ def train(config_path, out, epochs, seed, train_limit, data):
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", required=True, help="folder for the MDF files (<stem>.mdf.json)")
-@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both"]), default="json")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both", "bson"]), default="json",
+              help="bson: modelspec's binary form, for big models (several times faster to write and read)")
 @click.option("--normalize", type=NORMALIZE, default="l2",
               help="pixel normalisation recorded for the engine (l2 is the seed's)")
 @_errors

@@ -583,3 +583,35 @@ def test_keras_applications_convert_and_match(name):
     want = model.predict(x, verbose=0)
     scale = max(1.0, float(np.abs(want).max()))
     assert float(np.abs(got - want).max()) <= 1e-4 * scale
+
+
+def test_bson_form_round_trips_and_modeci_reads_it(tmp_path):
+    """The opt-in binary form for big models: the same document, weights exact, and
+    modeci_mdf's load_mdf/EvaluableGraph run it."""
+    pytest.importorskip("bson")
+    model = seq(IMG, layers.Conv2D(4, 3, activation="relu"), layers.Flatten(), layers.Dense(3))
+    x = R.standard_normal((3,) + IMG).astype("float32")
+    path, prog = roundtrip(model, tmp_path, x, fmt="bson")
+    assert path.suffix == ".bson"
+    got = evaluable_graph_outputs(path, prog, {prog.inputs[0].name: x})
+    np.testing.assert_allclose(next(iter(got.values())), model.predict(x, verbose=0), atol=1e-5)
+    k = json.loads(save_mdf(keras_to_mdf(model), tmp_path / "m.json").read_text())
+    from gpu_mdf.engine import load_mdf_dict
+    b = load_mdf_dict(path)
+    node = next(iter(next(iter(b.values()))["graphs"].values()))["nodes"]
+    kn = next(iter(next(iter(k.values()))["graphs"].values()))["nodes"]
+    for nid in kn:   # weights bit for bit (float32 -> double -> float32)
+        for pid, p in kn[nid].get("parameters", {}).items():
+            np.testing.assert_array_equal(np.asarray(node[nid]["parameters"][pid]["value"], np.float32),
+                                          np.asarray(p["value"], np.float32))
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+    model.save(tmp_path / "small.keras")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "small.keras"), "--out", str(tmp_path / "o"),
+                                  "--format", "bson"])
+    assert r.exit_code == 0 and (tmp_path / "o" / "small.mdf.bson").is_file(), r.output
+    (tmp_path / "bad.bson").write_bytes(b"\x05\x00\x00")
+    from gpu_mdf.errors import ModelFileError
+    with pytest.raises(ModelFileError, match="not a readable BSON"):
+        compile(tmp_path / "bad.bson")

@@ -398,6 +398,8 @@ class Planner:
                 for x in v.values():
                     walk(x)
             elif isinstance(v, list):
+                if v and isinstance(v[0], (int, float)):
+                    return      # a row of numbers (weights): no names in it (a stray string fails as a constant)
                 for x in v:
                     walk(x)
         walk({k: v for k, v in n.items() if k != "metadata"})

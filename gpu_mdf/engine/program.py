@@ -47,7 +47,7 @@ def _block_pool():
 def load_mdf_dict(source) -> dict:
     """Return the MDF model as a plain dict ``{model_id: {...}}``.
 
-    ``source`` is a path (``.json``, ``.yaml``/``.yml``), a dict, or a
+    ``source`` is a path (``.json``, ``.yaml``/``.yml``, ``.bson``), a dict, or a
     ``modeci_mdf.mdf.Model``.
     """
     if isinstance(source, dict):
@@ -59,6 +59,30 @@ def load_mdf_dict(source) -> dict:
         raise ModelFileError(f"{path}: no such MDF file")
     if path.is_dir():
         raise ModelFileError(f"{path}: a folder, not an MDF file")
+    if path.suffix.lower() == ".bson":
+        d = _load_bson(path)
+    else:
+        d = _load_text(path)
+    if not isinstance(d, dict) or len(d) != 1 or not isinstance(next(iter(d.values())), dict) \
+            or "graphs" not in next(iter(d.values())):
+        raise ModelFileError(f"{path}: not an MDF model (expected {{model_id: {{graphs: ...}}}})")
+    return d
+
+
+def _load_bson(path: Path) -> dict:
+    """modelspec's BSON form of MDF (what ``modeci_mdf``'s ``Model.to_bson_file`` writes):
+    weights as arrays of doubles, read much faster than text."""
+    from ..extras import require
+    bson = require("bson", "reading .bson MDF files")
+    try:
+        return bson.decode(path.read_bytes())
+    except OSError as e:
+        raise ModelFileError(f"{path}: not readable ({e.strerror})") from None
+    except Exception as e:      # bson.errors.InvalidBSON and friends
+        raise ModelFileError(f"{path}: not a readable BSON MDF file ({type(e).__name__}: {e})") from None
+
+
+def _load_text(path: Path):
     try:
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -71,9 +95,6 @@ def load_mdf_dict(source) -> dict:
         raise ModelFileError(f"{path}: not a readable MDF file ({type(e).__name__}: {e})") from None
     except Exception as e:  # yaml errors
         raise ModelFileError(f"{path}: not a readable MDF file ({type(e).__name__})") from None
-    if not isinstance(d, dict) or len(d) != 1 or not isinstance(next(iter(d.values())), dict) \
-            or "graphs" not in next(iter(d.values())):
-        raise ModelFileError(f"{path}: not an MDF model (expected {{model_id: {{graphs: ...}}}})")
     return d
 
 

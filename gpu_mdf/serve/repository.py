@@ -1,7 +1,7 @@
 """The model repository: Triton's layout, MDF models.
 
     DIR/<model>/config.yaml              optional (keys below)
-    DIR/<model>/<version>/model.mdf.json (or model.mdf.yaml); versions are positive integers
+    DIR/<model>/<version>/model.mdf.json (or .yaml, .bson); versions are positive integers
 
 ``config.yaml`` keys (unknown keys and wrong types are refused, naming the key):
 
@@ -33,7 +33,7 @@ from ..io import safe_join
 from .batcher import Batcher
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-MODEL_FILES = ("model.mdf.json", "model.mdf.yaml")
+MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson")
 CONFIG_KEYS = {"max_batch_size": int, "max_queue_delay_ms": (int, float), "max_queue_size": int,
                "max_queue_mb": (int, float), "dynamic_batching": bool, "device": str, "normalize": str,
                "constants": str, "outputs": (list, dict)}
