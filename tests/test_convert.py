@@ -210,12 +210,12 @@ def test_unsupported_layer_names_class_layer_and_kinds():
     model = keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t * 2, name="doubler")])
     with pytest.raises(UnsupportedLayerError, match=r"'doubler' of kind Lambda.*supported kinds: .*Conv2D"):
         keras_to_mdf(model)
-    conv3d = keras.Sequential([keras.Input((3, 4, 4, 2)), layers.Conv3D(2, 2, name="c3")])
-    with pytest.raises(UnsupportedLayerError, match="'c3' of kind Conv3D"):
-        keras_to_mdf(conv3d)
-    bil = seq(IMG, layers.UpSampling2D(2, interpolation="bilinear"))
-    with pytest.raises(UnsupportedLayerError, match="bilinear"):
-        keras_to_mdf(bil)
+    pad3d = keras.Sequential([keras.Input((3, 4, 4, 2)), layers.ZeroPadding3D(1, name="p3")])
+    with pytest.raises(UnsupportedLayerError, match="'p3' of kind ZeroPadding3D"):
+        keras_to_mdf(pad3d)
+    bicubic = seq(IMG, layers.UpSampling2D(2, interpolation="bicubic"))
+    with pytest.raises(UnsupportedLayerError, match="bicubic"):
+        keras_to_mdf(bicubic)
 
 
 def test_supported_layer_list_covers_the_issue():

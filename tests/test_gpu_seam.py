@@ -102,7 +102,8 @@ def keras_cases():
 
 def _keras_case_models():
     import test_convert as tc
-    cases = [(f"layer-{k}", k) for k in tc.LAYER_CASES]
+    cases = [(f"layer-{k}", k) for k in {**tc.LAYER_CASES, **tc.NEW_LAYER_CASES, **tc.MORE_LAYER_CASES}]
+    cases += [(f"rnn-{k}", k) for k in tc.RNN_CASES]
     cases += [(f"activation-{a}", a) for a in sorted(tc.ACTIVATIONS)]
     return cases
 
@@ -112,11 +113,14 @@ def test_converter_case_on_the_standin(case, key, keras_cases, strict_gpu, tmp_p
     from gpu_mdf.convert import keras_to_mdf, save_mdf
     tc = keras_cases
     if case.startswith("layer-"):
-        shape, ls = tc.LAYER_CASES[key]
+        shape, ls = {**tc.LAYER_CASES, **tc.NEW_LAYER_CASES, **tc.MORE_LAYER_CASES}[key]
         model = tc.seq(shape, *ls)
+    elif case.startswith("rnn-"):
+        shape = tc.SEQ
+        model = tc.seq(shape, *tc.RNN_CASES[key])
     else:
-        shape = (7,)
-        model = tc.seq(shape, tc.layers.Dense(5, activation=key))
+        shape = (8,)
+        model = tc.seq(shape, tc.layers.Dense(6, activation=key))
     x = tc.R.standard_normal((5,) + shape).astype("float32")
     path = save_mdf(keras_to_mdf(model), tmp_path / "m.json")
     matches_numpy(path, strict_gpu, x)
