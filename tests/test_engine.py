@@ -339,4 +339,4 @@ def test_cpu_blocks_a_little_larger_than_block_size_do_not_deadlock(monkeypatch)
     t.start()
     t.join(30)
     assert "y" in out, "blocked run did not finish (nested blocking on the pool)"
-    np.testing.assert_allclose(out["y"], whole, atol=1e-6)
+    np.testing.assert_allclose(out["y"], whole, atol=1e-5, rtol=1e-5)   # BLAS may block a GEMM differently

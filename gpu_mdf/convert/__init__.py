@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import GpuMdfError, ModelFileError, UnsupportedLayerError
 from ..io import atomic_path
-from .keras import REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, safe_id, supported_layers
+from .keras import OP_TRANSLATORS, REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, safe_id, supported_layers
 
 __all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "supported_layers",
            "ConvertResult"]
@@ -173,6 +173,8 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         """One layer call as a node (and, for a Stack result, a joining node); returns the
         (node, port) of each of its outputs."""
         cls = type(layer).__name__
+        if not isinstance(layer, keras.layers.Layer):       # a keras.ops operation, not a layer
+            return [translate_op(kn, layer, ins, outs, src, prefix)]
         fn = TRANSLATORS.get(cls)
         if fn is None:
             raise UnsupportedLayerError(
@@ -193,15 +195,7 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
         meta = {"keras_class": cls}
         if nid != layer.name:
             meta["keras_name"] = layer.name
-        node: dict = {"metadata": meta,
-                      "input_ports": {p: {"shape": list(_port_shape(t)), "type": str(t.dtype)}
-                                      for p, t in zip(ports, ins)}}
-        functions = {fid: ({"function": function, "args": args} if function is not None else {"value": value})
-                     for fid, function, args, value in b.functions}
-        if functions:
-            node["functions"] = functions
-        if b.parameters:
-            node["parameters"] = {p: {"value": value} for p, value in b.parameters}
+        node = node_doc(b, meta, ports, ins)
         node["output_ports"] = {}
         nodes[nid] = node
         for p, t in zip(ports, ins):
@@ -227,6 +221,52 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
                 add_edge((nid, f"{pid}_step{suffix}_{i}"), (jid, jport))
             sources.append((jid, f"{jp}_out"))
         return sources
+
+    def translate_op(kn, op, ins, outs, src, prefix):
+        """A keras.ops operation node: its arguments in order, tensors through input ports,
+        numbers and arrays as parameters."""
+        cls = type(op).__name__
+        fn = OP_TRANSLATORS.get(cls)
+        if fn is None:
+            raise UnsupportedLayerError(f"operation {op.name!r} ({cls}, a keras.ops call in the model) is not "
+                                        f"supported; supported operations: {', '.join(sorted(OP_TRANSLATORS))}")
+        args = list(getattr(kn.arguments, "args", ()) or ())
+        if getattr(kn.arguments, "kwargs", None) or len(outs) != 1:
+            raise UnsupportedLayerError(f"operation {op.name!r} ({cls}) with keyword arguments or several outputs")
+        nid = fresh(prefix + op.name, keep="/")
+        pid = safe_id(nid)
+        tensors = [a for a in args if hasattr(a, "_keras_history")]
+        ports = [f"{pid}_in{i}" if len(tensors) > 1 else f"{pid}_in" for i in range(len(tensors))]
+        b = NodeBuilder(nid, op, [tuple(t.shape) for t in tensors], tuple(outs[0].shape), reserved=set(ports))
+        operands, it = [], iter(ports)
+        dtype = np.dtype(str(outs[0].dtype)) if str(outs[0].dtype) in ("float32", "float64") else np.float32
+        for a in args:
+            if hasattr(a, "_keras_history"):
+                operands.append(next(it))
+            elif isinstance(a, (int, float, np.ndarray, np.generic)) and not isinstance(a, bool):
+                operands.append(b.param("const", np.asarray(a, dtype)))
+            else:
+                raise UnsupportedLayerError(f"operation {op.name!r} ({cls}): argument {a!r} is not a tensor or number")
+        result = fn(op, b, operands)
+        node = node_doc(b, {"keras_class": f"ops.{cls}"}, ports, tensors)
+        node["output_ports"] = {f"{pid}_out": {"value": result}}
+        nodes[nid] = node
+        for p, t in zip(ports, tensors):
+            add_edge(src[id(t)], (nid, p))
+        return nid, f"{pid}_out"
+
+    def node_doc(b, meta, ports, tensors) -> dict:
+        """A node's metadata, input ports, functions and parameters (output ports: the caller's)."""
+        node: dict = {"metadata": meta,
+                      "input_ports": {p: {"shape": list(_port_shape(t)), "type": str(t.dtype)}
+                                      for p, t in zip(ports, tensors)}}
+        functions = {fid: ({"function": f, "args": a} if f is not None else {"value": v})
+                     for fid, f, a, v in b.functions}
+        if functions:
+            node["functions"] = functions
+        if b.parameters:
+            node["parameters"] = {p: {"value": value} for p, value in b.parameters}
+        return node
 
     def add_edge(sender, receiver):
         edges[f"e{len(edges) + 1}_{safe_id(sender[0])}_{safe_id(receiver[0])}"] = {

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import UnsupportedLayerError
 
-TRANSLATORS: dict[str, Callable] = {}
+TRANSLATORS: dict[str, Callable] = {}      # Keras layers, by class name
+OP_TRANSLATORS: dict[str, Callable] = {}   # keras.ops operations in a functional graph (x + 3.0), by class name
 ACTIVATIONS: dict[str, Callable] = {}
 # Layer kinds refused with a reason (rather than "not supported"): they change what other
 # layers compute in ways an unmasked MDF graph would silently ignore.
@@ -1151,6 +1152,44 @@ def _multi_head_attention(layer, b, xs):
     if "bias" in w:
         y = b.op("output_biased", "onnx::Add", A=y, B=b.param("output_bias", w["bias"]))
     return y
+
+
+# --------------------------------------------------------------------------- #
+# keras.ops operations called on tensors in a functional model (``x + 3.0``,
+# ``y * (1 / 6)`` in MobileNetV3's hard sigmoid). Their class names clash with layers
+# (ops.numpy.Add vs layers.Add), and their arguments mix tensors and constants, so they
+# have translators of their own: ``operands`` are value names, tensors and constants alike.
+# --------------------------------------------------------------------------- #
+def op_translator(*class_names: str):
+    def deco(fn):
+        for name in class_names:
+            OP_TRANSLATORS[name] = fn
+        return fn
+    return deco
+
+
+_BINARY_OPS = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div",
+               "Power": "Pow"}
+
+
+@op_translator(*_BINARY_OPS)
+def _binary_op(op, b, operands):
+    if len(operands) != 2:
+        b.unsupported(f"{type(op).__name__} of {len(operands)} operands")
+    name = type(op).__name__
+    return b.op(name.lower(), f"onnx::{_BINARY_OPS[name]}", A=operands[0], B=operands[1])
+
+
+@op_translator("Maximum", "Minimum")
+def _max_min_op(op, b, operands):
+    if len(operands) != 2:
+        b.unsupported(f"{type(op).__name__} of {len(operands)} operands")
+    return (_max2 if type(op).__name__ == "Maximum" else _min2)(b, *operands)
+
+
+@op_translator("Negative")
+def _negative_op(op, b, operands):
+    return b.op("neg", "onnx::Neg", X=operands[0])
 
 
 # --------------------------------------------------------------------------- #
