@@ -429,15 +429,6 @@ NEW_LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(NEW_LAYER_CASES))
-def test_new_layer_kinds_match_keras_and_evaluable_graph(case, tmp_path):
-    shape, ls = NEW_LAYER_CASES[case]
-    model = seq(shape, *ls)
-    x = R.standard_normal((4,) + shape).astype("float32")
-    roundtrip(model, tmp_path, x)
-    _eg_matches(model, tmp_path, x[:2])
-
-
 def test_embedding_rows_and_out_of_range_ids(tmp_path):
     model = seq((6,), layers.Embedding(11, 4), layers.Flatten(), layers.Dense(3))
     ids = R.integers(0, 11, (5, 6)).astype("float32")
@@ -530,9 +521,9 @@ MORE_LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MORE_LAYER_CASES))
+@pytest.mark.parametrize("case", [*NEW_LAYER_CASES, *MORE_LAYER_CASES])
 def test_more_layer_kinds_match_keras_and_evaluable_graph(case, tmp_path):
-    shape, ls = MORE_LAYER_CASES[case]
+    shape, ls = {**NEW_LAYER_CASES, **MORE_LAYER_CASES}[case]
     model = seq(shape, *ls)
     x = R.standard_normal((4,) + shape).astype("float32")
     roundtrip(model, tmp_path, x)

@@ -108,24 +108,21 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
     used_ids: set[str] = set()
     input_names = []
 
-    def fresh(name, keep=""):
-        base = "/".join(safe_id(part) for part in name.split("/")) if keep else safe_id(name)
-        nid, i = base, 1
-        while nid in used_ids:
+    def unique(base: str, taken: set) -> str:
+        name, i = base, 1
+        while name in taken:
             i += 1
-            nid = f"{base}_{i}"
-        used_ids.add(nid)
-        return nid
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    def fresh(name, keep=""):
+        return unique("/".join(safe_id(part) for part in name.split("/")) if keep else safe_id(name), used_ids)
 
     paths: set[str] = set()
 
     def fresh_path(path):   # a model called twice gets two paths: base, base_2
-        p, i = path, 1
-        while p in paths:
-            i += 1
-            p = f"{path}_{i}"
-        paths.add(p)
-        return p
+        return unique(path, paths)
 
     # model inputs: one identity node each, whose input port is the graph input
     for t in gm.inputs:
