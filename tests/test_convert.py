@@ -665,3 +665,70 @@ def test_keras_ops_in_a_functional_model_are_not_mistaken_for_layers(tmp_path):
         np.testing.assert_allclose(g, w, atol=1e-5)
     with pytest.raises(UnsupportedLayerError, match=r"operation .* \(Sin, a keras.ops call"):
         keras_to_mdf(keras.Model(i, keras.ops.sin(layers.Dense(2)(i))))
+
+
+def small_vit(dim=16, heads=2, depth=2, patch=7, mlp=32):
+    """A vision transformer for MNIST: 7x7 patches by a strided Conv2D, a learned position
+    embedding (gpu_mdf.layers), pre-norm attention and GELU MLP blocks, mean pooling."""
+    from gpu_mdf.layers import PositionEmbedding
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((28, 28, 1), name="pixels")
+    n = (28 // patch) ** 2
+    x = layers.Reshape((n, dim))(layers.Conv2D(dim, patch, strides=patch, name="patches")(inp))
+    x = layers.Add()([x, PositionEmbedding(n, name="position")(x)])
+    for _ in range(depth):
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = layers.Add()([x, layers.MultiHeadAttention(heads, dim // heads)(h, h)])
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = x + layers.Dense(dim)(layers.Dense(mlp, activation="gelu")(h))
+    x = layers.GlobalAveragePooling1D()(layers.LayerNormalization(epsilon=1e-6)(x))
+    return randomise(keras.Model(inp, layers.Dense(10)(x)))
+
+
+def test_small_vit_with_position_embedding(tmp_path):
+    """Saved, loaded as a user's file would be (the shipped layer registers itself), converted,
+    and run by both engines: the position table counts (a shuffled table changes the logits)."""
+    from gpu_mdf.convert import load_keras_model
+    model = small_vit()
+    model.save(tmp_path / "vit.keras")
+    loaded = load_keras_model(tmp_path / "vit.keras")
+    x = R.random((4, 28, 28, 1), dtype=np.float32)
+    path, prog = roundtrip(loaded, tmp_path, x)
+    _eg_matches(loaded, tmp_path, x[:2])
+    table = loaded.get_layer("position").weights[0]
+    table.assign(table.numpy()[::-1])
+    assert np.abs(compile(keras_to_mdf(loaded), device="cpu").run(x) - prog.run(x)).max() > 1e-3
+
+
+def test_position_embedding_semantics_and_refusals(tmp_path):
+    """A longer table than the sequence: its first rows; any other class of that name and a
+    non-zero start_index are refused."""
+    from gpu_mdf.layers import PositionEmbedding
+    i = keras.Input((3, 4))
+    model = randomise(keras.Model(i, layers.Add()([i, PositionEmbedding(5)(i)])))
+    roundtrip(model, tmp_path, R.standard_normal((2, 3, 4)).astype("float32"))
+
+    class PositionEmbedding(layers.Layer):   # noqa: F811 - a user's layer of the same name
+        def call(self, x):
+            return x
+    with pytest.raises(UnsupportedLayerError, match="custom layer named PositionEmbedding"):
+        keras_to_mdf(keras.Model(i, PositionEmbedding()(i)))
+    with pytest.raises(ValueError, match="sequence_length"):
+        __import__("gpu_mdf.layers").layers.PositionEmbedding(0)
+
+
+@pytest.mark.slow
+def test_vit_example_trains_converts_and_agrees(tmp_path):
+    """examples/mnist_vit.py end to end (a short run): the MDF graph's predictions are Keras's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "examples" / "mnist_vit.py"), "--out", str(tmp_path),
+                        "--steps", "60"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"Keras (\d\.\d+), MDF (\d\.\d+); agreement (\d\.\d+)", r.stdout)
+    assert m, r.stdout
+    assert m.group(1) == m.group(2) and float(m.group(3)) >= 0.999 and float(m.group(1)) > 0.3
+    assert (tmp_path / "mnist_vit.mdf.json").is_file() and (tmp_path / "mnist_vit.keras").is_file()

@@ -163,6 +163,12 @@ def test_cnn_config_and_residual_net(keras_cases, strict_gpu, tmp_path, images):
     matches_numpy(path, strict_gpu, tc.R.standard_normal((6, 16, 16, 3)).astype("float32"))
 
 
+def test_small_vit_on_the_standin(keras_cases, strict_gpu, tmp_path):
+    from gpu_mdf.convert import keras_to_mdf, save_mdf
+    path = save_mdf(keras_to_mdf(keras_cases.small_vit()), tmp_path / "vit.json")
+    matches_numpy(path, strict_gpu, keras_cases.R.random((3, 28, 28, 1), dtype=np.float32))
+
+
 @pytest.mark.slow
 def test_mobilenet_v2_on_the_standin(keras_cases, strict_gpu, tmp_path):
     from gpu_mdf.convert import keras_to_mdf, save_mdf

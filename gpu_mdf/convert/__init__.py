@@ -41,6 +41,7 @@ def load_keras_model(path: str | Path):
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5)")
     keras = _keras()
+    from .. import layers as _shipped_layers  # noqa: F401  (registers gpu_mdf>PositionEmbedding)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:

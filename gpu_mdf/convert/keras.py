@@ -397,6 +397,24 @@ def _custom_scale(layer, b, xs):         # InceptionResNetV2: inputs[0] + inputs
     return b.op("sum", "onnx::Add", A=xs[0], B=scaled)
 
 
+@translator("PositionEmbedding")
+def _position_embedding(layer, b, xs):
+    """gpu_mdf.layers.PositionEmbedding / keras_hub.layers.PositionEmbedding: the first T rows
+    of the learned table, broadcast to the input's shape (N, ..., T, F)."""
+    module = type(layer).__module__
+    if not (module == "gpu_mdf.layers" or module.startswith("keras_hub.")):
+        b.unsupported("a custom layer named PositionEmbedding (only gpu_mdf.layers' and keras_hub's)")
+    start = b.call_kwargs.get("start_index", 0)
+    if not isinstance(start, int) or start != 0:
+        b.unsupported(f"start_index={start!r} (0 only)")
+    shape = b.in_shapes[0]
+    if len(shape) < 3 or shape[-2] is None or shape[-1] is None:
+        b.unsupported(f"input shape {shape} (needs (batch, ..., steps, features), steps and features known)")
+    table = weights(layer)["embeddings"][: int(shape[-2])]
+    dims = b.op("input_shape", "onnx::Shape", data=xs[0])
+    return b.op("positions", "onnx::Expand", input=b.param("embeddings", table), shape=dims)
+
+
 @translator("TimeDistributed")
 def _time_distributed(layer, b, xs):
     """The inner layer on (N*T, ...) (a reshape), then back to (N, T, ...)."""

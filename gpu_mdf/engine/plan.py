@@ -555,6 +555,17 @@ class Planner:
         return a
 
     @staticmethod
+    def _shaped_float_data(ordered, static) -> bool:
+        """Float constant data given a per-batch shape through static inputs only
+        (``Expand(table, Shape(x))``): model data for the device, not shape arithmetic, so
+        computed there from the constant moved once instead of copied up on every batch."""
+        static = static or (False,) * len(ordered)
+        data = [r for r, s in zip(ordered, static) if r is not None and not s]
+        return (bool(data) and all(r.place == CONST for r in data)
+                and any(np.asarray(r.host_value()).dtype.kind == "f" for r in data)
+                and any(r is not None and s and r.place != CONST for r, s in zip(ordered, static)))
+
+    @staticmethod
     def _small(refs) -> bool:
         return all(r.place != CONST or np.size(r.host_value()) <= SMALL for r in refs)
 
@@ -693,7 +704,8 @@ class Planner:
                 raise CompileError(f"{what}: computing it failed: {type(err).__name__}: {err}") from None
             v = tuple(self._cast_folded(x, what) for x in v) if multi else self._cast_folded(v, what)
             return Ref(Val(self._key(nid, name), CONST, v, multi=multi, what=what))
-        if spec.shape_only or (places <= {CONST, HOST} and self._small(refs)):
+        if spec.shape_only or (places <= {CONST, HOST} and self._small(refs)
+                               and not self._shaped_float_data(ordered, static)):
             place = HOST
         else:
             place = DEVICE
