@@ -34,7 +34,7 @@ LOWEST := .venv-lowest
 test-lowest: $(STAMP)
 	scripts/test_lowest.sh $(LOWEST) convert "pytest pytest-timeout onnx onnxruntime modeci-mdf" \
 	  tests/test_engine.py tests/test_ops.py tests/test_convert.py tests/test_interop.py tests/test_gpu_seam.py \
-	  tests/test_data.py tests/test_inputs.py tests/test_io.py tests/test_cli.py tests/test_infer.py
+	  tests/test_data.py tests/test_inputs.py tests/test_io.py tests/test_cli.py tests/test_infer.py tests/test_bsonio.py
 	$(LOWEST)/bin/python -c "import importlib.util as u; assert u.find_spec('tensorflow') is None, 'TensorFlow installed'"
 	scripts/test_lowest.sh $(LOWEST)-train train,mdf,plots "pytest pytest-timeout playwright" \
 	  tests/test_train.py tests/test_pipeline.py tests/test_convert.py tests/test_interop.py tests/test_engine.py

@@ -26,7 +26,6 @@ PROVIDERS = {
     "onnx": ("onnx", "mdf"),
     "onnxruntime": ("ONNX Runtime", "mdf"),
     "cupy": ("CuPy", "gpu"),
-    "bson": ("pymongo's bson", "bson"),
     "dask": ("Dask", "dask"),
     "distributed": ("Dask distributed", "dask"),
     "dask_cuda": ("dask-cuda", "cuda-cluster"),

@@ -623,6 +623,9 @@ def test_bson_form_round_trips_and_modeci_reads_it(tmp_path):
     assert path.suffix == ".bson"
     got = evaluable_graph_outputs(path, prog, {prog.inputs[0].name: x})
     np.testing.assert_allclose(next(iter(got.values())), model.predict(x, verbose=0), atol=1e-5)
+    import bson   # pymongo's, which modeci_mdf reads .bson with: the file is its bytes exactly
+    from test_bsonio import as_python
+    assert path.read_bytes() == bson.encode(as_python(keras_to_mdf(model)))
     k = json.loads(save_mdf(keras_to_mdf(model), tmp_path / "m.json").read_text())
     from gpu_mdf.engine import load_mdf_dict
     b = load_mdf_dict(path)

@@ -300,7 +300,8 @@ def save_mdf(mdf, path: str | Path) -> Path:
         raise GpuMdfError(f"{path}: MDF files end in .json, .yaml, .yml or .bson")
     with atomic_path(path) as tmp:
         if suffix == ".bson":
-            tmp.write_bytes(mdf_bson(mdf))
+            with open(tmp, "wb") as f:
+                write_bson(mdf, f)
         else:
             tmp.write_text(mdf_text(mdf, "json" if suffix == ".json" else "yaml"))
     return path
@@ -309,21 +310,19 @@ def save_mdf(mdf, path: str | Path) -> Path:
 def mdf_bson(mdf) -> bytes:
     """The MDF document as BSON, modelspec's binary form (``modeci_mdf`` loads ``.bson``
     files with ``load_mdf``): the same document, weights as arrays of doubles (float32
-    values, exact). Written and read several times faster than the text forms."""
-    from ..extras import require
-    bson = require("bson", "writing .bson MDF files")
+    values, exact); byte for byte what pymongo writes, laid out by NumPy."""
+    import io
+    f = io.BytesIO()
+    write_bson(mdf, f)
+    return f.getvalue()
 
-    def walk(v):
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, np.ndarray):
-            return v.astype(np.float64).tolist() if v.dtype.kind == "f" else v.tolist()
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, (list, tuple)):
-            return [walk(x) for x in v]
-        return v
-    return bson.encode(walk(mdf if isinstance(mdf, dict) else mdf.to_dict()))
+
+def write_bson(mdf, f) -> None:
+    from ..bsonio import BSONError, write
+    try:
+        write(mdf if isinstance(mdf, dict) else mdf.to_dict(), f)
+    except BSONError as e:
+        raise GpuMdfError(f"cannot write the model as BSON: {e}") from None
 
 
 _ARRAY_MIN = 9  # arrays at least this long are written compactly

@@ -71,15 +71,14 @@ def load_mdf_dict(source) -> dict:
 
 def _load_bson(path: Path) -> dict:
     """modelspec's BSON form of MDF (what ``modeci_mdf``'s ``Model.to_bson_file`` writes):
-    weights as arrays of doubles, read much faster than text."""
-    from ..extras import require
-    bson = require("bson", "reading .bson MDF files")
+    arrays of doubles come back as float64 arrays, decoded by NumPy (:mod:`gpu_mdf.bsonio`)."""
+    from ..bsonio import BSONError, decode
     try:
-        return bson.decode(path.read_bytes())
+        return decode(path.read_bytes())
     except OSError as e:
         raise ModelFileError(f"{path}: not readable ({e.strerror})") from None
-    except Exception as e:      # bson.errors.InvalidBSON and friends
-        raise ModelFileError(f"{path}: not a readable BSON MDF file ({type(e).__name__}: {e})") from None
+    except BSONError as e:
+        raise ModelFileError(f"{path}: not a readable BSON MDF file ({e})") from None
 
 
 def _load_text(path: Path):
