@@ -1,6 +1,6 @@
 """Optional dependencies, grouped as pip extras that follow the stations.
 
-``pip install gpu-mdf`` is the inference core (NumPy, click, PyYAML, tqdm, Pillow,
+``pip install gpu-mdf`` is the inference core (NumPy, click, PyYAML, orjson, tqdm, Pillow,
 threadpoolctl): ``infer``, ``info``, ``plot --levels`` aside, the engine and ``bench``
 with its own rows. Everything else is an extra, and a command that needs a missing one
 says which, in one line::

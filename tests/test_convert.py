@@ -623,7 +623,7 @@ def test_bson_form_round_trips_and_modeci_reads_it(tmp_path):
     assert path.suffix == ".bson"
     got = evaluable_graph_outputs(path, prog, {prog.inputs[0].name: x})
     np.testing.assert_allclose(next(iter(got.values())), model.predict(x, verbose=0), atol=1e-5)
-    import bson   # pymongo's, which modeci_mdf reads .bson with: the file is its bytes exactly
+    import bson  # pymongo's, which modeci_mdf reads .bson with: the file is its bytes exactly
     from test_bsonio import as_python
     assert path.read_bytes() == bson.encode(as_python(keras_to_mdf(model)))
     k = json.loads(save_mdf(keras_to_mdf(model), tmp_path / "m.json").read_text())
@@ -735,3 +735,26 @@ def test_vit_example_trains_converts_and_agrees(tmp_path):
     assert m, r.stdout
     assert m.group(1) == m.group(2) and float(m.group(3)) >= 0.999 and float(m.group(1)) > 0.3
     assert (tmp_path / "mnist_vit.mdf.json").is_file() and (tmp_path / "mnist_vit.keras").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_text_forms_keep_every_float32_exactly(fmt, tmp_path):
+    """Shortest decimal text for every float32 kind: tiny and huge (YAML needs 1.0e-07, not
+    1e-07, or PyYAML reads a string), subnormal, signed zero, and NaN/infinity, which
+    orjson would write as null: each reads back bit for bit, in our loader and modeci_mdf's."""
+    from gpu_mdf.engine.program import load_mdf_dict
+    vals = np.array([1e-7, 1e20, -1e-7, 2.5e-5, 1.0, 0.1, -0.0, 3e-45, 1.17549435e-38, 3.4028235e38, 1e-45,
+                     123456.79, 7.0], np.float32)
+    specials = np.array([np.nan, np.inf, -np.inf, 1e-7, 0.5, 1e20, -2.0, 3.0, 4.0], np.float32)
+    doc = {"m": {"format": "ModECI MDF v0.4", "graphs": {"g": {"nodes": {"n": {"parameters": {
+        "w": {"value": vals.reshape(13, 1)}, "s": {"value": specials}}}}, "edges": {}}}}}
+    path = save_mdf(doc, tmp_path / f"w.{fmt}")
+    back = load_mdf_dict(path)["m"]["graphs"]["g"]["nodes"]["n"]["parameters"]
+    np.testing.assert_array_equal(np.asarray(back["w"]["value"], np.float32).view(np.uint32),
+                                  vals.reshape(13, 1).view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(back["s"]["value"], np.float32), specials)
+    from modeci_mdf.utils import load_mdf
+    p = load_mdf(str(path)).graphs[0].nodes[0].parameters
+    got = {q.id: np.asarray(q.value, np.float32) for q in p}
+    np.testing.assert_array_equal(got["w"].view(np.uint32), vals.reshape(13, 1).view(np.uint32))
+    np.testing.assert_array_equal(got["s"], specials)

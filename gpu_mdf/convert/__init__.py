@@ -11,6 +11,7 @@ See :mod:`gpu_mdf.convert.keras` for the per-layer translators.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +344,7 @@ def mdf_text(mdf, fmt: str = "json") -> str:
         if isinstance(v, (list, tuple, np.ndarray)):
             a = np.asarray(v) if not isinstance(v, np.ndarray) else v
             if a.dtype.kind in "fiu" and a.size >= _ARRAY_MIN:
-                arrays.append(_array_text(a))
+                arrays.append(_array_text(a, fmt))
                 return f"@@ARRAY{len(arrays) - 1}@@"
             return [walk(x) for x in v] if not isinstance(v, np.ndarray) else walk(v.tolist())
         return v
@@ -357,17 +358,38 @@ def mdf_text(mdf, fmt: str = "json") -> str:
     return re.sub(r"""["']@@ARRAY(\d+)@@["']""", lambda m: arrays[int(m.group(1))], text)
 
 
-def _array_text(a: np.ndarray) -> str:
-    """Nested flow list; float32 values as their shortest exact decimal text."""
+_NONFINITE = {"json": {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"},   # what Python's json reads
+              "yaml": {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}}
+# 1e-07, 1e20: YAML 1.1 (PyYAML, modeci_mdf's loader) reads a number as a float only with a
+# dot in its mantissa and a sign in its exponent; without them it is a string
+_BARE_EXPONENT = re.compile(r"(?<![\w.])(-?\d+)(\.\d*)?e([-+]?)(\d+)")
+
+
+def _yaml_numbers(text: str) -> str:
+    return _BARE_EXPONENT.sub(lambda m: f"{m[1]}{m[2] or '.0'}e{m[3] or '+'}{m[4]}", text)
+
+
+def _array_text(a: np.ndarray, fmt: str = "json") -> str:
+    """Nested flow list; float32 values as their shortest exact decimal text (orjson's
+    Ryu: 10-15x faster than NumPy's Dragon4, the same digits)."""
+    import orjson
     if a.dtype.kind == "f":
-        a = a.astype(np.float32)
-    s = a.astype(str)
+        a = np.ascontiguousarray(a, np.float32)
+        if np.isfinite(a).all():
+            text = orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+            return _yaml_numbers(text) if fmt == "yaml" else text
+    s = a.astype(str)              # ints, and floats holding NaN or infinities (orjson writes null)
+    if a.dtype.kind == "f":
+        s = s.astype(object)
+        for k, v in _NONFINITE[fmt].items():
+            s[s == k] = v
 
     def nest(x) -> str:
         if x.ndim == 1:
             return "[" + ",".join(x.tolist()) + "]"
         return "[" + ",".join(nest(r) for r in x) + "]"
-    return nest(s) if s.ndim else str(s)
+    text = nest(s)
+    return _yaml_numbers(text) if fmt == "yaml" and a.dtype.kind == "f" else text
 
 
 @dataclass

@@ -81,6 +81,17 @@ def _load_bson(path: Path) -> dict:
         raise ModelFileError(f"{path}: not a readable BSON MDF file ({e})") from None
 
 
+def _parse_json(text: str):
+    """orjson (4x faster on weight lists) where it takes the text; Python's json for what
+    only it reads (NaN and Infinity, which Python writes for non-finite numbers; integers
+    beyond 64 bits; nesting deeper than orjson's limit)."""
+    import orjson
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _load_text(path: Path):
     try:
         text = path.read_text()
@@ -89,7 +100,7 @@ def _load_text(path: Path):
             loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
             d = yaml.load(text, Loader=loader)
         else:
-            d = json.loads(text)
+            d = _parse_json(text)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ModelFileError(f"{path}: not a readable MDF file ({type(e).__name__}: {e})") from None
     except Exception as e:  # yaml errors
