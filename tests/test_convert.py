@@ -711,6 +711,21 @@ def test_position_embedding_semantics_and_refusals(tmp_path):
     model = randomise(keras.Model(i, layers.Add()([i, PositionEmbedding(5)(i)])))
     roundtrip(model, tmp_path, R.standard_normal((2, 3, 4)).astype("float32"))
 
+    from gpu_mdf.layers import PositionEmbedding as Ours
+
+    class HubStyle(Ours):     # keras_hub's class as the converter sees it: its module, its start_index
+        __module__ = "keras_hub.src.layers.modeling.position_embedding"
+
+        def call(self, inputs, start_index=0):
+            shape = keras.ops.shape(inputs)
+            table = keras.ops.slice(self.position_embeddings, (start_index, 0), (shape[-2], shape[-1]))
+            return keras.ops.broadcast_to(table, shape)
+    HubStyle.__name__ = "PositionEmbedding"
+    hub = randomise(keras.Model(i, layers.Add()([i, HubStyle(5)(i)])))
+    roundtrip(hub, tmp_path, R.standard_normal((2, 3, 4)).astype("float32"))
+    with pytest.raises(UnsupportedLayerError, match="start_index=2"):
+        keras_to_mdf(keras.Model(i, HubStyle(5)(i, start_index=2)))
+
     class PositionEmbedding(layers.Layer):   # noqa: F811 - a user's layer of the same name
         def call(self, x):
             return x
