@@ -61,7 +61,7 @@ def main() -> int:
     cols = ["model", "params", "keras load s"]
     for f in args.formats:
         cols += [f"{f} MB", f"{f} convert s (x keras)", f"{f} load+compile s (x keras)"]
-    cols.append("max |diff| / scale")
+    cols.append("max abs diff / scale")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     with tempfile.TemporaryDirectory() as tmp:

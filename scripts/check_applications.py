@@ -35,7 +35,7 @@ def main() -> int:
     keras = _keras("the check")
 
     names = args.only or sorted(n for n in dir(keras.applications) if n[:1].isupper())
-    print("| model | input | params | nodes | convert s | compile s | max |diff| / logit scale | |")
+    print("| model | input | params | nodes | convert s | compile s | max abs diff / logit scale | |")
     print("|---|---|---|---|---|---|---|---|")
     failed = 0
     for name in names:
