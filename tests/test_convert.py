@@ -670,22 +670,18 @@ def test_keras_ops_in_a_functional_model_are_not_mistaken_for_layers(tmp_path):
         keras_to_mdf(keras.Model(i, keras.ops.sin(layers.Dense(2)(i))))
 
 
-def small_vit(dim=16, heads=2, depth=2, patch=7, mlp=32):
-    """A vision transformer for MNIST: 7x7 patches by a strided Conv2D, a learned position
-    embedding (gpu_mdf.layers), pre-norm attention and GELU MLP blocks, mean pooling."""
-    from gpu_mdf.layers import PositionEmbedding
+def small_vit():
+    """examples/mnist_vit.py's vision transformer, smaller, with random weights: 7x7 patches
+    by a strided Conv2D, a learned position embedding (gpu_mdf.layers), pre-norm attention
+    and GELU MLP blocks, mean pooling."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "mnist_vit", Path(__file__).resolve().parents[1] / "examples" / "mnist_vit.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     keras.utils.set_random_seed(0)
-    inp = keras.Input((28, 28, 1), name="pixels")
-    n = (28 // patch) ** 2
-    x = layers.Reshape((n, dim))(layers.Conv2D(dim, patch, strides=patch, name="patches")(inp))
-    x = layers.Add()([x, PositionEmbedding(n, name="position")(x)])
-    for _ in range(depth):
-        h = layers.LayerNormalization(epsilon=1e-6)(x)
-        x = layers.Add()([x, layers.MultiHeadAttention(heads, dim // heads)(h, h)])
-        h = layers.LayerNormalization(epsilon=1e-6)(x)
-        x = x + layers.Dense(dim)(layers.Dense(mlp, activation="gelu")(h))
-    x = layers.GlobalAveragePooling1D()(layers.LayerNormalization(epsilon=1e-6)(x))
-    return randomise(keras.Model(inp, layers.Dense(10)(x)))
+    return randomise(example.build(keras, dim=16, heads=2, depth=2, mlp=32))
 
 
 def test_small_vit_with_position_embedding(tmp_path):
