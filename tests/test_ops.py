@@ -267,14 +267,21 @@ NOT_AN_ORT_CASE = {"onnx::Constant"}   # tested in the interop tests (folded, no
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_kernel_matches_onnxruntime(case):
+def unpack(case):
+    """(op, inputs, ONNX attrs, options, MDF attrs): tensor attributes as nested lists, as
+    an MDF file holds them."""
     op, inputs, attrs = case[:3]
     opts = case[3] if len(case) > 3 else {}
-    n_out = opts.get("n_out", 1)
-    want = run_onnx(op, inputs, attrs, n_out=n_out, opset=opts.get("opset", OPSET))
     mdf_attrs = {k: (onnx.numpy_helper.to_array(v).tolist() if isinstance(v, onnx.TensorProto) else v)
                  for k, v in attrs.items()}
+    return op, inputs, attrs, opts, mdf_attrs
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_onnxruntime(case):
+    op, inputs, attrs, opts, mdf_attrs = unpack(case)
+    n_out = opts.get("n_out", 1)
+    want = run_onnx(op, inputs, attrs, n_out=n_out, opset=opts.get("opset", OPSET))
     got, prog = ours(op, inputs, mdf_attrs, n_out=n_out, port_first=not opts.get("all_params"))
     for g, w in zip(got, want):
         assert g.shape == w.shape, (g.shape, w.shape)
@@ -289,11 +296,8 @@ def test_kernel_on_the_strict_cupy_standin(case, strict_gpu):
     """The same op on the CuPy stand-in: same numbers, and per batch exactly one input
     copy to the device and one result copy back (a static input never comes back)."""
     import fake_cupy
-    op, inputs, attrs = case[:3]
-    opts = case[3] if len(case) > 3 else {}
+    op, inputs, _, opts, mdf_attrs = unpack(case)
     n_out = opts.get("n_out", 1)
-    mdf_attrs = {k: (onnx.numpy_helper.to_array(v).tolist() if isinstance(v, onnx.TensorProto) else v)
-                 for k, v in attrs.items()}
     port_first = not opts.get("all_params")
     want, _ = ours(op, inputs, mdf_attrs, n_out=n_out, port_first=port_first)
     got, prog = ours(op, inputs, mdf_attrs, n_out=n_out, backend=strict_gpu, port_first=port_first)
@@ -397,11 +401,8 @@ def test_mdf_standard_functions_match_modeci(name):
 def test_onnx_export_of_the_compiled_graph(case):
     """gpu_mdf.engine.onnx_export (the benchmark's ONNX Runtime baseline) reproduces every op."""
     from gpu_mdf.engine.onnx_export import to_onnx
-    op, inputs, attrs = case[:3]
-    opts = case[3] if len(case) > 3 else {}
+    op, inputs, _, opts, mdf_attrs = unpack(case)
     n_out = opts.get("n_out", 1)
-    mdf_attrs = {k: (onnx.numpy_helper.to_array(v).tolist() if isinstance(v, onnx.TensorProto) else v)
-                 for k, v in attrs.items()}
     port_first = not opts.get("all_params")
     want, prog = ours(op, inputs, mdf_attrs, n_out=n_out, port_first=port_first)
     model = to_onnx(prog)

@@ -32,20 +32,20 @@ ACTIVATIONS: dict[str, Callable] = {}
 REFUSED_LAYERS = {"Masking": "masking (the masked steps would be computed like any other)"}
 
 
-def translator(*class_names: str):
-    def deco(fn):
-        for name in class_names:
-            TRANSLATORS[name] = fn
-        return fn
-    return deco
+def _registrar(table: dict):
+    """A decorator factory: ``@reg("A", "B")`` files the function under each name in ``table``."""
+    def register(*names: str):
+        def deco(fn):
+            for name in names:
+                table[name] = fn
+            return fn
+        return deco
+    return register
 
 
-def activation(*names: str):
-    def deco(fn):
-        for name in names:
-            ACTIVATIONS[name] = fn
-        return fn
-    return deco
+translator = _registrar(TRANSLATORS)      # @translator("Dense")
+activation = _registrar(ACTIVATIONS)      # @activation("relu")
+op_translator = _registrar(OP_TRANSLATORS)   # @op_translator("Add"): keras.ops calls, below
 
 
 @dataclass
@@ -1178,14 +1178,6 @@ def _multi_head_attention(layer, b, xs):
 # (ops.numpy.Add vs layers.Add), and their arguments mix tensors and constants, so they
 # have translators of their own: ``operands`` are value names, tensors and constants alike.
 # --------------------------------------------------------------------------- #
-def op_translator(*class_names: str):
-    def deco(fn):
-        for name in class_names:
-            OP_TRANSLATORS[name] = fn
-        return fn
-    return deco
-
-
 _BINARY_OPS = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div",
                "Power": "Pow"}
 
