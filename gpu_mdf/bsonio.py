@@ -246,7 +246,7 @@ def _layout(buf, pos: int, end: int) -> _Layout | None:
     if pos + 5 > end:
         return None
     size = _I32.unpack_from(buf, pos)[0]
-    if size < 5 or pos + size > end or size == 5:
+    if size <= 5 or pos + size > end:        # an empty array is a list
         return None
     first = buf[pos + 4]
     if first == DOUBLE:

@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-SIZES = {"ConvNeXtTiny": 32, "DenseNet121": 32, "EfficientNetB0": 32, "EfficientNetV2B0": 32, "InceptionV3": 75,
-         "InceptionResNetV2": 75, "MobileNet": 32, "MobileNetV2": 32, "MobileNetV3Small": 32,
-         "MobileNetV3Large": 32, "NASNetMobile": 32, "ResNet50": 32, "ResNet50V2": 32, "VGG16": 32, "Xception": 71}
+FAMILIES = ["ConvNeXtTiny", "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionV3", "InceptionResNetV2",
+            "MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "NASNetMobile", "ResNet50",
+            "ResNet50V2", "VGG16", "Xception"]
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -46,12 +46,12 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES), metavar="NAME")
+    ap.add_argument("--models", nargs="+", default=FAMILIES, choices=FAMILIES, metavar="NAME")
     ap.add_argument("--formats", nargs="+", default=["bson"], choices=["bson", "json"])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    from test_convert import live_weights
+    from test_convert import application, smallest_input
 
     from gpu_mdf.convert import keras_to_mdf, load_keras_model, save_mdf
     from gpu_mdf.engine import compile
@@ -66,11 +66,8 @@ def main() -> int:
     print("|" + "---|" * len(cols))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            size = SIZES[name]
-            keras.utils.set_random_seed(0)
-            kwargs = {"include_preprocessing": False} if name.startswith(("MobileNetV3", "EfficientNetV2")) else {}
-            model = live_weights(getattr(keras.applications, name)(
-                weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kwargs))
+            size = smallest_input(name)
+            model = application(name)
             src = Path(tmp) / f"{name}.keras"
             model.save(src)
             x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype("float32")

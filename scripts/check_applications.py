@@ -19,15 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-SMALLEST = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}   # 32 for the rest
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", metavar="NAME")
     args = ap.parse_args()
 
-    from test_convert import live_weights
+    from test_convert import application, smallest_input
 
     from gpu_mdf.convert import keras_to_mdf
     from gpu_mdf.engine import compile
@@ -39,12 +36,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     failed = 0
     for name in names:
-        size = SMALLEST.get(name, 32)
-        keras.utils.set_random_seed(0)
-        kwargs = {"include_preprocessing": False} if name.startswith(("MobileNetV3", "EfficientNetV2")) else {}
+        size = smallest_input(name)
         try:
-            model = live_weights(getattr(keras.applications, name)(
-                weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kwargs))
+            model = application(name)
             x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype("float32")
             want = model.predict(x, verbose=0)
             t = time.perf_counter()

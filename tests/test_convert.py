@@ -567,11 +567,10 @@ def test_attention_masks_are_refused():
         keras_to_mdf(keras.Model(i, out))
 
 
-APPLICATIONS = {  # the smallest input each takes; one model per family
-    "ConvNeXtTiny": 32, "DenseNet121": 32, "EfficientNetB0": 32, "EfficientNetV2B0": 32, "InceptionV3": 75,
-    "InceptionResNetV2": 75, "MobileNet": 32, "MobileNetV2": 32, "MobileNetV3Small": 32, "NASNetMobile": 32,
-    "ResNet50": 32, "ResNet50V2": 32, "VGG16": 32, "Xception": 71,
-}
+APPLICATIONS = [  # one model per family
+    "ConvNeXtTiny", "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionV3", "InceptionResNetV2",
+    "MobileNet", "MobileNetV2", "MobileNetV3Small", "NASNetMobile", "ResNet50", "ResNet50V2", "VGG16", "Xception",
+]
 
 
 def live_weights(model, seed=0):
@@ -595,16 +594,27 @@ def live_weights(model, seed=0):
     return model
 
 
+def smallest_input(name: str) -> int:
+    return {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}.get(name, 32)
+
+
+def application(name: str):
+    """keras.applications' ``name`` (weights=None, 10 logits, its smallest input) with live
+    random weights; also used by scripts/check_applications.py and bench_big_models.py."""
+    size = smallest_input(name)
+    keras.utils.set_random_seed(0)
+    kwargs = {"include_preprocessing": False} if name.startswith(("MobileNetV3", "EfficientNetV2")) else {}
+    return live_weights(getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
+                                                          classifier_activation=None, **kwargs))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(APPLICATIONS))
+@pytest.mark.parametrize("name", APPLICATIONS)
 def test_keras_applications_convert_and_match(name):
     """Every application family, with live random weights, logits out: the MDF graph
     (compiled in memory) matches model.predict within 1e-4 of the logits' scale."""
-    size = APPLICATIONS[name]
-    keras.utils.set_random_seed(0)
-    kwargs = {"include_preprocessing": False} if name.startswith(("MobileNetV3", "EfficientNetV2")) else {}
-    model = live_weights(getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
-                                                           classifier_activation=None, **kwargs))
+    size = smallest_input(name)
+    model = application(name)
     x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype("float32")
     got = compile(keras_to_mdf(model), device="cpu").run(x)
     want = model.predict(x, verbose=0)

@@ -308,17 +308,10 @@ def save_mdf(mdf, path: str | Path) -> Path:
     return path
 
 
-def mdf_bson(mdf) -> bytes:
-    """The MDF document as BSON, modelspec's binary form (``modeci_mdf`` loads ``.bson``
-    files with ``load_mdf``): the same document, weights as arrays of doubles (float32
-    values, exact); byte for byte what pymongo writes, laid out by NumPy."""
-    import io
-    f = io.BytesIO()
-    write_bson(mdf, f)
-    return f.getvalue()
-
-
 def write_bson(mdf, f) -> None:
+    """The MDF document as BSON to the binary file ``f``: modelspec's binary form
+    (``modeci_mdf`` loads ``.bson`` with ``load_mdf``), weights as arrays of doubles
+    (float32 values, exact), byte for byte what pymongo writes (:mod:`gpu_mdf.bsonio`)."""
     from ..bsonio import BSONError, write
     try:
         write(mdf if isinstance(mdf, dict) else mdf.to_dict(), f)
