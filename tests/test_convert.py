@@ -724,7 +724,8 @@ def test_position_embedding_semantics_and_refusals(tmp_path):
 
         def call(self, inputs, start_index=0):
             shape = keras.ops.shape(inputs)
-            table = keras.ops.slice(self.position_embeddings, (start_index, 0), (shape[-2], shape[-1]))
+            table = keras.ops.slice(keras.ops.convert_to_tensor(self.position_embeddings), (start_index, 0),
+                                    (shape[-2], shape[-1]))
             return keras.ops.broadcast_to(table, shape)
     HubStyle.__name__ = "PositionEmbedding"
     hub = randomise(keras.Model(i, layers.Add()([i, HubStyle(5)(i)])))
