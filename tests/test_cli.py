@@ -70,11 +70,13 @@ def test_tensorflow_start_up_noise_is_silenced_but_errors_show(tmp_path):
     quiet = subprocess.run(base + ["convert", str(tmp_path / "m.keras"), "--out", str(tmp_path / "o")],
                            capture_output=True, text=True, env=env, timeout=120)
     assert quiet.returncode == 0, quiet.stderr
-    for noise in ("oneDNN", "absl::InitializeLog", "cuda drivers", "cpu_feature_guard", "cuInit"):
+    noises = ("oneDNN", "absl::InitializeLog", "cuda drivers", "cpu_feature_guard", "cuInit")
+    for noise in noises:
         assert noise not in quiet.stderr + quiet.stdout, noise
     loud = subprocess.run(base + ["--verbose", "convert", str(tmp_path / "m.keras"), "--out", str(tmp_path / "p")],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert loud.returncode == 0 and "oneDNN" in loud.stderr
+    # which notices TensorFlow prints depends on the machine (oneDNN's needs certain CPUs)
+    assert loud.returncode == 0 and any(noise in loud.stderr for noise in noises), loud.stderr
     bad = subprocess.run(base + ["convert", str(tmp_path / "nope.keras"), "--out", str(tmp_path / "q")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and "no such model file" in bad.stdout
