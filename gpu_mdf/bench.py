@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_mnist, normalize
-from .engine import compile, load_constants
+from .engine import compile, cpu_threads, load_constants
 from .errors import GpuMdfError
 from .extras import hint, installed
 
@@ -81,7 +81,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     consts = load_constants(constants) if constants else None
     prog_cpu = compile(mdf_path, device="cpu", constants=consts)
     x, what = bench_inputs(prog_cpu, batch)
-    echo(f"  data: {what}; {_openblas_note()}; {len(os.sched_getaffinity(0))} CPU threads")
+    echo(f"  data: {what}; {_openblas_note()}; {cpu_threads()} CPU threads")
     rows: list[dict] = []
     ref = _first(prog_cpu.run(x))
 
@@ -98,7 +98,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
 
     add("gpu-mdf (NumPy, CPU)", timeit(lambda: prog_cpu.run(x), repeats), ref)
     add("gpu-mdf (NumPy, CPU, no NaN check)", timeit(lambda: prog_cpu.run(x, check=False), repeats), ref)
-    from .backend import probe_gpu
+    from .engine.backend import probe_gpu
     probe = probe_gpu()
     if probe.usable:
         pg = compile(mdf_path, device="gpu", constants=consts)

@@ -138,9 +138,9 @@ def plot(mdf_file, out, levels):
     Example:
       gpu-mdf plot runs/mnist_dense/model.mdf.json --level 3 --out pictures/
     """
-    from .engine import load_mdf_dict
+    from .mdf import load_mdf
     from .viz import PictureSkipped, plot_mdf
-    load_mdf_dict(mdf_file)  # clear error for a missing or broken file
+    load_mdf(mdf_file)  # clear error for a missing or broken file
     try:
         for p in plot_mdf(mdf_file, out or Path(mdf_file).parent, levels):
             click.echo(str(p))

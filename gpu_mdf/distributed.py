@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from .engine.backend import cpu_threads
 from .errors import DeviceError, GpuMdfError
 
 _PROGRAMS: dict = {}   # per worker process: (mdf path, sha, device, normalize) -> Program
@@ -75,7 +76,7 @@ class ClusterSession:
         spec = spec.strip()
         m = re.fullmatch(r"local(?::(\d+))?", spec)
         if m:
-            n = int(m.group(1) or os.cpu_count() or 1)
+            n = int(m.group(1) or cpu_threads())
             if n < 1:
                 raise GpuMdfError(f"--cluster {spec}: need at least one worker")
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,

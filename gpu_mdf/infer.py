@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import os
 import platform
 import shutil
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 from . import __version__
 from .data import EMBEDDED_MNIST_SHA256, NORMALIZATIONS, Dataset, check_finite, normalize, open_dataset
 from .distributed import cluster_session
-from .engine import Program, compile, load_constants
+from .engine import BatchResult, Program, compile, cpu_threads, load_constants, run_batch
 from .errors import DataError, GpuMdfError, OutputError
 from .io import atomic_path, file_sha256, write_json
 
@@ -196,7 +195,7 @@ def run_chunks_here(prog: Program, ds: Dataset, todo: list[int], spec: ChunkSpec
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from threadpoolctl import threadpool_limits
-    threads = threads or os.cpu_count() or 1
+    threads = threads or cpu_threads()
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         pending: set = set()
         queue = iter(todo)
@@ -240,7 +239,7 @@ def _run_chunks_streamed(prog: Program, ds: Dataset, todo: list[int], spec: Chun
 
     for out in prog.run_many(feed(), check=False):
         i, lo, hi = fed.popleft()
-        probs, errors = _finite_rows(_first_output(out), lo, ds, spec.on_error)
+        probs, errors = _finite_rows(BatchResult.of(prog, out), lo, ds, spec.on_error)
         on_done(_save_chunk(spec, i, ds, lo, probs, errors))
 
 
@@ -297,7 +296,7 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, spec
     """Outputs for items [lo, hi); with on_error=skip, bad items become NaN rows."""
     if read_error is None:
         try:
-            return _finite_rows(_first_output(_run(prog, x)), lo, ds, spec.on_error)
+            return _finite_rows(_run(prog, x), lo, ds, spec.on_error)
         except DataError:
             if spec.on_error != "skip":
                 raise
@@ -314,25 +313,21 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, spec
     item = tuple(shape[1:]) if shape else (10,)
     probs = np.full((hi - lo,) + item, np.nan, np.float32)
     if good:
-        p, more = _finite_rows(_first_output(_run(prog, np.concatenate(good))), lo, ds, spec.on_error,
-                               [lo + j for j in idx])
+        p, more = _finite_rows(_run(prog, np.concatenate(good)), lo, ds, spec.on_error, [lo + j for j in idx])
         probs[idx] = p
         errors = sorted(errors + more, key=lambda e: e["index"])
     return probs, errors
 
 
-def _finite_rows(probs, lo: int, ds: Dataset, on_error: str, indices=None):
+def _finite_rows(result: BatchResult, lo: int, ds: Dataset, on_error: str, indices=None):
     """Non-finite model outputs (an overflow inside the model) are per-item errors, like NaN input."""
-    probs = np.asarray(probs)
-    flat = probs.reshape(len(probs), -1)
-    bad = ~np.isfinite(flat).all(axis=1)
-    if not bad.any():
+    probs = result.first
+    if result.nonfinite is None:
         return probs, []
+    bad = result.nonfinite
     where = indices or list(range(lo, lo + len(probs)))
-    errors = [{"index": where[j], "item": ds.item_name(where[j]),
-               "error": "the model's output is not finite (NaN or Inf: an overflow inside the model, or an "
-                        "input it cannot take, such as an out-of-range embedding id)"}
-              for j in np.flatnonzero(bad)]
+    errors = [{"index": where[j], "item": ds.item_name(where[j]), "error": BatchResult.NONFINITE_REASON}
+              for j in result.bad_items()]
     if on_error != "skip":
         raise DataError(f"{errors[0]['item']}: {errors[0]['error']}")
     probs = probs.astype(np.float32, copy=True)
@@ -340,16 +335,9 @@ def _finite_rows(probs, lo: int, ds: Dataset, on_error: str, indices=None):
     return probs, errors
 
 
-def _run(prog: Program, x):
-    """One chunk; on a GPU a chunk that runs out of memory is split and retried."""
-    if prog.backend.is_gpu:
-        from .engine.stream import run_split_on_oom
-        return run_split_on_oom(prog, x)
-    return prog.run(x, threads=1)        # chunks already run in parallel, one per core
-
-
-def _first_output(out):
-    return out if not isinstance(out, dict) else next(iter(out.values()))
+def _run(prog: Program, x) -> BatchResult:
+    """One chunk; chunks already run in parallel on the CPU, one per core."""
+    return run_batch(prog, x, threads=1)
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):
@@ -500,7 +488,7 @@ def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, job, nchunks
          "seconds": seconds, "device": prog.backend.device, "backend": prog.backend.name,
          "device_reason": prog.backend.reason,
          "normalize": {"mode": job["normalize"], "applied": "no" if job["normalize"] == "none" else where},
-         "host": {"cpu": _cpu_model(), "threads": os.cpu_count(), "platform": platform.platform()},
+         "host": {"cpu": _cpu_model(), "threads": cpu_threads(), "platform": platform.platform()},
          "versions": _versions(prog)}
     if labels is not None and cm is not None:
         total = int(cm.sum())

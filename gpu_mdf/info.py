@@ -6,7 +6,7 @@ import importlib.metadata as md
 import platform
 
 from . import __version__
-from .backend import probe_gpu
+from .engine.backend import probe_gpu
 
 
 def _version(dist: str) -> str | None:

@@ -67,13 +67,6 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
-def write_npy(path, array: np.ndarray) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    return Path(path)
-
-
 def _jsonable(o):
     if isinstance(o, np.generic):
         return o.item()

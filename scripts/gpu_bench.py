@@ -82,7 +82,7 @@ def bench(entry, n: int, device="gpu", reps=REPS, rounds=(5, 3)) -> dict:
 
 
 def main(argv):
-    from gpu_mdf.backend import probe_gpu
+    from gpu_mdf.engine.backend import probe_gpu
     probe = probe_gpu()
     if not probe.usable:
         print(f"no GPU benchmark: {probe.reason}")

@@ -61,7 +61,7 @@ def strict_gpu(monkeypatch):
     """A Backend on the strict CuPy stand-in (tests/fake_cupy.py): counts syncs and copies."""
     import fake_cupy
 
-    from gpu_mdf.backend import Backend
+    from gpu_mdf.engine.backend import Backend
     fake_cupy.install(monkeypatch)
     yield Backend("cupy", fake_cupy, "gpu:0", "strict CuPy stand-in", 0)
     fake_cupy._pool.set_limit(0)

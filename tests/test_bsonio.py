@@ -1,12 +1,12 @@
-"""gpu_mdf.bsonio: the same bytes as pymongo's bson, float arrays as NumPy, bad data refused."""
+"""gpu_mdf.mdf.bson: the same bytes as pymongo's bson, float arrays as NumPy, bad data refused."""
 
 import math
 
 import numpy as np
 import pytest
 
-from gpu_mdf import bsonio
-from gpu_mdf.bsonio import BSONError
+from gpu_mdf.mdf import bson as bsonio
+from gpu_mdf.mdf.bson import BSONError
 
 bson = pytest.importorskip("bson")    # pymongo's, the reference (modeci_mdf reads .bson with it)
 R = np.random.default_rng(0)

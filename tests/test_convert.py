@@ -775,7 +775,7 @@ def test_text_forms_keep_every_float32_exactly(fmt, tmp_path):
     """Shortest decimal text for every float32 kind: tiny and huge (YAML needs 1.0e-07, not
     1e-07, or PyYAML reads a string), subnormal, signed zero, and NaN/infinity, which
     orjson would write as null: each reads back bit for bit, in our loader and modeci_mdf's."""
-    from gpu_mdf.engine.program import load_mdf_dict
+    from gpu_mdf.engine import load_mdf_dict
     vals = np.array([1e-7, 1e20, -1e-7, 2.5e-5, 1.0, 0.1, -0.0, 3e-45, 1.17549435e-38, 3.4028235e38, 1e-45,
                      123456.79, 7.0], np.float32)
     specials = np.array([np.nan, np.inf, -np.inf, 1e-7, 0.5, 1e20, -2.0, 3.0, 4.0], np.float32)

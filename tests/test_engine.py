@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from gpu_mdf.backend import GpuProbe, select_backend
 from gpu_mdf.engine import compile
+from gpu_mdf.engine.backend import GpuProbe, select_backend
 from gpu_mdf.engine.expr import compile_expr
 from gpu_mdf.errors import CompileError, DataError, DeviceError
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_mdf.backend import probe_gpu, select_backend
 from gpu_mdf.data import open_dataset
+from gpu_mdf.engine.backend import probe_gpu, select_backend
 from gpu_mdf.errors import DeviceError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -115,7 +115,7 @@ def test_gpu_index_selection():
 def test_out_of_memory_chunk_is_split_not_fatal(bundle, images):
     import cupy as cp
 
-    from gpu_mdf.engine.stream import run_split_on_oom
+    from gpu_mdf.engine.run import run_split_on_oom
     entry = bundle["reference.mdf.json"]
     gpu, cpu = gpu_bundle.compiled(entry, "gpu"), gpu_bundle.compiled(entry, "cpu")
     big = np.concatenate([images] * 8)        # 32k images: ~60 MB of intermediates

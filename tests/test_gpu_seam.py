@@ -204,7 +204,7 @@ def test_overlapped_stream_order_and_ragged_chunks(strict_gpu, reference_mdf, im
 
 
 def test_chunk_that_does_not_fit_is_split_and_retried(strict_gpu, reference_mdf, images):
-    from gpu_mdf.engine.stream import run_split_on_oom
+    from gpu_mdf.engine.run import run_split_on_oom
     gpu = compile(reference_mdf, device=strict_gpu)
     fake_cupy._pool.set_limit(1000 * 28 * 28 * 4)       # room for ~1000 float32 images
     with pytest.raises(fake_cupy.OutOfMemoryError):

@@ -11,7 +11,6 @@ See :mod:`gpu_mdf.convert.keras` for the per-layer translators.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GpuMdfError, ModelFileError, UnsupportedLayerError
-from ..io import atomic_path
+from ..mdf import MDF_FORMAT, GraphMeta, mdf_graph, mdf_text, save_mdf, write_bson
 from .keras import OP_TRANSLATORS, REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, safe_id, supported_layers
 
 __all__ = ["keras_to_mdf", "save_mdf", "load_keras_model", "convert_files", "supported_layers",
-           "ConvertResult"]
+           "ConvertResult", "mdf_text", "write_bson", "mdf_graph", "MDF_FORMAT"]
 
 
 def _keras():
@@ -86,9 +85,6 @@ def _is_model(keras, layer) -> bool:
 def _port_shape(t) -> tuple[int, ...]:
     """A Keras tensor's shape as an MDF port shape: the free batch axis written as 1."""
     return tuple(1 if d is None else int(d) for d in t.shape)
-
-
-MDF_FORMAT = "ModECI MDF v0.4"
 
 
 def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = None) -> dict:
@@ -274,115 +270,12 @@ def keras_to_mdf(model, normalize: str | None = None, model_id: str | None = Non
     walk(gm, tensor_src, "")
 
     outputs = [tensor_src[id(t)][1] for t in gm.outputs]
-    graph = {"metadata": {"gpu_mdf": {"inputs": input_names, "outputs": outputs,
-                                      "normalize": normalize or "none", "batch_axis": 0}},
+    meta = GraphMeta(inputs=input_names, outputs=outputs, normalize=normalize, batch_axis=0)
+    graph = {"metadata": {GraphMeta.KEY: meta.to_dict()},
              "nodes": nodes, "edges": edges}
     return {mid: {"format": MDF_FORMAT, "generating_application": f"gpu-mdf {__version__}",
                   "metadata": {"generator": "gpu-mdf", "keras_version": keras.__version__},
                   "graphs": {f"{mid}_graph": graph}}}
-
-
-def mdf_graph(mdf: dict) -> dict:
-    """The (only) graph of an MDF document written by :func:`keras_to_mdf`."""
-    return next(iter(next(iter(mdf.values()))["graphs"].values()))
-
-
-def save_mdf(mdf, path: str | Path) -> Path:
-    """Write MDF as JSON or YAML (by suffix), atomically and compactly.
-
-    ``mdf`` is the document of :func:`keras_to_mdf` (or a modeci_mdf ``Model``, through
-    its ``to_dict()``); weight arrays are written as
-    flow lists of the shortest decimal text that reads back to the same float32
-    (bit for bit), one array per line, instead of one float64 per indented line.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml", ".bson"):
-        raise GpuMdfError(f"{path}: MDF files end in .json, .yaml, .yml or .bson")
-    with atomic_path(path) as tmp:
-        if suffix == ".bson":
-            with open(tmp, "wb") as f:
-                write_bson(mdf, f)
-        else:
-            tmp.write_text(mdf_text(mdf, "json" if suffix == ".json" else "yaml"))
-    return path
-
-
-def write_bson(mdf, f) -> None:
-    """The MDF document as BSON to the binary file ``f``: modelspec's binary form
-    (``modeci_mdf`` loads ``.bson`` with ``load_mdf``), weights as arrays of doubles
-    (float32 values, exact), byte for byte what pymongo writes (:mod:`gpu_mdf.bsonio`)."""
-    from ..bsonio import BSONError, write
-    try:
-        write(mdf if isinstance(mdf, dict) else mdf.to_dict(), f)
-    except BSONError as e:
-        raise GpuMdfError(f"cannot write the model as BSON: {e}") from None
-
-
-_ARRAY_MIN = 9  # arrays at least this long are written compactly
-
-
-def mdf_text(mdf, fmt: str = "json") -> str:
-    """The MDF document as JSON or YAML text with compact, exact weight arrays."""
-    import json
-    import re
-
-    arrays: list[str] = []
-
-    def walk(v):
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, np.generic):
-            return float(str(v)) if v.dtype.kind == "f" else v.item()
-        if isinstance(v, (list, tuple, np.ndarray)):
-            a = np.asarray(v) if not isinstance(v, np.ndarray) else v
-            if a.dtype.kind in "fiu" and a.size >= _ARRAY_MIN:
-                arrays.append(_array_text(a, fmt))
-                return f"@@ARRAY{len(arrays) - 1}@@"
-            return [walk(x) for x in v] if not isinstance(v, np.ndarray) else walk(v.tolist())
-        return v
-
-    doc = walk(mdf if isinstance(mdf, dict) else mdf.to_dict())
-    if fmt == "json":
-        text = json.dumps(doc, indent=2)
-    else:
-        import yaml
-        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
-    return re.sub(r"""["']@@ARRAY(\d+)@@["']""", lambda m: arrays[int(m.group(1))], text)
-
-
-_NONFINITE = {"json": {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"},   # what Python's json reads
-              "yaml": {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}}
-# 1e-07, 1e20: YAML 1.1 (PyYAML, modeci_mdf's loader) reads a number as a float only with a
-# dot in its mantissa and a sign in its exponent; without them it is a string
-_BARE_EXPONENT = re.compile(r"(?<![\w.])(-?\d+)(\.\d*)?e([-+]?)(\d+)")
-
-
-def _yaml_numbers(text: str) -> str:
-    return _BARE_EXPONENT.sub(lambda m: f"{m[1]}{m[2] or '.0'}e{m[3] or '+'}{m[4]}", text)
-
-
-def _array_text(a: np.ndarray, fmt: str = "json") -> str:
-    """Nested flow list; float32 values as their shortest exact decimal text (orjson's
-    Ryu: 10-15x faster than NumPy's Dragon4, the same digits)."""
-    import orjson
-    if a.dtype.kind == "f":
-        a = np.ascontiguousarray(a, np.float32)
-        if np.isfinite(a).all():
-            text = orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-            return _yaml_numbers(text) if fmt == "yaml" else text
-    s = a.astype(str)              # ints, and floats holding NaN or infinities (orjson writes null)
-    if a.dtype.kind == "f":
-        s = s.astype(object)
-        for k, v in _NONFINITE[fmt].items():
-            s[s == k] = v
-
-    def nest(x) -> str:
-        if x.ndim == 1:
-            return "[" + ",".join(x.tolist()) + "]"
-        return "[" + ",".join(nest(r) for r in x) + "]"
-    text = nest(s)
-    return _yaml_numbers(text) if fmt == "yaml" and a.dtype.kind == "f" else text
 
 
 @dataclass

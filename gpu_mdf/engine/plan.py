@@ -1,15 +1,9 @@
 """MDF graph -> execution plan, knowing nothing of CuPy.
 
-The planner reads the MDF dict once and produces a flat list of steps over keyed
-values. Every value has a *place*:
-
-* ``const``: known at compile time (parameters, bound weights, anything computed only
-  from them: transposed kernels, folded shape arithmetic). Folded here, on the host,
-  with NumPy; moved to the device once when the plan is bound.
-* ``host``: computed per batch on the host from array *shapes* (``Shape`` and the
-  arithmetic on its result, as in channel shuffles): small integer arrays that never
-  make a round trip through the device.
-* ``device``: the per-batch tensors.
+The planner reads the MDF dict once and produces a flat list of steps
+(:mod:`~gpu_mdf.engine.steps`) over keyed values, each with its place: a constant
+folded here on the host, a host value computed per batch from shapes, or a device
+tensor.
 
 Kernels declare which inputs are static (shapes, axes, pads...): those are handed
 over as host values. A static input that a graph computes from device data is
@@ -34,76 +28,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import CompileError
+from ..mdf import GraphMeta, items
 from . import ops as ops_mod
 from .expr import FUNCTION_NAMES, compile_expr
 from .ops import OpError, OpSpec, cast_attr, folding
 from .ops.standard import STANDARD_FUNCTIONS
+from .steps import CONST, DEVICE, HOST, EdgeStep, ExprStep, MoveStep, OpStep, Ref, Step, Val
 
-CONST, HOST, DEVICE = "const", "host", "device"
 EVALUABLE_GRAPH_HINT = "run it with modeci_mdf.execution_engine.EvaluableGraph instead"
 SMALL = 4096            # host-side shape arithmetic never reads constants larger than this
 _NODE_FIELDS = {"input_ports", "parameters", "functions", "output_ports", "metadata", "id", "notes"}
-
-
-def items(d) -> list[tuple[str, dict]]:
-    """MDF collections are dicts keyed by id (files) or lists with 'id' (to_dict)."""
-    if d is None:
-        return []
-    if isinstance(d, dict):
-        return [(k, v if v is not None else {}) for k, v in d.items()]
-    return [(v["id"], v) for v in d]
-
-
-# --------------------------------------------------------------------------- #
-# Plan data
-# --------------------------------------------------------------------------- #
-@dataclass(eq=False)
-class Val:
-    """A value of the plan. ``multi``: the value is the tuple of a multi-output op."""
-
-    key: Any
-    place: str
-    const: Any = None
-    multi: int = 0
-    what: str = ""           # where it comes from, for messages
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A use of a value; ``index`` selects one output of a multi-output value."""
-
-    val: Val
-    index: int | None = None
-
-    @property
-    def place(self) -> str:
-        return self.val.place
-
-    def host_value(self):
-        v = self.val.const
-        if self.val.multi:
-            return v[self.index or 0]
-        return v
-
-
-@dataclass
-class Step:
-    """One computation per batch. ``kind``: ``op`` (a kernel), ``expr`` (an MDF
-    expression), ``edge`` (weighted or reduced edges), ``move`` (host -> device)."""
-
-    key: Any
-    place: str                      # HOST or DEVICE
-    kind: str
-    args: list[Ref]
-    what: str
-    spec: OpSpec | None = None
-    attrs: dict = field(default_factory=dict)
-    n_outputs: int = 0              # multi-output ops: how many outputs are read
-    expr: Any = None                # kind == "expr": (text, the names args hold, multi-output names)
-    static: tuple[bool, ...] = ()   # kind == "op": which args the kernel takes as host values
-    weights: list = field(default_factory=list)   # kind == "edge": per-source weight (None, float or array)
-    reduce: str = "add"
-    inplace: bool = False
 
 
 @dataclass
@@ -155,11 +89,10 @@ class Plan:
     inputs: list[InputSpec]
     outputs: list[OutputSpec]
     steps: list[Step]
-    metadata: dict
+    meta: GraphMeta
     normalize: str
     syncs: list[str] = field(default_factory=list)      # places fetching a device value per batch
     uploads: list[str] = field(default_factory=list)    # places copying a host value to the device per batch
-    expr_consts: dict = field(default_factory=dict)      # key -> host value read by expression steps
 
 
 # --------------------------------------------------------------------------- #
@@ -175,7 +108,7 @@ class Planner:
         self.model_id, self.gid, self.g = model_id, gid, g
         self.nodes = dict(items(g.get("nodes")))
         self.edges = items(g.get("edges"))
-        self.meta = (g.get("metadata") or {}).get("gpu_mdf", {})
+        self.meta = GraphMeta.of(g)
         self.dtype = np.dtype(dtype) if dtype is not None else self._auto_dtype()
         self.constants = dict(constants or {})
         self.forced_inputs = list(forced_inputs or [])
@@ -191,7 +124,7 @@ class Planner:
     def _auto_dtype(self) -> np.dtype:
         """float32 for ONNX-op graphs and float32 ports; MDF expressions and standard
         functions compute in float64, as modeci_mdf's EvaluableGraph does."""
-        if self.meta:
+        if self.meta.recorded:
             return np.dtype(np.float32)
         for _, n in self.nodes.items():
             if not isinstance(n, dict):
@@ -314,7 +247,7 @@ class Planner:
 
     def _outputs(self, order, sends) -> list[OutputSpec]:
         all_ports = [(nid, pid) for nid in order for pid, _ in items(self.nodes[nid].get("output_ports"))]
-        named = self.meta.get("outputs")
+        named = self.meta.outputs
         if named:  # the converter records the model's outputs (they may also feed other nodes)
             by_port = {pid: (nid, pid) for nid, pid in all_ports}
             missing = [n for n in named if n not in by_port]
@@ -538,9 +471,8 @@ class Planner:
         key = self._key(nid, name)
         names = tuple(refs)
         arg_refs = [self._move(nid, n, r) if place == DEVICE and r.place == HOST else r for n, r in refs.items()]
-        step = Step(key, place, "expr", arg_refs, what,
-                    expr=(text, names, frozenset(n for n in multi if n in refs)))
-        self.steps.append(step)
+        self.steps.append(ExprStep(key, place, arg_refs, what, text=text, names=names,
+                                   multi=frozenset(n for n in multi if n in refs)))
         return Ref(Val(key, place, what=what))
 
     def _folded(self, v, what):
@@ -573,7 +505,7 @@ class Planner:
         """A per-batch host value needed on the device: one small copy per batch."""
         key = self._key(nid, f"{name}@device")
         what = f"node {nid} {name}"
-        self.steps.append(Step(key, DEVICE, "move", [ref], what))
+        self.steps.append(MoveStep(key, DEVICE, [ref], what))
         self.uploads.append(what)
         return Ref(Val(key, DEVICE, what=what))
 
@@ -717,8 +649,8 @@ class Planner:
                 self.syncs.append(f"{what}: a static input computed on the device")
             args.append(r)
         key = self._key(nid, name)
-        self.steps.append(Step(key, place, "op", args, what, spec=spec, attrs=kwargs, n_outputs=n_out,
-                               static=tuple(static)))
+        self.steps.append(OpStep(key, place, args, what, spec=spec, attrs=kwargs, n_outputs=n_out,
+                                 static=tuple(static)))
         return Ref(Val(key, place, multi=multi, what=what))
 
     def _cast_folded(self, v, what):
@@ -757,8 +689,8 @@ class Planner:
             return Ref(self._const_val(self._folded(total, what), what, nid, pid))
         key = self._key(nid, pid)
         refs = [self._move(nid, pid, r) if r.place == HOST else r for r in refs]
-        self.steps.append(Step(key, DEVICE, "edge", refs, what, weights=weights,
-                               reduce="multiply" if reduce == "multiply" else "add"))
+        self.steps.append(EdgeStep(key, DEVICE, refs, what, weights=weights,
+                                   reduce="multiply" if reduce == "multiply" else "add"))
         return Ref(Val(key, DEVICE, what=what))
 
     def _graph_input(self, nid, pid, p) -> Ref:
@@ -857,10 +789,10 @@ def _plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
     for st in steps:
         if st.place != DEVICE:
             continue
-        if st.kind in ("edge", "move"):
+        if st.owns_result:
             owned.add(st.key)
             continue
-        if st.kind != "op" or st.spec.multi:
+        if not isinstance(st, OpStep) or st.spec.multi:
             continue
         first = st.args[0] if st.args else None
         first_owned = (first is not None and first.index is None and first.val.key in owned
@@ -876,5 +808,4 @@ def plan_graph(model_id, gid, g, dtype=None, constants=None, inputs=None, normal
     return Planner(model_id, gid, g, dtype, constants, inputs, normalize).build()
 
 
-__all__ = ["Plan", "Step", "Val", "Ref", "InputSpec", "OutputSpec", "plan_graph", "items", "CONST", "HOST",
-           "DEVICE", "EVALUABLE_GRAPH_HINT"]
+__all__ = ["Plan", "InputSpec", "OutputSpec", "plan_graph", "EVALUABLE_GRAPH_HINT"]

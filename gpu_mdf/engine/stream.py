@@ -19,15 +19,16 @@ does not fit in device memory is split in half and retried.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..data import check_finite
+from .backend import cpu_threads
+from .preprocess import check_finite
+from .run import is_oom, run_split_on_oom
 
-_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))   # ~8 memcpy threads keep up with PCIe 5
+_COPY_THREADS = max(1, min(8, cpu_threads()))   # ~8 memcpy threads keep up with PCIe 5
 _copy_pool: ThreadPoolExecutor | None = None
 
 
@@ -44,29 +45,6 @@ def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
     bounds = np.linspace(0, n, _COPY_THREADS + 1).astype(int)
     list(_copy_pool.map(lambda i: np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]]),
                         range(_COPY_THREADS)))
-
-
-def _is_oom(e: Exception) -> bool:
-    """CuPy's pool raises OutOfMemoryError; a raw CUDA allocation failure is a
-    CUDARuntimeError naming cudaErrorMemoryAllocation."""
-    name = type(e).__name__
-    return name == "OutOfMemoryError" or (name == "CUDARuntimeError" and "MemoryAllocation" in str(e))
-
-
-def run_split_on_oom(program, x, check: bool = True, min_items: int = 1):
-    """Run one host batch; on device OOM split it in halves and retry (not fatal)."""
-    try:
-        return program.run(x, to_host=True, check=check)
-    except Exception as e:
-        if not _is_oom(e) or len(x) <= min_items:
-            raise
-        program.xp.get_default_memory_pool().free_all_blocks()
-        half = len(x) // 2
-        a = run_split_on_oom(program, x[:half], check, min_items)
-        b = run_split_on_oom(program, x[half:], check, min_items)
-        if isinstance(a, dict):
-            return {k: np.concatenate([a[k], b[k]]) for k in a}
-        return np.concatenate([a, b])
 
 
 class _Pinned:
@@ -153,7 +131,7 @@ def run_overlapped(program, chunks: Iterable, check: bool = True) -> Iterator:
             try:
                 launched = launch(dev, ready, slot)
             except Exception as e:
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 launched = None
             nxt = next(it, None)

@@ -36,7 +36,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..data import check_finite
+from ..engine import BatchResult
+from ..engine.preprocess import nonfinite_items
 from ..errors import DataError, GpuMdfError
 from ..io import atomic_path, safe_join
 from .batcher import Closed, QueueFull
@@ -211,18 +212,7 @@ def create_app(repo: Repository, settings: Settings, metrics: Metrics) -> Starle
     def prepare(v: Version, body: bytes, header_length):
         req = parse_infer_request(body, header_length, v.input_names, list(v.output_names))
         specs = {p.name: p for p in v.program.inputs}
-        feeds = {}
-        for name, x in req.inputs.items():
-            spec = specs[name]
-            target = v.program._target_shape(x, spec)
-            if target is not None:
-                x = x.reshape(target)
-            if np.dtype(spec.dtype).kind in "iub" and x.dtype.kind not in "iub":
-                raise ProtocolError(f"input {name!r} takes integers ({spec.dtype}), got {x.dtype}")
-            if x.dtype.kind == "f":
-                check_finite(x, np, f"input {name!r}")
-            feeds[name] = x
-        return req, feeds
+        return req, {name: v.program.check_input(x, specs[name]) for name, x in req.inputs.items()}
 
     async def infer(name: str, version: str | None, body: bytes, headers: dict) -> Response:
         """One inference request, whole: the body is already read."""
@@ -257,12 +247,9 @@ def create_app(repo: Repository, settings: Settings, metrics: Metrics) -> Starle
                     raise ProtocolError(str(err), 400)
                 s.log(f"batch failed for {v.model}/{v.version}: " + "".join(traceback.format_exception(err)))
                 raise ProtocolError(f"the batch failed: {type(err).__name__}: {err}", 500)
-            for oname, a in out.items():
-                if a.dtype.kind == "f" and not np.isfinite(a).all():
-                    row = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
-                    raise ProtocolError(f"item {row}: the model's output {oname!r} is not finite "
-                                        "(NaN or Inf: an overflow inside the model, or an input it cannot take, "
-                                        "such as an out-of-range embedding id)", 400)
+            bad = nonfinite_items(out)
+            if bad is not None:
+                raise ProtocolError(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}", 400)
             metrics.observe("gpu_mdf_queue_seconds", labels, stats["queue_s"])
             metrics.observe("gpu_mdf_compute_seconds", labels, stats["compute_s"])
             content, header_len = infer_response(v.model, v.version, req, out)

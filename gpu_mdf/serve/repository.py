@@ -282,16 +282,8 @@ def _output_names(prog, cfg: ModelConfig, path) -> dict[str, str]:
 
 def _run(prog, feeds: dict, outputs: dict[str, str]) -> dict[str, np.ndarray]:
     """One batch through the program; outputs by served name (host arrays)."""
+    from ..engine import run_batch
     spec = prog.primary_input
-    if spec is not None and list(feeds) == [spec.name]:
-        x = feeds[spec.name]
-        if prog.backend.is_gpu:
-            from ..engine.stream import run_split_on_oom
-            out = run_split_on_oom(prog, x, check=False)
-        else:
-            out = prog.run(x, check=False)
-    else:
-        out = prog.run(feeds, check=False)
-    if not isinstance(out, dict):
-        out = {prog.outputs[0].name: out}
-    return {s: np.asarray(out[g]) for s, g in outputs.items()}
+    batch = feeds[spec.name] if spec is not None and list(feeds) == [spec.name] else feeds
+    out = run_batch(prog, batch, check=False).outputs
+    return {s: out[g] for s, g in outputs.items()}

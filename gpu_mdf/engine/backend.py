@@ -9,13 +9,20 @@ for a GPU that cannot be used raises :class:`DeviceError`.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
 
-from .errors import DeviceError
+from ..errors import DeviceError
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (its affinity mask, which a container or
+    ``taskset`` narrows; ``os.cpu_count()`` counts the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass

@@ -1,0 +1,168 @@
+"""Compile an MDF graph once: load -> plan -> bind -> :class:`~gpu_mdf.engine.program.Program`.
+
+``compile`` = read the document (:mod:`gpu_mdf.mdf`: plain JSON/YAML/BSON, never
+``eval``) -> :func:`~gpu_mdf.engine.plan.plan_graph` (backend-free: order, folding,
+host-side shape arithmetic, in-place reuse) -> :func:`bind` to an array module:
+constants move to the device once and every step becomes a closure over device arrays.
+The declared input shapes then run once on the CPU, for the output shapes and the bytes
+an item needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompileError
+from ..mdf import NORMALIZATIONS, GraphMeta, load_mdf, select_graph
+from .backend import Backend, select_backend
+from .plan import Plan, plan_graph
+from .program import Program
+from .steps import CONST, DEVICE, HOST, Ref, Step
+
+
+def compile(model, device: str | Backend = "auto", dtype: str | None = None,
+            normalize: str | None = None, graph: str | None = None,
+            inputs: list[str] | None = None, constants: dict | None = None) -> Program:
+    """Compile an MDF model (path, dict or ``modeci_mdf.mdf.Model``) for batch execution.
+
+    * ``constants``: values for unconnected input ports (``{port_id: array}`` or
+      ``{"node.port": array}``), e.g. the weights an exporter writes as ports. They are
+      constants: folded, moved to the device once, never batched. The remaining free
+      ports are the inputs of :meth:`Program.run`.
+    * ``dtype``: ``None`` follows the file (float32 for ONNX-op graphs and float32
+      ports, float64 for MDF expressions and standard functions, as modeci_mdf's
+      EvaluableGraph); ``"float32"``/``"float64"`` force one.
+    * ``normalize`` overrides the pixel normalisation recorded in the graph metadata
+      (``l2`` | ``scale`` | ``none``).
+    * ``inputs`` names parameters to feed as graph inputs instead (modeci_mdf's
+      ``keras_to_mdf`` bakes the batch into one).
+    """
+    backend = device if isinstance(device, Backend) else select_backend(device)
+    model_id, gid, g = select_graph(load_mdf(model), graph)
+    norm = normalize or GraphMeta.of(g).normalize or "none"
+    if norm not in NORMALIZATIONS:
+        raise CompileError(f"unknown normalisation {norm!r}; expected {NORMALIZATIONS}")
+    if dtype is not None and np.dtype(dtype).kind != "f":
+        raise CompileError(f"dtype must be a float type, got {dtype}")
+    plan = plan_graph(model_id, gid, g, dtype=dtype, constants=constants, inputs=inputs, normalize=norm)
+    prog = bind(plan, backend)
+    _probe_shapes(prog)
+    return prog
+
+
+def bind(plan: Plan, backend: Backend) -> Program:
+    """Bind a plan to a backend: constants move to the device once, each step
+    becomes a closure over device arrays (host steps run on NumPy)."""
+    b = Binder(plan, backend)
+    release = _release_points(plan)
+    steps = [(st.key, b.step(st), release.get(i, [])) for i, st in enumerate(plan.steps)]
+    outs = [(o.name, b.output(o.ref)) for o in plan.outputs]
+    defaults = {p.name: b.dev(p.default) for p in plan.inputs if p.default is not None}
+    return Program(plan.model_id, plan.graph_id, backend, plan.dtype, plan.inputs, plan.outputs,
+                   plan.normalize, plan, steps, defaults, outs)
+
+
+def _release_points(plan: Plan) -> dict[int, list]:
+    """Free every intermediate value right after its last reader: step index -> keys."""
+    last: dict = {}
+    for i, st in enumerate(plan.steps):
+        for r in st.args:
+            if r is not None and r.place != CONST:
+                last[r.val.key] = i
+    keep = {o.ref.val.key for o in plan.outputs}
+    produced = {st.key for st in plan.steps} | {("input", p.name) for p in plan.inputs}
+    out: dict[int, list] = {}
+    for key, i in last.items():
+        if key not in keep and key in produced:
+            out.setdefault(i, []).append(key)
+    return out
+
+
+class Binder:
+    """Resolves the arguments of steps on one backend; moves each constant there once."""
+
+    def __init__(self, plan: Plan, backend: Backend):
+        self.plan, self.backend, self.xp = plan, backend, backend.xp
+        self._dev_cache: dict = {}
+
+    def dev(self, v):
+        """A host constant on the device (moved once; cached by identity)."""
+        k = id(v)
+        hit = self._dev_cache.get(k)
+        if hit is None:
+            hit = self._dev_cache[k] = (v, self.xp.asarray(v))
+        return hit[1]
+
+    def getter(self, r: Ref | None, as_: str, xp) -> Callable[[dict], Any]:
+        """How a step reads ``r``: as a device tensor, a host value (static inputs), or an
+        expression operand (Python scalars for 0-d constants: weakly typed and CuPy-safe)."""
+        if r is None:
+            return lambda env: None
+        if r.place == CONST:
+            v = r.host_value()
+            if as_ == "whole" and r.val.multi and r.index is None:
+                c = tuple(x if xp is np else self.dev(x) for x in r.val.const)
+            elif as_ == "expr" and np.ndim(v) == 0:
+                c = np.asarray(v).item()
+            elif as_ == "host" or xp is np:
+                c = v
+            else:
+                c = self.dev(v)
+            return lambda env: c
+        key, i = r.val.key, r.index
+        if r.val.multi and i is None:
+            i = 0 if as_ != "whole" else None
+        get = (lambda env: env[key]) if i is None else (lambda env: env[key][i])
+        if as_ == "host" and r.place == DEVICE and xp is not np:
+            to_host = self.backend.to_host
+            return lambda env: to_host(get(env))        # a planned per-batch sync (Plan.syncs)
+        return get
+
+    def step(self, st: Step):
+        """The closure of one step: host steps run on NumPy, the others on the backend."""
+        return st.bind(self, np if st.place == HOST else self.xp)
+
+    def output(self, r: Ref):
+        if r.place == CONST:
+            v = r.host_value()
+            d = self.dev(np.asarray(v))
+            return lambda env: d
+        return self.getter(r, "device", np if r.place == HOST else self.xp)
+
+
+def _probe_shapes(prog: Program):
+    """Run the declared input shapes once on the CPU: output shapes, bytes per item."""
+    if any(p.shape is None and p.default is None for p in prog.inputs):
+        return
+    probe = bind(prog.plan, select_backend("cpu"))
+    feeds = {}
+    batch = 1
+    for p in prog.inputs:
+        if p.default is not None and (p.shape is None or -1 not in p.shape):
+            continue
+        shape = tuple(1 if s == -1 else s for s in p.shape)
+        feeds[p.name] = np.zeros(shape, p.dtype)
+    batched = [p for p in prog.inputs if p.shape is not None and p.shape and p.shape[0] == -1]
+    if not batched and prog.inputs and prog.inputs[0].shape:
+        batch = max(1, prog.inputs[0].shape[0])
+    sizes: list[int] = []
+    from .ops import folding
+    try:
+        with np.errstate(all="ignore"), folding():      # creation ops stay bounded on the probe too
+            values = probe.execute(feeds, trace=sizes)
+    except CompileError:
+        raise
+    except Exception as e:
+        raise CompileError(f"graph {prog.graph_id} fails on its declared input shapes: "
+                           f"{type(e).__name__}: {e}") from None
+    for o in prog.outputs:
+        v = np.asarray(values[o.name])
+        shape = tuple(v.shape)
+        if batched and shape:
+            shape = (-1,) + shape[1:]
+        o.shape, o.dtype = shape, str(v.dtype)
+    fed = sum(np.asarray(v).nbytes for v in feeds.values())
+    prog.bytes_per_item = int((sum(sizes) + fed) / batch)

@@ -1,0 +1,170 @@
+"""The plan's vocabulary: values, references to them, and the steps a batch runs.
+
+Every value has a *place*:
+
+* ``const``: known at compile time (parameters, bound weights, anything computed only
+  from them). Folded on the host with NumPy; moved to the device once when bound.
+* ``host``: computed per batch on the host from array *shapes* (``Shape`` and the
+  arithmetic on its result): small integer arrays that never visit the device.
+* ``device``: the per-batch tensors.
+
+A step is one computation per batch. Each kind is a small class that knows how to
+become a closure over arrays (:meth:`Step.bind`, given a binder that resolves its
+arguments) and how to become ONNX nodes (:meth:`Step.export`, given the exporter of
+:mod:`gpu_mdf.engine.onnx_export`). The plan knows nothing of CuPy; the binder nothing
+of MDF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .expr import compile_expr
+from .ops import OpSpec
+
+CONST, HOST, DEVICE = "const", "host", "device"
+
+
+@dataclass(eq=False)
+class Val:
+    """A value of the plan. ``multi``: the value is the tuple of a multi-output op."""
+
+    key: Any
+    place: str
+    const: Any = None
+    multi: int = 0
+    what: str = ""           # where it comes from, for messages
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A use of a value; ``index`` selects one output of a multi-output value."""
+
+    val: Val
+    index: int | None = None
+
+    @property
+    def place(self) -> str:
+        return self.val.place
+
+    def host_value(self):
+        v = self.val.const
+        if self.val.multi:
+            return v[self.index or 0]
+        return v
+
+
+@dataclass
+class Step:
+    """One computation per batch, producing the value ``key`` from ``args``."""
+
+    key: Any
+    place: str                      # HOST or DEVICE
+    args: list[Ref]
+    what: str
+
+    # what the in-place planner may do with the result (see plan._plan_inplace)
+    owns_result = False             # the result is always new memory of the program
+
+    def bind(self, b, xp):
+        """A function ``env -> value`` computing this step on ``xp``."""
+        raise NotImplementedError
+
+    def export(self, e) -> None:
+        """Append this step's ONNX nodes to the exporter ``e`` and name its result there."""
+        raise NotImplementedError
+
+
+@dataclass
+class OpStep(Step):
+    """A kernel of the op table."""
+
+    spec: OpSpec = None
+    attrs: dict = field(default_factory=dict)
+    n_outputs: int = 0              # multi-output ops: how many outputs are read
+    static: tuple[bool, ...] = ()   # which args the kernel takes as host values
+    inplace: bool = False           # set by the planner: may overwrite its first argument
+
+    def bind(self, b, xp):
+        kw = dict(self.attrs)
+        if self.inplace:
+            kw["inplace"] = True
+        gets = [b.getter(r, "host" if s else "device", xp)
+                for r, s in zip(self.args, self.static or (False,) * len(self.args))]
+        kernel = self.spec.kernel
+        if len(gets) == 1:
+            g0 = gets[0]
+            return lambda env: kernel(xp, g0(env), **kw)
+        return lambda env: kernel(xp, *[g(env) for g in gets], **kw)
+
+    def export(self, e) -> None:
+        e.op_step(self)
+
+
+@dataclass
+class ExprStep(Step):
+    """An MDF expression (a whitelisted arithmetic text) over named arguments."""
+
+    text: str = ""
+    names: tuple[str, ...] = ()     # the name each arg has in the text
+    multi: frozenset = frozenset()  # names holding a multi-output tuple
+
+    def bind(self, b, xp):
+        getters = {n: b.getter(r, "whole" if n in self.multi else "expr", xp) for n, r in zip(self.names, self.args)}
+        return compile_expr(self.text, frozenset(self.names), xp, getters=getters, multi=self.multi).fn
+
+    def export(self, e) -> None:
+        raise ValueError(f"{self.what}: an MDF expression ({self.text!r}) has no ONNX form")
+
+
+@dataclass
+class EdgeStep(Step):
+    """Several weighted edges into one port, summed (or multiplied)."""
+
+    weights: list = field(default_factory=list)   # per source: None, a float or an array
+    reduce: str = "add"
+    owns_result = True
+
+    def bind(self, b, xp):
+        gets = [b.getter(r, "device", xp) for r in self.args]
+        ws = [None if w is None else (w if isinstance(w, float) else b.dev(w)) for w in self.weights]
+        mult = self.reduce == "multiply"
+
+        def edge(env):
+            v = None
+            for g, w in zip(gets, ws):
+                s = g(env) if w is None else g(env) * w
+                v = s if v is None else (v * s if mult else v + s)
+            return v
+        return edge
+
+    def export(self, e) -> None:
+        acc = None
+        for r, w in zip(self.args, self.weights):
+            v = e.ref(r)
+            if w is not None:
+                v = e.node("Mul", [v, e.const(np.asarray(w, e.dtype))])
+            if acc is not None:
+                v = e.node("Mul" if self.reduce == "multiply" else "Add", [acc, v])
+            acc = v
+        e.names[self.key] = acc
+
+
+@dataclass
+class MoveStep(Step):
+    """A per-batch host value needed on the device: one small copy per batch."""
+
+    owns_result = True
+
+    def bind(self, b, xp):
+        g = b.getter(self.args[0], "host", np)
+        return lambda env: xp.asarray(g(env))
+
+    def export(self, e) -> None:
+        e.names[self.key] = e.node("Identity", [e.ref(self.args[0])])
+
+
+__all__ = ["CONST", "HOST", "DEVICE", "Val", "Ref", "Step", "OpStep", "ExprStep", "EdgeStep", "MoveStep"]
