@@ -104,89 +104,113 @@ def compile_expr(text: str, scope, xp, getters: Mapping[str, Callable[[dict], An
         tree = ast.parse(src, mode="eval")
     except SyntaxError as e:
         raise CompileError(f"refused MDF expression {text!r}: not valid syntax ({e.msg})") from None
-    funcs = _table(xp)
-    deps: set[str] = set()
-    getters = getters or {}
+    builder = _Builder(src, scope, xp, getters or {}, multi)
+    fn = builder.build(tree.body)
+    return Expr(src, fn, frozenset(builder.deps))
 
-    def read(name: str, output: int | None):
-        deps.add(name)
-        g = getters.get(name) or (lambda env: env[name])
-        if name in multi:
+
+class _Builder:
+    """Turns a whitelisted expression tree into a tree of closures ``env -> value``."""
+
+    def __init__(self, src: str, scope, xp, getters, multi):
+        self.src, self.scope, self.getters, self.multi = src, scope, getters, multi
+        self.funcs = _table(xp)
+        self.xp = xp
+        self.deps: set[str] = set()
+
+    def read(self, name: str, output: int | None):
+        self.deps.add(name)
+        g = self.getters.get(name) or (lambda env: env[name])
+        if name in self.multi:
             i = output or 0
             return lambda env: g(env)[i]
         return g
 
-    def func_name(f: ast.AST) -> str | None:
-        if isinstance(f, ast.Name) and f.id not in scope:
+    def func_name(self, f: ast.AST) -> str | None:
+        if isinstance(f, ast.Name) and f.id not in self.scope:
             return f.id
         if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in _MODULES \
-                and f.value.id not in scope:
+                and f.value.id not in self.scope:
             return f.attr
         return None
 
-    def operand(n: ast.AST):
+    def operand(self, n: ast.AST):
         if isinstance(n, (ast.List, ast.Tuple)):
-            _refuse(src, n, "arithmetic on a list literal is not allowed")
-        return build(n)
+            _refuse(self.src, n, "arithmetic on a list literal is not allowed")
+        return self.build(n)
 
-    def build(n: ast.AST) -> Callable[[dict], Any]:
-        if isinstance(n, ast.Constant):
-            if type(n.value) not in (int, float, bool):
-                _refuse(src, n, "only numeric constants are allowed")
-            v = n.value
+    def build(self, n: ast.AST) -> Callable[[dict], Any]:
+        method = getattr(self, "_" + type(n).__name__.lower(), None)
+        if method is None:
+            _refuse(self.src, n, f"{type(n).__name__} is not allowed")
+        return method(n)
+
+    def _constant(self, n: ast.Constant):
+        if type(n.value) not in (int, float, bool):
+            _refuse(self.src, n, "only numeric constants are allowed")
+        v = n.value
+        return lambda env: v
+
+    def _name(self, n: ast.Name):
+        if n.id in self.scope:
+            return self.read(n.id, None)
+        if n.id in _CONSTANTS:
+            v = _CONSTANTS[n.id]
             return lambda env: v
-        if isinstance(n, ast.Name):
-            if n.id in scope:
-                return read(n.id, None)
-            if n.id in _CONSTANTS:
-                v = _CONSTANTS[n.id]
-                return lambda env: v
-            _refuse(src, n, "unknown name")
-        if isinstance(n, ast.Attribute):
-            if isinstance(n.value, ast.Name) and n.value.id in _MODULES and n.attr in _CONSTANTS \
-                    and n.value.id not in scope:
-                v = _CONSTANTS[n.attr]
-                return lambda env: v
-            _refuse(src, n, "attribute access is not allowed")
-        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
-            op, lhs, rhs = _BINOPS[type(n.op)], operand(n.left), operand(n.right)
-            return lambda env: op(lhs(env), rhs(env))
-        if isinstance(n, ast.UnaryOp):
-            inner = operand(n.operand)
-            if isinstance(n.op, ast.USub):
-                return lambda env: -inner(env)
-            if isinstance(n.op, ast.UAdd):
-                return inner
-            if isinstance(n.op, ast.Not):
-                return lambda env: xp.logical_not(inner(env))
-            _refuse(src, n, "operator not allowed")
-        if isinstance(n, ast.Compare):
-            if len(n.ops) != 1 or type(n.ops[0]) not in _CMPOPS:
-                _refuse(src, n, "only single comparisons are allowed")
-            op, lhs, rhs = _CMPOPS[type(n.ops[0])], operand(n.left), operand(n.comparators[0])
-            return lambda env: op(lhs(env), rhs(env))
-        if isinstance(n, ast.Call):
-            name = func_name(n.func)
-            if name is None or name not in funcs:
-                _refuse(src, n, f"only calls to {sorted(funcs)} are allowed")
-            if n.keywords:
-                _refuse(src, n, "keyword arguments are not allowed")
-            f = funcs[name]
-            args = [build(a) for a in n.args]
-            return lambda env: f(*(a(env) for a in args))
-        if isinstance(n, (ast.List, ast.Tuple)):
-            items = [build(e) for e in n.elts]
-            return lambda env: [i(env) for i in items]
-        if isinstance(n, ast.Subscript):
-            index = _const_index(src, n.slice)
-            if isinstance(n.value, ast.Name) and n.value.id in multi and isinstance(index, int):
-                return read(n.value.id, index)       # output `index` of a multi-output op
-            base = build(n.value)
-            return lambda env: base(env)[index]
-        _refuse(src, n, f"{type(n).__name__} is not allowed")
+        _refuse(self.src, n, "unknown name")
 
-    fn = build(tree.body)
-    return Expr(src, fn, frozenset(deps))
+    def _attribute(self, n: ast.Attribute):
+        if isinstance(n.value, ast.Name) and n.value.id in _MODULES and n.attr in _CONSTANTS \
+                and n.value.id not in self.scope:
+            v = _CONSTANTS[n.attr]
+            return lambda env: v
+        _refuse(self.src, n, "attribute access is not allowed")
+
+    def _binop(self, n: ast.BinOp):
+        if type(n.op) not in _BINOPS:
+            _refuse(self.src, n, f"{type(n).__name__} is not allowed")
+        op, lhs, rhs = _BINOPS[type(n.op)], self.operand(n.left), self.operand(n.right)
+        return lambda env: op(lhs(env), rhs(env))
+
+    def _unaryop(self, n: ast.UnaryOp):
+        inner = self.operand(n.operand)
+        if isinstance(n.op, ast.USub):
+            return lambda env: -inner(env)
+        if isinstance(n.op, ast.UAdd):
+            return inner
+        if isinstance(n.op, ast.Not):
+            logical_not = self.xp.logical_not
+            return lambda env: logical_not(inner(env))
+        _refuse(self.src, n, "operator not allowed")
+
+    def _compare(self, n: ast.Compare):
+        if len(n.ops) != 1 or type(n.ops[0]) not in _CMPOPS:
+            _refuse(self.src, n, "only single comparisons are allowed")
+        op, lhs, rhs = _CMPOPS[type(n.ops[0])], self.operand(n.left), self.operand(n.comparators[0])
+        return lambda env: op(lhs(env), rhs(env))
+
+    def _call(self, n: ast.Call):
+        name = self.func_name(n.func)
+        if name is None or name not in self.funcs:
+            _refuse(self.src, n, f"only calls to {sorted(self.funcs)} are allowed")
+        if n.keywords:
+            _refuse(self.src, n, "keyword arguments are not allowed")
+        f = self.funcs[name]
+        args = [self.build(a) for a in n.args]
+        return lambda env: f(*(a(env) for a in args))
+
+    def _sequence(self, n: ast.List | ast.Tuple):
+        elements = [self.build(e) for e in n.elts]
+        return lambda env: [e(env) for e in elements]
+
+    _list = _tuple = _sequence
+
+    def _subscript(self, n: ast.Subscript):
+        index = _const_index(self.src, n.slice)
+        if isinstance(n.value, ast.Name) and n.value.id in self.multi and isinstance(index, int):
+            return self.read(n.value.id, index)       # output `index` of a multi-output op
+        base = self.build(n.value)
+        return lambda env: base(env)[index]
 
 
 def _const_index(src: str, n: ast.AST):

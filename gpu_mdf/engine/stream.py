@@ -65,87 +65,96 @@ class _Pinned:
 
 def run_overlapped(program, chunks: Iterable, check: bool = True) -> Iterator:
     """Yield host results for each chunk, pipelining copies and compute on a GPU."""
-    import cupy as cp
-    import cupyx
-
     if len(program.inputs) != 1:  # several inputs: the plain path
         for c in chunks:
             yield run_split_on_oom(program, c, check)
         return
-    spec = program.inputs[0]
     with program.backend.use():
-        copy_stream = cp.cuda.Stream(non_blocking=True)
-        compute_stream = cp.cuda.Stream(non_blocking=True)
-        out_stream = cp.cuda.Stream(non_blocking=True)
-        pin_in, pin_out = _Pinned(cupyx), {}
-        counter = 0
+        yield from _Pipeline(program, check).run(chunks)
 
-        def stage(host):
-            """Host chunk -> pinned -> device, on the copy stream; returns (device array, event)."""
-            nonlocal counter
-            host = np.ascontiguousarray(host)
-            if check and host.dtype.kind == "f":
-                check_finite(host, np, f"input {spec.name}")      # on the host: no device round trip
-            view = pin_in.view(counter % 2, host.shape, host.dtype)
-            parallel_copy(view, host)
-            with copy_stream:
-                dev = cp.empty(host.shape, host.dtype)
-                dev.set(view, stream=copy_stream)
-                ready = copy_stream.record()
-            counter += 1
-            return dev, ready, host
 
-        def launch(dev, ready, slot):
-            """Compute one staged chunk and queue the copy of its results to pinned memory."""
-            compute_stream.wait_event(ready)
-            with compute_stream:
-                outs = program.execute({spec.name: program.prepare(dev, spec, check=False)})
-                computed = compute_stream.record()
-            out_stream.wait_event(computed)
-            hosts = {}
-            with out_stream:
-                for name, v in outs.items():
-                    if isinstance(v, np.ndarray):            # a host-side output (shape arithmetic)
-                        hosts[name] = v
-                        continue
-                    buf = pin_out.setdefault(name, _Pinned(cupyx)).view(slot, v.shape, v.dtype)
-                    hosts[name] = v.get(stream=out_stream, out=buf, blocking=False)
-                copied = out_stream.record()
-            return copied, hosts, outs      # device outputs stay referenced until copied
+class _Pipeline:
+    """The three streams of one overlapped run and the pinned buffers they share."""
 
-        def finish(pending):
-            copied, hosts, _outs = pending
-            copied.synchronize()              # the one wait of a chunk: its result
-            res = {k: np.array(v, copy=True) for k, v in hosts.items()}   # pinned buffers are reused
-            return next(iter(res.values())) if len(res) == 1 else res
+    def __init__(self, program, check: bool):
+        import cupy
+        import cupyx
+        self.cp, self.cupyx, self.program, self.check = cupy, cupyx, program, check
+        self.spec = program.inputs[0]
+        self.copy_stream = cupy.cuda.Stream(non_blocking=True)
+        self.compute_stream = cupy.cuda.Stream(non_blocking=True)
+        self.out_stream = cupy.cuda.Stream(non_blocking=True)
+        self.pin_in, self.pin_out = _Pinned(cupyx), {}
+        self.staged_count = 0
 
+    def stage(self, host):
+        """Host chunk -> pinned -> device, on the copy stream; returns (device array, event, host)."""
+        host = np.ascontiguousarray(host)
+        if self.check and host.dtype.kind == "f":
+            check_finite(host, np, f"input {self.spec.name}")      # on the host: no device round trip
+        view = self.pin_in.view(self.staged_count % 2, host.shape, host.dtype)
+        parallel_copy(view, host)
+        with self.copy_stream:
+            dev = self.cp.empty(host.shape, host.dtype)
+            dev.set(view, stream=self.copy_stream)
+            ready = self.copy_stream.record()
+        self.staged_count += 1
+        return dev, ready, host
+
+    def launch(self, dev, ready, slot):
+        """Compute one staged chunk and queue the copy of its results to pinned memory."""
+        program = self.program
+        self.compute_stream.wait_event(ready)
+        with self.compute_stream:
+            outs = program.execute({self.spec.name: program.prepare(dev, self.spec, check=False)})
+            computed = self.compute_stream.record()
+        self.out_stream.wait_event(computed)
+        hosts = {}
+        with self.out_stream:
+            for name, v in outs.items():
+                if isinstance(v, np.ndarray):            # a host-side output (shape arithmetic)
+                    hosts[name] = v
+                    continue
+                buf = self.pin_out.setdefault(name, _Pinned(self.cupyx)).view(slot, v.shape, v.dtype)
+                hosts[name] = v.get(stream=self.out_stream, out=buf, blocking=False)
+            copied = self.out_stream.record()
+        return copied, hosts, outs      # device outputs stay referenced until copied
+
+    @staticmethod
+    def finish(pending):
+        copied, hosts, _outs = pending
+        copied.synchronize()              # the one wait of a chunk: its result
+        res = {k: np.array(v, copy=True) for k, v in hosts.items()}   # pinned buffers are reused
+        return next(iter(res.values())) if len(res) == 1 else res
+
+    def run(self, chunks: Iterable) -> Iterator:
         it = iter(chunks)
         first = next(it, None)
         if first is None:
             return
-        staged = stage(first)
+        staged = self.stage(first)
         pending = None
         slot = 0
         while staged is not None:
             dev, ready, host = staged
             try:
-                launched = launch(dev, ready, slot)
+                launched = self.launch(dev, ready, slot)
             except Exception as e:
                 if not is_oom(e):
                     raise
                 launched = None
             nxt = next(it, None)
-            staged = stage(nxt) if nxt is not None else None      # copy of i+1 while i computes
+            staged = self.stage(nxt) if nxt is not None else None      # copy of i+1 while i computes
             if pending is not None:
-                yield finish(pending)
+                yield self.finish(pending)
                 pending = None
             if launched is None:                                   # out of memory: split and retry
-                compute_stream.synchronize()
+                self.compute_stream.synchronize()
                 dev = None
-                cp.get_default_memory_pool().free_all_blocks()
-                yield run_split_on_oom(program, host, check)
+                self.cp.get_default_memory_pool().free_all_blocks()
+                yield run_split_on_oom(self.program, host, self.check)
             else:
                 pending = launched
                 slot ^= 1
         if pending is not None:
-            yield finish(pending)
+            yield self.finish(pending)
