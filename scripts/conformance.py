@@ -84,7 +84,14 @@ def node_cases() -> list[Case]:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         found = collect_testcases()
-    return [Case(c.name, "node", c.model, c.data_sets, c.rtol, c.atol) for c in found if c.kind == "node"]
+    return [Case(c.name, "node", c.model, [(_arrays(i), _arrays(o)) for i, o in c.data_sets], c.rtol, c.atol)
+            for c in found if c.kind == "node"]
+
+
+def _arrays(values) -> list:
+    """A data set's values as arrays (a few cases hold TensorProtos)."""
+    from onnx import TensorProto, numpy_helper
+    return [numpy_helper.to_array(v) if isinstance(v, TensorProto) else v for v in values]
 
 
 def model_cases(suite: str) -> list[Case]:

@@ -25,7 +25,7 @@ from .steps import CONST, DEVICE, HOST, Ref, Step
 
 def compile(model, device: str | Backend = "auto", dtype: str | None = None,
             normalize: str | None = None, graph: str | None = None,
-            inputs: list[str] | None = None, constants: dict | None = None) -> Program:
+            inputs: list[str] | None = None, constants: dict | None = None, opset: int | None = None) -> Program:
     """Compile an MDF model (path, dict or ``modeci_mdf.mdf.Model``) for batch execution.
 
     * ``constants``: values for unconnected input ports (``{port_id: array}`` or
@@ -39,6 +39,9 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
       (``l2`` | ``scale`` | ``none``).
     * ``inputs`` names parameters to feed as graph inputs instead (modeci_mdf's
       ``keras_to_mdf`` bakes the batch into one).
+    * ``opset``: the ONNX opset the graph's ``onnx::`` functions were written in, for a
+      file that does not record it (gpu-mdf's converters do; modeci_mdf's ``onnx_to_mdf``
+      does not); default 17.
     """
     backend = device if isinstance(device, Backend) else select_backend(device)
     model_id, gid, g = select_graph(load_mdf(model), graph)
@@ -47,7 +50,8 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
         raise CompileError(f"unknown normalisation {norm!r}; expected {NORMALIZATIONS}")
     if dtype is not None and np.dtype(dtype).kind != "f":
         raise CompileError(f"dtype must be a float type, got {dtype}")
-    plan = plan_graph(model_id, gid, g, dtype=dtype, constants=constants, inputs=inputs, normalize=norm)
+    plan = plan_graph(model_id, gid, g, dtype=dtype, constants=constants, inputs=inputs, normalize=norm,
+                      opset=opset)
     prog = bind(plan, backend)
     _probe_shapes(prog)
     return prog
@@ -58,7 +62,7 @@ def bind(plan: Plan, backend: Backend) -> Program:
     becomes a closure over device arrays (host steps run on NumPy)."""
     b = Binder(plan, backend)
     release = _release_points(plan)
-    steps = [(st.key, b.step(st), release.get(i, [])) for i, st in enumerate(plan.steps)]
+    steps = [(st.key, b.step(st), release.get(i, []), st.what) for i, st in enumerate(plan.steps)]
     outs = [(o.name, b.output(o.ref)) for o in plan.outputs]
     defaults = {p.name: b.dev(p.default) for p in plan.inputs if p.default is not None}
     return Program(plan.model_id, plan.graph_id, backend, plan.dtype, plan.inputs, plan.outputs,
@@ -156,6 +160,8 @@ def _probe_shapes(prog: Program):
     except CompileError:
         raise
     except Exception as e:
+        if prog.plan.syncs:       # shapes, axes or sizes come from the input: zeros say nothing of them
+            return
         raise CompileError(f"graph {prog.graph_id} fails on its declared input shapes: "
                            f"{type(e).__name__}: {e}") from None
     for o in prog.outputs:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
@@ -95,6 +96,12 @@ class Plan:
     uploads: list[str] = field(default_factory=list)    # places copying a host value to the device per batch
 
 
+@dataclass
+class _NodeTexts:
+    strings: list[str]                 # every string in the node
+    plain_ports: Counter               # value text -> how many output ports name it
+
+
 # --------------------------------------------------------------------------- #
 # Planner
 # --------------------------------------------------------------------------- #
@@ -104,11 +111,14 @@ _LIST_OF_NAMES = re.compile(r"^\s*\[.*\]\s*$", re.S)
 
 class Planner:
     def __init__(self, model_id: str, gid: str, g: dict, dtype, constants: dict | None,
-                 forced_inputs: list[str] | None, normalize: str):
+                 forced_inputs: list[str] | None, normalize: str, opset: int | None = None):
         self.model_id, self.gid, self.g = model_id, gid, g
         self.nodes = dict(items(g.get("nodes")))
         self.edges = items(g.get("edges"))
         self.meta = GraphMeta.of(g)
+        self.opset_declared = bool(opset or self.meta.opset)
+        self.opset = int(opset or self.meta.opset or ops_mod.OPSET)
+        self.forced = dtype is not None          # dtype= forces every float value to it
         self.dtype = np.dtype(dtype) if dtype is not None else self._auto_dtype()
         self.constants = dict(constants or {})
         self.forced_inputs = list(forced_inputs or [])
@@ -142,30 +152,41 @@ class Planner:
                     return np.dtype(np.float32)
         return np.dtype(np.float64)
 
+    def _port_dtype(self, typ) -> np.dtype:
+        """A graph input's type: as declared; a float type the program's float type when
+        ``dtype=`` forces one, or when the declaration only says "float"."""
+        d = _declared_dtype(typ)
+        if d is None or (self.forced and d.kind == "f"):
+            return self.dtype
+        return d
+
     def _key(self, nid, name):
         self._n += 1
         return (nid, name, self._n)
 
-    def _const(self, value, what: str, allow_str: bool = False):
-        """A literal from the file as a host value with the program's float type."""
+    def _const(self, value, what: str, allow_str: bool = False, dtype=None, typed: bool = False):
+        """A constant as a host array: ``dtype`` when one is declared; the array's own type
+        when it is ``typed`` (a caller's array, a value computed from typed ones); else a
+        literal of the file, whose floats take the program's float type. Returns (array,
+        the elements it holds)."""
         if isinstance(value, str):
             if allow_str:
-                return value
+                return value, 0
             raise CompileError(f"{what}: {value!r} is not a number")
+        held = _check_literal(value, what) if isinstance(value, (list, tuple)) else None
         try:
-            a = np.asarray(value)
+            a = np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
         except Exception:
-            raise CompileError(f"{what}: not a numeric value") from None
+            raise CompileError(f"{what}: not a numeric value" + (f" of type {dtype}" if dtype else "")) from None
         if a.dtype == object or a.dtype.kind in "USVO":
             raise CompileError(f"{what}: not a numeric value")
-        if a.size > ops_mod.MAX_FOLDED_ELEMENTS:
-            raise CompileError(f"{what}: {a.size:,} values exceed the limit of {ops_mod.MAX_FOLDED_ELEMENTS:,}")
-        if a.dtype.kind == "f":
+        if a.dtype.kind == "f" and (self.forced or (dtype is None and not typed)):
             a = a.astype(self.dtype)
-        return a
+        return a, (a.size if held is None else held)
 
-    def _const_val(self, value, what, nid, name, allow_str=False) -> Val:
-        return Val(self._key(nid, name), CONST, self._const(value, what, allow_str), what=what)
+    def _const_val(self, value, what, nid, name, allow_str=False, dtype=None, typed=False) -> Val:
+        a, held = self._const(value, what, allow_str, dtype, typed)
+        return Val(self._key(nid, name), CONST, a, what=what, basis=held)
 
     # -- graph ----------------------------------------------------------------------- #
     def build(self) -> Plan:
@@ -282,7 +303,7 @@ class Planner:
             elif p.get("function") is not None:
                 defs[pid] = ("call", (p["function"], p.get("args")))
             elif p.get("value") is not None:
-                defs[pid] = ("value", p["value"])
+                defs[pid] = ("value", (p["value"], p.get("metadata") or {}))
             else:
                 raise CompileError(f"node {nid} parameter {pid} has neither value nor function")
         for fid, f in items(n.get("functions")):
@@ -313,15 +334,23 @@ class Planner:
                 missing = {k: sorted(deps[k] - set(scope)) for k in pending}
                 raise CompileError(f"node {nid}: cannot order {sorted(pending)} (circular or missing "
                                    f"names: {missing})")
+        taken: Counter = Counter()        # plain port references to each multi-output value so far
         for oid, o in items(n.get("output_ports")):
             value = o.get("value") if isinstance(o, dict) else o
             if value is None:
                 raise CompileError(f"node {nid} output port {oid} has no value")
-            self.ports[(nid, oid)] = self._resolve_text(nid, f"output port {oid}", value, scope)
+            t = value.strip() if isinstance(value, str) else None
+            ref = scope.get(t) if t is not None else None
+            if ref is not None and ref.val.multi and ref.index is None and texts.plain_ports[t] > 1:
+                self.ports[(nid, oid)] = Ref(ref.val, taken[t])     # the i-th port naming it: output i
+                taken[t] += 1
+            else:
+                self.ports[(nid, oid)] = self._resolve_text(nid, f"output port {oid}", value, scope)
 
     @staticmethod
-    def _texts(n) -> list[str]:
-        """Every string in the node (to find which outputs of a multi-output op are read)."""
+    def _texts(n) -> _NodeTexts:
+        """Every string in the node and how many output ports name each value plainly (to
+        find which outputs of a multi-output op are read)."""
         out = []
 
         def walk(v):
@@ -336,12 +365,14 @@ class Planner:
                 for x in v:
                     walk(x)
         walk({k: v for k, v in n.items() if k != "metadata"})
-        return out
+        plain = Counter(o["value"].strip() for _, o in items(n.get("output_ports"))
+                        if isinstance(o, dict) and isinstance(o.get("value"), str))
+        return _NodeTexts(out, plain)
 
     # dependencies of a definition: the names in scope it reads --------------------------- #
     def _deps(self, nid, name, kind, spec, names) -> set[str]:
         if kind == "value":
-            return self._text_deps(nid, name, spec, names) if isinstance(spec, str) else set()
+            return self._text_deps(nid, name, spec[0], names) if isinstance(spec[0], str) else set()
         if kind == "func_value":
             text, args = spec
             args = args or {}
@@ -410,9 +441,15 @@ class Planner:
     def _define(self, nid, name, kind, spec, scope, texts) -> Ref:
         what = f"node {nid} {name}"
         if kind == "value":
-            if isinstance(spec, str):
-                return self._resolve_text(nid, name, spec, scope, allow_word=True)
-            return Ref(self._const_val(spec, what, nid, name))
+            value, meta = spec
+            if isinstance(value, bytes):      # onnx_to_mdf writes string attributes as bytes
+                value = value.decode(errors="replace")
+            if isinstance(value, str):
+                return self._resolve_text(nid, name, value, scope, allow_word=True)
+            val = self._const_val(value, what, nid, name, dtype=_declared_dtype(meta.get("dtype"), what))
+            if meta.get("shape") is not None and val.const.size == 0:
+                val.const = val.const.reshape([int(d) for d in meta["shape"]])
+            return Ref(val)
         if kind == "func_value":
             text, args = spec
             return self._expression(nid, name, text, scope, args or {})
@@ -459,14 +496,17 @@ class Planner:
         places = {r.place for r in refs.values()}
         if places <= {CONST}:
             env = {n: (r.val.const if r.index is None else r.host_value()) for n, r in refs.items()}
+            basis = sum(r.val.basis for r in refs.values())
             try:
-                with folding(), np.errstate(all="ignore"):
+                with folding(ops_mod.growth_budget(basis)), np.errstate(all="ignore"):
                     v = e.fn(env)
             except (CompileError, OpError) as err:
                 raise CompileError(f"{what}: {err}") from None
             except Exception as err:
                 raise CompileError(f"{what}: computing {text!r} failed: {type(err).__name__}: {err}") from None
-            return Ref(self._const_val(self._folded(v, what), what, nid, name))
+            val = self._const_val(self._folded(v, what, basis), what, nid, name)
+            val.basis = basis
+            return Ref(val)
         place = HOST if places <= {CONST, HOST} and self._small(refs.values()) else DEVICE
         key = self._key(nid, name)
         names = tuple(refs)
@@ -475,15 +515,18 @@ class Planner:
                                    multi=frozenset(n for n in multi if n in refs)))
         return Ref(Val(key, place, what=what))
 
-    def _folded(self, v, what):
+    @staticmethod
+    def _folded(v, what, basis: int):
+        """A value computed at compile time, refused when it grew past its budget."""
         if isinstance(v, (list, tuple)):
             try:
                 v = np.asarray(v)
             except Exception:
                 raise CompileError(f"{what}: a list of unequal parts") from None
         a = np.asarray(v)
-        if a.size > ops_mod.MAX_FOLDED_ELEMENTS:
-            raise CompileError(f"{what}: a constant of {a.size:,} elements exceeds the compile-time limit")
+        if a.size > ops_mod.growth_budget(basis):
+            raise CompileError(f"{what}: a constant of {a.size:,} elements computed from {basis:,} exceeds the "
+                               f"compile-time limit of {ops_mod.growth_budget(basis):,}")
         return a
 
     @staticmethod
@@ -512,7 +555,10 @@ class Planner:
     # op calls --------------------------------------------------------------------------- #
     def _call(self, nid, name, fname, args, scope, texts) -> Ref:
         what = f"node {nid} {name} ({fname})"
-        spec = ops_mod.lookup(fname)
+        try:
+            spec = ops_mod.lookup(fname, self.opset, self.opset_declared)
+        except OpError as err:
+            raise CompileError(f"{what}: {err}") from None
         if spec is None:
             raise CompileError(f"node {nid} {name}: function {fname!r} is not in the batch engine's "
                                f"table ({len(ops_mod.OPS)} ops, see gpu_mdf.engine.ops); {EVALUABLE_GRAPH_HINT}")
@@ -577,13 +623,21 @@ class Planner:
         return self._place_call(nid, name, what, spec, ordered, static, full_attrs, n_out)
 
     @staticmethod
-    def _outputs_read(spec: OpSpec, name: str, texts: list[str], what: str) -> int:
-        """How many outputs of a multi-output op the node reads (``name[i]`` anywhere in it)."""
+    def _outputs_read(spec: OpSpec, name: str, texts: _NodeTexts, what: str) -> int:
+        """How many outputs of a multi-output op the node reads: ``name[i]`` anywhere in it,
+        and N output ports naming ``name`` plainly (onnx_to_mdf's form: the i-th port is
+        output i)."""
         pat = re.compile(r"(?<![\w/:.])" + re.escape(name) + r"\s*\[\s*(\d+)\s*\]")
         hi = 0
-        for t in texts:
+        for t in texts.strings:
             for m in pat.finditer(t):
                 hi = max(hi, int(m.group(1)) + 1)
+        plain = texts.plain_ports.get(name, 0)
+        if plain > 1:
+            if not spec.variadic_outputs and plain > len(spec.outputs):
+                raise CompileError(f"{what}: {plain} output ports name it, but the op has {len(spec.outputs)} "
+                                   f"outputs {list(spec.outputs)}; which port is which is ambiguous")
+            hi = max(hi, plain)
         if not spec.variadic_outputs and hi > len(spec.outputs):
             raise CompileError(f"{what}: output {hi - 1} is read, but the op has outputs {list(spec.outputs)}")
         return max(hi, 1)
@@ -627,15 +681,21 @@ class Planner:
             kwargs["n_outputs"] = n_out
         if places <= {CONST}:
             args = [None if r is None else r.host_value() for r in ordered]
+            basis = sum(r.val.basis for r in refs)
+            budget = ops_mod.growth_budget(basis)
+            estimate = _output_size(spec, args, attrs)
+            if estimate is not None and estimate > budget:
+                raise CompileError(f"{what}: its result ({estimate:,} elements, computed from {basis:,}) exceeds the "
+                                   f"compile-time limit of {budget:,} elements")
             try:
-                with folding(), np.errstate(all="ignore"):
+                with folding(budget), np.errstate(all="ignore"):
                     v = spec.kernel(np, *args, **kwargs)
             except (OpError, CompileError) as err:
                 raise CompileError(f"{what}: {err}") from None
             except Exception as err:
                 raise CompileError(f"{what}: computing it failed: {type(err).__name__}: {err}") from None
-            v = tuple(self._cast_folded(x, what) for x in v) if multi else self._cast_folded(v, what)
-            return Ref(Val(self._key(nid, name), CONST, v, multi=multi, what=what))
+            v = tuple(self._folded(x, what, basis) for x in v) if multi else self._folded(v, what, basis)
+            return Ref(Val(self._key(nid, name), CONST, v, multi=multi, what=what, basis=basis))
         if spec.shape_only or (places <= {CONST, HOST} and self._small(refs)
                                and not self._shaped_float_data(ordered, static)):
             place = HOST
@@ -653,17 +713,14 @@ class Planner:
                                  static=tuple(static)))
         return Ref(Val(key, place, multi=multi, what=what))
 
-    def _cast_folded(self, v, what):
-        a = self._folded(v, what)
-        return a.astype(self.dtype) if a.dtype.kind == "f" and a.dtype != self.dtype else a
-
     # ports -------------------------------------------------------------------------------- #
     def _input_port(self, nid, pid, p, sources) -> Ref:
         what = f"node {nid} input port {pid}"
         if sources is None:
             bound = self._bound(nid, pid)
-            if bound is not None:
-                return Ref(self._const_val(self.constants[bound], f"constant for {what}", nid, pid))
+            if bound is not None:        # the caller's array: its own type, unless the port declares one
+                return Ref(self._const_val(self.constants[bound], f"constant for {what}", nid, pid,
+                                           dtype=_declared_dtype(p.get("type")), typed=True))
             return self._graph_input(nid, pid, p)
         reduce = p.get("reduce") or "overwrite"
         if len(sources) > 1 and reduce not in ("add", "multiply"):
@@ -676,7 +733,7 @@ class Planner:
             refs.append(self.ports[(sender, sport)])
             if isinstance(w, str):
                 raise CompileError(f"edge {eid}: weight {w!r} must be a number or an array")
-            wa = self._const(w, f"edge {eid} weight")
+            wa, _ = self._const(w, f"edge {eid} weight")
             weights.append(None if wa.ndim == 0 and float(wa) == 1.0 else
                            (float(wa) if wa.ndim == 0 else wa.astype(self.dtype)))
         if len(refs) == 1 and weights[0] is None:
@@ -686,7 +743,8 @@ class Planner:
             for r, w in zip(refs, weights):
                 v = r.host_value() if w is None else r.host_value() * w
                 total = v if total is None else (total * v if reduce == "multiply" else total + v)
-            return Ref(self._const_val(self._folded(total, what), what, nid, pid))
+            basis = sum(r.val.basis for r in refs)
+            return Ref(self._const_val(self._folded(total, what, basis), what, nid, pid))
         key = self._key(nid, pid)
         refs = [self._move(nid, pid, r) if r.place == HOST else r for r in refs]
         self.steps.append(EdgeStep(key, DEVICE, refs, what, weights=weights,
@@ -699,8 +757,7 @@ class Planner:
         if shape is not None and batch_axis is None:
             sym = [i for i, s in enumerate(shape) if s is None]
             batch_axis = sym[0] if sym else None
-        typ = str(p.get("type") or "")
-        dtype = _port_dtype(typ, self.dtype)
+        dtype = self._port_dtype(p.get("type"))
         default = None
         if p.get("default_value") is not None:
             dv = p["default_value"]
@@ -709,7 +766,7 @@ class Planner:
                     dv = compile_expr(dv, frozenset(), np).fn({})
                 except CompileError as e:
                     raise CompileError(f"node {nid} input port {pid} default_value: {e}") from None
-            default = self._const(dv, f"node {nid} input port {pid} default_value").astype(dtype)
+            default = self._const(dv, f"node {nid} input port {pid} default_value")[0].astype(dtype)
         elif shape is not None and all(s is not None for s in shape):
             default = np.zeros(shape, dtype)          # as EvaluableGraph: zeros of the declared shape
         spec_shape = None if shape is None else tuple(-1 if (i == batch_axis or s is None) else s
@@ -755,18 +812,53 @@ def _shape(s, what) -> tuple | None:
         raise CompileError(f"{what}: unreadable shape {s!r}") from None
 
 
-_TYPE_NAMES = {"float": None, "float32": np.float32, "double": np.float64, "float64": np.float64,
-               "float16": np.float16, "int64": np.int64, "int32": np.int32, "int": np.int64, "int8": np.int8,
-               "uint8": np.uint8, "bool": np.bool_, "long": np.int64}
+# declared types: numpy names (and torch's, and a few aliases); ONNX's "tensor(float)"
+# spelling means float32. A bare "float" is ambiguous (Python's float is float64, and
+# modeci_mdf writes "float" for any float port): it takes the program's float type.
+_TYPE_NAMES = {"float32": np.float32, "float64": np.float64, "double": np.float64, "float16": np.float16,
+               "half": np.float16, "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+               "int": np.int64, "long": np.int64, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
+               "uint64": np.uint64, "bool": np.bool_}
+_ONNX_TYPE_NAMES = {**_TYPE_NAMES, "float": np.float32}
 
 
-def _port_dtype(typ: str, default: np.dtype) -> np.dtype:
-    """A port's declared type; float types take the program's float type."""
-    t = typ.strip().lower().removeprefix("tensor(").removesuffix(")").removeprefix("torch.")
-    d = _TYPE_NAMES.get(t)
-    if d is None or np.dtype(d).kind == "f":
-        return default
-    return np.dtype(d)
+def _declared_dtype(typ, what: str | None = None) -> np.dtype | None:
+    """The dtype a port type or a parameter's ``metadata.dtype`` names; None when it names
+    none or only "float". With ``what`` (a parameter's dtype), an unknown name is refused."""
+    if typ is None:
+        return None
+    t = str(typ).strip().lower()
+    if t.startswith("tensor(") and t.endswith(")"):
+        d = _ONNX_TYPE_NAMES.get(t[7:-1])
+    else:
+        d = _TYPE_NAMES.get(t.removeprefix("torch.").removeprefix("numpy."))
+    if d is None and what is not None:
+        raise CompileError(f"{what}: type {typ!r} is not one the engine computes in ({', '.join(_TYPE_NAMES)})")
+    return None if d is None else np.dtype(d)
+
+
+# ops whose result broadcasts its inputs' shapes: its size is known before it is computed
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Greater", "Less", "GreaterOrEqual",
+                 "LessOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "Sum", "Mean", "PRelu"}
+
+
+def _output_size(spec: OpSpec, args: list, attrs: dict) -> int | None:
+    """The elements an op's result will have, where that is cheap to know beforehand (ops
+    that may grow a value: broadcasting, products); None otherwise (shape-creating
+    kernels check their sizes themselves)."""
+    op_type = spec.name.split("::")[-1]
+    shapes = [np.shape(a) for a in args if a is not None]
+    try:
+        if op_type in _BROADCASTING:
+            return int(np.prod(np.broadcast_shapes(*shapes), dtype=np.int64))
+        if op_type in ("MatMul", "Gemm") and len(shapes) >= 2 and all(len(s) >= 2 for s in shapes[:2]):
+            a, b = shapes[0], shapes[1]
+            m = a[-1] if attrs.get("transA") else a[-2]
+            n = b[-2] if attrs.get("transB") else b[-1]
+            return int(np.prod(np.broadcast_shapes(a[:-2], b[:-2]), dtype=np.int64)) * int(m) * int(n)
+    except ValueError:
+        return None
+    return None
 
 
 def _plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
@@ -804,8 +896,37 @@ def _plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
             owned.add(st.key)
 
 
-def plan_graph(model_id, gid, g, dtype=None, constants=None, inputs=None, normalize="none") -> Plan:
-    return Planner(model_id, gid, g, dtype, constants, inputs, normalize).build()
+def plan_graph(model_id, gid, g, dtype=None, constants=None, inputs=None, normalize="none", opset=None) -> Plan:
+    return Planner(model_id, gid, g, dtype, constants, inputs, normalize, opset).build()
 
 
 __all__ = ["Plan", "InputSpec", "OutputSpec", "plan_graph", "EVALUABLE_GRAPH_HINT"]
+
+
+def _check_literal(value, what: str) -> int:
+    """The elements a nested list literal holds; refused, before anything is allocated,
+    when it expands to far more (YAML anchors and aliases share one list many times)."""
+    memo: dict[int, int] = {}
+    held = 0
+
+    def expanded(v) -> int:
+        nonlocal held
+        if not isinstance(v, (list, tuple)):
+            return 1
+        if id(v) in memo:
+            return memo[id(v)]
+        if v and not isinstance(v[0], (list, tuple)):
+            held += len(v)
+            n = len(v)
+        else:
+            n = sum(expanded(x) for x in v)
+        memo[id(v)] = n
+        return n
+    try:
+        total = expanded(value)
+    except RecursionError:
+        raise CompileError(f"{what}: a list nested too deeply") from None
+    if total > ops_mod.growth_budget(held):
+        raise CompileError(f"{what}: a literal of {held:,} values written once expands to {total:,} (repeated "
+                           f"lists, such as YAML aliases); refused")
+    return held

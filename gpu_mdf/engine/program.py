@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import DataError
 from .backend import Backend, cpu_threads
+from .ops import OpError
 from .plan import InputSpec, OutputSpec, Plan
 from .preprocess import check_finite, fit_layout, normalize
 
@@ -44,7 +45,7 @@ class Program:
     outputs: list[OutputSpec]
     normalize: str
     plan: Plan = field(repr=False)
-    _steps: list = field(repr=False, default_factory=list)        # (key, fn, release)
+    _steps: list = field(repr=False, default_factory=list)        # (key, fn, release, what)
     _defaults: dict = field(repr=False, default_factory=dict)     # input name -> device array
     _out: list = field(repr=False, default_factory=list)          # (name, getter)
     bytes_per_item: int = 0
@@ -93,11 +94,11 @@ class Program:
                 raise DataError(f"input {spec.name}: expects {want} values, got {x.dtype}")
             d = self.backend.to_device(x).astype(want, copy=False)
         elif np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
-            d = normalize(self.backend.to_device(x), self.normalize, xp, self.dtype)
+            d = normalize(self.backend.to_device(x), self.normalize, xp, want)
         elif np.issubdtype(x.dtype, np.floating):
             if check and on_host:
                 check_finite(x, np, f"input {spec.name}")
-            d = self.backend.to_device(x).astype(self.dtype, copy=False)
+            d = self.backend.to_device(x).astype(want, copy=False)
         else:
             raise DataError(f"input {spec.name}: unsupported dtype {x.dtype}")
         return d
@@ -163,14 +164,17 @@ class Program:
         return self._loop(env, trace)
 
     def _loop(self, env, trace):
-        for key, fn, release in self._steps:
-            env[key] = fn(env)
-            if trace is not None:
-                v = env[key]
-                trace.append(sum(getattr(x, "nbytes", 0) for x in v) if isinstance(v, tuple)
-                             else getattr(v, "nbytes", 0))
-            for k in release:
-                del env[k]
+        try:
+            for key, fn, release, _what in self._steps:
+                env[key] = fn(env)
+                if trace is not None:
+                    v = env[key]
+                    trace.append(sum(getattr(x, "nbytes", 0) for x in v) if isinstance(v, tuple)
+                                 else getattr(v, "nbytes", 0))
+                for k in release:
+                    del env[k]
+        except OpError as e:          # a value the kernel refuses, known only now (a shape fed per batch)
+            raise DataError(f"{_what}: {e}") from None
         return {name: get(env) for name, get in self._out}
 
     def run(self, batch=None, to_host: bool = True, check: bool = True, threads: int | None = None):

@@ -37,6 +37,7 @@ class Val:
     const: Any = None
     multi: int = 0
     what: str = ""           # where it comes from, for messages
+    basis: int = 0           # a constant: the elements of file or caller data it was computed from
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ it evaluates nothing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,23 @@ from .text import load_text, mdf_text, parse_json
 MDF_FORMAT = "ModECI MDF v0.4"
 SUFFIXES = (".json", ".yaml", ".yml", ".bson")
 NORMALIZATIONS = ("l2", "scale", "none")   # how integer pixels are brought to the model's floats
+
+
+def safe_id(name: str) -> str:
+    """``name`` as an MDF id: letters, digits and underscores, not starting with a digit
+    (ids are names in expressions, and modeci_mdf evaluates them as Python names)."""
+    s = re.sub(r"\W", "_", str(name))
+    return s if re.match(r"[A-Za-z_]", s) else f"n_{s}"
+
+
+def unique_id(base: str, taken: set) -> str:
+    """``base``, or ``base_2``, ``base_3``... whichever is not in ``taken`` (which gets it)."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
 
 
 def items(d) -> list[tuple[str, dict]]:
@@ -151,6 +169,7 @@ class GraphMeta:
     outputs: list[str] | None = None      # the output ports, in the source model's order
     normalize: str | None = None          # how integer pixels become the model's floats
     batch_axis: int | None = None
+    opset: int | None = None              # the ONNX opset the graph's onnx:: functions were written in
     recorded: bool = False
     extra: dict = field(default_factory=dict)   # other keys, kept as they are
 
@@ -161,14 +180,16 @@ class GraphMeta:
         d = dict((graph.get("metadata") or {}).get(cls.KEY) or {})
         if not d:
             return cls()
-        known = {k: d.pop(k, None) for k in ("inputs", "outputs", "normalize", "batch_axis")}
+        known = {k: d.pop(k, None) for k in ("inputs", "outputs", "normalize", "batch_axis", "opset")}
         return cls(**known, recorded=True, extra=d)
 
     def to_dict(self) -> dict:
         d = {"inputs": self.inputs, "outputs": self.outputs, "normalize": self.normalize or "none",
              "batch_axis": self.batch_axis}
+        if self.opset is not None:
+            d["opset"] = self.opset
         return {**d, **self.extra}
 
 
 __all__ = ["MDF_FORMAT", "NORMALIZATIONS", "GraphMeta", "items", "load_constants", "load_mdf", "mdf_graph",
-           "mdf_text", "parse_json", "save_mdf", "select_graph", "write_bson"]
+           "mdf_text", "parse_json", "safe_id", "save_mdf", "select_graph", "unique_id", "write_bson"]

@@ -15,10 +15,15 @@ called as ``kernel(xp, *inputs, **attributes)``:
 * A multi-output op (``len(outputs) > 1``) also gets ``n_outputs`` (how many of its
   outputs the graph reads) and returns a tuple of that many values.
 
-The table implements the semantics of ONNX opset :data:`OPSET`; where an older opset
-had an attribute that later became an input (``axes`` of Squeeze and the reductions,
-``split``, ``pads``, Clip's ``min``/``max``, Slice's ``starts``/``ends``...), both
-forms are accepted. Layouts follow ONNX (NCHW for Conv and pooling).
+Opsets: an op written at opset N follows its ONNX schema version at N (the versions are
+in :mod:`~gpu_mdf.engine.ops.versions`). Each kernel declares the versions whose
+semantics it implements (``since``/``until``); an op whose meaning changed (Softmax
+before 13, Resize 10, Dropout's mask before 10, Mod for floats at 28) has a kernel per
+meaning, and a version no kernel implements is refused (:func:`lookup`). Where an
+older opset had an attribute that later became an input (``axes`` of Squeeze and the
+reductions, ``split``, ``pads``, Clip's ``min``/``max``, Slice's ``starts``/``ends``...),
+both forms are accepted. Files that do not say their opset are read at :data:`OPSET`.
+Layouts follow ONNX (NCHW for Conv and pooling).
 
 Adding an op is one decorated function.
 """
@@ -33,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-OPSET = 17   # the opset whose semantics the kernels implement (modeci_mdf's EvaluableGraph uses 15)
+from .versions import MAX_OPSET, SINCE
+
+OPSET = 17   # the opset of files that do not say theirs (modeci_mdf's EvaluableGraph uses 15)
 
 # attribute types (ONNX AttributeProto types)
 INT, INTS, FLOAT, FLOATS, STRING, TENSOR = "INT", "INTS", "FLOAT", "FLOATS", "STRING", "TENSOR"
@@ -66,6 +73,8 @@ class OpSpec:
     alias: bool = False                     # returns a view of input 0 (reshape, transpose...)
     shape_only: bool = False                # reads only its input's shape (Shape, Size): a host result
     check: Callable[[dict], None] | None = None   # validates attribute values at compile time
+    since: int = 1                          # the oldest ONNX schema version whose meaning the kernel has
+    until: int | None = None                # the newest (None: every later one)
 
     @property
     def multi(self) -> bool:
@@ -76,38 +85,71 @@ class OpSpec:
         return self.inputs + self.optional
 
 
-OPS: dict[str, OpSpec] = {}
+OPS: dict[str, OpSpec] = {}                 # name -> the kernel of the newest versions
+VERSIONS: dict[str, list[OpSpec]] = {}      # name -> every kernel, oldest first
 
 
 def op(name: str, inputs: tuple[str, ...] = ("X",), optional: tuple[str, ...] = (), outputs=("Y",),
        static: tuple[str, ...] = (), attrs: dict | None = None, variadic: bool = False,
        variadic_outputs: bool = False, fresh: bool = False, inplace: bool = False, alias: bool = False,
-       shape_only: bool = False, check: Callable | None = None):
+       shape_only: bool = False, check: Callable | None = None, since: int = 1, until: int | None = None):
     """Register ``kernel`` under ``onnx::NAME`` (or a bare MDF standard function name).
 
     ``fresh``: the result never aliases an input. ``alias``: the result is a view of the
     first input. ``inplace``: the kernel takes ``inplace=True`` and may then reuse its
     first input's memory (the compiler only asks when that memory is a temporary of the
-    program that nothing else reads).
+    program that nothing else reads). ``since``/``until``: the ONNX schema versions whose
+    meaning the kernel implements.
     """
     def deco(fn):
-        OPS[name] = OpSpec(name, fn, tuple(inputs), tuple(optional), dict(attrs or {}), tuple(outputs),
-                           frozenset(static), variadic, variadic_outputs, fresh, inplace, alias, shape_only,
-                           check)
+        spec = OpSpec(name, fn, tuple(inputs), tuple(optional), dict(attrs or {}), tuple(outputs),
+                      frozenset(static), variadic, variadic_outputs, fresh, inplace, alias, shape_only,
+                      check, since, until)
+        VERSIONS.setdefault(name, []).append(spec)
+        VERSIONS[name].sort(key=lambda s: s.since)
+        if until is None:
+            OPS[name] = spec
         return fn
     return deco
 
 
-def lookup(function_name: str) -> OpSpec | None:
-    """Find an op by MDF function name: ``onnx::Relu``, ``linear``...
+def lookup(function_name: str, opset: int | None = None, declared: bool = True) -> OpSpec | None:
+    """Find an op by MDF function name: ``onnx::Relu``, ``linear``... (None: no such op).
 
+    With ``opset``, the kernel of the op's schema version at that opset; a version no
+    kernel implements, or an opset newer than the table, is an :class:`OpError`. When the
+    file did not declare its opset (``declared=False``: ``opset`` is the default), an op
+    ONNX added later than it is read at its first version, its only meaning until then.
     Also accepts the spellings that modeci_mdf's own keras importer writes
     (``onnx:Transpose``, ``onnx::Batchnormalization``).
     """
     name = function_name
     if name.startswith("onnx:"):
         name = "onnx::" + name.split(":")[-1]
-    return OPS.get(name) or _FOLDED.get(name.lower())
+    spec = OPS.get(name) or _FOLDED.get(name.lower())
+    if spec is None or opset is None or not spec.name.startswith("onnx::"):
+        return spec
+    if not declared:
+        opset = max(opset, SINCE[spec.name.split("::")[1]][0])
+    return versioned(spec.name, opset)
+
+
+def versioned(name: str, opset: int) -> OpSpec:
+    """The kernel of ``onnx::Op`` as ONNX defines it at ``opset``."""
+    op_type = name.split("::")[1]
+    if not 1 <= opset <= MAX_OPSET:
+        raise OpError(f"opset {opset} is outside the opsets the engine knows (1 to {MAX_OPSET})")
+    versions = SINCE[op_type]
+    version = max((v for v in versions if v <= opset), default=None)
+    if version is None:
+        raise OpError(f"{op_type} does not exist at opset {opset} (ONNX added it at opset {versions[0]})")
+    for spec in VERSIONS[name]:
+        if spec.since <= version and (spec.until is None or version <= spec.until):
+            return spec
+    have = ", ".join(str(v) for v in versions if any(s.since <= v and (s.until is None or v <= s.until)
+                                                      for s in VERSIONS[name]))
+    raise OpError(f"{op_type} at opset {opset} (its version {version}) is not implemented; the engine implements "
+                  f"its versions {have}")
 
 
 _FOLDED: dict[str, OpSpec] = {}
@@ -179,32 +221,45 @@ def norm_axis(axis: int, ndim: int, what: str = "axis") -> int:
     return axis % max(ndim, 1)
 
 
-# Folding guard: constants computed at compile time may not exceed this many elements,
-# so a hostile file cannot make the compiler allocate without bound.
-MAX_FOLDED_ELEMENTS = 1 << 26
-_folding: contextvars.ContextVar[bool] = contextvars.ContextVar("gpu_mdf_folding", default=False)
+# Growth guard. A hostile file must not make the compiler allocate without bound, but
+# the data a file or a caller already holds is not the danger: what is dangerous is a
+# value much larger than what produced it (Expand or Tile of a few numbers to a huge
+# shape, a broadcast outer product, a literal that YAML aliases repeat). A value computed
+# at compile time may hold at most GROWTH times the elements it was computed from, or
+# FLOOR elements, whichever is more; the shape-creating kernels check before allocating.
+GROWTH = 16
+FLOOR = 1 << 22                       # 4M elements: every resize matrix or one-hot table a converter makes
+MAX_FOLDED_ELEMENTS = 1 << 26         # the per-item bound of the compile-time probe run of the graph
+_budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("gpu_mdf_budget", default=None)
+
+
+def growth_budget(basis: int) -> int:
+    """Elements a value computed from ``basis`` held elements may have."""
+    return max(FLOOR, GROWTH * int(basis))
 
 
 @contextlib.contextmanager
-def folding():
-    """Kernels called inside this block build compile-time constants: creation ops
-    refuse outputs larger than :data:`MAX_FOLDED_ELEMENTS` before allocating."""
-    token = _folding.set(True)
+def folding(budget: int = MAX_FOLDED_ELEMENTS):
+    """Kernels called inside this block build compile-time values: shape-creating ops
+    refuse outputs larger than ``budget`` elements before allocating."""
+    token = _budget.set(int(budget))
     try:
         yield
     finally:
-        _folding.reset(token)
+        _budget.reset(token)
 
 
 def check_alloc(shape) -> None:
     """Called by ops that create arrays from static sizes (ConstantOfShape, Expand...)."""
-    if _folding.get():
+    budget = _budget.get()
+    if budget is not None:
         n = 1
         for s in shape:
             n *= max(int(s), 0)
-        if n > MAX_FOLDED_ELEMENTS:
-            raise OpError(f"a constant of shape {tuple(int(s) for s in shape)} ({n:,} elements) exceeds the "
-                          f"compile-time limit of {MAX_FOLDED_ELEMENTS:,} elements")
+        if n > budget:
+            from ...errors import CompileError
+            raise CompileError(f"a value of shape {tuple(int(s) for s in shape)} ({n:,} elements), computed from "
+                               f"far fewer, exceeds the compile-time limit of {budget:,} elements")
 
 
 def device_const(xp, key, make: Callable[[], np.ndarray]):
@@ -230,5 +285,6 @@ from . import elementwise, nn, standard, tensor  # noqa: E402,F401
 
 _FOLDED.update({k.lower(): v for k, v in OPS.items()})
 
-__all__ = ["OPS", "OPSET", "OpSpec", "OpError", "Attr", "op", "lookup", "cast_attr", "folding",
+__all__ = ["OPS", "OPSET", "MAX_OPSET", "VERSIONS", "OpSpec", "OpError", "Attr", "op", "lookup", "versioned",
+           "cast_attr", "folding", "growth_budget", "check_alloc",
            "INT", "INTS", "FLOAT", "FLOATS", "STRING", "TENSOR", "REQUIRED"]

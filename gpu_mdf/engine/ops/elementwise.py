@@ -132,9 +132,18 @@ def is_inf(xp, x, detect_negative, detect_positive):
     return xp.zeros(x.shape, bool)
 
 
-@op("onnx::PRelu", ("X", "slope"), fresh=True)
+@op("onnx::PRelu", ("X", "slope"), fresh=True, since=7)
 def prelu(xp, x, slope):
     return xp.where(x < 0, x * slope, x)
+
+
+@op("onnx::PRelu", ("X", "slope"), fresh=True, until=6)
+def prelu_6(xp, x, slope):
+    """Before opset 7 a slope of one value per channel applies along axis 1 (PyTorch's
+    PReLU, exported that way)."""
+    if slope.ndim == 1 and x.ndim > 2 and slope.shape[0] == x.shape[1] > 1:
+        slope = slope.reshape((-1,) + (1,) * (x.ndim - 2))
+    return prelu(xp, x, slope)
 
 
 # --------------------------------------------------------------------------- #
@@ -176,8 +185,8 @@ def _binary(f):
     def kernel(xp, a, b, inplace=False):
         fn = getattr(xp, f)
         # dtypes and shapes, not arrays: NumPy must never try to convert a device array
-        own = inplace and a.shape == np.broadcast_shapes(a.shape, b.shape) and np.result_type(a.dtype, b.dtype) \
-            == a.dtype
+        own = inplace and isinstance(a, xp.ndarray) and a.shape == np.broadcast_shapes(a.shape, b.shape) \
+            and np.result_type(a.dtype, b.dtype) == a.dtype
         t = _tiled_trailing(xp, a, b) if a.ndim >= b.ndim else None
         if t is not None:
             a2, b2 = t
@@ -187,10 +196,11 @@ def _binary(f):
 
 
 for _name, _fn in {"Add": "add", "Sub": "subtract", "Mul": "multiply"}.items():
-    op(f"onnx::{_name}", ("A", "B"), outputs=("C",), fresh=True, inplace=True)(_binary(_fn))
+    # before opset 7: `broadcast` and `axis` attributes (a different broadcasting)
+    op(f"onnx::{_name}", ("A", "B"), outputs=("C",), fresh=True, inplace=True, since=7)(_binary(_fn))
 
 
-@op("onnx::Div", ("A", "B"), outputs=("C",), fresh=True, inplace=True)
+@op("onnx::Div", ("A", "B"), outputs=("C",), fresh=True, inplace=True, since=7)
 def div(xp, a, b, inplace=False):
     if a.dtype.kind in "iu" and b.dtype.kind in "iu":
         # ONNX integer division truncates toward zero (NumPy's // floors)
@@ -199,24 +209,32 @@ def div(xp, a, b, inplace=False):
     return _binary("divide")(xp, a, b, inplace)
 
 
-@op("onnx::Pow", ("X", "Y"), outputs=("Z",), fresh=True)
+@op("onnx::Pow", ("X", "Y"), outputs=("Z",), fresh=True, since=7)
 def pow_(xp, x, y):
+    """ONNX: the result has the base's type (an integer base with a float exponent too)."""
     if x.dtype.kind == "f" and y.dtype != x.dtype:
-        y = y.astype(x.dtype)         # ONNX: the result has the base's type
-    return xp.power(x, y)
+        y = y.astype(x.dtype)
+    z = xp.power(x, y)
+    return z if z.dtype == x.dtype else z.astype(x.dtype)
 
 
-@op("onnx::Mod", ("A", "B"), outputs=("C",), attrs={"fmod": Attr(INT, 0)}, fresh=True)
-def mod(xp, a, b, fmod):
+@op("onnx::Mod", ("A", "B"), outputs=("C",), attrs={"fmod": Attr(INT, 0)}, fresh=True, since=10, until=27)
+def mod_10(xp, a, b, fmod):
     if not fmod and (a.dtype.kind == "f" or b.dtype.kind == "f"):
-        raise OpError("Mod with fmod=0 is defined for integers only (ONNX); use fmod=1 for floats")
+        raise OpError("Mod with fmod=0 is defined for integers only before opset 28; use fmod=1 for floats")
+    return mod(xp, a, b, fmod)
+
+
+@op("onnx::Mod", ("A", "B"), outputs=("C",), attrs={"fmod": Attr(INT, 0)}, fresh=True, since=28)
+def mod(xp, a, b, fmod):
+    """fmod=1: C's fmod (the sign of A); fmod=0: A - floor(A / B) * B (the sign of B), floats included."""
     return xp.fmod(a, b) if fmod else xp.mod(a, b)
 
 
 for _name, _fn in {"Equal": "equal", "Greater": "greater", "Less": "less", "GreaterOrEqual": "greater_equal",
                    "LessOrEqual": "less_equal", "And": "logical_and", "Or": "logical_or",
                    "Xor": "logical_xor"}.items():
-    op(f"onnx::{_name}", ("A", "B"), outputs=("C",), fresh=True)(
+    op(f"onnx::{_name}", ("A", "B"), outputs=("C",), fresh=True, since=7)(
         (lambda f: lambda xp, a, b: getattr(xp, f)(a, b))(_fn))
 
 
@@ -246,7 +264,7 @@ def where(xp, c, a, b):
 
 
 @op("onnx::Clip", ("input",), optional=("min", "max"), outputs=("output",),
-    static=("min", "max"), attrs={"min": Attr(FLOAT), "max": Attr(FLOAT)}, fresh=True, inplace=True)
+    static=("min", "max"), attrs={"min": Attr(FLOAT), "max": Attr(FLOAT)}, fresh=True, inplace=True, since=6)
 def clip(xp, x, lo_in=None, hi_in=None, min=None, max=None, inplace=False):  # noqa: A002 - ONNX attribute names
     """Opset 11+ takes the bounds as inputs; opset 6 as attributes (either, not both)."""
     if lo_in is not None and min is not None or hi_in is not None and max is not None:
@@ -269,7 +287,7 @@ def _check_cast(a):
         raise OpError(f"Cast to ONNX type {a['to']} (strings, bfloat16, float8 and complex are not supported)")
 
 
-@op("onnx::Cast", ("input",), outputs=("output",), attrs={"to": Attr(INT, 1), "saturate": Attr(INT, 1)},
+@op("onnx::Cast", ("input",), outputs=("output",), attrs={"to": Attr(INT, 1), "saturate": Attr(INT, 1)}, since=6,
     check=_check_cast, alias=True)
 def cast(xp, x, to, saturate):
     # saturate only concerns float8 targets, which are refused

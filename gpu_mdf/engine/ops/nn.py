@@ -24,7 +24,7 @@ def matmul(xp, a, b):
     return xp.matmul(a, b)
 
 
-@op("onnx::Gemm", ("A", "B"), optional=("C",), fresh=True,
+@op("onnx::Gemm", ("A", "B"), optional=("C",), fresh=True, since=7,
     attrs={"alpha": Attr(FLOAT, 1.0), "beta": Attr(FLOAT, 1.0), "transA": Attr(INT, 0), "transB": Attr(INT, 0)})
 def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N803 - ONNX names
     if a.ndim != 2 or b.ndim != 2:
@@ -99,6 +99,7 @@ def _pad_last(xp, xl, before, after, value):
     if not any(before) and not any(after):
         return xl
     shape = (xl.shape[0],) + tuple(n + b + a for n, b, a in zip(xl.shape[1:-1], before, after)) + (xl.shape[-1],)
+    check_alloc(shape)                       # pads are attributes: a file may make them huge
     out = xp.full(shape, value, dtype=xl.dtype)
     out[(slice(None),) + tuple(slice(b, b + n) for b, n in zip(before, xl.shape[1:-1])) + (slice(None),)] = xl
     return out
@@ -265,9 +266,7 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
     full = [s * (n - 1) + op_ + (k - 1) * d + 1 for n, s, op_, k, d in zip(in_sp, strides, opad, kernel, dil)]
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         want = list(output_shape)[-nsp:] if output_shape is not None else [n * s for n, s in zip(in_sp, strides)]
-        total = [fl - o for fl, o in zip(full, want)]
-        if any(t < 0 for t in total):
-            raise OpError(f"ConvTranspose output_shape {want} is larger than the full output {full}")
+        total = [fl - o for fl, o in zip(full, want)]     # negative: the output extends past the full one
         upper = auto_pad == "SAME_UPPER"       # explicit output_shape pads like SAME_LOWER (as ONNX Runtime)
         begin = [t // 2 if upper else t - t // 2 for t in total]
         pads = tuple(begin + [t - bb for t, bb in zip(total, begin)])
@@ -290,7 +289,9 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
             contrib = xp.concatenate([xp.matmul(xl[:, i * cg:(i + 1) * cg], wk[i * cg:(i + 1) * cg])
                                       for i in range(g)], axis=1)
         yl[index] += contrib.reshape((n,) + tuple(in_sp) + (f,))
-    yl = yl[(slice(None),) + tuple(slice(pads[i], full[i] - pads[i + nsp]) for i in range(nsp)) + (slice(None),)]
+    yl = yl[(slice(None),) + tuple(slice(max(pads[i], 0), full[i] - max(pads[i + nsp], 0)) for i in range(nsp))
+            + (slice(None),)]
+    yl = _pad_last(xp, yl, [max(-p, 0) for p in pads[:nsp]], [max(-p, 0) for p in pads[nsp:]], x.dtype.type(0))
     if b is not None:
         yl = yl + b
     return _to_nchw(xp, yl)
@@ -443,7 +444,7 @@ def _check_bn(a):
 
 
 @op("onnx::BatchNormalization", ("X", "scale", "B", "input_mean", "input_var"),
-    outputs=("Y", "running_mean", "running_var"), check=_check_bn, fresh=True,
+    outputs=("Y", "running_mean", "running_var"), check=_check_bn, fresh=True, since=7,
     attrs={"epsilon": Attr(FLOAT, 1e-5), "momentum": Attr(FLOAT, 0.9), "training_mode": Attr(INT, 0),
            "spatial": Attr(INT, 1)})
 def batch_norm(xp, x, scale, b, mean, var, epsilon, momentum, training_mode, spatial, n_outputs=1):
@@ -530,7 +531,8 @@ def _shift(xp, x, axis, inplace):
     return xp.subtract(x, m, out=x if inplace else None), last
 
 
-@op("onnx::Softmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)})
+@op("onnx::Softmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)},
+    since=13)
 def softmax(xp, x, axis, inplace=False):
     e, last = _shift(xp, x, axis, inplace)
     xp.exp(e, out=e)
@@ -538,7 +540,8 @@ def softmax(xp, x, axis, inplace=False):
     return e
 
 
-@op("onnx::LogSoftmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)})
+@op("onnx::LogSoftmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, -1)},
+    since=13)
 def log_softmax(xp, x, axis, inplace=False):
     s, last = _shift(xp, x, axis, inplace)
     e = xp.exp(s)
@@ -546,7 +549,7 @@ def log_softmax(xp, x, axis, inplace=False):
     return s
 
 
-@op("onnx::Hardmax", ("input",), outputs=("output",), fresh=True, attrs={"axis": Attr(INT, -1)})
+@op("onnx::Hardmax", ("input",), outputs=("output",), fresh=True, attrs={"axis": Attr(INT, -1)}, since=13)
 def hardmax(xp, x, axis):
     a = norm_axis(axis, x.ndim)
     idx = xp.expand_dims(xp.argmax(x, axis=a), a)
@@ -555,13 +558,43 @@ def hardmax(xp, x, axis):
     return (ar == idx).astype(x.dtype)
 
 
+def _as_2d(fn):
+    """Softmax, LogSoftmax and Hardmax before opset 13: the input is seen as 2-D, the
+    axes before ``axis`` (default 1) flattened into rows and the rest into columns, and
+    the function applies along the columns."""
+    def kernel(xp, x, axis=1, inplace=False):
+        a = norm_axis(axis, x.ndim) if x.ndim else 0
+        rows = int(np.prod(x.shape[:a], dtype=np.int64))
+        flat = x.reshape(rows, -1)
+        kw = {"inplace": inplace} if inplace else {}
+        return fn(xp, flat, axis=1, **kw).reshape(x.shape)
+    return kernel
+
+
+op("onnx::Softmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, 1)},
+   until=12)(_as_2d(softmax))
+op("onnx::LogSoftmax", ("input",), outputs=("output",), fresh=True, inplace=True, attrs={"axis": Attr(INT, 1)},
+   until=12)(_as_2d(log_softmax))
+op("onnx::Hardmax", ("input",), outputs=("output",), fresh=True, attrs={"axis": Attr(INT, 1)}, until=12)(
+    _as_2d(hardmax))
+
+
 @op("onnx::Dropout", ("data",), optional=("ratio", "training_mode"), outputs=("output", "mask"),
-    static=("ratio", "training_mode"), attrs={"seed": Attr(INT), "ratio": Attr(FLOAT), "is_test": Attr(INT, 1)})
-def dropout(xp, x, ratio_in=None, training=None, seed=None, ratio=None, is_test=1, n_outputs=1):
-    """Inference: the identity (seed and ratio only matter in training mode, which is refused)."""
+    static=("ratio", "training_mode"), attrs={"seed": Attr(INT), "ratio": Attr(FLOAT), "is_test": Attr(INT, 1)},
+    since=10)
+def dropout(xp, x, ratio_in=None, training=None, seed=None, ratio=None, is_test=1, n_outputs=1, mask_dtype=bool):
+    """Inference: the identity, and a mask of ones (seed and ratio only matter in training
+    mode, which is refused)."""
     if training is not None and bool(scalar(training)) or not is_test:
         raise OpError("Dropout in training mode: the batch engine runs inference only")
-    return (x, xp.ones(x.shape, dtype=bool))[:n_outputs]
+    return (x, xp.ones(x.shape, dtype=mask_dtype))[:n_outputs]
+
+
+@op("onnx::Dropout", ("data",), outputs=("output", "mask"), since=7, until=9,
+    attrs={"ratio": Attr(FLOAT), "is_test": Attr(INT, 1)})
+def dropout_7(xp, x, ratio=None, is_test=1, n_outputs=1):
+    """Before opset 10 the mask has the data's type."""
+    return dropout(xp, x, ratio=ratio, is_test=is_test, n_outputs=n_outputs, mask_dtype=x.dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -604,7 +637,9 @@ def _source_coords(out_n, in_n, scale, mode):
     return (o + 0.5) / scale - 0.5        # half_pixel
 
 
-def _nearest_index(c, in_n, mode):
+def _nearest_index(c, in_n, mode, scale=1.0):
+    if mode == "simple":                   # Upsample and Resize-10
+        mode = "ceil" if scale < 1 else "floor"
     if mode == "floor":
         i = np.floor(c)
     elif mode == "ceil":
@@ -617,7 +652,7 @@ def _nearest_index(c, in_n, mode):
 
 
 @op("onnx::Resize", ("X",), optional=("roi", "scales", "sizes"), static=("roi", "scales", "sizes"),
-    check=_check_resize, fresh=True,
+    check=_check_resize, fresh=True, since=11,
     attrs={"mode": Attr(STRING, "nearest"), "coordinate_transformation_mode": Attr(STRING, "half_pixel"),
            "nearest_mode": Attr(STRING, "round_prefer_floor"), "cubic_coeff_a": Attr(FLOAT, -0.75),
            "exclude_outside": Attr(INT, 0), "extrapolation_value": Attr(FLOAT, 0.0), "antialias": Attr(INT, 0),
@@ -652,7 +687,7 @@ def _resample(xp, x, out_shape, scales, mode, coord_mode, nearest_mode):
         key = (n_in, n_out, s, mode, coord_mode, nearest_mode)
         c = _source_coords(n_out, n_in, s, coord_mode)
         if mode == "nearest":
-            idx = device_const(xp, ("resize-n",) + key, lambda c=c, n=n_in: _nearest_index(c, n, nearest_mode))
+            idx = device_const(xp, ("resize-n",) + key, lambda c=c, n=n_in, s=s: _nearest_index(c, n, nearest_mode, s))
             y = xp.take(y, idx, axis=a)
         else:
             c = np.clip(c, 0, n_in - 1)
@@ -673,13 +708,22 @@ def _check_upsample(a):
         raise OpError(f"Upsample mode {a['mode']!r} (expected nearest or linear)")
 
 
-@op("onnx::Upsample", ("X",), optional=("scales",), static=("scales",), check=_check_upsample, fresh=True,
+@op("onnx::Upsample", ("X",), optional=("scales",), static=("scales",), check=_check_upsample, fresh=True, since=7,
     attrs={"mode": Attr(STRING, "nearest"), "scales": Attr(FLOATS)})
 def upsample(xp, x, scales_in=None, mode="nearest", scales=None):
-    """Opset 7-9 Upsample: asymmetric coordinates, floor for nearest."""
+    """Opset 7-9 Upsample (and Resize 10): asymmetric coordinates; nearest takes the
+    floor of the source coordinate when enlarging and its ceiling when shrinking (what
+    ONNX Runtime does)."""
     if (scales_in is None) == (scales is None):
         raise OpError("Upsample needs scales (as input or attribute)")
     sc = [float(s) for s in (np.asarray(scales_in).ravel() if scales_in is not None else scales)]
     out_shape = [int(np.floor(n * s)) for n, s in zip(x.shape, sc)]
     check_alloc(out_shape)
-    return _resample(xp, x, out_shape, sc, mode, "asymmetric", "floor")
+    return _resample(xp, x, out_shape, sc, mode, "asymmetric", "simple")
+
+
+@op("onnx::Resize", ("X", "scales"), static=("scales",), check=_check_upsample, fresh=True, since=10, until=10,
+    attrs={"mode": Attr(STRING, "nearest")})
+def resize_10(xp, x, scales, mode="nearest"):
+    """Opset 10 Resize: the scales alone, as Upsample-9 (asymmetric coordinates)."""
+    return upsample(xp, x, scales, mode=mode)

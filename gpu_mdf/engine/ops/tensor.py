@@ -67,15 +67,19 @@ def constant_of_shape(xp, shape_, value):
     return xp.full(dims, v[0].item(), dtype=v.dtype)
 
 
-@op("onnx::Range", ("start", "limit", "delta"), outputs=("output",), static=("start", "limit", "delta"))
-def range_(xp, start, limit, delta):
+@op("onnx::Range", ("start", "limit", "delta"), outputs=("output",), static=("start", "limit", "delta"),
+    attrs={"stash_type": Attr(INT, 1)})
+def range_(xp, start, limit, delta, stash_type=1):
+    """start + i * delta; float16 values are computed in float32 (``stash_type`` 1, the
+    default) or in float16 (0), then cast back."""
     dtype = np.asarray(start).dtype
+    work = np.dtype(np.float32) if dtype == np.float16 and stash_type == 1 else dtype
     s, lim, d = scalar(start), scalar(limit), scalar(delta)
     if d == 0:
         raise OpError("Range delta is 0")
     n = max(int(np.ceil((lim - s) / d)), 0)
     check_alloc((n,))
-    return xp.arange(n, dtype=dtype) * dtype.type(d) + dtype.type(s)
+    return (xp.arange(n, dtype=work) * work.type(d) + work.type(s)).astype(dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -137,6 +141,7 @@ def squeeze(xp, x, axes_in=None, axes=None):
 
 
 @op("onnx::Reshape", ("data", "shape"), outputs=("reshaped",), static=("shape",), attrs={"allowzero": Attr(INT, 0)},
+    since=5,
     alias=True)
 def reshape(xp, x, shape_, allowzero):
     dims = list(ints(shape_))
@@ -158,13 +163,13 @@ def transpose(xp, x, perm):
     return xp.transpose(x, None if perm is None else [int(p) for p in perm])
 
 
-@op("onnx::Concat", ("inputs",), outputs=("concat_result",), variadic=True, attrs={"axis": Attr(INT, 0)},
+@op("onnx::Concat", ("inputs",), outputs=("concat_result",), variadic=True, attrs={"axis": Attr(INT, 0)}, since=4,
     fresh=True)
 def concat(xp, *xs, axis):
     return xp.concatenate(xs, axis=norm_axis(axis, xs[0].ndim))
 
 
-@op("onnx::Split", ("input",), optional=("split",), outputs=("outputs",), variadic_outputs=True,
+@op("onnx::Split", ("input",), optional=("split",), outputs=("outputs",), variadic_outputs=True, since=2,
     static=("split",), attrs={"axis": Attr(INT, 0), "num_outputs": Attr(INT), "split": Attr(INTS)})
 def split(xp, x, split_in=None, axis=0, num_outputs=None, split=None, n_outputs=1):
     axis = norm_axis(axis, x.ndim)
@@ -226,7 +231,7 @@ def _check_pad(a):
         raise OpError(f"Pad mode {a['mode']!r} (expected constant, reflect, edge or wrap)")
 
 
-@op("onnx::Pad", ("data",), optional=("pads", "constant_value", "axes"), outputs=("output",),
+@op("onnx::Pad", ("data",), optional=("pads", "constant_value", "axes"), outputs=("output",), since=2,
     static=("pads", "constant_value", "axes"), check=_check_pad,
     attrs={"mode": Attr(STRING, "constant"), "pads": Attr(INTS), "value": Attr(FLOAT)}, alias=True)
 def pad(xp, x, pads_in=None, cval_in=None, axes_in=None, mode="constant", pads=None, value=None):
@@ -260,7 +265,7 @@ def pad(xp, x, pads_in=None, cval_in=None, axes_in=None, mode="constant", pads=N
     return xp.pad(x, list(zip(before, after)), mode=mode)
 
 
-@op("onnx::Tile", ("input", "repeats"), outputs=("output",), static=("repeats",), fresh=True)
+@op("onnx::Tile", ("input", "repeats"), outputs=("output",), static=("repeats",), fresh=True, since=6)
 def tile(xp, x, repeats):
     reps = ints(repeats)
     if len(reps) != x.ndim:
@@ -295,12 +300,17 @@ def depth_to_space(xp, x, blocksize, mode):
     return y.reshape(n, c // (b * b), h * b, w * b)
 
 
-@op("onnx::SpaceToDepth", ("input",), outputs=("output",), check=_check_d2s, attrs={"blocksize": Attr(INT)},
-    fresh=True)
-def space_to_depth(xp, x, blocksize):
+@op("onnx::SpaceToDepth", ("input",), outputs=("output",), check=_check_d2s,
+    attrs={"blocksize": Attr(INT), "mode": Attr(STRING, "DCR")}, fresh=True)
+def space_to_depth(xp, x, blocksize, mode="DCR"):
+    """The inverse of DepthToSpace: blocks move into channels depth-column-row (DCR) or,
+    from opset 28, column-row-depth (CRD)."""
     n, c, h, w = x.shape
     b = blocksize
-    y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+    if mode == "DCR":
+        y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+    else:
+        y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 1, 3, 5, 2, 4)
     return y.reshape(n, c * b * b, h // b, w // b)
 
 
@@ -329,7 +339,7 @@ def _fold_small_axes(xp, x, axes, keepdims, combine):
     if xp is not np or not axes:
         return None
     count = int(np.prod([x.shape[a] for a in axes]))
-    if count > 16 or count < 2:
+    if count > 16 or any(x.shape[a] < 2 for a in axes) or len(axes) == x.ndim:
         return None
     out = x
     for removed, a in enumerate(axes):       # ascending: each step removes one axis
@@ -369,8 +379,33 @@ def _mean_of_folded(folded):
 
 _reduction("ReduceSum", lambda xp, x, a, k: x.sum(axis=a, keepdims=k))
 _reduction("ReduceMean", lambda xp, x, a, k: x.mean(axis=a, keepdims=k), (np.add, _mean_of_folded))
-_reduction("ReduceMax", lambda xp, x, a, k: x.max(axis=a, keepdims=k), (np.maximum, lambda f: f[0]))
-_reduction("ReduceMin", lambda xp, x, a, k: x.min(axis=a, keepdims=k), (np.minimum, lambda f: f[0]))
+def _identity_of_empty(xp, x, a, k, value):
+    """A reduction over an axis of length 0: every output element is the identity."""
+    shape = [1 if i in a else d for i, d in enumerate(x.shape)] if k else \
+        [d for i, d in enumerate(x.shape) if i not in a]
+    return xp.full(shape, value, dtype=x.dtype)
+
+
+def _lowest(dtype, highest=False):
+    if dtype.kind == "f":
+        return np.inf if highest else -np.inf
+    if dtype.kind == "b":
+        return highest
+    info = np.iinfo(dtype)
+    return info.max if highest else info.min
+
+
+def _extreme(which):
+    """ReduceMax/ReduceMin; over an empty axis the identity (-inf/+inf, the type's limits)."""
+    def fn(xp, x, a, k):
+        if any(x.shape[i] == 0 for i in a):
+            return _identity_of_empty(xp, x, a, k, _lowest(x.dtype, highest=which == "min"))
+        return x.max(axis=a, keepdims=k) if which == "max" else x.min(axis=a, keepdims=k)
+    return fn
+
+
+_reduction("ReduceMax", _extreme("max"), (np.maximum, lambda f: f[0]))
+_reduction("ReduceMin", _extreme("min"), (np.minimum, lambda f: f[0]))
 _reduction("ReduceProd", lambda xp, x, a, k: x.prod(axis=a, keepdims=k))
 _reduction("ReduceL1", lambda xp, x, a, k: xp.abs(x).sum(axis=a, keepdims=k))
 _reduction("ReduceL2", lambda xp, x, a, k: xp.sqrt((x * x).sum(axis=a, keepdims=k)))
@@ -379,6 +414,8 @@ _reduction("ReduceLogSum", lambda xp, x, a, k: xp.log(x.sum(axis=a, keepdims=k))
 
 
 def _logsumexp(xp, x, a, k):
+    if any(x.shape[i] == 0 for i in a):
+        return _identity_of_empty(xp, x, a, k, -np.inf)          # log(0)
     m = x.max(axis=a, keepdims=True)
     m = xp.where(xp.isfinite(m), m, m.dtype.type(0))
     y = xp.log(xp.exp(x - m).sum(axis=a, keepdims=True)) + m
@@ -413,8 +450,13 @@ def topk(xp, x, k, axis, largest, sorted, n_outputs=2):  # noqa: A002 - ONNX att
     kk = int(scalar(k))
     if not 0 <= kk <= x.shape[a]:
         raise OpError(f"TopK k={kk} for an axis of size {x.shape[a]}")
-    # stable sort: among equal values the lower index comes first, as ONNX asks
-    order = xp.argsort(-x if largest else x, axis=a, kind="stable")
+    # stable sort: among equal values the lower index comes first, as ONNX asks; for the
+    # largest, sorted from the end (no negation: it wraps unsigned integers)
+    if largest:
+        n = x.shape[a]
+        order = (n - 1) - xp.flip(xp.argsort(xp.flip(x, axis=a), axis=a, kind="stable"), axis=a)
+    else:
+        order = xp.argsort(x, axis=a, kind="stable")
     index = [slice(None)] * x.ndim
     index[a] = slice(0, kk)
     idx = order[tuple(index)]
