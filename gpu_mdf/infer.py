@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import EMBEDDED_MNIST_SHA256, NORMALIZATIONS, Dataset, check_finite, normalize, open_dataset
+from .data import NORMALIZATIONS, Dataset, check_finite, normalize, open_dataset
 from .distributed import cluster_session
 from .engine import BatchResult, Program, compile, cpu_threads, load_constants, run_batch
 from .errors import DataError, GpuMdfError, OutputError
@@ -33,19 +33,6 @@ from .io import atomic_path, file_sha256, write_json
 CHUNK_DIR = ".chunks"
 JOB_FILE = "job.json"
 FINAL_FILES = ("probabilities.npy", "predictions.csv", "metrics.json", "errors.csv")
-
-
-def dataset_identity(source: str | None, ds: Dataset) -> dict:
-    ident = {"name": ds.name, "length": len(ds), "shape": list(ds.image_shape), "dtype": str(ds.dtype)}
-    if source is None or str(source).startswith("mnist"):
-        ident["embedded_sha256"] = EMBEDDED_MNIST_SHA256
-    else:
-        p = Path(source)
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        ident["files"] = [[str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns]
-                          for q in files[:10000]]
-        ident["file_count"] = len(files)
-    return ident
 
 
 @dataclass
@@ -122,8 +109,9 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
             raise DataError(f"--top-k {top_k}: the model has {nclass} classes")
         bs = prog.suggest_batch_size(batch_size)
         norm = normalize or prog.normalize
+        identity = ds.source.identity()
         job = {"gpu_mdf": __version__, "model_sha256": file_sha256(mdf_path), "model": str(mdf_path),
-               "data": dataset_identity(source, ds), "split": split, "batch_size": bs,
+               "data": identity.fingerprint(ds), "split": split, "batch_size": bs,
                "normalize": norm, "dtype": str(prog.dtype), "on_error": on_error, "top_k": top_k}
         if ds.inverted is not None:
             job["invert"], job["image_size"] = invert, list(size)
@@ -152,7 +140,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
                 cluster_info = session.run_chunks(
                     dict(mdf_path=str(mdf_path), model_sha256=job["model_sha256"], device=device,
                          normalize=prog.normalize, constants=None if constants is None else str(constants),
-                         source=_abs_source(source), split=split, invert=invert, image_size=list(size),
+                         source=identity.location, split=split, invert=invert, image_size=list(size),
                          labels=None if labels is None else str(Path(labels).resolve()), spec=spec),
                     todo, bar.update)
             else:
@@ -165,16 +153,11 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
         seconds = time.perf_counter() - t0
         bar.close()
         n_computed = sum(min(bs, len(ds) - i * bs) for i in todo)
-        res = _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resumed, cluster_info)
+        res = _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resumed, cluster_info,
+                        identity.describe(ds))
         if not keep_chunks:
             shutil.rmtree(chunk_dir, ignore_errors=True)
         return res
-
-
-def _abs_source(source):
-    if source is None or str(source).startswith("mnist"):
-        return source
-    return str(Path(source).resolve())
 
 
 def _n_classes(prog: Program) -> int | None:
@@ -410,7 +393,7 @@ def _finished(out: Path, job: dict) -> InferResult | None:
 # --------------------------------------------------------------------------- #
 # Final files
 # --------------------------------------------------------------------------- #
-def _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resumed, cluster_info):
+def _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resumed, cluster_info, data_name):
     n = len(ds)
     bs, top_k = job["batch_size"], job["top_k"]
     labels = ds.labels
@@ -466,7 +449,7 @@ def _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resum
                 w.writerows(errors)
         files["errors"] = out / "errors.csv"
     metrics = _metrics(prog, ds, cm if classify else None, labels, n, len(errors), seconds, n_computed, job,
-                       nchunks, resumed)
+                       nchunks, resumed, data_name)
     if "invert" in job:
         metrics["invert"] = {"mode": job["invert"], "images_inverted": inverted, "image_size": job["image_size"]}
     if cluster_info:
@@ -478,11 +461,11 @@ def _assemble(prog, ds, out, chunk_dir, nchunks, job, seconds, n_computed, resum
                        resumed, len(errors), files, metrics)
 
 
-def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, job, nchunks, resumed) -> dict:
+def _metrics(prog, ds, cm, labels, n, skipped, seconds, n_computed, job, nchunks, resumed, data_name) -> dict:
     where = "on the device" if np.dtype(ds.dtype).kind in "iub" else "on the host (float pixels)"
     m = {"timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
          "images": n, "skipped": skipped, "source": ds.name,
-         "data": ds.path or f"embedded MNIST ({ds.name})", "model": job["model"], "model_sha256": job["model_sha256"],
+         "data": data_name, "model": job["model"], "model_sha256": job["model_sha256"],
          "batch_size": job["batch_size"], "chunks": nchunks, "chunks_resumed": resumed,
          "images_per_s": (n_computed / seconds) if seconds and n_computed else 0.0,
          "seconds": seconds, "device": prog.backend.device, "backend": prog.backend.name,
