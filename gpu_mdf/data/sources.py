@@ -97,10 +97,9 @@ class PathSource(Source):
 
     def identity(self) -> Identity:
         """The absolute path, and each file's name (from the source's own folder), size
-        and modification time: an edited file is another source."""
-        if self.spec.startswith("mnist"):     # as before: such a name was taken for the embedded copy
-            from .embedded import EMBEDDED_MNIST_SHA256
-            return Identity(self.spec, embedded_sha256=EMBEDDED_MNIST_SHA256)
+        and modification time: an edited file is another source, whatever its name
+        (``mnist_extra.npy`` is a file; only the names :class:`~.embedded.EmbeddedMnist` claims
+        are the embedded copy)."""
         p = self.path
         files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
         listed = tuple((str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns)
