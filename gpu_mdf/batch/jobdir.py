@@ -19,13 +19,15 @@ from ..io import write_json
 
 CHUNK_DIR = ".chunks"
 JOB_FILE = "job.json"
-FINAL_FILES = ("probabilities.npy", "predictions.csv", "metrics.json", "errors.csv")
-_RESULT_FILES = (("probabilities", "probabilities.npy"), ("predictions", "predictions.csv"),
-                 ("metrics", "metrics.json"), ("errors", "errors.csv"))
+_RESULT_FILES = {"probabilities": "probabilities.npy", "predictions": "predictions.csv",
+                 "metrics": "metrics.json", "errors": "errors.csv"}      # InferResult.files key -> name
+FINAL_FILES = tuple(_RESULT_FILES.values())
 
 
 @dataclass
 class InferResult:
+    """A job's outcome: counts and speed from its metrics, and its final files by kind."""
+
     out_dir: Path
     n: int
     accuracy: float | None
@@ -137,5 +139,5 @@ def finished(out: Path, job: dict) -> InferResult | None:
         return None
     if not all((out / f).exists() for f in ("probabilities.npy", "predictions.csv")):
         return None
-    files = {key: out / name for key, name in _RESULT_FILES if (out / name).exists()}
+    files = {key: out / name for key, name in _RESULT_FILES.items() if (out / name).exists()}
     return InferResult.of(out, metrics, files, metrics["chunks"])

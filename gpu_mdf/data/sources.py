@@ -3,8 +3,10 @@
 A source kind is a :class:`Source` subclass registered with :func:`source`: for file
 names ending with given suffixes (``@source(".npy")``), for folders
 (``@source(folder=True)``), or for a name alone (the embedded MNIST copy overrides
-:meth:`Source.claims`). Each has one :meth:`Source.identity`: what the data is, as
-the resume fingerprint, metrics.json and Dask workers all name it.
+:meth:`Source.claims`); a kind may refine :meth:`Source.accepts`, and ``fallback``
+kinds (an IDX name without a suffix, any folder of images) are tried last. Each kind
+has one :meth:`Source.identity`: what the data is, as the resume fingerprint,
+metrics.json and Dask workers all name it.
 """
 
 from __future__ import annotations
