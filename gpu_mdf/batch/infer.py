@@ -44,9 +44,10 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None 
     feeds the values as they are). ``invert``: polarity of image files (auto | yes | no).
     ``top_k`` adds the k best classes to predictions.csv.
     """
-    request = _Request(Path(out_dir).resolve(), Path(mdf_path).resolve(), source, split, labels, device,
-                       batch_size, on_error, normalize, None if constants is None else Path(constants).resolve(),
-                       invert, top_k)
+    request = _Request(out=Path(out_dir).resolve(), mdf_path=Path(mdf_path).resolve(), source=source,
+                       split=split, labels=labels, device=device, batch_size=batch_size, on_error=on_error,
+                       normalize=normalize, constants=None if constants is None else Path(constants).resolve(),
+                       invert=invert, top_k=top_k)
     request.check()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
