@@ -243,7 +243,7 @@ def _tiled_npy(path: Path, n: int) -> Path:
 def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repeats: int = 2) -> list[dict]:
     """The same n-image job as one process, on local:1 and on local:2 (Dask); each
     job runs ``repeats`` times and the fastest run is reported."""
-    from .infer import run_inference
+    from .batch import run_inference
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

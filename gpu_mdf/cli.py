@@ -188,10 +188,8 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     Example:
       gpu-mdf infer runs/mnist_dense/model.mdf.json --data scans/ --top-k 3 --on-error skip --out runs/scans
     """
+    from .batch import cluster_session, run_inference, run_jobs
     from .config import load_config
-    from .distributed import cluster_session
-    from .infer import run_inference
-    from .jobs import run_jobs
     cfg = load_config(config_path) if config_path else None
     device = device or (cfg.infer.device if cfg else "auto")
     on_error = on_error or (cfg.infer.on_error if cfg else "fail")

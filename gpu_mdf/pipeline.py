@@ -48,8 +48,8 @@ class RunSummary:
 def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=print,
                  progress: bool = True) -> RunSummary:
     from . import report, viz
+    from .batch import run_inference
     from .convert import keras_to_mdf, save_mdf
-    from .infer import run_inference
     from .train import prepare_images, train
 
     t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
         viz.plot_confusion(cm, out / "confusion_matrix.png", f"MDF on {ds.name}")
     jobs_ok = True
     if cfg.jobs:  # more data sources / models, in this process, each model compiled once
-        from .jobs import run_jobs
+        from .batch import run_jobs
         log(f"{len(cfg.jobs)} job item(s)")
         jobs_ok = run_jobs(cfg.jobs, out / "jobs", default_model=mdf_path, device=device,
                            batch_size=cfg.infer.batch_size, on_error=cfg.infer.on_error, log=log,

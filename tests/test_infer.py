@@ -252,3 +252,95 @@ def test_every_command_shows_defaults_and_ends_with_an_example():
         assert "Example:" in r.output and "gpu-mdf " + cmd in r.output.split("Example:")[1], cmd
     assert "[default: runs/infer]" in invoke("infer", "--help").output
     assert "[default: 20; x>=1]" in invoke("bench", "--help").output
+
+
+# --------------------------------------------------------------------------- #
+# A file whose name starts with "mnist" is a file, not the embedded copy
+# --------------------------------------------------------------------------- #
+def _flatten_mdf(folder):
+    """A tiny graph, (N, 2, 2) pixels -> (N, 4) values /255: no training needed."""
+    node = {"input_ports": {"x": {"shape": [1, 2, 2], "metadata": {"batch_axis": 0}}},
+            "functions": {"f": {"function": "onnx::Flatten", "args": {"input": "x"}}},
+            "output_ports": {"y": {"value": "f"}}}
+    path = folder / "flatten.json"
+    path.write_text(json.dumps({"m": {"graphs": {"g": {"nodes": {"n": node},
+                                                       "metadata": {"gpu_mdf": {"normalize": "scale"}}}}}}))
+    return path
+
+
+def _edit_keeping_size(path, pixels):
+    """Other pixels, the same shape and size; the modification time moves on."""
+    before = path.stat().st_mtime_ns
+    np.save(path, pixels)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+@pytest.fixture
+def mnist_named_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)              # the source is given relative, as people type it
+    np.save(tmp_path / "mnist_extra.npy", np.arange(20, dtype=np.uint8).reshape(5, 2, 2))
+    return _flatten_mdf(tmp_path), tmp_path / "mnist_extra.npy"
+
+
+QUIET = {"device": "cpu", "progress": False, "log": lambda *_: None}
+
+
+def test_an_edited_file_named_like_mnist_is_another_job(mnist_named_file, tmp_path):
+    from gpu_mdf.errors import OutputError
+    from gpu_mdf.infer import run_inference
+
+    model, data = mnist_named_file
+    run_inference(model, "out", source="mnist_extra.npy", **QUIET)
+    _edit_keeping_size(data, np.arange(20, 40, dtype=np.uint8).reshape(5, 2, 2))
+    with pytest.raises(OutputError, match=r"another job's files \(different data\)"):
+        run_inference(model, "out", source="mnist_extra.npy", **QUIET)      # not "complete already"
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert "embedded_sha256" not in job["data"] and job["data"]["files"][0][0] == "mnist_extra.npy"
+    run_inference(model, "out", source="mnist_extra.npy", overwrite=True, **QUIET)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"),
+                               np.arange(20, 40).reshape(5, 4) / 255, rtol=1e-6)
+
+
+def test_metrics_name_a_file_named_like_mnist_by_its_path(mnist_named_file, tmp_path):
+    from gpu_mdf.infer import run_inference
+
+    model, data = mnist_named_file
+    res = run_inference(model, "out", source="mnist_extra.npy", **QUIET)
+    assert res.metrics["data"] == str(data.resolve())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["data"] == str(data.resolve())
+
+
+def test_the_dask_task_carries_the_absolute_path_of_a_file_named_like_mnist(mnist_named_file, tmp_path,
+                                                                            monkeypatch):
+    """The task a worker gets opens the file itself, from another working folder."""
+    from gpu_mdf.batch import ClusterSession, process_chunk, run_inference
+    from gpu_mdf.data import open_dataset
+
+    model, data = mnist_named_file
+    sent = []
+
+    class InProcessCluster(ClusterSession):
+        """Runs each task as a worker would, with no Dask: from another working folder."""
+
+        def describe(self):
+            return "in-process stand-in for a cluster"
+
+        def run_chunks(self, task, todo, on_done):
+            sent.append(task)
+            elsewhere = tmp_path / "worker"
+            elsewhere.mkdir()
+            monkeypatch.chdir(elsewhere)
+            prog, ds = task.model.compile(), task.data.open()
+            for i in todo:
+                on_done(process_chunk(prog, ds, i, task.spec))
+            return {"kind": "in-process", "spec": self.spec, "workers": 1, "per_worker": {}}
+
+    run_inference(model, tmp_path / "out", source="mnist_extra.npy",
+                  cluster=InProcessCluster("in-process", "in-process", None), **QUIET)
+    (task,) = sent
+    assert task.data.source == str(data.resolve())
+    assert task.model.mdf_path == str(model.resolve())
+    assert np.load(tmp_path / "out" / "probabilities.npy").shape == (5, 4)
+    monkeypatch.chdir(tmp_path)
+    identity = open_dataset("mnist_extra.npy").source.identity()
+    assert not identity.embedded and identity.location == str(data.resolve())

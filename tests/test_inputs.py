@@ -11,7 +11,7 @@ from PIL import Image
 
 from gpu_mdf.cli import main
 from gpu_mdf.data import open_dataset
-from gpu_mdf.images import dark_on_light, to_mnist
+from gpu_mdf.data.images import dark_on_light, to_mnist
 
 N = 300
 

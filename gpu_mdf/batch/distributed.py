@@ -9,12 +9,13 @@
   started by ``dask-jobqueue`` on SLURM/PBS or by ``dask scheduler`` +
   ``dask cuda worker``.
 
-Each task runs :func:`gpu_mdf.infer.process_chunk` on one chunk: the worker reads
-its images from the shared path itself (nothing large goes through the scheduler),
-compiles the MDF program once per worker process (cached here), and writes the
-chunk file atomically into the job's chunk store. A worker that dies costs only
-its unfinished chunks, which Dask reruns elsewhere; finished chunk files stay.
-Dask is imported only when a cluster is asked for.
+Each task is a :class:`~gpu_mdf.batch.chunks.ChunkTask` and a chunk number, run by
+:func:`~gpu_mdf.batch.chunks.process_chunk`: the worker reads its images from the
+shared (absolute) path itself (nothing large goes through the scheduler), compiles
+the MDF program once per worker process (cached here), and writes the chunk file
+atomically into the job's chunk store. A worker that dies costs only its unfinished
+chunks, which Dask reruns elsewhere; finished chunk files stay. Dask is imported
+only when a cluster is asked for.
 """
 
 from __future__ import annotations
@@ -26,36 +27,30 @@ import re
 import time
 from dataclasses import dataclass
 
-from .engine.backend import cpu_threads
-from .errors import DeviceError, GpuMdfError
+from ..data import Dataset
+from ..engine import Program, cpu_threads
+from ..errors import DeviceError, GpuMdfError
+from .chunks import ChunkTask, DataRef, ModelRef, process_chunk
 
-_PROGRAMS: dict = {}   # per worker process: (mdf path, sha, device, normalize) -> Program
-_DATASETS: dict = {}   # per worker process: (source, split, labels) -> Dataset
+_PROGRAMS: dict[ModelRef, Program] = {}   # per worker process: each model compiled once
+_DATASETS: dict[DataRef, Dataset] = {}    # per worker process: each source opened once
 
 
-def _chunk_task(spec: dict, i: int) -> dict:
+def _chunk_task(task: ChunkTask, i: int) -> dict:
     """Run on a worker: one chunk into the chunk store; returns who did what, how fast."""
     from distributed import get_worker
+    from threadpoolctl import threadpool_limits
 
-    from .data import open_dataset
-    from .engine import compile, load_constants
-    from .engine.alloc import tune_host_allocator
-    from .infer import process_chunk
+    from ..engine.alloc import tune_host_allocator
     tune_host_allocator()   # a worker process is ours too (Dask's nanny asks glibc to trim eagerly)
     t0 = time.perf_counter()
-    pkey = (spec["mdf_path"], spec["model_sha256"], spec["device"], spec["normalize"], spec.get("constants"))
-    if pkey not in _PROGRAMS:
-        consts = load_constants(spec["constants"]) if spec.get("constants") else None
-        _PROGRAMS[pkey] = compile(spec["mdf_path"], device=spec["device"], normalize=spec["normalize"],
-                                  constants=consts)
-    dkey = (spec["source"], spec["split"], spec["labels"], spec["invert"], tuple(spec["image_size"]))
-    if dkey not in _DATASETS:
-        _DATASETS[dkey] = open_dataset(spec["source"], split=spec["split"], labels=spec["labels"],
-                                       image_size=tuple(spec["image_size"]), invert=spec["invert"])
-    prog = _PROGRAMS[pkey]
-    from threadpoolctl import threadpool_limits
+    if task.model not in _PROGRAMS:
+        _PROGRAMS[task.model] = task.model.compile()
+    if task.data not in _DATASETS:
+        _DATASETS[task.data] = task.data.open()
+    prog = _PROGRAMS[task.model]
     with threadpool_limits(1, user_api="blas"):   # as in the single-process job: same bytes
-        n = process_chunk(prog, _DATASETS[dkey], i, spec["spec"])
+        n = process_chunk(prog, _DATASETS[task.data], i, task.spec)
     return {"worker": get_worker().address, "images": n, "seconds": time.perf_counter() - t0,
             "device": prog.backend.device, "pid": os.getpid()}
 
@@ -112,11 +107,11 @@ class ClusterSession:
         dash = getattr(self.client, "dashboard_link", None)
         return f"Dask cluster {self.kind} ({self.spec}), {n} worker(s)" + (f"; dashboard {dash}" if dash else "")
 
-    def run_chunks(self, spec: dict, todo: list[int], on_done) -> dict:
+    def run_chunks(self, task: ChunkTask, todo: list[int], on_done) -> dict:
         """Run every chunk in ``todo``; ``on_done(images)`` after each. Returns cluster metrics."""
         from distributed import as_completed
 
-        futures = [self.client.submit(_chunk_task, spec, i, key=f"gpu-mdf-{spec['model_sha256'][:8]}-{i}",
+        futures = [self.client.submit(_chunk_task, task, i, key=f"gpu-mdf-{task.model.model_sha256[:8]}-{i}",
                                       pure=False, retries=2) for i in todo]
         per_worker: dict = {}
         try:

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine import compile
+from ..errors import GpuMdfError
+from ..io import safe_join
 from .distributed import cluster_session
-from .engine import compile
-from .errors import GpuMdfError
+from .infer import run_inference
 
 
 def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size=None,
              on_error="fail", log=print, echo=print, progress=True, cluster=None, **infer_options) -> bool:
     """Run every item; ``cluster`` (a spec or an open session) serves all of them. Each
     item writes into ``out_dir/<name>``, which must stay inside ``out_dir``.
-    ``infer_options`` go to every item's :func:`~gpu_mdf.infer.run_inference`."""
-    from .infer import run_inference
-    from .io import safe_join
-
+    ``infer_options`` go to every item's :func:`~gpu_mdf.batch.infer.run_inference`."""
     programs = {}
     ok_all = True
     with cluster_session(cluster, log) as session:
@@ -30,11 +29,10 @@ def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size
             try:
                 if not model:
                     raise GpuMdfError("no model: give one in the item or as MDF_FILE")
-                safe_join(out_dir, name, "job item name")     # refused before anything runs
+                folder = safe_join(out_dir, name, "job item name")     # refused before anything runs
                 key = str(Path(model).resolve())
                 if key not in programs:
                     programs[key] = compile(model, device="cpu" if session else device)
-                folder = safe_join(out_dir, name, "job item name")
                 res = run_inference(model, folder, source=item.data, device=device,
                                     batch_size=batch_size, on_error=on_error, program=programs[key],
                                     log=log, progress=progress, cluster=session, **infer_options)

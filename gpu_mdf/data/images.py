@@ -1,4 +1,4 @@
-"""Image files as people have them -> MNIST-format digits.
+"""Folders of image files as people have them -> MNIST-format digits.
 
 PNG, JPEG, BMP, TIFF, GIF (first frame) through Pillow; colour and transparency
 converted to greyscale; polarity detected from the border (MNIST digits are white on
@@ -6,16 +6,19 @@ black: a dark digit on a light background, the usual scan or drawing, is inverte
 then MNIST's own preprocessing (LeCun et al.): the digit's bounding box fitted into a
 20x20 box keeping its aspect ratio, and the result placed in the 28x28 field with its
 centre of mass at the centre. An image already in MNIST's format (the target size,
-white on black) is left as it is.
+white on black) is left as it is. Labels come from digit-named sub-folders.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
+from .dataset import Dataset
+from .sources import OpenOptions, PathSource, source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 INVERT_MODES = ("auto", "yes", "no")
@@ -105,3 +108,28 @@ def _fit_and_centre(a: np.ndarray, size) -> np.ndarray:
 
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@source(folder=True, fallback=True)
+class ImageFolder(PathSource):
+    """A folder of image files (any folder that is not an IDX folder), each brought to
+    MNIST's format when it is read: any size, colour or polarity; a file that cannot be
+    read fails alone (its own error)."""
+
+    def open(self, options: OpenOptions) -> Dataset:
+        folder, size, invert = self.path, tuple(options.image_size), options.invert
+        files = image_files(folder)
+        if not files:
+            raise DataError(f"{folder}: no image files (.png, .jpg, .bmp, .tif, .gif) in this folder")
+        digit_dirs = all(p.parent != folder and re.fullmatch(r"\d", p.parent.name) for p in files)
+        labels = np.array([int(p.parent.name) for p in files]) if digit_dirs else None
+        inverted: dict[int, bool] = {}
+
+        def reader(a: int, b: int) -> np.ndarray:
+            out = np.empty((b - a,) + size, np.uint8)
+            for i, p in enumerate(files[a:b]):
+                out[i], inverted[a + i] = to_mnist(load_grey(p), size, invert)
+            return out
+
+        return Dataset(folder.name, len(files), size, np.dtype(np.uint8), reader, labels,
+                       item_names=lambda i: str(files[i]), inverted=inverted)

@@ -1,0 +1,182 @@
+"""Bulk inference: stream a dataset through a compiled MDF program in chunks.
+
+Each finished chunk is written atomically to ``OUT/.chunks/NNNNNN.npz`` beside a
+``job.json`` fingerprint (model bytes, input identity, batch size, normalisation...).
+A rerun with the same arguments skips finished chunks; a changed model or input is
+refused rather than mixed with old chunks (``overwrite`` replaces the other job's
+files). The final files (``probabilities.npy``, ``predictions.csv``, ``metrics.json``,
+``errors.csv``) are assembled by streaming the chunks, so memory stays bounded; the
+chunks are then removed (``keep_chunks`` keeps them).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import NORMALIZATIONS, Dataset, open_dataset
+from ..engine import Program, compile, load_constants
+from ..errors import DataError, GpuMdfError, OutputError
+from ..io import file_sha256
+from .chunks import ChunkSpec, ChunkTask, DataRef, ModelRef, run_chunks_here
+from .distributed import ClusterSession, cluster_session
+from .jobdir import InferResult, Job, claim, fingerprint, finished
+from .outputs import RunRecord, assemble
+
+
+def run_inference(mdf_path: str | Path, out_dir: str | Path, source: str | None = None,
+                  split: str = "test", labels: str | None = None, device: str = "auto",
+                  batch_size: int | None = None, on_error: str = "fail", program: Program | None = None,
+                  progress: bool = True, log=print, normalize: str | None = None,
+                  cluster=None, constants: str | Path | None = None, invert: str = "auto", top_k: int = 0,
+                  overwrite: bool = False, keep_chunks: bool = False) -> InferResult:
+    """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``.
+
+    ``program`` reuses an already compiled program (multi-item jobs). ``cluster``
+    (``local[:N]``, ``cuda`` or a scheduler address) spreads the chunks over Dask
+    workers, which write to the same chunk store; the files are the same.
+    ``constants``: a ``.npz`` of values for unconnected input ports (weights that an
+    exporter wrote as ports). ``normalize`` overrides the graph's pixel normalisation
+    (applied to integer pixels on the device, to float pixels on the host; ``none``
+    feeds the values as they are). ``invert``: polarity of image files (auto | yes | no).
+    ``top_k`` adds the k best classes to predictions.csv.
+    """
+    request = _Request(out=Path(out_dir).resolve(), mdf_path=Path(mdf_path).resolve(), source=source,
+                       split=split, labels=labels, device=device, batch_size=batch_size, on_error=on_error,
+                       normalize=normalize, constants=None if constants is None else Path(constants).resolve(),
+                       invert=invert, top_k=top_k)
+    request.check()
+    with cluster_session(cluster, log) as session:   # connects before any file is written
+        # with a cluster the workers run the model; here it only describes the graph
+        prog = program or request.compile("cpu" if session else device)
+        job = request.job(prog, request.open_data(prog))
+        done_before = finished(job.out, job.fingerprint)
+        if done_before is not None:
+            log(f"{job.out}: this job is complete already (its files are kept; --overwrite runs it again)")
+            return done_before
+        spec = ChunkSpec(job.batch_size, str(claim(job.out, job.fingerprint, overwrite)), on_error,
+                         job.fingerprint["normalize"])
+        log(session.describe() if session else prog.backend.describe())
+        log(f"{job.data.describe()}; batch size {job.batch_size}")
+        record = _run_chunks(prog, job, spec, request.task(prog, job, spec) if session else None, session,
+                             progress, log)
+        result = assemble(prog, job, record)
+        if not keep_chunks:
+            shutil.rmtree(job.chunk_dir, ignore_errors=True)
+        return result
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What :func:`run_inference` was asked (the paths of model, constants and output
+    made absolute), and the steps that turn it into a job."""
+
+    out: Path
+    mdf_path: Path
+    source: str | None
+    split: str
+    labels: str | None
+    device: str
+    batch_size: int | None
+    on_error: str
+    normalize: str | None                # None: the graph's own
+    constants: Path | None
+    invert: str
+    top_k: int
+
+    def check(self) -> None:
+        """Refuse what can be refused before anything is compiled or written."""
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"{self.out}: a file, not a folder; give --out a folder")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise DataError(f"unknown normalisation {self.normalize!r}; expected one of {NORMALIZATIONS}")
+
+    def compile(self, device: str) -> Program:
+        return compile(self.mdf_path, device=device, normalize=self.normalize,
+                       constants=None if self.constants is None else load_constants(self.constants))
+
+    def open_data(self, prog: Program) -> Dataset:
+        """The dataset, once the program is known to take it (one input, enough classes for top_k)."""
+        if prog.primary_input is None:
+            raise GpuMdfError(f"{self.mdf_path.name}: bulk inference feeds one input, and this graph takes "
+                              f"{[p.describe() for p in prog.inputs] or 'none'}"
+                              + (" (bind the others with --constants)" if len(prog.inputs) > 1 else ""))
+        ds = open_dataset(self.source, split=self.split, labels=self.labels, image_size=model_image_size(prog),
+                          invert=self.invert)
+        if len(ds) == 0:
+            raise DataError(f"{ds.name}: no images")
+        classes = _n_classes(prog)
+        if self.top_k and classes and self.top_k > classes:
+            raise DataError(f"--top-k {self.top_k}: the model has {classes} classes")
+        return ds
+
+    def job(self, prog: Program, ds: Dataset) -> Job:
+        """The job, with the fingerprint a rerun must match (see :func:`~.jobdir.fingerprint`)."""
+        identity = ds.source.identity()
+        return Job(self.out, ds, identity, fingerprint(
+            self.mdf_path, file_sha256(self.mdf_path), identity.fingerprint(ds), split=self.split,
+            batch_size=prog.suggest_batch_size(self.batch_size), normalize=self.normalize or prog.normalize,
+            dtype=str(prog.dtype), on_error=self.on_error, top_k=self.top_k,
+            images=None if ds.inverted is None else (self.invert, list(model_image_size(prog))),
+            constants_sha256=None if self.constants is None else file_sha256(self.constants)))
+
+    def task(self, prog: Program, job: Job, spec: ChunkSpec) -> ChunkTask:
+        """What Dask workers are sent: they compile and open for themselves, by absolute paths."""
+        model = ModelRef(str(self.mdf_path), job.fingerprint["model_sha256"], self.device, prog.normalize,
+                         None if self.constants is None else str(self.constants))
+        data = DataRef(job.identity.location, self.split,
+                       None if self.labels is None else str(Path(self.labels).resolve()),
+                       model_image_size(prog), self.invert)
+        return ChunkTask(model, data, spec)
+
+
+def model_image_size(prog: Program) -> tuple[int, int]:
+    """The (height, width) a folder of images is brought to: the model's own 2-d input
+    (with or without a size-1 channel axis), else MNIST's 28x28."""
+    item = prog.primary_input.shape[1:] if prog.primary_input.shape else ()
+    dims = [d for d in item if d != 1]
+    if len(dims) == 2 and all(d > 0 for d in dims):
+        return int(dims[0]), int(dims[1])
+    return 28, 28
+
+
+def _n_classes(prog: Program) -> int | None:
+    shape = prog.outputs[0].shape
+    return int(shape[-1]) if shape and len(shape) == 2 and shape[-1] > 0 else None
+
+
+def _run_chunks(prog: Program, job: Job, spec: ChunkSpec, task: ChunkTask | None, session: ClusterSession | None,
+                progress: bool, log) -> RunRecord:
+    """Run the chunks not yet in the chunk store, here or on the cluster (``task``)."""
+    n, bs = len(job.data), job.batch_size
+    done = {int(p.stem) for p in job.chunk_dir.glob("*.npz")}
+    resumed = len(done & set(range(job.n_chunks)))
+    if resumed:
+        log(f"resuming: {resumed} of {job.n_chunks} chunks already done")
+    todo = [i for i in range(job.n_chunks) if i not in done]
+    bar = _progress(n, progress, initial=min(resumed * bs, n))
+    t0 = time.perf_counter()
+    cluster_report = None
+    try:
+        if session:
+            cluster_report = session.run_chunks(task, todo, bar.update)
+        else:
+            run_chunks_here(prog, job.data, todo, spec, bar.update)
+    except KeyboardInterrupt:
+        bar.close()
+        saved = len(list(job.chunk_dir.glob("*.npz")))
+        raise GpuMdfError(f"interrupted: {saved} of {job.n_chunks} chunks are saved in {job.chunk_dir}; "
+                          f"rerun the same command to resume") from None
+    seconds = time.perf_counter() - t0
+    bar.close()
+    computed = sum(min(bs, n - i * bs) for i in todo)
+    return RunRecord(seconds, computed, resumed, cluster_report)
+
+
+def _progress(total: int, enabled: bool, initial: int = 0):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
