@@ -264,7 +264,8 @@ def run_case(case: Case, route: str = "gpu-mdf", backend="cpu") -> Outcome:
 
 
 def run_standin(case: Case, route: str = "gpu-mdf") -> int | None:
-    """Extra device->host syncs of one run on the strict CuPy stand-in (None when not per batch)."""
+    """Device->host syncs of one run on the strict CuPy stand-in beyond those the plan
+    declares (a static input fed per batch); None when nothing is fed per batch."""
     sys.path.insert(0, str(ROOT / "tests"))
     import fake_cupy
 
@@ -285,7 +286,33 @@ def run_standin(case: Case, route: str = "gpu-mdf") -> int | None:
             prog.execute(dev)                   # warm-up: cached index arrays
             fake_cupy.COUNT.reset()
             prog.execute(dev)
-        return fake_cupy.COUNT.d2h_syncs
+        # a shape, axes or sizes input fed per batch is one planned copy each (Program.describe names them)
+        return fake_cupy.COUNT.d2h_syncs - len(prog.plan.syncs)
+
+
+FROZEN = ROOT / "tests" / "conformance_node_cases.txt"
+
+
+def counted_node_cases(cases: list[Case]) -> list[Case]:
+    """The node cases the pass rate is counted over: ops the engine claims, numeric tensors."""
+    return [c for c in cases if c.suite == "node" and not type_refusal(c.model) and not unclaimed_ops(c.model)]
+
+
+def freeze() -> list[str]:
+    import onnx
+    names = [c.name for c in counted_node_cases(node_cases())]
+    FROZEN.write_text(f"# ONNX node test cases (onnx {onnx.__version__}) whose ops gpu-mdf claims and whose tensors "
+                      f"NumPy computes in;\n# the conformance test counts its pass rate over exactly these "
+                      f"(scripts/conformance.py --freeze rewrites it)\n" + "\n".join(names) + "\n")
+    print(f"{len(names)} node cases frozen in {FROZEN}")
+    return names
+
+
+def frozen_names() -> tuple[str, list[str]]:
+    """(the onnx version the list was frozen with, the case names)."""
+    lines = FROZEN.read_text().splitlines()
+    version = lines[0].split("(onnx ")[1].split(")")[0]
+    return version, [ln for ln in lines if ln and not ln.startswith("#")]
 
 
 # --------------------------------------------------------------------------- #
@@ -319,8 +346,11 @@ def main(argv=None):
     ap.add_argument("--json", help="write every outcome here")
     ap.add_argument("--list", action="store_true", help="print every case that is not a pass")
     ap.add_argument("--table", action="store_true", help="print the per-op table (Markdown)")
+    ap.add_argument("--freeze", action="store_true", help=f"rewrite {FROZEN.relative_to(ROOT)} and stop")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.freeze:
+        return freeze()
     cases = load_cases(args.suite)
     if args.op:
         cases = [c for c in cases if set(args.op) & set(c.ops)]

@@ -51,6 +51,10 @@ class InputSpec:
     dtype: str
     default: np.ndarray | None       # value when not fed (None: must be fed)
     batch_axis: int | None
+    # a file from another tool whose port says no type (modeci_mdf writes "float" for any
+    # port): what is fed keeps its type, as in EvaluableGraph (integers stay integers
+    # unless a normalisation is asked for)
+    follows_feed: bool = False
 
     @property
     def node(self):
@@ -773,7 +777,8 @@ class Planner:
                                                       for i, s in enumerate(shape))
         spec = self.inputs.get(pid)
         if spec is None:
-            spec = self.inputs[pid] = InputSpec(pid, [], spec_shape, str(dtype), default, batch_axis)
+            follows = _declared_dtype(p.get("type")) is None and not self.meta.recorded and not self.forced
+            spec = self.inputs[pid] = InputSpec(pid, [], spec_shape, str(dtype), default, batch_axis, follows)
         spec.targets.append((nid, pid))
         return Ref(self._input_val(pid))
 

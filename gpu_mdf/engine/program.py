@@ -89,6 +89,8 @@ class Program:
         if fitted is not None:
             x = fitted                     # the model's layout first: normalisation depends on it
         want = np.dtype(spec.dtype)
+        if spec.follows_feed and (x.dtype.kind == "f" or (x.dtype.kind in "iub" and self.normalize == "none")):
+            want = np.dtype(x.dtype)
         if want.kind in "iub":
             if x.dtype.kind not in "iub":
                 raise DataError(f"input {spec.name}: expects {want} values, got {x.dtype}")

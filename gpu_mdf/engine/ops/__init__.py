@@ -281,7 +281,7 @@ _DEVICE_CACHE: dict = {}
 
 
 # register the kernels
-from . import elementwise, nn, standard, tensor  # noqa: E402,F401
+from . import elementwise, nn, resize, standard, tensor  # noqa: E402,F401
 
 _FOLDED.update({k.lower(): v for k, v in OPS.items()})
 
