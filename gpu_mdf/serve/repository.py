@@ -3,7 +3,8 @@
     DIR/<model>/config.yaml              optional (keys below)
     DIR/<model>/<version>/model.mdf.json (or .yaml, .bson); versions are positive integers
 
-``config.yaml`` keys (unknown keys and wrong types are refused, naming the key):
+``config.yaml`` keys (:class:`ServingConfig`; unknown keys and wrong types are refused,
+naming the key):
 
     max_batch_size: 256        items per device batch
     max_queue_delay_ms: 5      how long a batch waits for more requests after its first
@@ -28,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GpuMdfError
+from ..config import from_mapping
+from ..errors import ConfigError, GpuMdfError
 from ..io import safe_join
 from .batcher import Batcher
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson")
-CONFIG_KEYS = {"max_batch_size": int, "max_queue_delay_ms": (int, float), "max_queue_size": int,
-               "max_queue_mb": (int, float), "dynamic_batching": bool, "device": str, "normalize": str,
-               "constants": str, "outputs": (list, dict)}
 
 
 class RepositoryError(GpuMdfError):
@@ -50,41 +49,35 @@ def check_name(name: str) -> str:
 
 
 @dataclass
-class ModelConfig:
+class ServingConfig:
+    """A model's ``config.yaml`` (the keys in this module's docstring), validated by the
+    run configuration's own :func:`gpu_mdf.config.from_mapping`."""
     max_batch_size: int = 256
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     max_queue_mb: float = 256.0
     dynamic_batching: bool = True
-    device: str | None = None
-    normalize: str | None = None
+    device: str | None = None        # None: the server's --device
+    normalize: str | None = None     # None: what the graph records
     constants: str | None = None
     outputs: list | dict | None = None
 
     @classmethod
-    def load(cls, model_dir: Path) -> ModelConfig:
+    def load(cls, model_dir: Path) -> ServingConfig:
         path = model_dir / "config.yaml"
         if not path.exists():
             return cls()
         import yaml
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
+            doc = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RepositoryError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(doc, dict):
-            raise RepositoryError(f"{path}: expected a mapping of settings")
-        for k, v in doc.items():
-            if k not in CONFIG_KEYS:
-                raise RepositoryError(f"{path}: unknown key {k!r} (known: {', '.join(CONFIG_KEYS)})")
-            want = CONFIG_KEYS[k]
-            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
-                raise RepositoryError(f"{path}: {k} must be {getattr(want, '__name__', 'a number')}, got {v!r}")
-        cfg = cls(**doc)
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        cfg = from_mapping(cls, doc or {}, str(path))
         for k in ("max_batch_size", "max_queue_size"):
             if getattr(cfg, k) < 1:
-                raise RepositoryError(f"{path}: {k} must be at least 1")
+                raise ConfigError(f"{path}: {k} must be at least 1")
         if cfg.max_queue_delay_ms < 0 or cfg.max_queue_mb <= 0:
-            raise RepositoryError(f"{path}: max_queue_delay_ms must be >= 0 and max_queue_mb > 0")
+            raise ConfigError(f"{path}: max_queue_delay_ms must be >= 0 and max_queue_mb > 0")
         return cfg
 
 
@@ -98,7 +91,7 @@ class Version:
     input_names: dict[str, bool]           # served input name -> required
     output_names: dict[str, str]           # served output name -> graph output name
     batcher: Batcher
-    config: ModelConfig
+    config: ServingConfig
 
     def metadata(self) -> dict:
         p = self.program
@@ -192,7 +185,7 @@ class Repository:
         try:
             if not model_dir.is_dir():
                 raise RepositoryError(f"no folder {name!r} in the repository")
-            cfg = ModelConfig.load(model_dir)
+            cfg = ServingConfig.load(model_dir)
             vdirs = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
                            key=lambda p: int(p.name))
             if not vdirs:
@@ -237,7 +230,7 @@ class Repository:
         return str(max(have, default=0) + 1)
 
     # -- internals ------------------------------------------------------------------ #
-    def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ModelConfig) -> Version:
+    def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ServingConfig) -> Version:
         from ..engine import compile, load_constants
         files = [vdir / f for f in MODEL_FILES if (vdir / f).is_file()]
         if len(files) != 1:
@@ -260,7 +253,7 @@ class Repository:
                        outputs, batcher, cfg)
 
 
-def _output_names(prog, cfg: ModelConfig, path) -> dict[str, str]:
+def _output_names(prog, cfg: ServingConfig, path) -> dict[str, str]:
     graph = [o.name for o in prog.outputs]
     if cfg.outputs is None:
         return {g: g for g in graph}
