@@ -31,8 +31,9 @@ import numpy as np
 
 from ..config import from_mapping
 from ..errors import ConfigError, GpuMdfError
-from ..io import safe_join
+from ..io import atomic_path, safe_join
 from .batcher import Batcher
+from .errors import NotFound, NotReady
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson")
@@ -107,6 +108,19 @@ class Version:
                                "integer_inputs": "pixels, normalised by the model ('normalize')",
                                "float_inputs": "taken as already normalised"}}
 
+    def triton_config(self) -> dict:
+        """Triton's model configuration (``GET .../config``)."""
+        meta, cfg = self.metadata(), self.config
+        return {"name": self.model, "platform": meta["platform"], "backend": "gpu-mdf",
+                "max_batch_size": cfg.max_batch_size,
+                "input": _triton_tensors(meta["inputs"]), "output": _triton_tensors(meta["outputs"]),
+                "dynamic_batching": ({"max_queue_delay_microseconds": int(cfg.max_queue_delay_ms * 1000)}
+                                     if cfg.dynamic_batching else None)}
+
+
+def _triton_tensors(tensors: list[dict]) -> list[dict]:
+    return [{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"][1:]} for t in tensors]
+
 
 def _datatype(dtype) -> str:
     from .protocol import DATATYPE_OF
@@ -126,6 +140,9 @@ class ModelState:
     versions: dict[str, Version] = field(default_factory=dict)
     state: str = "UNAVAILABLE"       # READY | UNAVAILABLE | UNLOADED
     reason: str = ""
+
+    def version_names(self) -> list[str]:
+        return sorted(self.versions, key=int)
 
 
 class Repository:
@@ -155,7 +172,7 @@ class Repository:
                 if m is None:
                     rows.append({"name": n, "state": "UNAVAILABLE", "reason": "not loaded"})
                     continue
-                for v in sorted(m.versions, key=int) or [None]:
+                for v in m.version_names() or [None]:
                     row = {"name": n, "state": m.state, "reason": m.reason}
                     if v is not None:
                         row["version"] = v
@@ -163,17 +180,18 @@ class Repository:
             return rows
 
     def get(self, name: str, version: str | None = None) -> Version:
-        """The version to serve; LookupError (404) or RuntimeError (not ready) otherwise."""
+        """The version to serve (``None``: the highest); NotFound for an unknown model or
+        version, NotReady for a model that failed to load or was unloaded."""
         m = self.models.get(name)
         if m is None:
-            raise LookupError(f"unknown model {name!r}")
+            raise NotFound(f"unknown model {name!r}")
         if m.state != "READY":
-            raise RuntimeError(f"model {name!r} is not ready ({m.state.lower()}{': ' + m.reason if m.reason else ''})")
+            raise NotReady(f"model {name!r} is not ready ({m.state.lower()}{': ' + m.reason if m.reason else ''})")
         versions = m.versions
         if version is None:
             return versions[max(versions, key=int)]
         if version not in versions:
-            raise LookupError(f"model {name!r} has no version {version!r} (loaded: {sorted(versions, key=int)})")
+            raise NotFound(f"model {name!r} has no version {version!r} (loaded: {m.version_names()})")
         return versions[version]
 
     def load(self, name: str) -> ModelState:
@@ -211,7 +229,7 @@ class Repository:
         with self._lock:
             m = self.models.get(name)
             if m is None:
-                raise LookupError(f"unknown model {name!r}")
+                raise NotFound(f"unknown model {name!r}")
             self.models[name] = ModelState(name, {}, "UNLOADED", "unloaded by request")
         for v in m.versions.values():
             v.batcher.close(wait=False)
@@ -224,10 +242,18 @@ class Repository:
             for v in m.versions.values():
                 v.batcher.close(wait=True)
 
-    def next_version(self, name: str) -> str:
-        d = safe_join(self.root, check_name(name))
-        have = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
-        return str(max(have, default=0) + 1)
+    def add(self, name: str, mdf: bytes) -> tuple[str, ModelState]:
+        """Write ``mdf`` (MDF JSON) as the model's next version on disk, then (re)load the
+        model; the new version's name and the model's state."""
+        model_dir = safe_join(self.root, check_name(name))
+        have = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+            if model_dir.is_dir() else []
+        version = str(max(have, default=0) + 1)
+        target = model_dir / version / "model.mdf.json"
+        target.parent.mkdir(parents=True, exist_ok=False)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(mdf)
+        return version, self.load(name)
 
     # -- internals ------------------------------------------------------------------ #
     def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ServingConfig) -> Version:
