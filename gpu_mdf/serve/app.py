@@ -128,7 +128,7 @@ class App:
             body = await read_body(receive, self.settings.max_body) if route.method == "POST" else b""
             if body is None:
                 return None
-            return await handler(Call(path, params, headers, scope["query_string"], body))
+            return await handler(Call(params, headers, scope["query_string"], body))
         except Exception as e:
             return self._error_response(e, path)
 

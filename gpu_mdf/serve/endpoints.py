@@ -55,7 +55,6 @@ ROUTES = [   # method, path template, Endpoints method, /metrics route label; in
 @dataclass(slots=True)
 class Call:
     """One request as an endpoint sees it."""
-    path: str
     params: dict[str, str | None]        # the route template's parameters
     headers: dict[str, str]              # names in lower case
     query: bytes
