@@ -88,8 +88,12 @@ class Config:
         return d
 
 
-def _build(cls, raw: Any, where: str):
-    """Validate a mapping against a config dataclass, driven by its type annotations."""
+def from_mapping(cls, raw: Any, where: str):
+    """Validate a mapping (read from YAML) into the dataclass ``cls``, driven by its type
+    annotations: unknown keys and wrong types are refused with a ConfigError naming
+    ``where`` and the key; nested dataclasses and lists of them are built the same way;
+    ``None`` gives the defaults. Used for the run configuration and for a served model's
+    ``config.yaml`` (:class:`gpu_mdf.serve.repository.ServingConfig`)."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
@@ -104,12 +108,12 @@ def _build(cls, raw: Any, where: str):
         want, sub = hints[name], f"{where}.{name}"
         item = (typing.get_args(want) or (None,))[0]
         if dataclasses.is_dataclass(want):
-            kwargs[name] = _build(want, value, sub)
+            kwargs[name] = from_mapping(want, value, sub)
         elif typing.get_origin(want) is list and dataclasses.is_dataclass(item):
             if not isinstance(value, list):
                 raise ConfigError(f"{sub}: expected a list of mappings with keys "
                                   f"{sorted(f.name for f in dataclasses.fields(item))}")
-            kwargs[name] = [_build(item, v, f"{sub}[{i}]") for i, v in enumerate(value)]
+            kwargs[name] = [from_mapping(item, v, f"{sub}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[name] = _check_value(want, name, value, sub)
     return cls(**kwargs)
@@ -157,7 +161,7 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = _build(Config, raw or {}, path.name)
+    cfg = from_mapping(Config, raw or {}, path.name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name) or ".." in cfg.name:
         raise ConfigError(f"{path.name}.name: {cfg.name!r} is not a plain name (letters, digits, . _ -): "
                           f"it names the run folder runs/<name>")

@@ -18,8 +18,9 @@ import pytest
 
 from gpu_mdf.engine import compile
 from gpu_mdf.serve.batcher import Batcher, Closed, QueueFull
+from gpu_mdf.serve.errors import HTTPError as ProtocolError
 from gpu_mdf.serve.launch import launch, launched
-from gpu_mdf.serve.protocol import ProtocolError, decode_body, parse_infer_request
+from gpu_mdf.serve.protocol import decode_body, parse_infer_request
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")

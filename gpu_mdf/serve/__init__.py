@@ -11,7 +11,6 @@ install size and start-up time were measured).
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 from ..errors import GpuMdfError
@@ -36,18 +35,18 @@ def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 800
     requests are finished (up to ``graceful_seconds``) and queued batches drained."""
     require("starlette", "gpu-mdf serve")
     uvicorn = require("uvicorn", "gpu-mdf serve")
-    from .app import Settings, create_app
+    from .app import App, Settings, log_to_stderr
     from .metrics import Metrics
     from .repository import Repository
 
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    log = log or log_to_stderr
     token = read_token(token_file) if token_file else None
     metrics = Metrics()
     repo = Repository(model_repository, device=device, metrics=metrics, log=log)
     repo.load_all()
     metrics.gauges.append(lambda: _gauges(repo))
     settings = Settings(max_body=int(max_body_mb * 2**20), token=token, access_log=access_log, log=log)
-    app = create_app(repo, settings, metrics)
+    app = App(repo, settings, metrics)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

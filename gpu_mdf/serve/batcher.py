@@ -7,11 +7,13 @@ or when the next request could not join it (another dtype: uint8 pixels are norm
 on the device, float input is taken as it is). A request larger than ``max_batch_size``
 runs alone (the engine blocks it on the CPU and splits it on a GPU out of memory). The
 queue is bounded in requests and in bytes: over either, :class:`QueueFull` (HTTP 503).
-With ``dynamic=False`` every request runs alone, in arrival order.
+With ``dynamic=False`` every request runs alone, in arrival order. The event loop awaits
+a result with :meth:`Batcher.result`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -20,13 +22,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class QueueFull(Exception):
-    pass
+from .errors import Unavailable
 
 
-class Closed(Exception):
-    pass
+class QueueFull(Unavailable):
+    """The queue holds its most requests or bytes; retry later."""
+
+
+class Closed(Unavailable):
+    """The model version is unloading: its batcher takes no more requests."""
 
 
 @dataclass
@@ -71,6 +75,18 @@ class Batcher:
             self._q.append(Job(feeds, items, nbytes, key, done))
             self._bytes += nbytes
             self._cv.notify()
+
+    async def result(self, feeds: dict[str, np.ndarray]) -> tuple[dict | None, Exception | None, dict]:
+        """Submit from the event loop and wait there for ``(outputs, error, stats)``."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def resolve(out, error, stats):        # on the event loop
+            if not future.done():
+                future.set_result((out, error, stats))
+
+        self.submit(feeds, lambda out, error, stats: loop.call_soon_threadsafe(resolve, out, error, stats))
+        return await future
 
     def close(self, wait: bool = True) -> None:
         """Finish what is queued, then stop the worker."""

@@ -1,5 +1,5 @@
 """Convert one uploaded Keras file to MDF in a process of its own (the server's
-``POST /v2/convert``). Uploaded models are untrusted: the limits on address space and CPU
+``POST /v2/convert``, started by :mod:`.conversion`). Uploaded models are untrusted: the limits on address space and CPU
 time are set here, before Keras is imported or the file is read, and Keras loads the
 file with ``safe_mode=True`` (a Lambda's code is refused, never run).
 

@@ -67,6 +67,14 @@ class Metrics:
             h[2] += value
             h[3] += 1
 
+    def request(self, model: str, version: str, code: int, seconds: float) -> None:
+        """One inference request answered with HTTP status ``code`` after ``seconds``."""
+        lab = {"model": model, "version": version}
+        self.inc("gpu_mdf_requests_total", {**lab, "code": str(code)})
+        if code != 200:
+            self.inc("gpu_mdf_request_failures_total", lab)
+        self.observe("gpu_mdf_request_seconds", lab, seconds)
+
     def batch(self, model: str, version: str, items: int, requests: int, seconds: float) -> None:
         lab = {"model": model, "version": version}
         self.observe("gpu_mdf_batch_items", lab, items, SIZE_BUCKETS)

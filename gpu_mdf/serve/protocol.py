@@ -7,6 +7,8 @@ header of ``Inference-Header-Content-Length`` bytes followed by the raw little-e
 bytes of each input whose ``parameters.binary_data_size`` is set, in input order; the
 response does the same for outputs asked for with ``parameters.binary_data`` (or for all,
 with the request's ``parameters.binary_data_output``).
+
+A request refused is one of :mod:`.errors`' HTTP errors (mostly ``BadRequest``, 400).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import BadRequest, PayloadTooLarge, ServerError, UnsupportedMediaType
+
 # v2 datatypes this server takes (BYTES, BOOL and BF16 are not pixel data)
 DATATYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -25,14 +29,6 @@ DATATYPE_OF = {np.dtype(v): k for k, v in DATATYPES.items()}
 # request-level parameters understood; any other is refused rather than ignored
 REQUEST_PARAMETERS = {"binary_data_output"}
 OUTPUT_PARAMETERS = {"binary_data"}
-
-
-class ProtocolError(Exception):
-    """A request the server refuses: ``status`` is the HTTP code, the message says why."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -53,24 +49,30 @@ def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     if enc == "identity":
         return body
     if enc not in ("gzip", "deflate"):
-        raise ProtocolError(f"Content-Encoding {enc!r} is not supported (gzip, deflate or none)", 415)
+        raise UnsupportedMediaType(f"Content-Encoding {enc!r} is not supported (gzip, deflate or none)")
     d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
-        raise ProtocolError(f"the {enc} body does not decompress: {e}") from None
+        raise BadRequest(f"the {enc} body does not decompress: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
-        raise ProtocolError(f"the decompressed body is over the {limit:,}-byte limit", 413)
+        raise PayloadTooLarge(f"the decompressed body is over the {limit:,}-byte limit")
     return out
 
 
-def _json(text: bytes, what: str):
-    def no_constant(c):
-        raise ValueError(f"{c} is not JSON")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_object(text: bytes) -> dict:
+    """The request's JSON object (NaN and Infinity are not JSON)."""
     try:
-        return json.loads(text, parse_constant=no_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"{what} is not valid JSON: {e}") from None
+        doc = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:           # UnicodeDecodeError included
+        raise BadRequest(f"the request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the request must be a JSON object")
+    return doc
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model_inputs: dict[str, bool],
@@ -85,62 +87,60 @@ def parse_infer_request(body: bytes, header_length: str | None, model_inputs: di
         try:
             n = int(header_length)
         except ValueError:
-            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
         if not 0 < n <= len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+            raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    req = _json(head, "the request")
-    if not isinstance(req, dict):
-        raise ProtocolError("the request must be a JSON object")
+    req = json_object(head)
     unknown = set(req) - {"id", "inputs", "outputs", "parameters"}
     if unknown:
-        raise ProtocolError(f"unknown request field(s) {sorted(unknown)}")
+        raise BadRequest(f"unknown request field(s) {sorted(unknown)}")
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ProtocolError("parameters must be an object")
+        raise BadRequest("parameters must be an object")
     bad = set(params) - REQUEST_PARAMETERS
     if bad:
-        raise ProtocolError(f"request parameter(s) {sorted(bad)} are not supported by this server "
+        raise BadRequest(f"request parameter(s) {sorted(bad)} are not supported by this server "
                             f"(supported: {sorted(REQUEST_PARAMETERS)})")
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
-        raise ProtocolError("id must be a string")
+        raise BadRequest("id must be a string")
 
     tensors = req.get("inputs")
     if not isinstance(tensors, list) or not tensors:
-        raise ProtocolError("inputs must be a non-empty list")
+        raise BadRequest("inputs must be a non-empty list")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for t in tensors:
         arr, used = _parse_input(t, binary, offset, model_inputs)
         offset += used
         if t["name"] in inputs:
-            raise ProtocolError(f"input {t['name']!r} is given twice")
+            raise BadRequest(f"input {t['name']!r} is given twice")
         inputs[t["name"]] = arr
     if offset != len(binary):
-        raise ProtocolError(f"the body has {len(binary) - offset} bytes after the inputs' binary data "
+        raise BadRequest(f"the body has {len(binary) - offset} bytes after the inputs' binary data "
                             "(binary_data_size and the body disagree)")
     missing = [n for n, required in model_inputs.items() if required and n not in inputs]
     if missing:
-        raise ProtocolError(f"missing input(s) {missing}; the model takes {list(model_inputs)}")
+        raise BadRequest(f"missing input(s) {missing}; the model takes {list(model_inputs)}")
     counts = {len(a) for a in inputs.values()}
     if len(counts) != 1:
-        raise ProtocolError(f"inputs disagree on the batch size: {sorted(counts)}")
+        raise BadRequest(f"inputs disagree on the batch size: {sorted(counts)}")
     if counts == {0}:
-        raise ProtocolError("the batch is empty")
+        raise BadRequest("the batch is empty")
 
     outputs = []
     for o in req.get("outputs") or []:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            raise ProtocolError("each requested output needs a name")
+            raise BadRequest("each requested output needs a name")
         if o["name"] not in model_outputs:
-            raise ProtocolError(f"unknown output {o['name']!r}; the model has {model_outputs}")
+            raise BadRequest(f"unknown output {o['name']!r}; the model has {model_outputs}")
         oparams = o.get("parameters") or {}
         bad = set(oparams) - OUTPUT_PARAMETERS
         if bad:
-            raise ProtocolError(f"output parameter(s) {sorted(bad)} are not supported by this server "
+            raise BadRequest(f"output parameter(s) {sorted(bad)} are not supported by this server "
                                 f"(supported: {sorted(OUTPUT_PARAMETERS)})")
         outputs.append((o["name"], bool(oparams.get("binary_data", False))))
     return InferRequest(rid, inputs, outputs, bool(params.get("binary_data_output", False)))
@@ -148,16 +148,16 @@ def parse_infer_request(body: bytes, header_length: str | None, model_inputs: di
 
 def _parse_input(t, binary: memoryview, offset: int, model_inputs: dict) -> tuple[np.ndarray, int]:
     if not isinstance(t, dict):
-        raise ProtocolError("each input must be an object")
+        raise BadRequest("each input must be an object")
     name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
     if not isinstance(name, str):
-        raise ProtocolError("each input needs a name")
+        raise BadRequest("each input needs a name")
     if name not in model_inputs:
-        raise ProtocolError(f"unknown input {name!r}; the model takes {list(model_inputs)}")
+        raise BadRequest(f"unknown input {name!r}; the model takes {list(model_inputs)}")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, batch first")
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, batch first")
     if datatype not in DATATYPES:
-        raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not supported "
+        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not supported "
                             f"(one of {', '.join(DATATYPES)})")
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
     count = int(np.prod(shape))
@@ -165,32 +165,32 @@ def _parse_input(t, binary: memoryview, offset: int, model_inputs: dict) -> tupl
     size = params.get("binary_data_size")
     if size is not None:
         if "data" in t:
-            raise ProtocolError(f"input {name!r}: both data and binary_data_size")
+            raise BadRequest(f"input {name!r}: both data and binary_data_size")
         if not isinstance(size, int) or size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name!r}: binary_data_size {size} is not {count} x {dtype.itemsize} "
+            raise BadRequest(f"input {name!r}: binary_data_size {size} is not {count} x {dtype.itemsize} "
                                 f"bytes for shape {shape} {datatype}")
         if offset + size > len(binary):
-            raise ProtocolError(f"input {name!r}: the body ends {offset + size - len(binary)} bytes short "
+            raise BadRequest(f"input {name!r}: the body ends {offset + size - len(binary)} bytes short "
                                 "of its binary data (truncated request)")
         arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).astype(dtype.newbyteorder("="))
         return arr.reshape(shape), size
     if "data" not in t:
-        raise ProtocolError(f"input {name!r}: no data (give data, or binary_data_size with binary data)")
+        raise BadRequest(f"input {name!r}: no data (give data, or binary_data_size with binary data)")
     try:
         raw = np.asarray(t["data"])
     except ValueError as e:
-        raise ProtocolError(f"input {name!r}: data is not a rectangular array of numbers ({e})") from None
+        raise BadRequest(f"input {name!r}: data is not a rectangular array of numbers ({e})") from None
     if raw.size != count:
-        raise ProtocolError(f"input {name!r}: {raw.size} values for shape {shape} ({count} values)")
+        raise BadRequest(f"input {name!r}: {raw.size} values for shape {shape} ({count} values)")
     if raw.dtype.kind not in "iuf" or raw.dtype.kind == "b":
         what = "booleans" if raw.dtype.kind == "b" else "text"
-        raise ProtocolError(f"input {name!r}: data must be numbers, not {what}")
+        raise BadRequest(f"input {name!r}: data must be numbers, not {what}")
     if dtype.kind in "iu":
         if raw.dtype.kind == "f" and not np.array_equal(raw, np.trunc(raw)):
-            raise ProtocolError(f"input {name!r}: {datatype} data has fractions")
+            raise BadRequest(f"input {name!r}: {datatype} data has fractions")
         info = np.iinfo(dtype)
         if raw.size and (raw.min() < info.min or raw.max() > info.max):
-            raise ProtocolError(f"input {name!r}: values outside {datatype}'s range {info.min}..{info.max}")
+            raise BadRequest(f"input {name!r}: values outside {datatype}'s range {info.min}..{info.max}")
     return raw.astype(dtype.newbyteorder("=")).reshape(shape), 0
 
 
@@ -203,7 +203,7 @@ def infer_response(model: str, version: str, req: InferRequest,
         a = np.ascontiguousarray(outputs[name])
         dt = DATATYPE_OF.get(a.dtype)
         if dt is None:
-            raise ProtocolError(f"output {name!r} has dtype {a.dtype}, which v2 cannot carry", 500)
+            raise ServerError(f"output {name!r} has dtype {a.dtype}, which v2 cannot carry")
         t = {"name": name, "datatype": dt, "shape": list(a.shape)}
         if binary:
             b = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -3,7 +3,8 @@
     DIR/<model>/config.yaml              optional (keys below)
     DIR/<model>/<version>/model.mdf.json (or .yaml, .bson); versions are positive integers
 
-``config.yaml`` keys (unknown keys and wrong types are refused, naming the key):
+``config.yaml`` keys (:class:`ServingConfig`; unknown keys and wrong types are refused,
+naming the key):
 
     max_batch_size: 256        items per device batch
     max_queue_delay_ms: 5      how long a batch waits for more requests after its first
@@ -28,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GpuMdfError
-from ..io import safe_join
+from ..config import from_mapping
+from ..errors import ConfigError, GpuMdfError
+from ..io import atomic_path, safe_join
 from .batcher import Batcher
+from .errors import NotFound, NotReady
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson")
-CONFIG_KEYS = {"max_batch_size": int, "max_queue_delay_ms": (int, float), "max_queue_size": int,
-               "max_queue_mb": (int, float), "dynamic_batching": bool, "device": str, "normalize": str,
-               "constants": str, "outputs": (list, dict)}
 
 
 class RepositoryError(GpuMdfError):
@@ -50,41 +50,35 @@ def check_name(name: str) -> str:
 
 
 @dataclass
-class ModelConfig:
+class ServingConfig:
+    """A model's ``config.yaml`` (the keys in this module's docstring), validated by the
+    run configuration's own :func:`gpu_mdf.config.from_mapping`."""
     max_batch_size: int = 256
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     max_queue_mb: float = 256.0
     dynamic_batching: bool = True
-    device: str | None = None
-    normalize: str | None = None
+    device: str | None = None        # None: the server's --device
+    normalize: str | None = None     # None: what the graph records
     constants: str | None = None
     outputs: list | dict | None = None
 
     @classmethod
-    def load(cls, model_dir: Path) -> ModelConfig:
+    def load(cls, model_dir: Path) -> ServingConfig:
         path = model_dir / "config.yaml"
         if not path.exists():
             return cls()
         import yaml
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
+            doc = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RepositoryError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(doc, dict):
-            raise RepositoryError(f"{path}: expected a mapping of settings")
-        for k, v in doc.items():
-            if k not in CONFIG_KEYS:
-                raise RepositoryError(f"{path}: unknown key {k!r} (known: {', '.join(CONFIG_KEYS)})")
-            want = CONFIG_KEYS[k]
-            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
-                raise RepositoryError(f"{path}: {k} must be {getattr(want, '__name__', 'a number')}, got {v!r}")
-        cfg = cls(**doc)
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        cfg = from_mapping(cls, doc or {}, str(path))
         for k in ("max_batch_size", "max_queue_size"):
             if getattr(cfg, k) < 1:
-                raise RepositoryError(f"{path}: {k} must be at least 1")
+                raise ConfigError(f"{path}: {k} must be at least 1")
         if cfg.max_queue_delay_ms < 0 or cfg.max_queue_mb <= 0:
-            raise RepositoryError(f"{path}: max_queue_delay_ms must be >= 0 and max_queue_mb > 0")
+            raise ConfigError(f"{path}: max_queue_delay_ms must be >= 0 and max_queue_mb > 0")
         return cfg
 
 
@@ -98,7 +92,7 @@ class Version:
     input_names: dict[str, bool]           # served input name -> required
     output_names: dict[str, str]           # served output name -> graph output name
     batcher: Batcher
-    config: ModelConfig
+    config: ServingConfig
 
     def metadata(self) -> dict:
         p = self.program
@@ -113,6 +107,19 @@ class Version:
                                "dynamic_batching": self.config.dynamic_batching,
                                "integer_inputs": "pixels, normalised by the model ('normalize')",
                                "float_inputs": "taken as already normalised"}}
+
+    def triton_config(self) -> dict:
+        """Triton's model configuration (``GET .../config``)."""
+        meta, cfg = self.metadata(), self.config
+        return {"name": self.model, "platform": meta["platform"], "backend": "gpu-mdf",
+                "max_batch_size": cfg.max_batch_size,
+                "input": _triton_tensors(meta["inputs"]), "output": _triton_tensors(meta["outputs"]),
+                "dynamic_batching": ({"max_queue_delay_microseconds": int(cfg.max_queue_delay_ms * 1000)}
+                                     if cfg.dynamic_batching else None)}
+
+
+def _triton_tensors(tensors: list[dict]) -> list[dict]:
+    return [{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"][1:]} for t in tensors]
 
 
 def _datatype(dtype) -> str:
@@ -133,6 +140,9 @@ class ModelState:
     versions: dict[str, Version] = field(default_factory=dict)
     state: str = "UNAVAILABLE"       # READY | UNAVAILABLE | UNLOADED
     reason: str = ""
+
+    def version_names(self) -> list[str]:
+        return sorted(self.versions, key=int)
 
 
 class Repository:
@@ -162,7 +172,7 @@ class Repository:
                 if m is None:
                     rows.append({"name": n, "state": "UNAVAILABLE", "reason": "not loaded"})
                     continue
-                for v in sorted(m.versions, key=int) or [None]:
+                for v in m.version_names() or [None]:
                     row = {"name": n, "state": m.state, "reason": m.reason}
                     if v is not None:
                         row["version"] = v
@@ -170,17 +180,18 @@ class Repository:
             return rows
 
     def get(self, name: str, version: str | None = None) -> Version:
-        """The version to serve; LookupError (404) or RuntimeError (not ready) otherwise."""
+        """The version to serve (``None``: the highest); NotFound for an unknown model or
+        version, NotReady for a model that failed to load or was unloaded."""
         m = self.models.get(name)
         if m is None:
-            raise LookupError(f"unknown model {name!r}")
+            raise NotFound(f"unknown model {name!r}")
         if m.state != "READY":
-            raise RuntimeError(f"model {name!r} is not ready ({m.state.lower()}{': ' + m.reason if m.reason else ''})")
+            raise NotReady(f"model {name!r} is not ready ({m.state.lower()}{': ' + m.reason if m.reason else ''})")
         versions = m.versions
         if version is None:
             return versions[max(versions, key=int)]
         if version not in versions:
-            raise LookupError(f"model {name!r} has no version {version!r} (loaded: {sorted(versions, key=int)})")
+            raise NotFound(f"model {name!r} has no version {version!r} (loaded: {m.version_names()})")
         return versions[version]
 
     def load(self, name: str) -> ModelState:
@@ -192,7 +203,7 @@ class Repository:
         try:
             if not model_dir.is_dir():
                 raise RepositoryError(f"no folder {name!r} in the repository")
-            cfg = ModelConfig.load(model_dir)
+            cfg = ServingConfig.load(model_dir)
             vdirs = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
                            key=lambda p: int(p.name))
             if not vdirs:
@@ -218,7 +229,7 @@ class Repository:
         with self._lock:
             m = self.models.get(name)
             if m is None:
-                raise LookupError(f"unknown model {name!r}")
+                raise NotFound(f"unknown model {name!r}")
             self.models[name] = ModelState(name, {}, "UNLOADED", "unloaded by request")
         for v in m.versions.values():
             v.batcher.close(wait=False)
@@ -231,13 +242,21 @@ class Repository:
             for v in m.versions.values():
                 v.batcher.close(wait=True)
 
-    def next_version(self, name: str) -> str:
-        d = safe_join(self.root, check_name(name))
-        have = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
-        return str(max(have, default=0) + 1)
+    def add(self, name: str, mdf: bytes) -> tuple[str, ModelState]:
+        """Write ``mdf`` (MDF JSON) as the model's next version on disk, then (re)load the
+        model; the new version's name and the model's state."""
+        model_dir = safe_join(self.root, check_name(name))
+        have = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+            if model_dir.is_dir() else []
+        version = str(max(have, default=0) + 1)
+        target = model_dir / version / "model.mdf.json"
+        target.parent.mkdir(parents=True, exist_ok=False)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(mdf)
+        return version, self.load(name)
 
     # -- internals ------------------------------------------------------------------ #
-    def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ModelConfig) -> Version:
+    def _load_version(self, name, version, vdir: Path, model_dir: Path, cfg: ServingConfig) -> Version:
         from ..engine import compile, load_constants
         files = [vdir / f for f in MODEL_FILES if (vdir / f).is_file()]
         if len(files) != 1:
@@ -260,7 +279,7 @@ class Repository:
                        outputs, batcher, cfg)
 
 
-def _output_names(prog, cfg: ModelConfig, path) -> dict[str, str]:
+def _output_names(prog, cfg: ServingConfig, path) -> dict[str, str]:
     graph = [o.name for o in prog.outputs]
     if cfg.outputs is None:
         return {g: g for g in graph}
