@@ -171,6 +171,61 @@ def mobilenet_style_cnn(batch=64, width=32, blocks=((16, 1), (24, 2), (24, 1), (
     return b.model("x", [batch, 3, size, size], [y])
 
 
+def he(*shape):
+    """Random weights that keep activations in range through deep stacks (He's scaling)."""
+    fan_in = int(np.prod(shape[1:]))
+    return (R.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def squeezenet(opset=9, size=224, classes=1000):
+    """SqueezeNet 1.0 as the ONNX model zoo has it (opset 9): fire modules (squeeze 1x1, expand
+    1x1 and 3x3, concatenated), dropout, a 1x1 classifier, average pooling and a Softmax on the
+    (N, 1000, 1, 1) output, which before opset 13 flattens from axis 1."""
+    b = Builder()
+
+    def conv(x, cin, cout, k, name, **attrs):
+        return b.op("Relu", [b.op("Conv", [x, b.init(f"{name}_w", he(cout, cin, k, k)), b.init(f"{name}_b", w(cout))],
+                                  kernel_shape=[k, k], **attrs)])
+
+    def fire(x, cin, s, e, name):
+        sq = conv(x, cin, s, 1, f"{name}_s")
+        return b.op("Concat", [conv(sq, s, e, 1, f"{name}_e1"), conv(sq, s, e, 3, f"{name}_e3", pads=[1, 1, 1, 1])],
+                    axis=1)
+
+    y = conv("x", 3, 96, 7, "conv1", strides=[2, 2])
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2])
+    y = fire(fire(fire(y, 96, 16, 64, "f2"), 128, 16, 64, "f3"), 128, 32, 128, "f4")
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2])
+    y = fire(fire(fire(fire(y, 256, 32, 128, "f5"), 256, 48, 192, "f6"), 384, 48, 192, "f7"), 384, 64, 256, "f8")
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2])
+    y = fire(y, 512, 64, 256, "f9")
+    y = b.op("Dropout", [y], ratio=0.5)
+    y = conv(y, 512, classes, 1, "conv10")
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Softmax", [y])
+    return b.model("x", [1, 3, size, size], [y], opset=opset)
+
+
+def vgg19(size=224, classes=1000):
+    """VGG19 (143.7M weights, 102.8M of them in the first fully connected layer at 224x224)."""
+    b = Builder()
+    y, cin = "x", 3
+    for i, (cout, n) in enumerate(((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))):
+        for j in range(n):
+            y = b.op("Relu", [b.op("Conv", [y, b.init(f"c{i}{j}_w", he(cout, cin, 3, 3)),
+                                            b.init(f"c{i}{j}_b", w(cout, scale=0.01))], pads=[1, 1, 1, 1])])
+            cin = cout
+        y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Flatten", [y])
+    feat = cin * (size // 32) ** 2
+    for k, (fin, fout) in enumerate(((feat, 4096), (4096, 4096), (4096, classes))):
+        y = b.op("Gemm", [y, b.init(f"fc{k}_w", he(fout, fin)), b.init(f"fc{k}_b", w(fout, scale=0.01))], transB=1)
+        if k < 2:
+            y = b.op("Dropout", [b.op("Relu", [y])], ratio=0.5)
+    y = b.op("Softmax", [y], axis=1)
+    return b.model("x", [1, 3, size, size], [y], opset=11)
+
+
 # --------------------------------------------------------------------------- #
 # Importers
 # --------------------------------------------------------------------------- #

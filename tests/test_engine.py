@@ -340,3 +340,72 @@ def test_cpu_blocks_a_little_larger_than_block_size_do_not_deadlock(monkeypatch)
     t.join(30)
     assert "y" in out, "blocked run did not finish (nested blocking on the pool)"
     np.testing.assert_allclose(out["y"], whole, atol=1e-5, rtol=1e-5)   # BLAS may block a GEMM differently
+
+
+def _yaml_bomb(levels: int = 9) -> str:
+    """A YAML MDF file of about 2 KB whose weight, read with aliases expanded, has 10**levels values."""
+    lines = ["a0: &a0 [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    anchors = "\n".join("  " + ln for ln in lines)
+    return f"""bomb:
+  format: ModECI MDF v0.4
+  metadata:
+{anchors}
+  graphs:
+    g:
+      nodes:
+        n:
+          input_ports: {{x: {{shape: [1, 2]}}}}
+          parameters:
+            w: {{value: *a{levels - 1}}}
+          functions:
+            y: {{function: onnx::Add, args: {{A: x, B: w}}}}
+          output_ports: {{out: {{value: y}}}}
+"""
+
+
+def test_yaml_aliases_are_refused_in_milliseconds_without_allocating(tmp_path):
+    """PyYAML shares an aliased list instead of copying it, so a 2 KB file can describe a
+    billion numbers; the size is counted through the shared lists before any array is made."""
+    import time
+    import tracemalloc
+    path = tmp_path / "bomb.mdf.yaml"
+    path.write_text(_yaml_bomb())
+    assert path.stat().st_size < 2500
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CompileError, match="expands to 1,000,000,000"):
+        compile(path, device="cpu")
+    seconds, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 0.5 and peak < (20 << 20), (seconds, peak)
+
+
+def test_a_small_file_cannot_fold_into_a_large_constant():
+    """Growth is bounded: Expand of one value to 27M (a 3.8 KB file once compiled into 462 MB)."""
+    node = {"input_ports": {"x": {"shape": [1, 2]}},
+            "parameters": {"one": {"value": [1.5]}, "shape": {"value": [3000, 3000, 3]},
+                           "big": {"function": "onnx::Expand", "args": {"input": "one", "shape": "shape"}},
+                           "outer": {"function": "onnx::Mul", "args": {"A": "col", "B": "row"}},
+                           "col": {"value": [[0.5]] * 3000}, "row": {"value": [[0.5] * 3000]}},
+            "output_ports": {"y": {"value": "big"}}}
+    with pytest.raises(CompileError, match="exceeds the compile-time limit"):
+        compile(one_node_model(node), device="cpu")
+    node["output_ports"] = {"y": {"value": "outer"}}          # a 3000x3000 outer product of 6000 values
+    del node["parameters"]["big"]
+    with pytest.raises(CompileError, match="outer .* exceeds the compile-time limit"):
+        compile(one_node_model(node), device="cpu")
+
+
+def test_the_callers_arrays_are_trusted_data_of_any_size():
+    """Bound weights are what the caller already holds: folding them (a transpose, a
+    BatchNorm into a weight) grows nothing, whatever their size (VGG's 102M-value layer)."""
+    big = np.full((2, 40_000_000), 0.5, np.float32)             # 80M values, over every old limit
+    node = {"input_ports": {"x": {"shape": [1, 2], "type": "float32"}, "w": {"shape": [2, 40_000_000]}},
+            "parameters": {"w2": {"function": "onnx::Mul", "args": {"A": "w", "B": 2.0}},
+                           "y": {"function": "onnx::MatMul", "args": {"A": "x", "B": "w2"}}},
+            "output_ports": {"out": {"value": "y"}}}
+    prog = compile(one_node_model(node), device="cpu", constants={"w": big})
+    out = prog.run(np.ones((1, 2), np.float32))
+    assert out.shape == (1, 40_000_000) and float(out[0, 0]) == 2.0

@@ -391,3 +391,33 @@ def test_bare_word_string_attributes_and_list_of_names():
     out = prog.run({"x": x, "y": y})
     np.testing.assert_allclose(out, np.concatenate([np.pad(x, [(0, 0), (0, 0), (1, 1)], mode="reflect"),
                                                     np.pad(y, [(0, 0), (0, 0), (1, 1)], mode="edge")]))
+
+
+def test_squeezenet_at_opset_9_follows_its_opset():
+    """SqueezeNet 1.0 (the model zoo's opset-9 architecture, random weights): its Softmax on a
+    (1, 1000, 1, 1) tensor flattens from axis 1 before opset 13. Read at opset 17 (what a file
+    that does not say its opset gets), every class would have probability 1; with --opset 9
+    (onnx_to_mdf drops it) and through gpu-mdf's importer (which records it) it matches ONNX Runtime."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    model = F.squeezenet(opset=9)
+    x = F.R.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = F.run_ort(model, x)
+    assert want.shape == (1, 1000, 1, 1) and want.max() < 0.5
+    mdf, weights = F.import_onnx(model)
+    d = mdf.to_dict()
+    np.testing.assert_allclose(compile(d, device="cpu", constants=weights, opset=9).run({"x": x}), want,
+                               rtol=1e-4, atol=1e-7)
+    assert np.allclose(compile(d, device="cpu", constants=weights).run({"x": x}), 1.0)   # opset 17's meaning
+    ours = compile(onnx_to_mdf_doc(model), device="cpu")
+    np.testing.assert_allclose(ours.run(x), want, rtol=1e-4, atol=1e-7)
+
+
+def test_vgg19_at_224_compiles_with_its_weights_and_matches_onnxruntime():
+    """102.8M weights in one layer: bound data of the caller, never a hostile expansion."""
+    model = F.vgg19()
+    x = F.R.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = F.run_ort(model, x)
+    mdf, weights = F.import_onnx(model)
+    del model
+    got = compile(mdf.to_dict(), device="cpu", constants=weights).run({"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

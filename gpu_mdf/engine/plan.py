@@ -356,18 +356,19 @@ class Planner:
         """Every string in the node and how many output ports name each value plainly (to
         find which outputs of a multi-output op are read)."""
         out = []
+        seen: set[int] = set()     # a list or mapping YAML aliases many times is read once
 
         def walk(v):
             if isinstance(v, str):
                 out.append(v)
-            elif isinstance(v, dict):
-                for x in v.values():
-                    walk(x)
-            elif isinstance(v, list):
-                if v and isinstance(v[0], (int, float)):
-                    return      # a row of numbers (weights): no names in it (a stray string fails as a constant)
-                for x in v:
-                    walk(x)
+            elif isinstance(v, (dict, list)) and id(v) not in seen:
+                seen.add(id(v))
+                if isinstance(v, dict):
+                    for x in v.values():
+                        walk(x)
+                elif not (v and isinstance(v[0], (int, float))):    # a row of numbers holds no names
+                    for x in v:
+                        walk(x)
         walk({k: v for k, v in n.items() if k != "metadata"})
         plain = Counter(o["value"].strip() for _, o in items(n.get("output_ports"))
                         if isinstance(o, dict) and isinstance(o.get("value"), str))
