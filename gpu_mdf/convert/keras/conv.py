@@ -7,7 +7,7 @@ that the engine folds once."""
 from __future__ import annotations
 
 from .activations import apply_activation
-from .registry import as_tuple, spatial_pads, translator, weights
+from .registry import as_tuple, spatial_pads, spatial_sizes, translator, weights
 
 
 def _conv_core(layer, b, x, nsp, k_name, k_shape, groups, bias=None):
@@ -87,8 +87,7 @@ def _conv_transpose(layer, b, xs):
     strides = as_tuple(layer.strides, nsp)
     dil = as_tuple(layer.dilation_rate, nsp)
     opad = as_tuple(layer.output_padding, nsp) if layer.output_padding is not None else (None,) * nsp
-    cl = layer.data_format == "channels_last"
-    in_sp = b.in_shapes[0][1:1 + nsp] if cl else b.in_shapes[0][2:]
+    in_sp = spatial_sizes(layer, b.in_shapes[0], nsp)
     if layer.padding not in ("same", "valid") or any(n is None for n in in_sp):
         b.unsupported(f"padding={layer.padding!r} or an unknown spatial size")
     begin, end, extra = [], [], []

@@ -147,15 +147,19 @@ def _same_pads(in_sizes, kernel, strides, dilations) -> tuple[list[int], list[in
     return before, after
 
 
+def spatial_sizes(layer, shape, nsp: int) -> tuple:
+    """The ``nsp`` spatial sizes of a layer's input ``shape``, by the layer's data_format."""
+    return tuple(shape[1:1 + nsp]) if layer.data_format == "channels_last" else tuple(shape[2:2 + nsp])
+
+
 def spatial_pads(layer, b, nsp, kernel, strides, dilations):
     """ONNX ``pads`` (all begins, then all ends) for a convolution or pooling layer's
     ``padding`` ('valid', TensorFlow's 'same', or 'causal')."""
     padding = layer.padding
     if padding == "valid":
         return [0] * (2 * nsp)
-    in_sp = b.in_shapes[0][1:1 + nsp] if layer.data_format == "channels_last" else b.in_shapes[0][2:]
     if padding == "same":
-        before, after = _same_pads(in_sp, kernel, strides, dilations)
+        before, after = _same_pads(spatial_sizes(layer, b.in_shapes[0], nsp), kernel, strides, dilations)
         return before + after
     if padding == "causal":
         return [(kernel[0] - 1) * dilations[0]] + [0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import translator
+from .registry import spatial_sizes, translator
 
 
 @translator("Flatten")
@@ -43,7 +43,6 @@ def _zero_pad(layer, b, xs):
 @translator("Cropping2D")
 def _crop(layer, b, xs):
     (t, bt), (lf, r) = layer.cropping
-    cl = layer.data_format == "channels_last"
-    h, w = b.in_shapes[0][1:3] if cl else b.in_shapes[0][2:4]
-    axes = [1, 2] if cl else [2, 3]
+    h, w = spatial_sizes(layer, b.in_shapes[0], 2)
+    axes = [1, 2] if layer.data_format == "channels_last" else [2, 3]
     return b.op("crop", "onnx::Slice", data=xs[0], starts=[t, lf], ends=[h - bt, w - r], axes=axes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import translator
+from .registry import spatial_sizes, translator
 
 
 def _resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
@@ -30,7 +30,7 @@ def _resize(layer, b, x, out_h: int, out_w: int, method: str):
     if method not in ("bilinear", "nearest"):
         b.unsupported(f"interpolation={method!r} (bilinear and nearest only)")
     cl = layer.data_format == "channels_last"
-    _, h, w = (b.in_shapes[0][0], *b.in_shapes[0][1:3]) if cl else (None, *b.in_shapes[0][2:4])
+    h, w = spatial_sizes(layer, b.in_shapes[0], 2)
     if h is None or w is None:
         b.unsupported("an image of unknown size")
     y = b.to_channels_first(x, 4) if cl else x
@@ -53,12 +53,10 @@ def _upsample(layer, b, xs):
     """Nearest-neighbour upsampling as reshape + broadcast + reshape:
     (N, H, W, C) -> (N, H, 1, W, 1, C) -> (N, H, sh, W, sw, C) -> (N, H*sh, W*sw, C);
     bilinear as resize matrices."""
-    if layer.interpolation != "nearest":
-        sh, sw = (int(v) for v in layer.size)
-        cl = layer.data_format == "channels_last"
-        h, w = b.in_shapes[0][1:3] if cl else b.in_shapes[0][2:4]
-        return _resize(layer, b, xs[0], h * sh, w * sw, layer.interpolation)
     sh, sw = (int(v) for v in layer.size)
+    if layer.interpolation != "nearest":
+        h, w = spatial_sizes(layer, b.in_shapes[0], 2)
+        return _resize(layer, b, xs[0], h * sh, w * sw, layer.interpolation)
     if layer.data_format == "channels_last":
         _, h, w, c = b.in_shapes[0]
         split, reps, final = [0, h, 1, w, 1, c], [1, 1, sh, 1, sw, 1], [0, h * sh, w * sw, c]

@@ -68,6 +68,16 @@ def _input_ports(pid: str, n: int) -> list[str]:
     return [f"{pid}_in{i}" if n > 1 else f"{pid}_in" for i in range(n)]
 
 
+def _refuse_layers(graph) -> None:
+    """Refuse a graph holding a layer of REFUSED_LAYERS before translating any of it."""
+    for calls in graph._nodes_by_depth.values():
+        for call in calls:
+            name = type(call.operation).__name__
+            if name in REFUSED_LAYERS:
+                raise UnsupportedLayerError(f"layer {call.operation.name!r} ({name}): "
+                                            f"{REFUSED_LAYERS[name]} is not supported")
+
+
 def _unique(base: str, taken: set) -> str:
     """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (then taken)."""
     name, i = base, 1
@@ -127,12 +137,7 @@ class KerasGraphWalker:
     def walk(self, graph, sources: dict[int, Source], prefix: str) -> None:
         """Translate ``graph``'s layer calls, in order; ``sources`` maps id(KerasTensor) of
         its tensors to the :data:`Source` giving it; node ids start with ``prefix``."""
-        for calls in graph._nodes_by_depth.values():
-            for call in calls:
-                name = type(call.operation).__name__
-                if name in REFUSED_LAYERS:
-                    raise UnsupportedLayerError(f"layer {call.operation.name!r} ({name}): "
-                                                f"{REFUSED_LAYERS[name]} is not supported")
+        _refuse_layers(graph)
         for depth in sorted(graph._nodes_by_depth, reverse=True):
             for call in graph._nodes_by_depth[depth]:
                 layer = call.operation
@@ -185,19 +190,19 @@ class KerasGraphWalker:
         if nid != layer.name:
             meta["keras_name"] = layer.name
         output_ports = self.add_node(nid, builder, meta, ports, ins, sources)
-        results_sources = []
+        output_sources = []
         for k, result in enumerate(results):
             suffix = "" if len(results) == 1 else str(k)
             if isinstance(result, Stack):
-                results_sources.append(self.join_steps(nid, layer, result, suffix))
+                output_sources.append(self.join_steps(nid, layer, result, suffix))
             else:
                 output_ports[f"{pid}_out{suffix}"] = {"value": result}
-                results_sources.append((nid, f"{pid}_out{suffix}"))
-        return results_sources
+                output_sources.append((nid, f"{pid}_out{suffix}"))
+        return output_sources
 
     def join_steps(self, nid: str, layer, stack: Stack, suffix: str) -> Source:
         """The per-step values of node ``nid`` leave through ports of their own and meet in
-        a Concat node that holds only it; returns the joined value's source."""
+        a node that holds only their Concat; returns the joined value's source."""
         pid = safe_id(nid)
         jid = self.fresh_id(f"{nid}_join{suffix}", scoped=True)
         jp = safe_id(jid)
