@@ -26,15 +26,26 @@ def _batch_norm(layer, b, xs):
     beta = b.param("beta", w["beta"]) if "beta" in w else b.param("beta", np.zeros(c, np.float32))
     mean = b.param("moving_mean", w["moving_mean"])
     var = b.param("moving_variance", w["moving_variance"])
-    eps = b.param("epsilon", np.float32(layer.epsilon))
-    inv = b.op("inv", "onnx::Div", A=gamma,
-               B=b.op("std", "onnx::Sqrt", X=b.op("var_eps", "onnx::Add", A=var, B=eps)))
+    inv = b.op("inv", "onnx::Div", A=gamma, B=_std(b, var, layer.epsilon))
     shift = b.op("shift", "onnx::Sub", A=beta, B=b.op("mean_inv", "onnx::Mul", A=mean, B=inv))
     if axis != rank - 1:  # broadcast over the axes after the channel axis
         shape = [c] + [1] * (rank - 1 - axis)
         inv = b.op("inv_b", "onnx::Reshape", data=inv, shape=shape)
         shift = b.op("shift_b", "onnx::Reshape", data=shift, shape=shape)
     return b.op("batchnorm", "onnx::Add", A=b.op("scaled", "onnx::Mul", A=xs[0], B=inv), B=shift)
+
+
+def _moments(b, x, axes):
+    """The mean of ``x`` over ``axes``, ``x`` centred, and its variance (axes kept)."""
+    mean = b.op("mean", "onnx::ReduceMean", data=x, axes=axes, keepdims=1)
+    d = b.op("centered", "onnx::Sub", A=x, B=mean)
+    var = b.op("variance", "onnx::ReduceMean", data=b.op("squared", "onnx::Mul", A=d, B=d), axes=axes, keepdims=1)
+    return mean, d, var
+
+
+def _std(b, var, epsilon):
+    """sqrt(var + epsilon)."""
+    return b.op("std", "onnx::Sqrt", X=b.op("var_eps", "onnx::Add", A=var, B=b.param("epsilon", np.float32(epsilon))))
 
 
 @translator("LayerNormalization")
@@ -46,14 +57,8 @@ def _layer_norm(layer, b, xs):
     if getattr(layer, "rms_scaling", False):
         b.unsupported("rms_scaling=True")
     w = weights(layer)
-    x = xs[0]
-    mean = b.op("mean", "onnx::ReduceMean", data=x, axes=axes, keepdims=1)
-    d = b.op("centered", "onnx::Sub", A=x, B=mean)
-    var = b.op("variance", "onnx::ReduceMean", data=b.op("squared", "onnx::Mul", A=d, B=d), axes=axes,
-               keepdims=1)
-    std = b.op("std", "onnx::Sqrt", X=b.op("var_eps", "onnx::Add", A=var,
-                                           B=b.param("epsilon", np.float32(layer.epsilon))))
-    y = b.op("normalized", "onnx::Div", A=d, B=std)
+    _, d, var = _moments(b, xs[0], axes)
+    y = b.op("normalized", "onnx::Div", A=d, B=_std(b, var, layer.epsilon))
     # gamma/beta have the normalised axes' shape; broadcast them over the others
     bshape = [b.in_shapes[0][a] if a in axes else 1 for a in range(axes[0], rank)]
     if "gamma" in w:
@@ -78,12 +83,8 @@ def _group_norm(layer, b, xs):
     c, g = int(shape[-1]), int(layer.groups)
     grouped = [0] + [int(d) for d in shape[1:-1]] + [g, c // g]
     x = b.op("grouped", "onnx::Reshape", data=xs[0], shape=grouped)
-    axes = [a for a in range(1, rank + 1) if a != rank - 1]
-    mean = b.op("mean", "onnx::ReduceMean", data=x, axes=axes, keepdims=1)
-    d = b.op("centered", "onnx::Sub", A=x, B=mean)
-    var = b.op("variance", "onnx::ReduceMean", data=b.op("squared", "onnx::Mul", A=d, B=d), axes=axes, keepdims=1)
-    inv = b.op("inv", "onnx::Reciprocal", X=b.op("std", "onnx::Sqrt", X=b.op(
-        "var_eps", "onnx::Add", A=var, B=b.param("epsilon", np.float32(layer.epsilon)))))
+    mean, _, var = _moments(b, x, [a for a in range(1, rank + 1) if a != rank - 1])
+    inv = b.op("inv", "onnx::Reciprocal", X=_std(b, var, layer.epsilon))
     w = weights(layer)
     bshape = [1] * (rank - 1) + [g, c // g]
     if "gamma" in w:
