@@ -11,14 +11,14 @@ import numpy as np
 from ..errors import GpuMdfError
 from ..mdf import mdf_graph, save_mdf
 from .keras import keras_to_mdf, load_keras_model
-from .keras.loading import keras_module
+from .keras.loading import KERAS_SUFFIXES, keras_module
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 FORMAT_SUFFIXES = {"json": [".json"], "yaml": [".yaml"], "both": [".json", ".yaml"], "bson": [".bson"]}
 
 
 @dataclass
 class ConvertResult:
+    """One model file's conversion: the files written, or the one-line reason it failed."""
     source: Path
     ok: bool
     outputs: list[Path]
@@ -41,7 +41,7 @@ def _expand(sources) -> list[Path]:
     for s in sources:
         p = Path(s)
         if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.suffix in MODEL_SUFFIXES)
+            files += sorted(q for q in p.iterdir() if q.suffix in KERAS_SUFFIXES)
         else:
             files.append(p)
     return files

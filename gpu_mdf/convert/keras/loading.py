@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ...errors import ModelFileError
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
 
 def keras_module():
     """The ``keras`` module (quietly imported; a missing Keras names the extra to install)."""
@@ -21,7 +23,7 @@ def load_keras_model(path: str | Path):
         raise ModelFileError(f"{path}: no such model file")
     if path.is_dir():
         raise ModelFileError(f"{path}: a folder, not a Keras model file")
-    if path.suffix not in (".keras", ".h5", ".hdf5"):
+    if path.suffix not in KERAS_SUFFIXES:
         raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5)")
     keras = keras_module()
     from ... import layers as _shipped_layers  # noqa: F401  (registers gpu_mdf>PositionEmbedding)
