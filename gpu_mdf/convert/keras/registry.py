@@ -12,13 +12,16 @@ function decorated with ``@translator("ClassName")`` in the module of its family
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ...errors import UnsupportedLayerError
+from ...mdf import safe_id  # noqa: F401  (the translators name ids with it)
+
+# the ONNX opset whose meaning the translators' onnx:: functions have (recorded in the file)
+KERAS_OPSET = 17
 
 TRANSLATORS: dict[str, Callable] = {}      # Keras layers, by class name
 OP_TRANSLATORS: dict[str, Callable] = {}   # keras.ops operations in a functional graph (x + 3.0), by class name
@@ -48,12 +51,6 @@ op_translator = _registrar(OP_TRANSLATORS)   # @op_translator("Add"): keras.ops 
 
 def supported_layers() -> list[str]:
     return sorted(TRANSLATORS)
-
-
-def safe_id(name: str) -> str:
-    """``name`` as an MDF id: word characters only, not starting with a digit."""
-    s = re.sub(r"\W", "_", name)
-    return s if re.match(r"[A-Za-z_]", s) else f"n_{s}"
 
 
 @dataclass

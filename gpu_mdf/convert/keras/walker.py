@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import UnsupportedLayerError
-from ...mdf import MDF_FORMAT, GraphMeta
+from ...mdf import MDF_FORMAT, GraphMeta, safe_id, unique_id
 from .loading import keras_module
-from .registry import OP_TRANSLATORS, REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, safe_id, supported_layers
+from .registry import KERAS_OPSET, OP_TRANSLATORS, REFUSED_LAYERS, TRANSLATORS, NodeBuilder, Stack, supported_layers
 
 Source = tuple[str, str]   # the (node id, output port id) that gives a tensor
 
@@ -78,16 +78,6 @@ def _refuse_layers(graph) -> None:
                                             f"{REFUSED_LAYERS[name]} is not supported")
 
 
-def _unique(base: str, taken: set) -> str:
-    """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (then taken)."""
-    name, i = base, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
 class KerasGraphWalker:
     """Walks one built Keras model's layer calls in order, collecting the MDF graph.
 
@@ -114,13 +104,13 @@ class KerasGraphWalker:
             self.add_input(t)
         self.walk(self.model, self.tensor_sources, "")
         outputs = [self.tensor_sources[id(t)][1] for t in self.model.outputs]
-        meta = GraphMeta(inputs=self.inputs, outputs=outputs, normalize=normalize, batch_axis=0)
+        meta = GraphMeta(inputs=self.inputs, outputs=outputs, normalize=normalize, batch_axis=0, opset=KERAS_OPSET)
         return {"metadata": {GraphMeta.KEY: meta.to_dict()}, "nodes": self.nodes, "edges": self.edges}
 
     def fresh_id(self, name: str, scoped: bool = False) -> str:
         """A node id not yet used, from a Keras name; ``scoped`` keeps the ``/`` of a path."""
         base = "/".join(safe_id(part) for part in name.split("/")) if scoped else safe_id(name)
-        return _unique(base, self.used_ids)
+        return unique_id(base, self.used_ids)
 
     def add_input(self, t) -> None:
         """A model input: an identity node whose input port is the graph input."""
@@ -161,7 +151,7 @@ class KerasGraphWalker:
             raise UnsupportedLayerError(f"model {model.name!r} used as a layer with {len(ins)} inputs; "
                                         f"it takes {len(inner.inputs)}")
         scope = {id(it): sources[id(t)] for it, t in zip(inner.inputs, ins)}
-        self.walk(inner, scope, _unique(prefix + model.name, self.model_paths) + "/")
+        self.walk(inner, scope, unique_id(prefix + model.name, self.model_paths) + "/")
         for t, it in zip(outs, inner.outputs):
             sources[id(t)] = scope[id(it)]
 
