@@ -1,6 +1,6 @@
 """The package's shape: its module import graph (cycles named) and its longest functions.
 
-    python scripts/architecture.py [--longest 15] [--graph]
+    python scripts/architecture.py [--longest 15] [--graph] [--layout]
 
 Reads the source with :mod:`ast` (imports nothing). Imports inside functions count
 (lazy imports are still dependencies); ``if TYPE_CHECKING`` blocks do not.
@@ -84,11 +84,38 @@ def longest_functions(root: Path = ROOT, n: int = 15) -> list[tuple[int, str, st
     return sorted(rows, reverse=True)[:n]
 
 
+def summary(path: Path) -> str:
+    """The first sentence of a module's docstring, on one line."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = next((i + 1 for i in range(len(para)) if para[i] == "." and (i + 1 == len(para) or para[i + 1] == " ")),
+               len(para))
+    return para[:end].rstrip(":.")
+
+
+def layout(root: Path = ROOT) -> str:
+    """The README's Layout list: every module of the package with its docstring's first sentence."""
+    lines = []
+    for mod, path in modules(root).items():
+        if mod == PACKAGE or path.name == "__main__.py":
+            continue
+        rel = path.relative_to(root)
+        parts = rel.parts[:-1] if path.name == "__init__.py" else rel.parts
+        depth = len(parts) - 2
+        shown = ("/".join(parts) if depth == 0 else parts[-1]) + ("/" if path.name == "__init__.py" else "")
+        lines.append(f"{'  ' * depth}* `{shown}`: {summary(path)}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--longest", type=int, default=15)
     ap.add_argument("--graph", action="store_true", help="print every module's imports")
+    ap.add_argument("--layout", action="store_true", help="print the README's Layout list and stop")
     args = ap.parse_args(argv)
+    if args.layout:
+        print(layout())
+        return
     graph = imports()
     if args.graph:
         for m in sorted(graph):

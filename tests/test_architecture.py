@@ -1,0 +1,60 @@
+"""The shape of the package stays what the README says: its layout, where to add things,
+no import cycle, no function over 80 lines, the inference path free of TensorFlow."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import architecture  # noqa: E402
+
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_layout_is_the_tree():
+    block = README.split("<!-- layout:start -->\n", 1)[1].split("\n<!-- layout:end -->", 1)[0]
+    assert block == architecture.layout(), "README's Layout list is stale: python scripts/architecture.py --layout"
+
+
+def test_no_import_cycle():
+    assert architecture.cycles(architecture.imports()) == []
+
+
+def test_no_function_over_80_lines():
+    long = [row for row in architecture.longest_functions(n=5) if row[0] > 80]
+    assert not long, long
+
+
+@pytest.mark.parametrize("entry", [e for e in _section("Where to add things").split("\n* ")[1:]])
+def test_where_to_add_things_names_places_that_exist(entry):
+    """Each entry names a folder, files in it, and the decorator or table one adds to: the
+    files exist and the decorator (or table) is used in the folder's modules."""
+    names = re.findall(r"`([^`]+)`", entry)
+    folder = next(ROOT / n for n in names if n.startswith("gpu_mdf/") and n.endswith("/"))
+    assert folder.is_dir(), folder
+    files = [ROOT / n if "/" in n else folder / n for n in names if n.endswith(".py")]
+    assert all(f.is_file() for f in files), [f for f in files if not f.is_file()]
+    marks = [n for n in names if n.startswith("@") or re.fullmatch(r"[A-Z][A-Za-z_]+", n)]
+    assert marks, entry
+    text = "\n".join(p.read_text() for p in [*folder.rglob("*.py"), *files])
+    for m in marks:
+        assert re.search(rf"^\s*{re.escape(m)}\b|^\s*(class|def) {re.escape(m)}\b|^{re.escape(m)} = ", text, re.M), m
+
+
+def test_the_inference_path_imports_no_tensorflow_or_keras():
+    """mdf, engine, data and batch are the inference path: none of them imports TensorFlow or
+    Keras, at module level or lazily."""
+    graph = architecture.imports()
+    path = [m for m in graph if m.split(".")[1:2] and m.split(".")[1] in ("mdf", "engine", "data", "batch")]
+    assert path
+    for m in path:
+        text = architecture.modules()[m].read_text()
+        assert not re.search(r"^\s*(import|from) (tensorflow|keras)\b", text, re.M), m
+        assert not any(t.startswith(("gpu_mdf.convert", "gpu_mdf.train", "gpu_mdf.tfquiet")) for t in graph[m]), m
