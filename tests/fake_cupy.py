@@ -559,6 +559,16 @@ def _erf(x):
         return ndarray(np.vectorize(math.erf)(x._a).astype(x.dtype))
 
 
+def _scatter(ufunc):
+    """cupyx.scatter_add/max/min: ``a[slices] op= value`` in place, duplicates accumulating."""
+    def scatter(a, slices, value):
+        if not isinstance(a, ndarray):
+            raise TypeError(f"Unsupported type {type(a)} (cupyx scatter into a host array)")
+        ufunc.at(a._a, _check_index(slices, "cupyx scatter"), _unwrap(value, "cupyx scatter"))
+    return scatter
+
+
+_scatter_add, _scatter_max, _scatter_min = _scatter(np.add), _scatter(np.maximum), _scatter(np.minimum)
 cupyx = types.SimpleNamespace(empty_pinned=_empty_pinned, zeros_pinned=_zeros_pinned,
                               scipy=types.SimpleNamespace(special=types.SimpleNamespace(erf=_erf)))
 
@@ -569,6 +579,7 @@ def install(monkeypatch):
     import sys
     mx = types.ModuleType("cupyx")
     mx.empty_pinned, mx.zeros_pinned = _empty_pinned, _zeros_pinned
+    mx.scatter_add, mx.scatter_max, mx.scatter_min = _scatter_add, _scatter_max, _scatter_min
     msc = types.ModuleType("cupyx.scipy")
     msp = types.ModuleType("cupyx.scipy.special")
     msp.erf = _erf

@@ -108,6 +108,70 @@ def gather_elements(xp, data, idx, axis):
     return xp.take_along_axis(data, _wrap_indices(xp, idx, data.shape[axis]), axis=axis)
 
 
+@op("onnx::GatherND", ("data", "indices"), outputs=("output",), attrs={"batch_dims": Attr(INT, 0)}, fresh=True)
+def gather_nd(xp, data, idx, batch_dims):
+    """Slices of ``data`` at the index tuples of the last axis of ``indices``; the first
+    ``batch_dims`` axes of both run together."""
+    b, k = batch_dims, idx.shape[-1]
+    if b < 0 or b >= min(data.ndim, idx.ndim) or data.shape[:b] != idx.shape[:b] or k > data.ndim - b:
+        raise OpError(f"GatherND indices {idx.shape} (batch_dims {b}) do not fit data {data.shape}")
+    return data[_nd_index(xp, data.shape, idx, b)]
+
+
+def _nd_index(xp, shape, idx, b=0):
+    """An advanced-indexing tuple: the batch axes as aranges, then the last axis of ``idx``
+    (negative indices wrapped)."""
+    k = idx.shape[-1]
+    lead = idx.shape[:-1]
+    grids = tuple(xp.arange(shape[i]).reshape([-1 if j == i else 1 for j in range(len(lead))]) for i in range(b))
+    cols = tuple(_wrap_indices(xp, idx[..., j], shape[b + j]) for j in range(k))
+    return grids + cols
+
+
+_SCATTER_REDUCTIONS = ("none", "add", "mul", "max", "min")
+
+
+def _check_scatter(a):
+    if a["reduction"] not in _SCATTER_REDUCTIONS:
+        raise OpError(f"reduction {a['reduction']!r} (expected one of {', '.join(_SCATTER_REDUCTIONS)})")
+
+
+def _scatter(xp, out, index, updates, reduction):
+    """out[index] = updates, or combined with what is there (duplicate indices accumulate)."""
+    if reduction == "none":
+        out[index] = updates
+        return out
+    if xp is np:
+        {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[reduction].at(out, index, updates)
+        return out
+    import cupyx
+    fn = {"add": "scatter_add", "max": "scatter_max", "min": "scatter_min"}.get(reduction)
+    if fn is None:
+        raise OpError(f"scatter with reduction {reduction!r} is not available on the GPU")
+    getattr(cupyx, fn)(out, index, updates)
+    return out
+
+
+@op("onnx::ScatterND", ("data", "indices", "updates"), outputs=("output",), fresh=True, check=_check_scatter,
+    attrs={"reduction": Attr(STRING, "none")})
+def scatter_nd(xp, data, idx, updates, reduction):
+    k = idx.shape[-1]
+    if k > data.ndim or updates.shape != idx.shape[:-1] + data.shape[k:]:
+        raise OpError(f"ScatterND updates {updates.shape} do not fit indices {idx.shape} and data {data.shape}")
+    return _scatter(xp, data.copy(), _nd_index(xp, data.shape, idx), updates, reduction)
+
+
+@op("onnx::ScatterElements", ("data", "indices", "updates"), outputs=("output",), fresh=True, check=_check_scatter,
+    attrs={"axis": Attr(INT, 0), "reduction": Attr(STRING, "none")})
+def scatter_elements(xp, data, idx, updates, axis, reduction):
+    axis = norm_axis(axis, data.ndim)
+    if idx.shape != updates.shape or idx.ndim != data.ndim:
+        raise OpError(f"ScatterElements indices {idx.shape} and updates {updates.shape} do not fit data {data.shape}")
+    grids = [xp.arange(n).reshape([-1 if j == i else 1 for j in range(idx.ndim)]) for i, n in enumerate(idx.shape)]
+    grids[axis] = _wrap_indices(xp, idx, data.shape[axis])
+    return _scatter(xp, data.copy(), tuple(grids), updates, reduction)
+
+
 # --------------------------------------------------------------------------- #
 # Reshaping
 # --------------------------------------------------------------------------- #
