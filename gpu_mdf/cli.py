@@ -107,20 +107,28 @@ def train(config_path, out, epochs, seed, train_limit, data):
 @click.option("--out", required=True, help="folder for the MDF files (<stem>.mdf.json)")
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml", "both", "bson"]), default="json",
               help="bson: modelspec's binary form, for big models (several times faster to write and read)")
-@click.option("--normalize", type=NORMALIZE, default="l2",
-              help="pixel normalisation recorded for the engine (l2 is the seed's)")
+@click.option("--normalize", type=NORMALIZE, default=None,
+              help="how the model's integer pixels were normalised for training (l2: keras.utils.normalize axis 1, "
+                   "scale: x/255, none: as they are); needed unless the model states it (a Rescaling/Normalization "
+                   "first layer, or gpu-mdf's train_metrics.json beside it)")
+@click.option("--outputs", default=None,
+              help="ONNX: convert only these outputs (comma-separated names) and what they need, e.g. a "
+                   "scikit-learn classifier's probabilities without its label lookup")
 @_errors
-def convert(models, out, fmt, normalize):
-    """Convert Keras models (.keras/.h5 files or folders of them) to MDF.
+def convert(models, out, fmt, normalize, outputs):
+    """Convert Keras (.keras, .h5) and ONNX (.onnx: PyTorch, TensorFlow, scikit-learn...) models,
+    files or folders of them, to MDF.
 
     \b
     Example:
+      gpu-mdf convert model.onnx --normalize scale --out mdf/
       gpu-mdf convert runs/*/model.keras my_models/ --out mdf/ --format both
     """
     from .convert import convert_files
-    results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()), log=_log)
+    results = convert_files(models, out, fmt, normalize, on_result=lambda r: click.echo(r.line()), log=_log,
+                            outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None)
     if not results:
-        raise GpuMdfError(f"no .keras or .h5 files in {', '.join(models)}")
+        raise GpuMdfError(f"no .keras, .h5 or .onnx files in {', '.join(models)}")
     ok = sum(r.ok for r in results)
     click.echo(f"{ok} of {len(results)} model(s) converted into {out}")
     sys.exit(0 if ok == len(results) else 1)
@@ -273,17 +281,26 @@ def serve(repository, host, port, device, token_file, max_body_mb, no_access_log
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--no-tensorflow", is_flag=True, help="skip TensorFlow's view (faster)")
+@click.option("--opset", type=click.IntRange(1, 28), default=None,
+              help="the ONNX opset of an MDF file that does not record it (default 17)")
 @_errors
-def info(as_json, no_tensorflow):
-    """Versions, visible GPUs, and why the GPU is or is not used.
+def info(model, as_json, no_tensorflow, opset):
+    """Versions, visible GPUs, and why the GPU is or is not used; with MODEL (MDF or .onnx),
+    what it takes and gives: inputs, outputs, opset, normalisation, ops.
 
     \b
     Example:
       gpu-mdf info --json
+      gpu-mdf info model.onnx
     """
-    from .info import collect, render
+    from .info import collect, describe_model, render, render_model
+    if model:
+        data = describe_model(model, opset=opset)
+        click.echo(json.dumps(data, indent=2) if as_json else render_model(data))
+        return
     data = collect(with_tensorflow=not no_tensorflow)
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
 

@@ -41,6 +41,34 @@ def collect(with_tensorflow: bool = True) -> dict:
     return info
 
 
+def describe_model(path, normalize: str | None = None, opset: int | None = None) -> dict:
+    """What a model file (MDF, or ONNX converted through the cache) takes and gives."""
+    from .convert.sources import model_kind, resolve_model
+    from .engine import compile
+    from .mdf import GraphMeta, load_mdf, select_graph
+    kind = model_kind(path)
+    mdf_path = resolve_model(path, normalize)
+    _, _, graph = select_graph(load_mdf(mdf_path))
+    meta = GraphMeta.of(graph)
+    prog = compile(mdf_path, device="cpu", opset=opset)
+    ops = sorted({st.spec.name for st in prog.plan.steps if getattr(st, "spec", None) is not None})
+    return {"file": str(path), "kind": kind, "model": prog.model_id, "graph": prog.graph_id,
+            "opset": prog.plan.meta.opset or opset, "normalize": meta.normalize if meta.recorded else None,
+            "inputs": [p.describe() for p in prog.inputs], "outputs": [o.describe() for o in prog.outputs],
+            "steps": len(prog.plan.steps), "ops": ops, "compute_dtype": str(prog.dtype)}
+
+
+def render_model(m: dict) -> str:
+    norm = m["normalize"] or "not recorded: integer pixels are fed as they are (give --normalize to choose)"
+    return "\n".join([f"{m['file']}: {m['kind']} model {m['model']} (graph {m['graph']})",
+                      f"  opset {m['opset'] or '17 (the file does not say; --opset to choose)'}; "
+                      f"computes in {m['compute_dtype']}; {m['steps']} steps",
+                      f"  inputs:  {', '.join(m['inputs']) or 'none (a closed graph)'}",
+                      f"  outputs: {', '.join(m['outputs'])}",
+                      f"  normalisation of integer pixels: {norm}",
+                      f"  ops: {', '.join(o.split('::')[-1] for o in m['ops'])}"])
+
+
 def render(info: dict) -> str:
     lines = [f"gpu-mdf {info['gpu_mdf']} on Python {info['python']} ({info['platform']})"]
     for k, v in info["versions"].items():

@@ -244,6 +244,13 @@ def run_ort(model, x):
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
+def run_ort_all(model, feeds: dict) -> list:
+    """Every output of ONNX Runtime on ``model``."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
 def run_eg(mdf_model, initializer, node, port):
     """modeci_mdf's EvaluableGraph (quietly: it prints)."""
     from modeci_mdf.execution_engine import EvaluableGraph

@@ -257,7 +257,7 @@ def test_batch_conversion_cli_mixes_good_and_broken(tmp_path):
         src / "lambda.keras")
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "missing.keras"), "--out", str(out),
-                                  "--format", "both"])
+                                  "--format", "both", "--normalize", "l2"])
     assert r.exit_code == 1, r.output
     lines = r.output.strip().splitlines()
     assert sum(line.startswith("ok ") for line in lines) == 2
@@ -279,7 +279,7 @@ def test_two_models_one_stem_get_two_files_and_a_note(tmp_path):
     a.save(src / "dense.keras")
     b.save(src / "dense.h5")
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(out)])
+    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(out), "--normalize", "none"])
     assert r.exit_code == 0, r.output
     assert "2 of 2 model(s) converted" in r.output and "is written as dense-h5.mdf.json" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["dense-h5.mdf.json", "dense.mdf.json"]
@@ -661,7 +661,7 @@ def test_bson_form_round_trips_and_modeci_reads_it(tmp_path):
     from gpu_mdf.cli import main
     model.save(tmp_path / "small.keras")
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "small.keras"), "--out", str(tmp_path / "o"),
-                                  "--format", "bson"])
+                                  "--format", "bson", "--normalize", "none"])
     assert r.exit_code == 0 and (tmp_path / "o" / "small.mdf.bson").is_file(), r.output
     (tmp_path / "bad.bson").write_bytes(b"\x05\x00\x00")
     from gpu_mdf.errors import ModelFileError

@@ -1,4 +1,10 @@
-"""Many model files to MDF files, one failure never stopping the others (``gpu-mdf convert``)."""
+"""Many model files to MDF files, one failure never stopping the others (``gpu-mdf convert``).
+
+Keras (``.keras``, ``.h5``) and ONNX (``.onnx``) files, told apart by their bytes, in any mix
+and in folders. The pixel normalisation is never guessed: ``normalize`` when given, else what
+the model states (:func:`~gpu_mdf.convert.sources.recorded_normalization`), else the file
+fails with the reason.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GpuMdfError
+from ..extras import require
 from ..mdf import mdf_graph, save_mdf
 from .keras import keras_to_mdf, load_keras_model
-from .keras.loading import KERAS_SUFFIXES, keras_module
+from .keras.loading import keras_module
+from .sources import MODEL_SUFFIXES, NORMALIZE_HINT, model_kind, recorded_normalization
 
 FORMAT_SUFFIXES = {"json": [".json"], "yaml": [".yaml"], "both": [".json", ".yaml"], "bson": [".bson"]}
 
@@ -26,13 +34,16 @@ class ConvertResult:
     params: int = 0
     seconds: float = 0.0
     error: str = ""
+    normalize: str = ""
+    normalize_why: str = ""          # where a normalisation the user did not give came from
 
     def line(self) -> str:
         if not self.ok:
             return f"FAIL {self.source}: {self.error}"
         sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in self.outputs)
+        why = f" (normalize={self.normalize}: {self.normalize_why})" if self.normalize_why else ""
         return (f"ok   {self.source}: {self.nodes} nodes, {self.params:,} parameters, {sizes} "
-                f"({self.seconds:.2f} s)")
+                f"({self.seconds:.2f} s){why}")
 
 
 def _expand(sources) -> list[Path]:
@@ -41,7 +52,7 @@ def _expand(sources) -> list[Path]:
     for s in sources:
         p = Path(s)
         if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.suffix in KERAS_SUFFIXES)
+            files += sorted(q for q in p.iterdir() if q.suffix.lower() in MODEL_SUFFIXES)
         else:
             files.append(p)
     return files
@@ -70,36 +81,77 @@ def output_names(files: list[Path], suffixes: list[str]) -> tuple[list[str], lis
 
 
 def convert_files(sources, out_dir: str | Path, fmt: str = "json", normalize: str | None = None,
-                  on_result=None, log=None) -> list[ConvertResult]:
-    """Convert many model files; one failure never stops the others."""
-    keras_module()   # a missing Keras is one error for the whole call, not one per file
+                  on_result=None, log=None, outputs: list[str] | None = None) -> list[ConvertResult]:
+    """Convert many model files; one failure never stops the others. ``outputs``: of an ONNX
+    model, convert only what these outputs need (a classifier's probabilities without the
+    label post-processing of another domain, say)."""
+    files = _expand(sources)
+    if any(f.suffix.lower() != ".onnx" for f in files):
+        keras_module()   # a missing Keras is one error for the whole call, not one per file
+    if any(f.suffix.lower() == ".onnx" for f in files):
+        require("onnx", "converting ONNX models")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GpuMdfError(f"{out_dir}: a file, not a folder; give --out a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     suffixes = FORMAT_SUFFIXES[fmt]
-    files = _expand(sources)
     stems, notes = output_names(files, suffixes)
     for note in notes:
         (log or print)(note)
     results = []
     for src, stem in zip(files, stems):
-        r = _convert_file(src, out_dir, stem, suffixes, normalize)
+        r = _convert_file(src, out_dir, stem, suffixes, normalize, outputs)
         results.append(r)
         if on_result:
             on_result(r)
     return results
 
 
-def _convert_file(src: Path, out_dir: Path, stem: str, suffixes: list[str], normalize: str | None) -> ConvertResult:
+def _convert_file(src: Path, out_dir: Path, stem: str, suffixes: list[str], normalize: str | None,
+                  outputs: list[str] | None = None) -> ConvertResult:
     t0 = time.perf_counter()
     try:
-        model = load_keras_model(src)
-        mdf = keras_to_mdf(model, normalize=normalize, model_id=stem)
+        kind = model_kind(src)
+        if kind == "onnx":
+            mdf, params, why = _from_onnx(src, stem, normalize, outputs)
+        elif outputs:
+            raise GpuMdfError(f"{src}: --outputs selects the outputs of ONNX models; a Keras model converts whole")
+        elif kind in ("keras", "h5"):
+            mdf, params, why = _from_keras(src, stem, normalize)
+        else:
+            raise GpuMdfError(f"{src}: an MDF file already")
         outs = [save_mdf(mdf, out_dir / f"{stem}.mdf{sfx}") for sfx in suffixes]
-        params = int(sum(np.prod(w.shape) for w in model.weights))
-        return ConvertResult(src, True, outs, len(mdf_graph(mdf)["nodes"]), params, time.perf_counter() - t0)
+        graph = mdf_graph(mdf)
+        return ConvertResult(src, True, outs, len(graph["nodes"]), params, time.perf_counter() - t0,
+                             normalize=graph["metadata"]["gpu_mdf"]["normalize"], normalize_why=why)
     except GpuMdfError as e:
         return ConvertResult(src, False, [], error=str(e).removeprefix(f"{src}: "))
     except Exception as e:  # a translator bug must not stop the batch either
         return ConvertResult(src, False, [], error=f"internal error {type(e).__name__}: {e}")
+
+
+def _normalization(src: Path, normalize: str | None, keras_model=None) -> tuple[str, str]:
+    """(normalisation, why it was not the user's) or a refusal saying what to give."""
+    if normalize:
+        return normalize, ""
+    stated = recorded_normalization(src, keras_model)
+    if stated is None:
+        raise GpuMdfError(f"{src}: the model does not say how its input was normalised; {NORMALIZE_HINT}")
+    return stated
+
+
+def _from_keras(src: Path, stem: str, normalize: str | None):
+    model = load_keras_model(src)
+    norm, why = _normalization(src, normalize, model)
+    params = int(sum(np.prod(w.shape) for w in model.weights))
+    return keras_to_mdf(model, normalize=norm, model_id=stem), params, why
+
+
+def _from_onnx(src: Path, stem: str, normalize: str | None, outputs: list[str] | None = None):
+    from .onnx import load_onnx, onnx_to_mdf_doc, select_outputs
+    model = load_onnx(src)
+    if outputs:
+        model = select_outputs(model, outputs)
+    norm, why = _normalization(src, normalize)
+    params = int(sum(np.prod(t.dims) for t in model.graph.initializer))
+    return onnx_to_mdf_doc(model, model_id=stem, normalize=norm), params, why

@@ -103,18 +103,47 @@ def model_opset(model) -> int:
     return max(versions)
 
 
-def _refuse_unsupported(model) -> None:
+def _refusal(n) -> str | None:
+    """Why the engine cannot run node ``n`` (None: it can)."""
     from ..engine import OPS
-    for n in model.graph.node:
-        where = f"node {n.name!r} " if n.name else ""
-        if n.domain not in DEFAULT_DOMAINS:
-            raise OnnxRefused(f"{where}op {n.domain}.{n.op_type} (domain {n.domain}) is not supported: the engine "
-                              f"runs the default ONNX domain only")
-        if n.op_type in CONTROL_FLOW:
-            raise OnnxRefused(f"{where}op {n.op_type} holds {CONTROL_FLOW[n.op_type]}: graph control flow is not "
-                              f"supported (the batch engine runs a fixed graph)")
-        if f"onnx::{n.op_type}" not in OPS:
-            raise OnnxRefused(f"{where}op {n.op_type} is not in the engine's op table")
+    where = f"node {n.name!r} " if n.name else ""
+    if n.domain not in DEFAULT_DOMAINS:
+        return f"{where}op {n.domain}.{n.op_type} (domain {n.domain}) is not supported: the engine runs the " \
+               f"default ONNX domain only"
+    if n.op_type in CONTROL_FLOW:
+        return f"{where}op {n.op_type} holds {CONTROL_FLOW[n.op_type]}: graph control flow is not supported " \
+               f"(the batch engine runs a fixed graph)"
+    if f"onnx::{n.op_type}" not in OPS:
+        return f"{where}op {n.op_type} is not in the engine's op table"
+    return None
+
+
+def _outputs_without(model, bad: set[int]) -> list[str]:
+    """The graph outputs that no node of ``bad`` (indices) contributes to."""
+    g = model.graph
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
+    clean = []
+    for out in g.output:
+        stack, seen, ok = [out.name], set(), True
+        while stack and ok:
+            v = stack.pop()
+            k = producer.get(v)
+            if k is None or k in seen:
+                continue
+            seen.add(k)
+            ok = k not in bad
+            stack += list(g.node[k].input)
+        if ok:
+            clean.append(out.name)
+    return clean
+
+
+def _refuse_unsupported(model) -> None:
+    why = {k: r for k, n in enumerate(model.graph.node) if (r := _refusal(n)) is not None}
+    if why:
+        spare = _outputs_without(model, set(why))
+        hint = f" (the outputs {spare} do not need it: convert only them with --outputs)" if spare else ""
+        raise OnnxRefused(next(iter(why.values())) + hint)
     for t in list(model.graph.initializer):
         if t.data_type not in ELEMENT_TYPES:
             raise OnnxRefused(f"initializer {t.name!r}: {_type_name(t.data_type)} tensors are not supported")
@@ -411,8 +440,22 @@ def _value_types(model) -> dict:
     return out
 
 
-def onnx_to_mdf_doc(model, model_id: str | None = None, normalize: str | None = None) -> dict:
-    """Translate an ONNX model (a ``ModelProto`` or a path) into an MDF document."""
+def select_outputs(model, outputs: list[str]):
+    """The part of the model that computes ``outputs`` (onnx.utils.Extractor)."""
+    import onnx.utils
+    names = [o.name for o in model.graph.output]
+    unknown = [o for o in outputs if o not in names]
+    if unknown:
+        raise OnnxRefused(f"no output(s) {unknown}; the model's outputs are {names}")
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    return onnx.utils.Extractor(model).extract_model(inputs, list(outputs))
+
+
+def onnx_to_mdf_doc(model, model_id: str | None = None, normalize: str | None = None,
+                    outputs: list[str] | None = None) -> dict:
+    """Translate an ONNX model (a ``ModelProto`` or a path) into an MDF document; with
+    ``outputs``, only what those outputs need."""
     from .. import __version__
     onnx = _onnx()
     if not isinstance(model, onnx.ModelProto):
@@ -421,6 +464,8 @@ def onnx_to_mdf_doc(model, model_id: str | None = None, normalize: str | None = 
         onnx.checker.check_model(model)
     except Exception as e:
         raise ModelFileError(f"not a valid ONNX model: {_first_line(e)}") from None
+    if outputs:
+        model = select_outputs(model, outputs)
     _refuse_unsupported(model)
     model, opset = _supported_versions(model)
     writer = _GraphWriter(model.graph, opset, _value_types(model))

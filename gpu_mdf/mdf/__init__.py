@@ -184,8 +184,10 @@ class GraphMeta:
         return cls(**known, recorded=True, extra=d)
 
     def to_dict(self) -> dict:
-        d = {"inputs": self.inputs, "outputs": self.outputs, "normalize": self.normalize or "none",
-             "batch_axis": self.batch_axis}
+        d = {"inputs": self.inputs, "outputs": self.outputs}
+        if self.normalize is not None:          # absent: not stated (integer pixels are fed as they are)
+            d["normalize"] = self.normalize
+        d["batch_axis"] = self.batch_axis
         if self.opset is not None:
             d["opset"] = self.opset
         return {**d, **self.extra}

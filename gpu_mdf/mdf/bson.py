@@ -27,6 +27,7 @@ __all__ = ["BSONError", "encode", "write", "decode"]
 
 DOUBLE, STRING, DOC, ARRAY, BOOL, NULL, INT32, INT64 = 0x01, 0x02, 0x03, 0x04, 0x08, 0x0A, 0x10, 0x12
 _I32 = struct.Struct("<i")
+MAX_DOCUMENT = 2**31 - 1        # BSON sizes are signed 32-bit: a document (the whole file) stops at 2 GiB
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 
@@ -193,6 +194,9 @@ def _document(items, out: list) -> int:
     size = 5
     for k, v in items:
         size += _element(_cstring(k), v, out)
+    if size > MAX_DOCUMENT:
+        raise BSONError(f"{size:,} bytes, over BSON's limit of {MAX_DOCUMENT:,} bytes (2 GiB) for a document: "
+                        f"write JSON instead")
     out[at] = _I32.pack(size)
     out.append(b"\0")
     return size

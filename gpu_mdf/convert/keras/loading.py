@@ -17,20 +17,23 @@ def keras_module():
 
 def load_keras_model(path: str | Path):
     """Load a ``.keras`` or ``.h5`` model in Keras's safe mode (a Lambda layer's code is
-    never run), with one whole, plain error when Keras refuses it."""
+    never run), with one whole, plain error when Keras refuses it. The file's bytes decide
+    which it is: a ``.keras`` archive renamed ``.h5`` loads as what it is."""
+    import tempfile
+
+    from ..sources import keras_file_for_loading, model_kind
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such model file")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: a folder, not a Keras model file")
-    if path.suffix not in KERAS_SUFFIXES:
-        raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5)")
+    kind = model_kind(path)
+    if kind not in ("keras", "h5"):
+        raise ModelFileError(f"{path}: not a Keras model file (expected .keras or .h5; this is {kind.upper()})")
     keras = keras_module()
     from ... import layers as _shipped_layers  # noqa: F401  (registers gpu_mdf>PositionEmbedding)
-    try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:
-        raise ModelFileError(f"{path}: {keras_load_error(path, e)}") from None
+    with tempfile.TemporaryDirectory(prefix="gpu-mdf-keras-") as scratch:
+        try:
+            return keras.models.load_model(keras_file_for_loading(path, kind, Path(scratch)), compile=False,
+                                           safe_mode=True)
+        except Exception as e:
+            raise ModelFileError(f"{path}: {keras_load_error(path, e)}") from None
 
 
 def keras_load_error(path: Path, e: Exception) -> str:
