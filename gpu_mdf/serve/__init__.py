@@ -94,7 +94,7 @@ def _run(http, sock, repo, app, budget, host, grpc_port, graceful_seconds, token
         await http.start(sock)
         grpc_server, grpc_bound = None, None
         if grpc_port is not None:
-            from .grpc import start_grpc
+            from .grpc_server import start_grpc
             grpc_server, grpc_bound = await start_grpc(app, budget, host, grpc_port, token, http.limits)
         ready = [m.name for m in repo.models.values() if m.state == "READY"]
         where = f"http://{host}:{sock.getsockname()[1]}"

@@ -167,6 +167,12 @@ def _parse_inputs(tensors, binary: memoryview, model_inputs: dict[str, bool]) ->
     if offset != len(binary):
         raise BadRequest(f"the body has {len(binary) - offset} bytes after the inputs' binary data "
                          "(binary_data_size and the body disagree)")
+    check_batch(inputs, model_inputs)
+    return inputs
+
+
+def check_batch(inputs: dict[str, np.ndarray], model_inputs: dict[str, bool]) -> None:
+    """Every required input given, all with one batch size, not zero."""
     missing = [n for n, required in model_inputs.items() if required and n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}; the model takes {list(model_inputs)}")
@@ -175,7 +181,6 @@ def _parse_inputs(tensors, binary: memoryview, model_inputs: dict[str, bool]) ->
         raise BadRequest(f"inputs disagree on the batch size: {sorted(counts)}")
     if counts == {0}:
         raise BadRequest("the batch is empty")
-    return inputs
 
 
 def _parse_outputs(wanted, model_outputs) -> list[tuple[str, bool]]:
@@ -226,33 +231,44 @@ def _parse_input(t, binary: memoryview, offset: int, model_inputs: dict) -> tupl
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadRequest(f"input {name!r}: datatype {str(datatype)[:32]!r} is not supported "
                          f"(one of {', '.join(DATATYPES)})")
-    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
     params = _object(t.get("parameters"), f"input {name!r}: parameters")
     size = params.get("binary_data_size")
     if size is not None:
         if "data" in t:
             raise BadRequest(f"input {name!r}: both data and binary_data_size")
-        if type(size) is not int or size != count * dtype.itemsize:
+        itemsize = np.dtype(DATATYPES[datatype]).itemsize
+        if type(size) is not int or size != count * itemsize:
             raise BadRequest(f"input {name!r}: binary_data_size {str(size)[:32]} is not {count} x "
-                             f"{dtype.itemsize} bytes for shape {shape} {datatype}")
+                             f"{itemsize} bytes for shape {shape} {datatype}")
         if offset + size > len(binary):
             raise BadRequest(f"input {name!r}: the body ends {offset + size - len(binary)} bytes short "
                              "of its binary data (truncated request)")
-        arr = np.frombuffer(binary[offset:offset + size], dtype=dtype)
-        if not dtype.isnative:
-            arr = arr.astype(dtype.newbyteorder("="))
-        return arr.reshape(shape), size
+        return tensor_from_raw(name, datatype, shape, count, binary[offset:offset + size]), size
     if "data" not in t:
         raise BadRequest(f"input {name!r}: no data (give data, or binary_data_size with binary data)")
-    return _json_data(name, t["data"], shape, count, datatype, dtype), 0
-
-
-def _json_data(name: str, data, shape: list, count: int, datatype: str, dtype: np.dtype) -> np.ndarray:
     try:
-        raw = np.asarray(data)
+        raw = np.asarray(t["data"])
     except (ValueError, TypeError) as e:
         raise BadRequest(f"input {name!r}: data is not a rectangular array of numbers "
                          f"({str(e).splitlines()[0][:120]})") from None
+    return tensor_from_values(name, raw, shape, count, datatype), 0
+
+
+def tensor_from_raw(name: str, datatype: str, shape: list, count: int, raw) -> np.ndarray:
+    """A tensor viewing ``raw``'s little-endian bytes (no copy on a little-endian host)."""
+    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(f"input {name!r}: {len(raw)} bytes of data for shape {shape} {datatype} "
+                         f"({count * dtype.itemsize} bytes)")
+    arr = np.frombuffer(raw, dtype=dtype)
+    if not dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+    return arr.reshape(shape)
+
+
+def tensor_from_values(name: str, raw: np.ndarray, shape: list, count: int, datatype: str) -> np.ndarray:
+    """A tensor of ``datatype`` from values given as numbers (JSON data, gRPC contents)."""
+    dtype = np.dtype(DATATYPES[datatype])
     if raw.size != count:
         raise BadRequest(f"input {name!r}: {raw.size} values for shape {shape} ({count} values)")
     if raw.dtype.kind not in "iuf":
@@ -266,7 +282,7 @@ def _json_data(name: str, data, shape: list, count: int, datatype: str, dtype: n
             raise BadRequest(f"input {name!r}: values outside {datatype}'s range {info.min}..{info.max}")
     elif raw.size and not np.isfinite(raw).all():
         raise BadRequest(f"input {name!r}: data holds values beyond {datatype}'s range")
-    return raw.astype(dtype.newbyteorder("=")).reshape(shape)
+    return raw.astype(dtype).reshape(shape)
 
 
 def infer_response(model: str, version: str, req: InferRequest,
