@@ -31,7 +31,7 @@ def read_token(path: str | Path) -> str:
 
 def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           token_file: str | None = None, limits=None, access_log: bool = True, graceful_seconds: float = 30,
-          grpc_port: int | None = None, retain_mb: float = 64, log=None) -> None:
+          grpc_port: int | None = None, retain_mb: float = 64, convert_disk: int = 1 << 30, log=None) -> None:
     """Load every model of the repository, then serve until SIGINT/SIGTERM; in-flight
     requests are finished (up to ``graceful_seconds``) and queued batches drained.
     ``limits`` (:class:`.http.Limits`) bounds time, connections and memory; ``grpc_port``
@@ -48,7 +48,7 @@ def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 800
     token = read_token(token_file) if token_file else None
     limits = limits or Limits()
     retention = Retention(int(retain_mb * 2**20))
-    settings = Settings(limits=limits, token=token, access_log=access_log, log=log)
+    settings = Settings(limits=limits, token=token, access_log=access_log, convert_disk=convert_disk, log=log)
     metrics = Metrics()
     repo = Repository(model_repository, device=device, metrics=metrics, log=log)
     repo.converter = Converter(settings, repo.root)
