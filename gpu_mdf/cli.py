@@ -270,12 +270,14 @@ def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no
               help="seconds an idle connection stays open")
 @click.option("--retain-mb", type=click.FloatRange(0), default=64, show_default=True,
               help="freed host memory the server keeps for reuse after a burst")
+@click.option("--blas-threads", type=click.IntRange(1), default=1, show_default=True,
+              help="BLAS threads per batch (more helps large batches on many cores)")
 @click.option("--convert-disk-mb", type=click.FloatRange(1), default=1024, show_default=True,
               help="what one conversion may write (its temp folder's quota and its largest file)")
 @click.option("--no-access-log", is_flag=True, help="no JSON access-log line per request")
 @_errors
 def serve(repository, host, port, grpc_port, device, token_file, max_body_mb, max_inflight_mb, max_connections,
-          header_timeout, body_timeout, keepalive_timeout, retain_mb, convert_disk_mb, no_access_log):
+          header_timeout, body_timeout, keepalive_timeout, retain_mb, blas_threads, convert_disk_mb, no_access_log):
     """Serve MDF inference and model conversion over KServe v2 (REST with Triton's binary
     tensor data and model repository extensions; gRPC with --grpc-port), batching
     concurrent requests.
@@ -292,7 +294,7 @@ def serve(repository, host, port, grpc_port, device, token_file, max_body_mb, ma
                     keepalive_timeout=keepalive_timeout)
     run_server(repository, host=host, port=port, device=device or "auto", token_file=token_file, limits=limits,
                access_log=not no_access_log, grpc_port=grpc_port, retain_mb=retain_mb,
-               convert_disk=int(convert_disk_mb * 2**20))
+               convert_disk=int(convert_disk_mb * 2**20), blas_threads=blas_threads)
 
 
 @main.command()

@@ -79,15 +79,14 @@ class App:
                 response = await handler(Call(params, req.headers, req.query, req.body, req))
         except Exception as e:
             response = self._error_response(e, req.path)
-        self.metrics.inc("gpu_mdf_http_requests_total",
-                         {"route": route.label if route else "other", "code": str(response.status)})
+        self.metrics.count_http(route.label if route else "other", response.status)
         if self.settings.access_log:
             self._log_access(req, response, started)
         return response
 
     def count_refusal(self, status: int) -> None:
         """A request refused while it was read (timeout, size, budget): counted too."""
-        self.metrics.inc("gpu_mdf_http_requests_total", {"route": "other", "code": str(status)})
+        self.metrics.count_http("other", status)
 
     def _check_token(self, req: Request) -> None:
         token = self.settings.token

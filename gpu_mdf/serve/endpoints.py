@@ -21,7 +21,6 @@ import orjson
 
 from .. import __version__
 from ..engine import BatchResult
-from ..engine.preprocess import nonfinite_items
 from ..errors import GpuMdfError
 from ..mdf import NORMALIZATIONS
 from .batcher import Closed
@@ -29,8 +28,8 @@ from .conversion import Converter
 from .errors import BadRequest, Conflict, ServerError, status_of
 from .http import Request, Response
 from .metrics import Metrics
-from .protocol import JSON_EXPANSION, InferRequest, decode_body, infer_response, json_object, parse_infer_request
-from .repository import Repository, Version, check_name
+from .protocol import JSON_EXPANSION, InferRequest, decode_body, infer_response, json_object
+from .repository import NONFINITE, Repository, Version, check_name
 from .routes import Route
 
 if TYPE_CHECKING:
@@ -67,7 +66,7 @@ class Call:
 
     def param(self, key: str) -> str | None:
         value = self.params.get(key)
-        return None if value is None else unquote(value)
+        return value if value is None or "%" not in value else unquote(value)
 
     def reserve(self, n: int, what: str) -> None:
         if self.request is not None:
@@ -143,7 +142,7 @@ class Endpoints:
     async def infer(self, call: Call) -> Response:
         started = time.perf_counter()
         version = self._version(call)
-        code = 500
+        code, stats = 500, None
         try:
             body = self._body(call)
             header_length = call.headers.get("inference-header-content-length")
@@ -151,22 +150,22 @@ class Endpoints:
                 call.reserve(JSON_EXPANSION * len(body), "the JSON body's arrays")
             args = (version, body, header_length, call.param("name"), call.param("version"))
             request, feeds = await in_thread(parse, *args) if len(body) > THREAD_FROM else parse(*args)
-            version, outputs = await self.run(version, feeds, lambda: self._version(call))
+            version, outputs, stats = await self.run(version, feeds, lambda: self._version(call))
             content, header_length = infer_response(version.model, version.version, request, outputs)
             code = 200
         except Exception as e:
             code = status_of(e)
             raise
         finally:
-            self.metrics.request(version.model, version.version, code, time.perf_counter() - started)
+            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
         if header_length is None:
             return Response(content)
         return Response(content, content_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
-    async def run(self, version: Version, feeds: dict, current) -> tuple[Version, dict]:
-        """``feeds`` through ``version``'s batcher: the version that ran them and the
-        outputs. A version that stopped taking requests because a reload replaced it hands
+    async def run(self, version: Version, feeds: dict, current) -> tuple[Version, dict, dict]:
+        """``feeds`` through ``version``'s batcher: the version that ran them, the outputs
+        and the batch's timing. A version that stopped taking requests because a reload replaced it hands
         the request to its successor (``current()``): a reload loses no request."""
         try:
             outputs, error, stats = await version.batcher.result(feeds)
@@ -178,13 +177,10 @@ class Endpoints:
             outputs, error, stats = await version.batcher.result(feeds)
         if error is not None:
             raise self._batch_failure(version, error)
-        bad = nonfinite_items(outputs)
-        if bad is not None:
+        bad = outputs.pop(NONFINITE, None)
+        if bad is not None and bad.any():
             raise BadRequest(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}")
-        labels = {"model": version.model, "version": version.version}
-        self.metrics.observe("gpu_mdf_queue_seconds", labels, stats["queue_s"])
-        self.metrics.observe("gpu_mdf_compute_seconds", labels, stats["compute_s"])
-        return version, outputs
+        return version, outputs, stats
 
     def _batch_failure(self, version: Version, error: Exception) -> Exception:
         """What to raise for a batch that failed: the user's error as it is (400), or a
@@ -269,7 +265,7 @@ def parse(version: Version, body, header_length: str | None, name: str | None = 
           version_name: str | None = None) -> tuple[InferRequest, dict]:
     """The request and its feeds, by input name, checked against the program's inputs."""
     program = version.program
-    request = parse_infer_request(body, header_length, version.input_names, version.output_names,
-                                  (name, version_name))
+    request = version.headers.parse(body, header_length, version.input_names, version.output_names,
+                                    (name, version_name))
     specs = version.specs
     return request, {name: program.check_input(x, specs[name]) for name, x in request.inputs.items()}

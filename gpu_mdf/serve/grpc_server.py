@@ -73,19 +73,19 @@ class Service:
 
     async def ModelInfer(self, request, context):
         version = self.repo.get(request.model_name, request.model_version or None)
-        code = 500
+        code, stats = 500, None
         started = time.perf_counter()
         try:
             req = parse_grpc_request(request, version.input_names, version.output_names)
             feeds = {name: version.program.check_input(x, version.specs[name]) for name, x in req.inputs.items()}
-            version, outputs = await self.endpoints.run(
+            version, outputs, stats = await self.endpoints.run(
                 version, feeds, lambda: self.repo.get(request.model_name, request.model_version or None))
             code = 200
         except Exception as e:
             code = status_of(e)
             raise
         finally:
-            self.metrics.request(version.model, version.version, code, time.perf_counter() - started)
+            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
         return infer_reply(version.model, version.version, req, outputs)
 
     async def RepositoryIndex(self, request, context):

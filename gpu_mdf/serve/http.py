@@ -107,6 +107,9 @@ def over_budget(what: str) -> Unavailable:
                        headers={"Retry-After": "1"})
 
 
+_STARTS: dict[tuple[int, str], bytes] = {}     # status line and content type, by both
+
+
 class Response:
     __slots__ = ("status", "body", "content_type", "headers")
 
@@ -114,9 +117,14 @@ class Response:
                  headers: dict[str, str] | None = None):
         self.body, self.status, self.content_type, self.headers = body, status, content_type, headers
 
-    def head(self, keep_alive: bool, head_only: bool = False) -> bytes:
-        lines = [b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-                 % (self.status, REASONS.get(self.status, b""), self.content_type.encode(), len(self.body))]
+    def head(self, keep_alive: bool) -> bytes:
+        start = _STARTS.get((self.status, self.content_type))
+        if start is None:
+            start = _STARTS[(self.status, self.content_type)] = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\n" % (
+                self.status, REASONS.get(self.status, b""), self.content_type.encode())
+        if not self.headers and keep_alive:
+            return b"%scontent-length: %d\r\n\r\n" % (start, len(self.body))
+        lines = [start, b"content-length: %d\r\n" % len(self.body)]
         if self.headers:
             lines += [f"{k}: {v}\r\n".encode("latin-1") for k, v in self.headers.items()]
         if not keep_alive:
@@ -271,14 +279,18 @@ class Connection(asyncio.Protocol):
         self.filled += n
 
     def on_message_complete(self):
-        target = httptools.parse_url(self.url)
-        buffer = self.buffer if self.buffer is not None else b""
-        body = buffer if isinstance(buffer, bytearray) else memoryview(buffer)[:self.filled]
+        if b"?" in self.url or b"#" in self.url or not self.url.startswith(b"/"):
+            target = httptools.parse_url(self.url)
+            path, query = target.path.decode("latin-1"), target.query or b""
+        else:
+            path, query = self.url.decode("latin-1"), b""
+        buffer = self.buffer
+        body = b"" if buffer is None else buffer if type(buffer) is bytearray else memoryview(buffer)[:self.filled]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers.items()}
         if self.repeated:
             headers[":repeated"] = self.repeated
-        req = Request(self.parser.get_method().decode(), target.path.decode("latin-1"), target.query or b"",
-                      headers, body, self.client, self.parser.should_keep_alive(), self.reserved, self.budget)
+        req = Request(self.parser.get_method().decode(), path, query, headers, body, self.client,
+                      self.parser.should_keep_alive(), self.reserved, self.budget)
         self._reset()
         self.pending.append(req)
         self.state = BUSY

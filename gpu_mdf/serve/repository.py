@@ -98,7 +98,9 @@ class Version:
     config: ServingConfig
 
     def __post_init__(self):
+        from .protocol import HeaderCache
         self.specs = {spec.name: spec for spec in self.program.inputs}
+        self.headers = HeaderCache()
 
     def metadata(self) -> dict:
         p = self.program
@@ -336,10 +338,17 @@ def _output_names(prog, cfg: ServingConfig, path) -> dict[str, str]:
     return served
 
 
+NONFINITE = "\0nonfinite"      # the batch's per-item non-finite mask, split with the outputs
+
+
 def _run(prog, feeds: dict, outputs: dict[str, str]) -> dict[str, np.ndarray]:
-    """One batch through the program; outputs by served name (host arrays)."""
+    """One batch through the program; outputs by served name (host arrays), and under
+    NONFINITE the items whose outputs hold NaN or Inf, when any does."""
     from ..engine import run_batch
     spec = prog.primary_input
     batch = feeds[spec.name] if spec is not None and list(feeds) == [spec.name] else feeds
-    out = run_batch(prog, batch, check=False).outputs
-    return {s: out[g] for s, g in outputs.items()}
+    result = run_batch(prog, batch, check=False)
+    served = {s: result.outputs[g] for s, g in outputs.items()}
+    if result.nonfinite is not None:
+        served[NONFINITE] = result.nonfinite
+    return served
