@@ -147,7 +147,8 @@ class Endpoints:
             body = self._body(call)
             header_length = call.headers.get("inference-header-content-length")
             if header_length is None:
-                call.reserve(JSON_EXPANSION * len(body), "the JSON body's arrays")
+                call.reserve(JSON_EXPANSION * len(body),
+                             "the JSON body's arrays (binary tensor data needs no such room)")
             args = (version, body, header_length, call.param("name"), call.param("version"))
             request, feeds = await in_thread(parse, *args) if len(body) > THREAD_FROM else parse(*args)
             version, outputs, stats = await self.run(version, feeds, lambda: self._version(call))
