@@ -52,7 +52,7 @@ def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 800
     settings = Settings(limits=limits, token=token, access_log=access_log, convert_disk=convert_disk, log=log)
     metrics = Metrics()
     repo = Repository(model_repository, device=device, metrics=metrics, log=log)
-    repo.converter = Converter(settings, repo.root)
+    repo.converter = Converter(settings, repo.root, metrics)
     sock = _listen(host, port)
     if grpc_port is not None:
         require("grpc", "gpu-mdf serve --grpc-port")

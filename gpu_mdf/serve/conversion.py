@@ -84,7 +84,8 @@ def folder_size(path: str) -> int:
 class Converter:
     """Conversions through the sandboxed worker, one at a time, cached by content."""
 
-    def __init__(self, settings, root: Path | None = None):
+    def __init__(self, settings, root: Path | None = None, metrics=None):
+        self.metrics = metrics
         self.memory, self.seconds, self.disk = settings.convert_memory, settings.convert_seconds, settings.convert_disk
         self.log = settings.log
         self.cache = Cache(settings.cache_bytes)
@@ -102,6 +103,7 @@ class Converter:
         key = self.key(upload, kind, normalize, model_id)
         cached = self.cache.get(key)
         if cached is not None:
+            self._count("cached")
             return cached
         if self._waiting >= MAX_WAITING:
             raise Unavailable(f"{MAX_WAITING} conversions are already waiting; retry later", {"Retry-After": "5"})
@@ -120,7 +122,13 @@ class Converter:
         if cached is None:
             cached = self._run(str(path), "onnx", normalize, model_id, upload=False)
             self.cache.put(key, cached)
+        else:
+            self._count("cached")
         return cached
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("gpu_mdf_conversions_total", {"result": result})
 
     @staticmethod
     def key(data, kind: str, normalize: str | None, model_id: str) -> str:
@@ -151,7 +159,9 @@ class Converter:
                 self.isolation = lines[0]
                 self.log(f"conversion sandbox {lines[0]}")
             if code != 0 or not out.exists():
+                self._count("refused")
                 raise Unprocessable(f"conversion refused: {self._refusal(code, lines)}")
+            self._count("converted")
             return out.read_bytes()
 
     def _watch(self, worker: subprocess.Popen, work: str) -> tuple[int | str, str]:

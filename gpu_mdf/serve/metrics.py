@@ -37,6 +37,7 @@ HELP = {
     "gpu_mdf_queue_depth": ("gauge", "Requests waiting for a batch"),
     "gpu_mdf_device_memory_bytes": ("gauge", "Device memory: GPU used/free (CuPy), or the process RSS on the CPU"),
     "gpu_mdf_http_requests_total": ("counter", "HTTP requests (and gRPC calls, route grpc/...) by route and status"),
+    "gpu_mdf_conversions_total": ("counter", "Model files converted, answered from the cache, or refused"),
     "gpu_mdf_inflight_bytes": ("gauge", "Request bytes held now against --max-inflight-mb"),
     "gpu_mdf_connections": ("gauge", "Open HTTP connections"),
     "gpu_mdf_refused_total": ("counter", "Connections or requests refused for connections, memory or time"),
