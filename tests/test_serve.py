@@ -22,8 +22,7 @@ from gpu_mdf.serve.errors import HTTPError as ProtocolError
 from gpu_mdf.serve.launch import launch, launched
 from gpu_mdf.serve.protocol import decode_body, parse_infer_request
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+pytest.importorskip("httptools")
 th = pytest.importorskip("tritonclient.http")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,13 @@ import socket
 from pathlib import Path
 
 from ..errors import GpuMdfError
-from ..extras import require
+from ..extras import MissingExtra, installed
+
+
+def need(module: str, name: str, extra: str, purpose: str) -> None:
+    """MissingExtra naming the extra, in one line, unless ``module`` is installed."""
+    if not installed(module):
+        raise MissingExtra(f"{purpose} needs {name}, which is not installed here: pip install 'gpu-mdf[{extra}]'")
 
 
 def read_token(path: str | Path) -> str:
@@ -37,7 +43,7 @@ def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 800
     requests are finished (up to ``graceful_seconds``) and queued batches drained.
     ``limits`` (:class:`.http.Limits`) bounds time, connections and memory; ``grpc_port``
     (None: no gRPC) serves the same models over the protocol's gRPC form."""
-    require("httptools", "gpu-mdf serve")
+    need("httptools", "httptools", "serve", "gpu-mdf serve")
     from .app import App, Settings, log_to_stderr
     from .conversion import Converter
     from .http import Budget, HTTPServer, Limits
@@ -55,7 +61,7 @@ def serve(model_repository: str | Path, host: str = "127.0.0.1", port: int = 800
     repo.converter = Converter(settings, repo.root, metrics)
     sock = _listen(host, port)
     if grpc_port is not None:
-        require("grpc", "gpu-mdf serve --grpc-port")
+        need("grpc", "grpcio", "grpc", "gpu-mdf serve --grpc-port")
     _blas_threads(blas_threads)
     repo.load_all()
     _settle()
