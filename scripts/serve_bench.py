@@ -101,11 +101,8 @@ async def http_clients(address, requests: list[bytes], n_clients: int, seconds: 
     return lat, errors, wrong[0], time.perf_counter() - t0
 
 
-async def grpc_clients(address, model: str, images: np.ndarray, input_name: str, n_clients: int, seconds: float,
-                       expected=None):
-    """n_clients concurrent ModelInfer loops over one channel, raw_input_contents."""
-    import grpc
-
+def infer_messages(model: str, images: np.ndarray, input_name: str) -> list[bytes]:
+    """One serialised ModelInferRequest per image (raw_input_contents)."""
     from gpu_mdf.serve.proto import inference_pb2 as pb
     reqs = []
     for x in images:
@@ -113,11 +110,21 @@ async def grpc_clients(address, model: str, images: np.ndarray, input_name: str,
         r.inputs.add(name=input_name, datatype="UINT8", shape=[1, *x.shape])
         r.raw_input_contents.append(x.tobytes())
         reqs.append(r.SerializeToString())
+    return reqs
+
+
+async def grpc_clients(address, reqs: list[bytes], n_clients: int, seconds: float, expected=None,
+                       method: str = "ModelInfer"):
+    """n_clients concurrent loops of one RPC over one channel (ModelInfer by default)."""
+    import grpc
+
+    from gpu_mdf.serve.proto import inference_pb2 as pb
     lat, errors, wrong = [], [], [0]
     stop = time.perf_counter() + seconds
+    reply_type = getattr(pb, f"{method}Response")
     async with grpc.aio.insecure_channel(address) as channel:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                    request_serializer=lambda b: b, response_deserializer=pb.ModelInferResponse.FromString)
+        infer = channel.unary_unary(f"/inference.GRPCInferenceService/{method}",
+                                    request_serializer=lambda b: b, response_deserializer=reply_type.FromString)
 
         async def one(c):
             i = c
@@ -193,16 +200,33 @@ def single_image_cases(srv, prog, xte, name: str, a) -> dict:
                 def run(reqs=reqs):
                     return asyncio.run(http_clients(srv.address, reqs, a.clients, a.seconds, expected))
             else:
-                asyncio.run(grpc_clients(srv.grpc_address, model, singles, name, 8, 1.0))
+                reqs = infer_messages(model, singles, name)
+                asyncio.run(grpc_clients(srv.grpc_address, reqs, 8, 1.0))
 
-                def run(model=model):
-                    return asyncio.run(grpc_clients(srv.grpc_address, model, singles, name, a.clients, a.seconds,
-                                                    expected))
+                def run(reqs=reqs):
+                    return asyncio.run(grpc_clients(srv.grpc_address, reqs, a.clients, a.seconds, expected))
             r = rows[f"{proto}/{model}"] = measured(srv, model, run)
             print_row(f"{proto} single images, batching {'on' if model == 'batched' else 'off'}", r)
         ratio = rows[f"{proto}/batched"]["images_per_s"] / rows[f"{proto}/unbatched"]["images_per_s"]
         rows[f"{proto}/batching_speedup"] = ratio
         print(f"  {proto}: batching on / off = {ratio:.2f}x the images/s")
+    return rows
+
+
+def floor_cases(srv, a) -> dict:
+    """What the protocol alone costs the server: a health request (HTTP GET
+    /v2/health/live, gRPC ServerLive), which touches no model."""
+    rows = {}
+    live = [b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"]
+    for proto in a.protocols:
+        if proto == "http":
+            def run():
+                return asyncio.run(http_clients(srv.address, live, a.clients, a.seconds / 2))
+        else:
+            def run():
+                return asyncio.run(grpc_clients(srv.grpc_address, [b""], a.clients, a.seconds / 2, method="ServerLive"))
+        r = rows[proto] = measured(srv, "-", run)
+        print_row(f"{proto} health request (the floor)", r)
     return rows
 
 
@@ -248,11 +272,13 @@ def main():
             (repo / model / "config.yaml").write_text(cfg)
         args = ["--no-access-log"] + (["--grpc-port", "0"] if "grpc" in a.protocols else [])
         with launched(repo, *args) as srv:
-            print(f"server {srv.url} (gRPC {srv.grpc_address or 'off'}), pid {srv.proc.pid}; model {a.mdf}; "
+            grpc_address = getattr(srv, "grpc_address", "") or "off"
+            print(f"server {srv.url} (gRPC {grpc_address}), pid {srv.proc.pid}; model {a.mdf}; "
                   f"{a.clients} clients x {a.seconds:g} s each case; {os.cpu_count()} CPUs shared with the client")
             print(f"\n{'case':<36}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}{'srv us/req':>10}"
                   f"{'errors':>7}{'wrong':>6}")
             out["single_images"] = single_image_cases(srv, prog, xte, name, a)
+            out["floor"] = floor_cases(srv, a)
             if not a.no_big:
                 out["big_requests"] = big_request_case(srv, prog, xte, name, a)
     if a.json_out:
