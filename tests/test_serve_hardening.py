@@ -36,11 +36,13 @@ def token(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    d = model_repo(tmp_path_factory.mktemp("models"), softmax=None, other=None)
-    outside = tmp_path_factory.mktemp("outside")
-    model_repo(outside, elsewhere=None)
-    (d / "escape").symlink_to(outside / "elsewhere", target_is_directory=True)   # finding 2
-    return d
+    return model_repo(tmp_path_factory.mktemp("models"), softmax=None, other=None)
+
+
+def escape_to(repo, tmp_path):
+    """A model folder that is a symbolic link leading outside the repository."""
+    model_repo(tmp_path / "outside", elsewhere=None)
+    (repo / "escape").symlink_to(tmp_path / "outside" / "elsewhere", target_is_directory=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +61,26 @@ def pixels(n=1):
 
 
 # -- 2. one bad model folder ------------------------------------------------------------- #
-def test_2_a_model_folder_leading_outside_does_not_stop_the_server(server, token, repo):
-    index = json.loads(call(server.url + "/v2/repository/index", b"{}", auth(token))[2])
-    row = next(r for r in index if r["name"] == "escape")
-    assert row["state"] == "UNAVAILABLE" and "outside" in row["reason"] and str(repo) not in row["reason"]
-    assert call(f"{server.url}/v2/models/softmax/infer", infer_doc(pixels()), auth(token))[0] == 200
-    assert call(server.url + "/v2/health/ready")[0] == 200
-    status, _, body = call(f"{server.url}/v2/repository/models/escape/load", b"{}", auth(token))
-    assert status == 400 and "outside" in one_line_no_path(body, repo)
+def test_2_a_model_folder_leading_outside_does_not_stop_the_server(tmp_path, token):
+    repo = model_repo(tmp_path / "models", softmax=None)
+    escape_to(repo, tmp_path)
+    with launched(repo, "--token-file", str(token[1]), "--no-access-log") as server:
+        index = json.loads(call(server.url + "/v2/repository/index", b"{}", auth(token))[2])
+        row = next(r for r in index if r["name"] == "escape")
+        assert row["state"] == "UNAVAILABLE" and "outside" in row["reason"] and str(tmp_path) not in row["reason"]
+        assert call(f"{server.url}/v2/models/softmax/infer", infer_doc(pixels()), auth(token))[0] == 200
+        assert call(server.url + "/v2/health/ready")[0] == 200
+
+
+def test_2_loading_a_folder_leading_outside_at_run_time_is_a_400(server, token, repo, tmp_path):
+    escape_to(repo, tmp_path)
+    try:
+        status, _, body = call(f"{server.url}/v2/repository/models/escape/load", b"{}", auth(token))
+        assert status == 400 and "outside" in one_line_no_path(body, repo, tmp_path)
+        one_line_no_path(body, repo, "/tmp/")
+    finally:
+        (repo / "escape").unlink()
+        call(f"{server.url}/v2/repository/models/escape/unload", b"{}", auth(token))
 
 
 # -- 3. loading a name that does not exist ------------------------------------------------- #
@@ -297,11 +311,6 @@ def test_9_duplicate_authorization_headers_are_refused(server, token):
     assert raw(server.address, req).startswith(b"HTTP/1.1 400")
     req = f"GET /v2/models/softmax HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token[0]}\r\nConnection: close\r\n\r\n"
     assert raw(server.address, req.encode()).startswith(b"HTTP/1.1 200")
-
-
-def test_9_an_internal_error_names_no_path(server, token, repo):
-    status, _, body = call(f"{server.url}/v2/repository/models/escape/load", b"{}", auth(token))
-    one_line_no_path(body, repo, "/tmp/")
 
 
 # -- 10. the README ---------------------------------------------------------------------------- #
