@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import socket
 import urllib.error
@@ -62,3 +63,11 @@ def one_line_no_path(body: bytes, *paths) -> str:
     for p in paths:
         assert str(p) not in message, message
     return message
+
+
+def make_token(folder: Path) -> tuple[str, Path]:
+    """A random bearer token and the --token-file holding it."""
+    token = secrets.token_urlsafe(24)
+    path = folder / "token.txt"
+    path.write_text(token + "\n")
+    return token, path

@@ -4,7 +4,6 @@ SDK (REST JSON, REST binary and gRPC; in a process of its own) and curl."""
 
 import importlib.util
 import json
-import secrets
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import call, model_repo
+from serve_helpers import call, make_token, model_repo
 
 from gpu_mdf.engine import compile
 from gpu_mdf.serve.launch import launch
@@ -24,10 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def token(tmp_path_factory):
-    t = secrets.token_urlsafe(24)
-    p = tmp_path_factory.mktemp("secret") / "token.txt"
-    p.write_text(t + "\n")
-    return t, p
+    return make_token(tmp_path_factory.mktemp("secret"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import gzip
 import io
 import json
 import re
-import secrets
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import ROOT, call, infer_doc, model_repo, one_line_no_path, raw
+from serve_helpers import ROOT, call, infer_doc, make_token, model_repo, one_line_no_path, raw
 
 from gpu_mdf.serve.errors import HTTPError
 from gpu_mdf.serve.launch import launch, launched
@@ -28,10 +27,7 @@ pytest.importorskip("httptools")
 
 @pytest.fixture(scope="module")
 def token(tmp_path_factory):
-    t = secrets.token_urlsafe(24)
-    p = tmp_path_factory.mktemp("secret") / "token.txt"
-    p.write_text(t + "\n")
-    return t, p
+    return make_token(tmp_path_factory.mktemp("secret"))
 
 
 @pytest.fixture(scope="module")

@@ -140,48 +140,49 @@ class Endpoints:
 
     # -- inference -------------------------------------------------------------------- #
     async def infer(self, call: Call) -> Response:
-        started = time.perf_counter()
-        version = self._version(call)
-        code, stats = 500, None
-        try:
+        async def prepare(version: Version):
             body = self._body(call)
             header_length = call.headers.get("inference-header-content-length")
             if header_length is None:
                 call.reserve(JSON_EXPANSION * len(body),
                              "the JSON body's arrays (binary tensor data needs no such room)")
             args = (version, body, header_length, call.param("name"), call.param("version"))
-            request, feeds = await in_thread(parse, *args) if len(body) > THREAD_FROM else parse(*args)
-            version, outputs, stats = await self.run(version, feeds, lambda: self._version(call))
-            content, header_length = infer_response(version.model, version.version, request, outputs)
-            code = 200
-        except Exception as e:
-            code = status_of(e)
-            raise
-        finally:
-            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
+            return await in_thread(parse, *args) if len(body) > THREAD_FROM else parse(*args)
+        version, request, outputs = await self.serve(lambda: self._version(call), prepare)
+        content, header_length = infer_response(version.model, version.version, request, outputs)
         if header_length is None:
             return Response(content)
         return Response(content, content_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
-    async def run(self, version: Version, feeds: dict, current) -> tuple[Version, dict, dict]:
-        """``feeds`` through ``version``'s batcher: the version that ran them, the outputs
-        and the batch's timing. A version that stopped taking requests because a reload replaced it hands
-        the request to its successor (``current()``): a reload loses no request."""
+    async def serve(self, current, prepare) -> tuple[Version, InferRequest, dict]:
+        """One inference request (REST or gRPC), counted in the metrics whatever happens:
+        ``prepare(version)`` parses it into ``(request, feeds)``, the version's batcher runs
+        the feeds. A version that stopped taking requests because a reload replaced it
+        hands the request to its successor (``current()``): a reload loses no request."""
+        started, code, stats = time.perf_counter(), 500, None
+        version = current()
         try:
-            outputs, error, stats = await version.batcher.result(feeds)
-        except Closed:
-            successor = current()
-            if successor is version:
-                raise
-            version = successor
-            outputs, error, stats = await version.batcher.result(feeds)
-        if error is not None:
-            raise self._batch_failure(version, error)
-        bad = outputs.pop(NONFINITE, None)
-        if bad is not None and bad.any():
-            raise BadRequest(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}")
-        return version, outputs, stats
+            request, feeds = await prepare(version)
+            try:
+                outputs, error, stats = await version.batcher.result(feeds)
+            except Closed:
+                if current() is version:
+                    raise
+                version = current()
+                outputs, error, stats = await version.batcher.result(feeds)
+            if error is not None:
+                raise self._batch_failure(version, error)
+            bad = outputs.pop(NONFINITE, None)
+            if bad is not None and bad.any():
+                raise BadRequest(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}")
+            code = 200
+            return version, request, outputs
+        except Exception as e:
+            code = status_of(e)
+            raise
+        finally:
+            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
 
     def _batch_failure(self, version: Version, error: Exception) -> Exception:
         """What to raise for a batch that failed: the user's error as it is (400), or a

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 
 import grpc
 import numpy as np
@@ -72,20 +71,11 @@ class Service:
                                         properties={k: str(v) for k, v in meta["parameters"].items()})
 
     async def ModelInfer(self, request, context):
-        version = self.repo.get(request.model_name, request.model_version or None)
-        code, stats = 500, None
-        started = time.perf_counter()
-        try:
+        async def prepare(version):
             req = parse_grpc_request(request, version.input_names, version.output_names)
-            feeds = {name: version.program.check_input(x, version.specs[name]) for name, x in req.inputs.items()}
-            version, outputs, stats = await self.endpoints.run(
-                version, feeds, lambda: self.repo.get(request.model_name, request.model_version or None))
-            code = 200
-        except Exception as e:
-            code = status_of(e)
-            raise
-        finally:
-            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
+            return req, {name: version.program.check_input(x, version.specs[name]) for name, x in req.inputs.items()}
+        version, req, outputs = await self.endpoints.serve(
+            lambda: self.repo.get(request.model_name, request.model_version or None), prepare)
         return infer_reply(version.model, version.version, req, outputs)
 
     async def RepositoryIndex(self, request, context):
