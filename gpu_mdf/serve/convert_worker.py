@@ -58,6 +58,7 @@ def isolate(tmp: str, disk: int) -> str:
     libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None)     # MS_REC | MS_PRIVATE: keep mounts here
     if libc.mount(b"tmpfs", tmp.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={disk},mode=700".encode()) != 0:
         return "isolation: no network; temp quota watched by the server (tmpfs not permitted)"
+    os.chdir(tmp)          # the working folder too is the tmpfs now, not the folder under it
     return "isolation: no network; temp folder a tmpfs quota"
 
 
