@@ -341,3 +341,12 @@ def test_5_load_and_unload_bodies_refuse_unknown_fields(server, token):
     status, _, body = call(f"{server.url}/v2/repository/models/softmax/unload", b'{"x": 1}', auth(token))
     assert status == 400
     assert call(f"{server.url}/v2/repository/index", b'{"ready": "yes"}', auth(token))[0] == 400
+
+
+def test_pipelined_requests_are_answered_in_order(server, token):
+    one = (f"GET /v2/models/softmax HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token[0]}\r\n\r\n"
+           f"GET /v2/models/other HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token[0]}\r\n\r\n"
+           "GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode()
+    answer = raw(server.address, one)
+    assert answer.count(b"HTTP/1.1 200") == 3, answer[:400]
+    assert answer.index(b'"name":"softmax"') < answer.index(b'"name":"other"') < answer.index(b'"live":true')

@@ -14,7 +14,7 @@ resource a client can hold bounded.
   then view without a copy. Endpoints reserve what they expand a body into (inflating,
   JSON) from the same budget.
 - One request per connection at a time (pipelined requests wait their turn, reading
-  paused), ``Expect: 100-continue`` answered once the body is accepted, HEAD, HTTP/1.0.
+  paused while one waits), ``Expect: 100-continue`` answered once the body is accepted, HEAD, HTTP/1.0.
 
 The application is any object with ``async handle(request) -> Response``.
 """
@@ -159,7 +159,7 @@ class Connection(asyncio.Protocol):
         self.client = ""
         self.state, self.deadline = IDLE, 0.0
         self.pending: collections.deque[Request] = collections.deque()
-        self.busy = False
+        self.busy = self.paused = False
         self.closed = False
         self._writable = None
         self._reset()
@@ -296,11 +296,13 @@ class Connection(asyncio.Protocol):
         self.state = BUSY
         if not self.busy:
             self._next()
+        elif not self.paused:           # a pipelined request: read no more until its turn
+            self.paused = True
+            self.transport.pause_reading()
 
     # -- answering ------------------------------------------------------------------------ #
     def _next(self):
         self.busy = True
-        self.transport.pause_reading()
         self.server.loop.create_task(self._answer(self.pending.popleft()))
 
     async def _answer(self, req: Request):
@@ -322,7 +324,9 @@ class Connection(asyncio.Protocol):
             self._next()
         else:
             self._expect(IDLE, self.limits.keepalive_timeout)
-            self.transport.resume_reading()
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
 
     def _fail(self, error: HTTPError):
         """Answer a request that cannot be read on (and close the connection)."""
