@@ -255,29 +255,54 @@ def run(config_path, out, device, epochs, seed, train_limit, batch_size, fmt, no
 
 @main.command()
 @click.option("--model-repository", "repository", required=True, type=click.Path(file_okay=False),
-              help="models as DIR/<model>/<version>/model.mdf.json (+ optional DIR/<model>/config.yaml)")
+              help="models as DIR/<model>/<version>/model.mdf.json or model.onnx (+ optional DIR/<model>/config.yaml)")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0 exposes the server to the network)")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port (0: any free)")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="also serve the protocol's gRPC form on this port (0: any free; needs [grpc])")
 @DEVICE
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="require 'Authorization: Bearer <token>' (the file's content) on every route but health")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=64, show_default=True,
               help="largest request body")
+@click.option("--max-inflight-mb", type=click.FloatRange(1), default=1024, show_default=True,
+              help="request bytes held at once, server-wide (bodies and what they expand into); past it, 503")
+@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
+              help="open connections at once; past it, 503")
+@click.option("--header-timeout", type=click.FloatRange(0.1), default=10, show_default=True,
+              help="seconds a request's headers may take")
+@click.option("--body-timeout", type=click.FloatRange(0.1), default=60, show_default=True,
+              help="seconds a request's body may take after its headers")
+@click.option("--keepalive-timeout", type=click.FloatRange(0.1), default=5, show_default=True,
+              help="seconds an idle connection stays open")
+@click.option("--retain-mb", type=click.FloatRange(0), default=64, show_default=True,
+              help="freed host memory the server keeps for reuse after a burst")
+@click.option("--blas-threads", type=click.IntRange(1), default=1, show_default=True,
+              help="BLAS threads per batch (more helps large batches on many cores)")
+@click.option("--convert-disk-mb", type=click.FloatRange(1), default=1024, show_default=True,
+              help="what one conversion may write (its temp folder's quota and its largest file)")
 @click.option("--no-access-log", is_flag=True, help="no JSON access-log line per request")
 @_errors
-def serve(repository, host, port, device, token_file, max_body_mb, no_access_log):
-    """Serve MDF inference and Keras conversion over KServe v2 (REST, with Triton's binary
-    tensor data and model repository extensions), batching concurrent requests.
+def serve(repository, host, port, grpc_port, device, token_file, max_body_mb, max_inflight_mb, max_connections,
+          header_timeout, body_timeout, keepalive_timeout, retain_mb, blas_threads, convert_disk_mb, no_access_log):
+    """Serve MDF inference and model conversion over KServe v2 (REST with Triton's binary
+    tensor data and model repository extensions; gRPC with --grpc-port), batching
+    concurrent requests.
 
     \b
     Example:
       gpu-mdf serve --model-repository models/ --port 8000 --token-file token.txt
-      curl localhost:8000/v2/models/mnist
+      curl -H "Authorization: Bearer $(cat token.txt)" localhost:8000/v2/models/mnist
     """
     from .serve import serve as run_server
-    run_server(repository, host=host, port=port, device=device or "auto", token_file=token_file,
-               max_body_mb=max_body_mb, access_log=not no_access_log)
+    from .serve.http import Limits
+    limits = Limits(max_body=int(max_body_mb * 2**20), inflight=int(max_inflight_mb * 2**20),
+                    max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
+                    keepalive_timeout=keepalive_timeout)
+    run_server(repository, host=host, port=port, device=device or "auto", token_file=token_file, limits=limits,
+               access_log=not no_access_log, grpc_port=grpc_port, retain_mb=retain_mb,
+               convert_disk=int(convert_disk_mb * 2**20), blas_threads=blas_threads)
 
 
 @main.command()

@@ -22,8 +22,7 @@ from gpu_mdf.serve.errors import HTTPError as ProtocolError
 from gpu_mdf.serve.launch import launch, launched
 from gpu_mdf.serve.protocol import decode_body, parse_infer_request
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+pytest.importorskip("httptools")
 th = pytest.importorskip("tritonclient.http")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +263,10 @@ def test_repository_load_unload_index(server, token, client, repo, digits):
     (repo / "broken" / "1" / "model.mdf.json").write_text("{not json")
     with pytest.raises(Exception, match="broken"):
         client.load_model("broken", headers=h)
-    assert call(server.url + "/v2/health/ready")[0] == 503      # a model failed to load
+    # issue 22: a model that failed to load is UNAVAILABLE with its reason; the server stays ready
+    assert call(server.url + "/v2/health/ready")[0] == 200
+    row = next(r for r in client.get_model_repository_index(headers=h) if r["name"] == "broken")
+    assert row["state"] == "UNAVAILABLE" and "model.mdf.json" in row["reason"] and str(repo) not in row["reason"]
     client.unload_model("broken", headers=h)
     assert call(server.url + "/v2/health/ready")[0] == 200
     assert call(f"{server.url}/v2/repository/models/..%2Fetc/load", b"{}", h)[0] in (400, 404)

@@ -9,6 +9,10 @@ runs alone (the engine blocks it on the CPU and splits it on a GPU out of memory
 queue is bounded in requests and in bytes: over either, :class:`QueueFull` (HTTP 503).
 With ``dynamic=False`` every request runs alone, in arrival order. The event loop awaits
 a result with :meth:`Batcher.result`.
+
+What a request costs the server is kept small: the worker is woken by the first request
+of a batch (and by the one that fills it), not by every arrival; a finished batch hands
+its results back to the event loop in one call, not one per request.
 """
 
 from __future__ import annotations
@@ -33,13 +37,27 @@ class Closed(Unavailable):
     """The model version is unloading: its batcher takes no more requests."""
 
 
+class LoopWaiter:
+    """A request awaited on an event loop: resolved there with the others of its batch."""
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop, future):
+        self.loop, self.future = loop, future
+
+
+def _resolve(waiters: list) -> None:       # on the event loop, once per batch
+    for future, result in waiters:
+        if not future.done():
+            future.set_result(result)
+
+
 @dataclass
 class Job:
     feeds: dict[str, np.ndarray]
     items: int
     nbytes: int
     key: tuple
-    done: Callable       # done(result dict | None, error | None, stats dict)
+    done: Callable | LoopWaiter     # done(result dict | None, error | None, stats dict)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -52,7 +70,7 @@ class Batcher:
         self.max_queue_size, self.max_queue_bytes = max_queue_size, max_queue_bytes
         self.dynamic, self.on_batch = dynamic, on_batch
         self._q: collections.deque[Job] = collections.deque()
-        self._bytes = 0
+        self._bytes = self._items = 0
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -62,7 +80,7 @@ class Batcher:
     def queued(self) -> int:
         return len(self._q)
 
-    def submit(self, feeds: dict[str, np.ndarray], done: Callable) -> None:
+    def submit(self, feeds: dict[str, np.ndarray], done: Callable | LoopWaiter) -> None:
         items = len(next(iter(feeds.values())))
         nbytes = sum(a.nbytes for a in feeds.values())
         key = tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(feeds.items()))
@@ -74,18 +92,15 @@ class Batcher:
                                 f"{self._bytes / 2**20:.0f} MiB waiting); retry later")
             self._q.append(Job(feeds, items, nbytes, key, done))
             self._bytes += nbytes
-            self._cv.notify()
+            self._items += items
+            if len(self._q) == 1 or self._items >= self.max_batch_size or not self.dynamic:
+                self._cv.notify()
 
     async def result(self, feeds: dict[str, np.ndarray]) -> tuple[dict | None, Exception | None, dict]:
         """Submit from the event loop and wait there for ``(outputs, error, stats)``."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-
-        def resolve(out, error, stats):        # on the event loop
-            if not future.done():
-                future.set_result((out, error, stats))
-
-        self.submit(feeds, lambda out, error, stats: loop.call_soon_threadsafe(resolve, out, error, stats))
+        self.submit(feeds, LoopWaiter(loop, future))
         return await future
 
     def close(self, wait: bool = True) -> None:
@@ -103,22 +118,23 @@ class Batcher:
                 if self._closing:
                     return None
                 self._cv.wait()
+            if self.dynamic:        # wait out the first request's delay, unless the batch fills first
+                deadline = self._q[0].enqueued + self.max_queue_delay
+                while self._items < self.max_batch_size and not self._closing:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
             first = self._q.popleft()
             batch, items = [first], first.items
-            deadline = first.enqueued + self.max_queue_delay
-            while self.dynamic and items < self.max_batch_size:
-                if self._q:
-                    nxt = self._q[0]
-                    if nxt.key != first.key or items + nxt.items > self.max_batch_size:
-                        break
-                    batch.append(self._q.popleft())
-                    items += nxt.items
-                    continue
-                left = deadline - time.perf_counter()
-                if left <= 0 or self._closing:
+            while self.dynamic and self._q and items < self.max_batch_size:
+                nxt = self._q[0]
+                if nxt.key != first.key or items + nxt.items > self.max_batch_size:
                     break
-                self._cv.wait(left)
+                batch.append(self._q.popleft())
+                items += nxt.items
             self._bytes -= sum(j.nbytes for j in batch)
+            self._items -= items
             return batch
 
     def _loop(self) -> None:
@@ -140,12 +156,24 @@ class Batcher:
             items = sum(j.items for j in batch)
             if self.on_batch:
                 self.on_batch(items, len(batch), t1 - t0)
-            lo = 0
-            for j in batch:
-                stats = {"queue_s": t0 - j.enqueued, "compute_s": t1 - t0, "batch_items": items}
-                part = None if out is None else {k: v[lo:lo + j.items] for k, v in out.items()}
-                lo += j.items
-                try:
-                    j.done(part, error, stats)
-                except Exception:      # a waiter that went away must not stop the worker
-                    pass
+            self._hand_back(batch, out, error, t0, t1, items)
+
+    def _hand_back(self, batch: list[Job], out, error, t0: float, t1: float, items: int) -> None:
+        """Each request its rows of the outputs: loop waiters in one call per event loop."""
+        lo, waiters = 0, {}
+        for j in batch:
+            stats = {"queue_s": t0 - j.enqueued, "compute_s": t1 - t0, "batch_items": items}
+            part = None if out is None else {k: v[lo:lo + j.items] for k, v in out.items()}
+            lo += j.items
+            if isinstance(j.done, LoopWaiter):
+                waiters.setdefault(j.done.loop, []).append((j.done.future, (part, error, stats)))
+                continue
+            try:
+                j.done(part, error, stats)
+            except Exception:      # a waiter that went away must not stop the worker
+                pass
+        for loop, results in waiters.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:   # the loop is closed: nobody waits any more
+                pass

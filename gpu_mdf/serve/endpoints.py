@@ -1,33 +1,35 @@
 """The server's endpoints: :data:`ROUTES`, the one route table (paths, methods, the
 ``/metrics`` route labels), and :class:`Endpoints`, one thin method per route.
 
-An endpoint takes the :class:`Call` (the body already read, within the limit) and returns
-a response, or raises: an :class:`~.errors.HTTPError` carries its status, any other
-``GpuMdfError`` is a 400 (see :mod:`.errors`).
+An endpoint takes the :class:`Call` (the body already read, within the limits) and returns
+a :class:`~.http.Response`, or raises: an :class:`~.errors.HTTPError` carries its status,
+any other ``GpuMdfError`` is a 400 (see :mod:`.errors`). The gRPC service
+(:mod:`.grpc`) calls the same inference and repository code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import QueryParams
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+import orjson
 
 from .. import __version__
 from ..engine import BatchResult
-from ..engine.preprocess import nonfinite_items
 from ..errors import GpuMdfError
 from ..mdf import NORMALIZATIONS
+from .batcher import Closed
 from .conversion import Converter
-from .errors import BadRequest, ServerError, status_of
+from .errors import BadRequest, Conflict, ServerError, status_of
+from .http import Request, Response
 from .metrics import Metrics
-from .protocol import decode_body, infer_response, json_object, parse_infer_request
-from .repository import Repository, Version, check_name
+from .protocol import JSON_EXPANSION, InferRequest, decode_body, infer_response, json_object
+from .repository import NONFINITE, Repository, Version, check_name
 from .routes import Route
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "gpu_mdf_convert"]
 MODEL = "/v2/models/{name}[/versions/{version}]"      # KServe v2 = the Open Inference Protocol
+THREAD_FROM = 65536          # parsing a body this large would hold up the event loop: a thread does it
 
 ROUTES = [   # method, path template, Endpoints method, /metrics route label; infer first (the hot path)
     Route("POST", MODEL + "/infer", "infer", "/v2/models/{m}/infer"),        # JSON or binary tensor data
@@ -47,7 +50,7 @@ ROUTES = [   # method, path template, Endpoints method, /metrics route label; in
     Route("POST", "/v2/repository/index", "repository_index", "/v2/repository"),  # model repository extension
     Route("POST", "/v2/repository/models/{name}/load", "load_model", "/v2/repository"),
     Route("POST", "/v2/repository/models/{name}/unload", "unload_model", "/v2/repository"),
-    Route("POST", "/v2/convert", "convert", "/v2/convert"),                 # ours: ?name=M&normalize=l2
+    Route("POST", "/v2/convert", "convert", "/v2/convert"),           # ours: ?name=M&normalize=l2&overwrite=true
     Route("GET", "/metrics", "prometheus", "/metrics"),                     # Prometheus text
 ]
 
@@ -55,10 +58,46 @@ ROUTES = [   # method, path template, Endpoints method, /metrics route label; in
 @dataclass(slots=True)
 class Call:
     """One request as an endpoint sees it."""
-    params: dict[str, str | None]        # the route template's parameters
+    params: dict[str, str | None]        # the route template's parameters (percent-decoded by the getters)
     headers: dict[str, str]              # names in lower case
     query: bytes
     body: bytes
+    request: Request | None = None       # for reserving memory from the server's budget
+
+    def param(self, key: str) -> str | None:
+        value = self.params.get(key)
+        return value if value is None or "%" not in value else unquote(value)
+
+    def reserve(self, n: int, what: str) -> None:
+        if self.request is not None:
+            self.request.reserve(n, what)
+
+
+def json_response(doc, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(doc), status, headers=headers)
+
+
+def query_params(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise BadRequest("a query parameter is given twice")
+    unknown = set(found) - set(allowed)
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s) {sorted(unknown)} (supported: {', '.join(allowed)})")
+    return found
+
+
+def boolean(value: str, what: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no", ""):
+        return False
+    raise BadRequest(f"{what} {value!r}: true or false")
+
+
+async def in_thread(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 class Endpoints:
@@ -66,74 +105,84 @@ class Endpoints:
 
     def __init__(self, repo: Repository, settings: Settings, metrics: Metrics):
         self.repo, self.settings, self.metrics = repo, settings, metrics
-        self.converter = Converter(settings.convert_memory, settings.convert_seconds, settings.log)
+        self.converter = repo.converter or Converter(settings, repo.root)
 
     # -- health and metadata -------------------------------------------------------- #
     async def live(self, call: Call) -> Response:
-        return JSONResponse({"live": True})
+        return json_response({"live": True})
 
     async def ready(self, call: Call) -> Response:
-        failed = [model.name for model in self.repo.models.values() if model.state == "UNAVAILABLE"]
-        if failed:
-            return JSONResponse({"ready": False, "error": f"model(s) failed to load: {failed}"}, status_code=503)
-        return JSONResponse({"ready": True})
+        # no model name here: health needs no token
+        waiting = self.repo.loading_count()
+        if waiting:
+            return json_response({"ready": False, "error": f"{waiting} model(s) still loading"}, 503)
+        return json_response({"ready": True})
 
     async def server_metadata(self, call: Call) -> Response:
-        return JSONResponse({"name": "gpu-mdf", "version": __version__, "extensions": EXTENSIONS})
+        return json_response({"name": "gpu-mdf", "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(self, call: Call) -> Response:
         version = self._version(call)
         meta = version.metadata()
         if call.params["version"] is None:
             meta["versions"] = self.repo.models[version.model].version_names()
-        return JSONResponse(meta)
+        return json_response(meta)
 
     async def model_ready(self, call: Call) -> Response:
         self._version(call)
-        return JSONResponse({"name": call.params["name"], "ready": True})
+        return json_response({"name": call.param("name"), "ready": True})
 
     async def model_config(self, call: Call) -> Response:
-        return JSONResponse(self._version(call).triton_config())
+        return json_response(self._version(call).triton_config())
 
     async def prometheus(self, call: Call) -> Response:
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render().encode(), content_type="text/plain; version=0.0.4")
 
     # -- inference -------------------------------------------------------------------- #
     async def infer(self, call: Call) -> Response:
-        started = time.perf_counter()
-        version = self._version(call)
-        code = 500
+        async def prepare(version: Version):
+            body = self._body(call)
+            header_length = call.headers.get("inference-header-content-length")
+            if header_length is None:
+                call.reserve(JSON_EXPANSION * len(body),
+                             "the JSON body's arrays (binary tensor data needs no such room)")
+            args = (version, body, header_length, call.param("name"), call.param("version"))
+            return await in_thread(parse, *args) if len(body) > THREAD_FROM else parse(*args)
+        version, request, outputs = await self.serve(lambda: self._version(call), prepare)
+        content, header_length = infer_response(version.model, version.version, request, outputs)
+        if header_length is None:
+            return Response(content)
+        return Response(content, content_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    async def serve(self, current, prepare) -> tuple[Version, InferRequest, dict]:
+        """One inference request (REST or gRPC), counted in the metrics whatever happens:
+        ``prepare(version)`` parses it into ``(request, feeds)``, the version's batcher runs
+        the feeds. A version that stopped taking requests because a reload replaced it
+        hands the request to its successor (``current()``): a reload loses no request."""
+        started, code, stats = time.perf_counter(), 500, None
+        version = current()
         try:
-            response = await self._infer(version, call)
+            request, feeds = await prepare(version)
+            try:
+                outputs, error, stats = await version.batcher.result(feeds)
+            except Closed:
+                if current() is version:
+                    raise
+                version = current()
+                outputs, error, stats = await version.batcher.result(feeds)
+            if error is not None:
+                raise self._batch_failure(version, error)
+            bad = outputs.pop(NONFINITE, None)
+            if bad is not None and bad.any():
+                raise BadRequest(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}")
             code = 200
-            return response
+            return version, request, outputs
         except Exception as e:
             code = status_of(e)
             raise
         finally:
-            self.metrics.request(version.model, version.version, code, time.perf_counter() - started)
-
-    async def _infer(self, version: Version, call: Call) -> Response:
-        body = self._body(call)
-        header_length = call.headers.get("inference-header-content-length")
-        if len(body) > 65536:         # parsing a large body would hold up the event loop
-            request, feeds = await run_in_threadpool(_parse, version, body, header_length)
-        else:
-            request, feeds = _parse(version, body, header_length)
-        outputs, error, stats = await version.batcher.result(feeds)
-        if error is not None:
-            raise self._batch_failure(version, error)
-        bad = nonfinite_items(outputs)
-        if bad is not None:
-            raise BadRequest(f"item {int(np.flatnonzero(bad)[0])}: {BatchResult.NONFINITE_REASON}")
-        labels = {"model": version.model, "version": version.version}
-        self.metrics.observe("gpu_mdf_queue_seconds", labels, stats["queue_s"])
-        self.metrics.observe("gpu_mdf_compute_seconds", labels, stats["compute_s"])
-        content, header_length = infer_response(version.model, version.version, request, outputs)
-        if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+            self.metrics.request(version.model, version.version, code, time.perf_counter() - started, stats)
 
     def _batch_failure(self, version: Version, error: Exception) -> Exception:
         """What to raise for a batch that failed: the user's error as it is (400), or a
@@ -142,7 +191,7 @@ class Endpoints:
             return error
         self.settings.log(f"batch failed for {version.model}/{version.version}: "
                           + "".join(traceback.format_exception(error)))
-        return ServerError(f"the batch failed: {type(error).__name__}: {error}")
+        return ServerError(f"the batch failed ({type(error).__name__}); the server log has the details")
 
     # -- repository extension -------------------------------------------------------- #
     async def repository_index(self, call: Call) -> Response:
@@ -150,63 +199,75 @@ class Endpoints:
         unknown = set(doc) - {"ready"}
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)} (supported: ready)")
-        rows = await run_in_threadpool(self.repo.index)
+        if not isinstance(doc.get("ready", False), bool):
+            raise BadRequest("ready must be true or false")
+        rows = await in_thread(self.repo.index)
         if doc.get("ready"):
             rows = [row for row in rows if row["state"] == "READY"]
-        return JSONResponse(rows)
+        return json_response(rows)
 
     async def load_model(self, call: Call) -> Response:
-        name = check_name(call.params["name"])
-        parameters = self._json(call).get("parameters")
+        name = check_name(call.param("name"))
+        doc = self._json(call)
+        unknown = set(doc) - {"parameters"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {sorted(unknown)} (supported: parameters)")
+        parameters = doc.get("parameters")
         if parameters:
-            raise BadRequest(f"load parameters {sorted(parameters)} are not supported: "
-                             "put the settings in the model's config.yaml")
-        state = await run_in_threadpool(self.repo.load, name)
+            raise BadRequest("load parameters are not supported: put the settings in the model's config.yaml")
+        state = await in_thread(self.repo.load, name)
         if state.state != "READY":
             raise BadRequest(f"failed to load {name!r}: {state.reason}")
-        return JSONResponse({})
+        return json_response({})
 
     async def unload_model(self, call: Call) -> Response:
-        name = check_name(call.params["name"])
-        self._json(call)
+        name = check_name(call.param("name"))
+        doc = self._json(call)
+        if set(doc) - {"parameters"}:
+            raise BadRequest(f"unknown field(s) {sorted(set(doc) - {'parameters'})} (supported: parameters)")
         self.repo.unload(name)
-        return JSONResponse({})
+        return json_response({})
 
     # -- conversion (our extension) ------------------------------------------------------ #
     async def convert(self, call: Call) -> Response:
         upload = self._body(call)
-        query = dict(QueryParams(call.query))
-        unknown = set(query) - {"name", "normalize"}
-        if unknown:
-            raise BadRequest(f"unknown query parameter(s) {sorted(unknown)} (supported: name, normalize)")
-        normalize = query.get("normalize", "l2")
-        if normalize not in NORMALIZATIONS:
+        query = query_params(call.query, ("name", "normalize", "overwrite"))
+        normalize = query.get("normalize")
+        if normalize is not None and normalize not in NORMALIZATIONS:
             raise BadRequest(f"normalize {normalize!r}: one of {', '.join(NORMALIZATIONS)}")
         name = check_name(query["name"]) if "name" in query else None
+        overwrite = boolean(query.get("overwrite", "false"), "overwrite")
+        if name is not None and not overwrite and self.repo.exists(name):
+            raise Conflict(f"model {name!r} exists: add overwrite=true to make the upload its next version")
         mdf = await self.converter.convert(upload, normalize, name or "model")
         if name is None:
-            return Response(mdf, media_type="application/json")
-        version, state = await run_in_threadpool(self.repo.add, name, mdf)
-        return JSONResponse({"name": name, "version": version, "state": state.state, "reason": state.reason},
-                            status_code=201 if state.state == "READY" else 400)
+            return Response(mdf)
+        version, state = await in_thread(self.repo.add, name, mdf)
+        return json_response({"name": name, "version": version, "state": state.state, "reason": state.reason},
+                             201 if state.state == "READY" else 400)
 
     # -- helpers ---------------------------------------------------------------------- #
     def _version(self, call: Call) -> Version:
-        return self.repo.get(call.params["name"], call.params["version"])
+        return self.repo.get(call.param("name"), call.param("version"))
 
     def _body(self, call: Call) -> bytes:
-        """The body with its Content-Encoding undone (within the same limit)."""
-        return decode_body(call.body, call.headers.get("content-encoding"), self.settings.max_body)
+        """The body with its Content-Encoding undone (within the same limit and the budget)."""
+        encoding = call.headers.get("content-encoding")
+        if encoding is None:
+            return call.body
+        return decode_body(call.body, encoding, self.settings.max_body, call.reserve)
 
     def _json(self, call: Call) -> dict:
         """The body's JSON object; an empty body is an empty object."""
         body = self._body(call)
-        return json_object(body) if body.strip() else {}
+        return json_object(body) if bytes(body[:64]).strip() or len(body) > 64 else {}
 
 
-def _parse(version: Version, body: bytes, header_length: str | None):
+def parse(version: Version, body, header_length: str | None, name: str | None = None,
+          version_name: str | None = None) -> tuple[InferRequest, dict]:
     """The request and its feeds, by input name, checked against the program's inputs."""
     program = version.program
-    request = parse_infer_request(body, header_length, version.input_names, list(version.output_names))
-    specs = {spec.name: spec for spec in program.inputs}
+    request = version.headers.parse(body, header_length, version.input_names, version.output_names,
+                                    (name, version_name))
+    specs = version.specs
     return request, {name: program.check_input(x, specs[name]) for name, x in request.inputs.items()}

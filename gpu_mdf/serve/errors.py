@@ -8,6 +8,8 @@ model cannot load with) is the client's to fix: 400. Anything else is a bug: 500
 
 from __future__ import annotations
 
+import re
+
 from ..errors import GpuMdfError
 
 
@@ -15,9 +17,11 @@ class HTTPError(GpuMdfError):
     """A request the server refuses: ``status`` is the HTTP code, the message says why."""
     status = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, headers: dict[str, str] | None = None, status: int | None = None):
         super().__init__(message)
         self.headers = headers or {}
+        if status is not None:
+            self.status = status
 
 
 class BadRequest(HTTPError):
@@ -38,6 +42,10 @@ class NotFound(HTTPError):
 
 class NotAllowed(HTTPError):
     status = 405
+
+
+class Conflict(HTTPError):
+    status = 409
 
 
 class PayloadTooLarge(HTTPError):
@@ -74,3 +82,19 @@ def status_of(exc: BaseException) -> int:
     if isinstance(exc, GpuMdfError):
         return getattr(exc, "status", 400)
     return 500
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.:/\\])/(?:[^\s'\"/,;()\[\]{}]+/)+([^\s'\",;()\[\]{}]*)")
+
+
+def public_message(exc: BaseException, root: str | None = None) -> str:
+    """The one-line message a client sees: its first line, with the repository folder
+    dropped from paths inside it and any other absolute path cut to its last part."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return scrub_paths(text, root)
+
+
+def scrub_paths(text: str, root: str | None = None) -> str:
+    if root:
+        text = text.replace(root.rstrip("/") + "/", "")
+    return _ABSOLUTE.sub(lambda m: m.group(1) or "/", text)

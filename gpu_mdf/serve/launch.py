@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 class Launched:
     proc: subprocess.Popen
     url: str = ""
+    grpc_address: str = ""                             # host:port when started with --grpc-port
     lines: list[str] = field(default_factory=list)    # everything the server wrote to stderr
 
     @property
@@ -52,9 +53,9 @@ def launch(repository, *args: str, timeout: float = 120, env: dict | None = None
     def read():
         for line in proc.stderr:
             srv.lines.append(line.rstrip("\n"))
-            m = re.search(r" on (http://\S+) \(KServe v2", line)
+            m = re.search(r" on (http://\S+) \(KServe v2(?:, gRPC on (\S+))?", line)
             if m:
-                srv.url = m.group(1)
+                srv.url, srv.grpc_address = m.group(1), (m.group(2) or "").rstrip(";")
                 started.set()
         started.set()
     threading.Thread(target=read, daemon=True).start()

@@ -9,12 +9,16 @@ counters, histograms and a few gauges, thread-safe).
     gpu_mdf_batch_items / gpu_mdf_batch_requests   histograms of the device batches
     gpu_mdf_queue_depth{model,version}             requests waiting now
     gpu_mdf_device_memory_bytes{device,kind}       used/free on the GPU (CuPy); RSS on the CPU
-    gpu_mdf_http_requests_total{route,code}        every route
+    gpu_mdf_http_requests_total{route,code}        every route (gRPC calls as route grpc/<RPC>)
+    gpu_mdf_inflight_bytes, gpu_mdf_connections    against --max-inflight-mb and --max-connections
+    gpu_mdf_refused_total{reason}                  connections, memory, timeout
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import threading
 import time
 
@@ -32,7 +36,11 @@ HELP = {
     "gpu_mdf_batch_requests": ("histogram", "Requests per device batch"),
     "gpu_mdf_queue_depth": ("gauge", "Requests waiting for a batch"),
     "gpu_mdf_device_memory_bytes": ("gauge", "Device memory: GPU used/free (CuPy), or the process RSS on the CPU"),
-    "gpu_mdf_http_requests_total": ("counter", "HTTP requests by route and status"),
+    "gpu_mdf_http_requests_total": ("counter", "HTTP requests (and gRPC calls, route grpc/...) by route and status"),
+    "gpu_mdf_conversions_total": ("counter", "Model files converted, answered from the cache, or refused"),
+    "gpu_mdf_inflight_bytes": ("gauge", "Request bytes held now against --max-inflight-mb"),
+    "gpu_mdf_connections": ("gauge", "Open HTTP connections"),
+    "gpu_mdf_refused_total": ("counter", "Connections or requests refused for connections, memory or time"),
 }
 
 
@@ -50,30 +58,47 @@ class Metrics:
         self._hist: dict[tuple, list] = {}
         self._recent: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
         self.gauges = []          # callables returning [(name, labels dict, value)]
+        self._http_keys: dict = {}
 
     def inc(self, name: str, labels: dict, by: float = 1.0) -> None:
         with self._lock:
             self._counters[(name, tuple(labels.items()))] += by
 
-    def observe(self, name: str, labels: dict, value: float, buckets=TIME_BUCKETS) -> None:
-        key = (name, tuple(labels.items()))
+    def count_http(self, route: str, code: int) -> None:
+        """gpu_mdf_http_requests_total{route, code} + 1 (the per-request counter, kept cheap)."""
+        key = self._http_keys.get((route, code))
+        if key is None:
+            key = self._http_keys[(route, code)] = ("gpu_mdf_http_requests_total",
+                                                    (("route", route), ("code", str(code))))
         with self._lock:
-            h = self._hist.get(key)
-            if h is None:
-                h = self._hist[key] = [buckets, [0] * len(buckets), 0.0, 0]
-            for i, b in enumerate(buckets):
-                if value <= b:
-                    h[1][i] += 1
-            h[2] += value
-            h[3] += 1
+            self._counters[key] += 1
 
-    def request(self, model: str, version: str, code: int, seconds: float) -> None:
-        """One inference request answered with HTTP status ``code`` after ``seconds``."""
-        lab = {"model": model, "version": version}
-        self.inc("gpu_mdf_requests_total", {**lab, "code": str(code)})
-        if code != 200:
-            self.inc("gpu_mdf_request_failures_total", lab)
-        self.observe("gpu_mdf_request_seconds", lab, seconds)
+    def observe(self, name: str, labels: dict, value: float, buckets=TIME_BUCKETS) -> None:
+        """One value into a histogram: counted in its own bucket here, cumulated by render."""
+        with self._lock:
+            self._observe((name, tuple(labels.items())), value, buckets)
+
+    def _observe(self, key: tuple, value: float, buckets) -> None:
+        h = self._hist.get(key)
+        if h is None:
+            h = self._hist[key] = [buckets, [0] * (len(buckets) + 1), 0.0, 0]
+        h[1][bisect.bisect_left(buckets, value)] += 1
+        h[2] += value
+        h[3] += 1
+
+    def request(self, model: str, version: str, code: int, seconds: float, stats: dict | None = None) -> None:
+        """One inference request answered with HTTP status ``code`` after ``seconds``; its
+        queue and compute time (``stats``) when it ran. One lock for all of it."""
+        lab = (("model", model), ("version", version))
+        rows = [("gpu_mdf_request_seconds", seconds)]
+        if stats is not None:
+            rows += [("gpu_mdf_queue_seconds", stats["queue_s"]), ("gpu_mdf_compute_seconds", stats["compute_s"])]
+        with self._lock:
+            self._counters[("gpu_mdf_requests_total", (*lab, ("code", str(code))))] += 1
+            if code != 200:
+                self._counters[("gpu_mdf_request_failures_total", lab)] += 1
+            for name, value in rows:
+                self._observe((name, lab), value, TIME_BUCKETS)
 
     def batch(self, model: str, version: str, items: int, requests: int, seconds: float) -> None:
         lab = {"model": model, "version": version}
@@ -95,7 +120,7 @@ class Metrics:
                 rows[name].append(f"{name}{_labels(dict(labels))} {v:g}")
             for (name, labels), (buckets, counts, total, n) in sorted(self._hist.items(), key=lambda kv: kv[0]):
                 lab = dict(labels)
-                for b, c in zip(buckets, counts):
+                for b, c in zip(buckets, itertools.accumulate(counts)):
                     rows[name].append(f"{name}_bucket{_labels({**lab, 'le': f'{b:g}'})} {c}")
                 rows[name].append(f"{name}_bucket{_labels({**lab, 'le': '+Inf'})} {n}")
                 rows[name].append(f"{name}_sum{_labels(lab)} {total:.9g}")

@@ -1,7 +1,7 @@
 """The model repository: Triton's layout, MDF models.
 
     DIR/<model>/config.yaml              optional (keys below)
-    DIR/<model>/<version>/model.mdf.json (or .yaml, .bson); versions are positive integers
+    DIR/<model>/<version>/model.mdf.json (or .yaml, .bson, or model.onnx); versions are positive integers
 
 ``config.yaml`` keys (:class:`ServingConfig`; unknown keys and wrong types are refused,
 naming the key):
@@ -17,7 +17,10 @@ naming the key):
     outputs: [probabilities]   served names of the graph's outputs, in order (or a mapping)
 
 Every version of a model is compiled once, at load; a request without a version goes to
-the highest loaded one.
+the highest loaded one. A ``model.onnx`` is converted to MDF by the sandboxed converter
+(once per content: the result is cached). A model that fails to load is UNAVAILABLE with
+its reason; the others serve. A reload compiles the new versions while the old ones
+serve, then swaps them in; requests that raced the swap run on the new versions.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from ..config import from_mapping
 from ..errors import ConfigError, GpuMdfError
 from ..io import atomic_path, safe_join
 from .batcher import Batcher
-from .errors import NotFound, NotReady
+from .errors import NotFound, NotReady, scrub_paths
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson")
+MODEL_FILES = ("model.mdf.json", "model.mdf.yaml", "model.mdf.bson", "model.onnx")
 
 
 class RepositoryError(GpuMdfError):
@@ -93,6 +96,11 @@ class Version:
     output_names: dict[str, str]           # served output name -> graph output name
     batcher: Batcher
     config: ServingConfig
+
+    def __post_init__(self):
+        from .protocol import HeaderCache
+        self.specs = {spec.name: spec for spec in self.program.inputs}
+        self.headers = HeaderCache()
 
     def metadata(self) -> dict:
         p = self.program
@@ -154,7 +162,16 @@ class Repository:
             raise RepositoryError(f"{self.root}: no such model repository folder")
         self.device, self.metrics, self.log = device, metrics, log
         self.models: dict[str, ModelState] = {}
+        self.converter = None            # for model.onnx: set by the server (a .conversion.Converter)
+        self._loading: set[str] = set()  # names being loaded that serve nothing yet
         self._lock = threading.RLock()
+
+    def exists(self, name: str) -> bool:
+        return name in self.models or (self.root / name).exists()
+
+    def loading_count(self) -> int:
+        """Models found at start-up or loaded by request that are neither ready nor failed."""
+        return len(self._loading)
 
     def names_on_disk(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
@@ -196,13 +213,33 @@ class Repository:
 
     def load(self, name: str) -> ModelState:
         """(Re)load a model from disk: every version compiled, then swapped in at once; the
-        old batchers finish their queues. A failure leaves the model UNAVAILABLE with the reason."""
+        old batchers finish their queues. A failure leaves the model UNAVAILABLE with the
+        reason (the old versions go on serving on a failed reload); a name with no folder
+        is NotFound and leaves no trace."""
         check_name(name)
-        model_dir = safe_join(self.root, name)
-        old = self.models.get(name)
+        if not (self.root / name).exists() and not (self.root / name).is_symlink():
+            raise NotFound(f"no model {name!r} in the repository")
+        with self._lock:
+            old = self.models.get(name)
+            fresh = old is None or old.state != "READY"
+            if fresh:
+                self._loading.add(name)
         try:
-            if not model_dir.is_dir():
-                raise RepositoryError(f"no folder {name!r} in the repository")
+            state = self._compile_model(name)
+            with self._lock:
+                if state.state == "READY" or fresh:
+                    self.models[name] = state
+            if state.state == "READY" and old:
+                for v in old.versions.values():
+                    v.batcher.close(wait=False)
+            return state
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+
+    def _compile_model(self, name: str) -> ModelState:
+        try:
+            model_dir = safe_join(self.root, name, "model folder")
             cfg = ServingConfig.load(model_dir)
             vdirs = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
                            key=lambda p: int(p.name))
@@ -211,18 +248,14 @@ class Repository:
             versions = {}
             for vd in vdirs:
                 versions[str(int(vd.name))] = self._load_version(name, str(int(vd.name)), vd, model_dir, cfg)
-            state = ModelState(name, versions, "READY", "")
             self.log(f"loaded {name} (versions {', '.join(versions)}) on "
                      f"{next(iter(versions.values())).program.backend.describe()}")
+            return ModelState(name, versions, "READY", "")
         except (GpuMdfError, OSError) as e:
-            state = ModelState(name, {}, "UNAVAILABLE", str(e))
-            self.log(f"failed to load {name}: {e}")
-        with self._lock:
-            self.models[name] = state
-        if old:
-            for v in old.versions.values():
-                v.batcher.close(wait=False)
-        return state
+            reason = scrub_paths(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                                 str(self.root.resolve()))
+            self.log(f"failed to load {name}: {reason}")
+            return ModelState(name, {}, "UNAVAILABLE", reason)
 
     def unload(self, name: str) -> None:
         check_name(name)
@@ -263,7 +296,13 @@ class Repository:
             raise RepositoryError(f"{vdir}: expected one of {' or '.join(MODEL_FILES)}, found "
                                   f"{[f.name for f in files] or 'none'}")
         consts = load_constants(safe_join(model_dir, cfg.constants)) if cfg.constants else None
-        prog = compile(files[0], device=cfg.device or self.device, normalize=cfg.normalize, constants=consts)
+        source = files[0]
+        if source.name == "model.onnx":
+            if self.converter is None:
+                raise RepositoryError(f"{source}: ONNX models need the server's converter")
+            from ..mdf.text import parse_json
+            source = parse_json(self.converter.convert_file(source, cfg.normalize, name).decode())
+        prog = compile(source, device=cfg.device or self.device, normalize=cfg.normalize, constants=consts)
         if not prog.inputs:
             raise RepositoryError(f"{files[0]}: a closed graph (no input) cannot serve requests")
         outputs = _output_names(prog, cfg, files[0])
@@ -299,10 +338,17 @@ def _output_names(prog, cfg: ServingConfig, path) -> dict[str, str]:
     return served
 
 
+NONFINITE = "\0nonfinite"      # the batch's per-item non-finite mask, split with the outputs
+
+
 def _run(prog, feeds: dict, outputs: dict[str, str]) -> dict[str, np.ndarray]:
-    """One batch through the program; outputs by served name (host arrays)."""
+    """One batch through the program; outputs by served name (host arrays), and under
+    NONFINITE the items whose outputs hold NaN or Inf, when any does."""
     from ..engine import run_batch
     spec = prog.primary_input
     batch = feeds[spec.name] if spec is not None and list(feeds) == [spec.name] else feeds
-    out = run_batch(prog, batch, check=False).outputs
-    return {s: out[g] for s, g in outputs.items()}
+    result = run_batch(prog, batch, check=False)
+    served = {s: result.outputs[g] for s, g in outputs.items()}
+    if result.nonfinite is not None:
+        served[NONFINITE] = result.nonfinite
+    return served
