@@ -181,7 +181,8 @@ def table(rows: list[Row]) -> str:
             lines.append(f"| {r.model} | {r.params / 1e6:.1f} M | {r.status} |" + " |" * 8)
             continue
         lines.append(f"| {r.model} | {r.params / 1e6:.1f} M | {r.status} | {r.max_abs_diff:.1e} / {r.max_abs_ort:.2f} "
-                     f"| {r.json_mb:.0f} | {r.bson_mb:.0f} | {r.convert_s:.2f} + {r.compile_s:.2f} | {r.ort_load_s:.2f} "
+                     f"| {r.json_mb:.0f} | {r.bson_mb:.0f} | {r.convert_s:.2f} + {r.compile_s:.2f} "
+                     f"| {r.ort_load_s:.2f} "
                      f"| {r.run_s * 1e3:.0f} | {r.ort_run_s * 1e3:.0f} | {r.run_s / r.ort_run_s:.2f}x |")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ def fingerprint() -> dict:
 
 def run_case(mdf, feeds, constants=None):
     from threadpoolctl import threadpool_limits
-    prog = compile(mdf, device="cpu", constants=constants)
+    prog = compile(mdf, device="cpu", constants=constants, optimize=False)
     with threadpool_limits(1, user_api="blas"):
         out = prog.run(feeds if feeds else None)
     if not isinstance(out, dict):

@@ -58,10 +58,13 @@ def rng():
 
 @pytest.fixture
 def strict_gpu(monkeypatch):
-    """A Backend on the strict CuPy stand-in (tests/fake_cupy.py): counts syncs and copies."""
+    """A Backend on the strict CuPy stand-in (tests/fake_cupy.py): counts launches, syncs,
+    copies and pool allocations, and runs the generated CUDA kernels as host C."""
     import fake_cupy
 
     from gpu_mdf.engine.backend import Backend
+    if fake_cupy.c_compiler() is None:
+        pytest.skip("no C compiler (cc, gcc or clang): the CuPy stand-in runs generated CUDA C on the host")
     fake_cupy.install(monkeypatch)
     yield Backend("cupy", fake_cupy, "gpu:0", "strict CuPy stand-in", 0)
     fake_cupy._pool.set_limit(0)

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numbers
 import types
+import weakref
+from pathlib import Path
 
 import numpy as np
 
@@ -51,7 +53,14 @@ class _Counters:
     def reset(self):
         self.d2h_syncs = 0
         self.h2d_copies = 0
+        self.launches = 0            # kernels: every call that writes device memory (views are free)
+        self.alloc_bytes = 0         # device memory asked of the pool
+        self.new_bytes = 0           # of that, what the pool had to get from the device (a cudaMalloc)
         self.log: list[tuple[str, str]] = []
+
+    def launch(self, what: str, nbytes: int = 0):
+        self.launches += 1
+        self.log.append(("launch", what))
 
     def sync(self, what: str):
         self.d2h_syncs += 1
@@ -70,8 +79,27 @@ class OutOfMemoryError(MemoryError):
 
 
 class _Pool:
+    """CuPy's memory pool, modelled: blocks rounded to 512 bytes, freed blocks kept and
+    reused for an allocation of the same rounded size; only a miss grows the pool."""
+
     def __init__(self):
         self.limit = 0
+        self.free_blocks: dict[int, int] = {}
+        self.held = 0
+
+    def allocate(self, arr: np.ndarray) -> None:
+        size = -(-max(arr.nbytes, 1) // 512) * 512
+        COUNT.alloc_bytes += size
+        if self.free_blocks.get(size):
+            self.free_blocks[size] -= 1
+        else:
+            COUNT.new_bytes += size
+            COUNT.log.append(("new", f"{size} bytes"))
+            self.held += size
+        weakref.finalize(arr, self._release, size)
+
+    def _release(self, size: int) -> None:
+        self.free_blocks[size] = self.free_blocks.get(size, 0) + 1
 
     def set_limit(self, size=0, fraction=None):
         self.limit = size
@@ -103,10 +131,15 @@ def _root(a):
     return a
 
 
-def _check_alloc(res, inputs_roots):
-    if _pool.limit and isinstance(res, np.ndarray) and res.nbytes > _pool.limit \
-            and not any(_root(res) is r for r in inputs_roots):
+def _check_alloc(res, inputs_roots, what: str = "kernel"):
+    """A result in new device memory: a launch, and a block of the pool (OOM past its limit)."""
+    if not isinstance(res, np.ndarray) or any(_root(res) is r for r in inputs_roots):
+        return
+    if _pool.limit and res.nbytes > _pool.limit:
         raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
+    if what not in ("empty", "empty_like"):          # allocation only: no kernel runs
+        COUNT.launch(what)
+    _pool.allocate(_root(res))
 
 
 def _unwrap(x, where: str):
@@ -122,33 +155,32 @@ def _unwrap(x, where: str):
 
 
 def _roots(args) -> list:
-    out = []
-
-    def walk(v):
+    """The root arrays of the device arrays in ``args`` (iteratively: a recursive closure
+    would be a reference cycle, keeping every array it saw alive until the next GC)."""
+    out, todo = [], [args]
+    while todo:
+        v = todo.pop()
         if isinstance(v, ndarray):
             out.append(_root(v._a))
         elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
+            todo.extend(v)
         elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-    walk(args)
+            todo.extend(v.values())
     return out
 
 
-def _wrap(res, roots=()):
+def _wrap(res, roots=(), what: str = "kernel"):
     if isinstance(res, ndarray):
         return res
     if isinstance(res, np.ndarray):
-        _check_alloc(res, roots)
+        _check_alloc(res, roots, what)
         return ndarray(res)
     if isinstance(res, np.generic):          # CuPy reductions return 0-d device arrays
         return ndarray(np.asarray(res))
     if isinstance(res, tuple):
-        return tuple(_wrap(r, roots) for r in res)
+        return tuple(_wrap(r, roots, what) for r in res)
     if isinstance(res, list):
-        return [_wrap(r, roots) for r in res]
+        return [_wrap(r, roots, what) for r in res]
     return res
 
 
@@ -159,8 +191,9 @@ def _call(fn, args, kwargs, where):
     k = _unwrap(kwargs, where)
     res = fn(*a, **k)
     if isinstance(out, ndarray):
+        COUNT.launch(where)
         return out
-    return _wrap(res, roots)
+    return _wrap(res, roots, where)
 
 
 def _check_index(idx, where):
@@ -258,10 +291,11 @@ class ndarray:  # noqa: N801 - CuPy's name
     # indexing
     def __getitem__(self, idx):
         roots = [_root(self._a)]
-        return _wrap(self._a[_check_index(idx, "indexing")], roots)
+        return _wrap(self._a[_check_index(idx, "indexing")], roots, "indexing")
 
     def __setitem__(self, idx, value):
         self._a[_check_index(idx, "assignment")] = _unwrap(value, "assignment")
+        COUNT.launch("assignment")
 
     # NumPy interoperability (NEP 13/18): CuPy runs NumPy functions on device arrays itself
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -272,8 +306,9 @@ class ndarray:  # noqa: N801 - CuPy's name
             kwargs["out"] = tuple(_unwrap(o, ufunc.__name__) for o in out)
         res = getattr(ufunc, method)(*args, **kwargs)
         if out is not None:
+            COUNT.launch(ufunc.__name__)
             return out[0] if len(out) == 1 else out
-        return _wrap(res, roots)
+        return _wrap(res, roots, ufunc.__name__)
 
     def __array_function__(self, func, types_, args, kwargs):
         return _call(func, args, kwargs, func.__name__)
@@ -287,7 +322,10 @@ class ndarray:  # noqa: N801 - CuPy's name
             def method(*args, **kwargs):
                 out = kwargs.get("out")
                 res = m(*_unwrap(args, name), **_unwrap(kwargs, name))
-                return out if isinstance(out, ndarray) else _wrap(res, roots)
+                if isinstance(out, ndarray):
+                    COUNT.launch(name)
+                    return out
+                return _wrap(res, roots, name)
             return method
         raise AttributeError(f"fake cupy.ndarray has no attribute {name!r}")
 
@@ -304,7 +342,10 @@ def _binop(name):
         if not isinstance(other, (ndarray, numbers.Number, np.generic)):
             return NotImplemented
         res = _call(getattr(np.ndarray, name), (self, other), {}, name)
-        return self if name.startswith("__i") else res
+        if name.startswith("__i"):          # in place: a kernel writing into this array
+            COUNT.launch(name)
+            return self
+        return res
     f.__name__ = name
     return f
 
@@ -330,7 +371,9 @@ def asarray(a, dtype=None, order=None):
         return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
     COUNT.h2d("asarray")
     res = np.array(a, dtype=dtype, order=order or "K", copy=True)
-    _check_alloc(res, [])
+    if _pool.limit and res.nbytes > _pool.limit:
+        raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
+    _pool.allocate(res)
     return ndarray(res)
 
 
@@ -414,6 +457,160 @@ def _as_strided(x, shape=None, strides=None):
 
 lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
     as_strided=_as_strided, sliding_window_view=_sliding_window_view))
+
+
+# --------------------------------------------------------------------------- #
+# ElementwiseKernel: the generated CUDA C, compiled for the host and run
+# --------------------------------------------------------------------------- #
+_C_TYPES = {"float32": ("float", "c_void_p"), "float64": ("double", "c_void_p"), "int32": ("int32_t", "c_int32"),
+            "int64": ("int64_t", "c_int64"), "bool": ("_Bool", "c_bool")}
+_C_SCALAR = {"int32": "c_int32", "int64": "c_int64", "float32": "c_float", "float64": "c_double", "bool": "c_bool"}
+
+
+def c_compiler() -> str | None:
+    """The host C compiler the stand-in runs generated kernels with (None: there is none)."""
+    import shutil
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+_SO_CACHE: dict = {}
+_SO_DIR: list = []
+
+
+def _compile_c(source: str):
+    """Compile a C translation unit to a shared library once per source; its ``run``."""
+    import ctypes
+    import hashlib
+    import subprocess
+    import tempfile
+    fn = _SO_CACHE.get(source)
+    if fn is not None:
+        return fn
+    cc = c_compiler()
+    if cc is None:
+        raise RuntimeError("the CuPy stand-in runs generated kernels as host C, and no C compiler was found")
+    if not _SO_DIR:
+        _SO_DIR.append(tempfile.mkdtemp(prefix="fake_cupy_kernels_"))
+    base = Path(_SO_DIR[0]) / hashlib.sha1(source.encode()).hexdigest()[:16]
+    base.with_suffix(".c").write_text(source)
+    r = subprocess.run([cc, "-std=c11", "-O1", "-ffp-contract=off", "-Werror=implicit-function-declaration",
+                        "-shared", "-fPIC", "-o", str(base.with_suffix(".so")), str(base.with_suffix(".c")), "-lm"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise ValueError(f"kernel does not compile:\n{r.stderr}\n{source}")
+    fn = _SO_CACHE[source] = ctypes.CDLL(str(base.with_suffix(".so"))).run
+    return fn
+
+
+class ElementwiseKernel:
+    """CuPy's ElementwiseKernel, run on the host: the body is compiled as C (the generated
+    kernels use only C and CUDA's math library) inside a loop over the index ``i``. As in
+    CuPy: a type placeholder (``T``) must name one dtype across its arguments (TypeError
+    otherwise), non-raw arguments broadcast, raw ones are indexed by a flat C-order index
+    and need ``size=`` when no non-raw argument gives the shape, outputs may be passed or
+    are allocated (from the pool). One launch per call. A body that does not compile as
+    C, or calls a function C's math library lacks, fails, as it would fail to build."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", **kwargs):
+        self.ins, self.outs = self._params(in_params), self._params(out_params)
+        self.name, self.operation = name, operation
+
+    @staticmethod
+    def _params(text):
+        out = []
+        for p in text.split(","):
+            words = p.split()
+            raw = words[:1] == ["raw"]
+            words = words[1:] if raw else words
+            if len(words) != 2 or not words[1].isidentifier():
+                raise ValueError(f"ElementwiseKernel: cannot parse parameter {p!r}")
+            out.append((words[0], words[1], raw))
+        return out
+
+    def _source(self, types_, scalars):
+        params, pre, post = ["ptrdiff_t n_"], [], []
+        for t, name, raw in self.ins + self.outs:
+            ct = _C_TYPES[str(types_.get(t, t))][0]
+            if name in scalars:
+                params.append(f"{ct} {name}")
+            elif raw:
+                params.append(f"{ct}* {name}")
+            else:
+                params.append(f"{ct}* {name}_p")
+        for t, name, raw in self.ins:
+            if not raw and name not in scalars:
+                pre.append(f"const {_C_TYPES[str(types_[t] if t in types_ else t)][0]} {name} = {name}_p[i];")
+        for t, name, raw in self.outs:
+            if not raw:
+                pre.append(f"{_C_TYPES[str(types_[t] if t in types_ else t)][0]} {name};")
+                post.append(f"{name}_p[i] = {name};")
+        typedefs = "".join(f"typedef {_C_TYPES[str(d)][0]} {t};\n" for t, d in types_.items())
+        return ("#include <math.h>\n#include <stddef.h>\n#include <stdint.h>\n#include <stdbool.h>\n" + typedefs
+                + f"void run({', '.join(params)}) {{\n  for (ptrdiff_t i = 0; i < n_; ++i) {{\n    "
+                + " ".join(pre) + "\n    {\n" + self.operation + "\n    }\n    " + " ".join(post) + "\n  }\n}\n")
+
+    def __call__(self, *args, size=None):
+        import ctypes
+        n_in = len(self.ins)
+        if len(args) not in (n_in, n_in + len(self.outs)):
+            raise TypeError(f"Wrong number of arguments for {self.name!r}")
+        types_: dict = {}
+        values: dict = {}
+        scalars: set = set()
+        for (t, name, raw), a in zip(self.ins + self.outs, args):
+            if isinstance(a, np.ndarray):
+                raise TypeError(f"Unsupported type {type(a)} (argument {name} of {self.name!r} is a host array)")
+            if not isinstance(a, ndarray):
+                if raw or t not in _C_SCALAR:
+                    raise TypeError(f"{self.name}: argument {name} ({t}) must be a device array, got {type(a)}")
+                scalars.add(name)
+                values[name] = a
+                continue
+            if t not in _C_TYPES:
+                if t in types_ and types_[t] != a.dtype:
+                    raise TypeError(f"Type is mismatched. {name} {a.dtype} {t} {types_[t]}")
+                types_.setdefault(t, a.dtype)
+            elif np.dtype(t) != a.dtype:
+                raise TypeError(f"{self.name}: argument {name} is {a.dtype}, the kernel takes {t}")
+            values[name] = a._a
+        shaped = [values[nm] for _, nm, raw in self.ins + self.outs if not raw and nm in values and nm not in scalars]
+        shape = np.broadcast_shapes(*(v.shape for v in shaped)) if shaped else None
+        if shape is None and size is None:
+            raise ValueError(f"{self.name}: loop size is undecided (all arguments raw: pass size=)")
+        n = int(np.prod(shape)) if size is None else int(size)
+        outs = []
+        for t, name, raw in self.outs:
+            if name in values:
+                outs.append(values[name])
+                continue
+            if raw or shape is None:
+                raise ValueError(f"{self.name}: output {name} must be given")
+            res = np.empty(shape, types_.get(t, t) if t in types_ else np.dtype(t))
+            if _pool.limit and res.nbytes > _pool.limit:
+                raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
+            _pool.allocate(res)
+            values[name] = res
+            outs.append(res)
+        run = _compile_c(self._source(types_, scalars))
+        call, keep, back = [ctypes.c_ssize_t(n)], [], []
+        for t, name, raw in self.ins + self.outs:
+            v = values[name]
+            if name in scalars:
+                call.append(getattr(ctypes, _C_SCALAR[t])(v))
+                continue
+            is_out = any(name == o[1] for o in self.outs)
+            buf = np.ascontiguousarray(v if raw else np.broadcast_to(v, shape))
+            if is_out and (buf is not v):
+                back.append((v, buf))
+            keep.append(buf)
+            call.append(ctypes.c_void_p(buf.ctypes.data))
+        run(*call)
+        for v, buf in back:
+            v[...] = buf
+        COUNT.launch(f"ElementwiseKernel {self.name}")
+        res = [ndarray(o) if not isinstance(a, ndarray) else a
+               for o, a in zip(outs, list(args[n_in:]) + [None] * len(self.outs))]
+        return res[0] if len(res) == 1 else tuple(res)
 
 
 # --------------------------------------------------------------------------- #

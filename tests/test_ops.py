@@ -324,7 +324,8 @@ def test_kernel_on_the_strict_cupy_standin(case, strict_gpu):
     want, _ = ours(op, inputs, mdf_attrs, n_out=n_out, port_first=port_first)
     got, prog = ours(op, inputs, mdf_attrs, n_out=n_out, backend=strict_gpu, port_first=port_first)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+        # generated kernels (convolutions) sum in another order than NumPy: float32 rounding
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6)
     # steady state
     feed = {} if not prog.inputs else {prog.inputs[0].name: next(v for v in inputs.values() if v is not None)}
     fake_cupy.COUNT.reset()

@@ -11,6 +11,7 @@ an item needs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,14 +19,16 @@ import numpy as np
 from ..errors import CompileError
 from ..mdf import NORMALIZATIONS, GraphMeta, load_mdf, select_graph
 from .backend import Backend, select_backend
-from .plan import Plan, plan_graph
+from .passes import optimize as run_passes
+from .plan import Plan, plan_graph, plan_inplace
 from .program import Program
 from .steps import CONST, DEVICE, HOST, Ref, Step
 
 
 def compile(model, device: str | Backend = "auto", dtype: str | None = None,
             normalize: str | None = None, graph: str | None = None,
-            inputs: list[str] | None = None, constants: dict | None = None, opset: int | None = None) -> Program:
+            inputs: list[str] | None = None, constants: dict | None = None, opset: int | None = None,
+            optimize: bool = True) -> Program:
     """Compile an MDF model (path, dict or ``modeci_mdf.mdf.Model``) for batch execution.
 
     * ``constants``: values for unconnected input ports (``{port_id: array}`` or
@@ -42,6 +45,8 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
     * ``opset``: the ONNX opset the graph's ``onnx::`` functions were written in, for a
       file that does not record it (gpu-mdf's converters do; modeci_mdf's ``onnx_to_mdf``
       does not); default 17.
+    * ``optimize``: run the optimising passes (:mod:`~gpu_mdf.engine.passes`); False runs
+      the graph as written, for debugging and for comparing the two.
     """
     backend = device if isinstance(device, Backend) else select_backend(device)
     model_id, gid, g = select_graph(load_mdf(model), graph)
@@ -52,8 +57,15 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
         raise CompileError(f"dtype must be a float type, got {dtype}")
     plan = plan_graph(model_id, gid, g, dtype=dtype, constants=constants, inputs=inputs, normalize=norm,
                       opset=opset)
+    found = probe(plan)
+    if optimize:
+        plan.notes = run_passes(plan, found.values if found else None)
+    plan_inplace(plan.steps, plan.outputs)
     prog = bind(plan, backend)
-    _probe_shapes(prog)
+    if found:
+        for o in prog.outputs:
+            o.shape, o.dtype = found.outputs[o.name]
+        prog.bytes_per_item = found.bytes_per_item
     return prog
 
 
@@ -107,6 +119,8 @@ class Binder:
             return lambda env: None
         if r.place == CONST:
             v = r.host_value()
+            if isinstance(v, np.ndarray) and not v.flags.c_contiguous:
+                v = np.ascontiguousarray(v)     # once here, not a copy per batch in a reshape
             if as_ == "whole" and r.val.multi and r.index is None:
                 c = tuple(x if xp is np else self.dev(x) for x in r.val.const)
             elif as_ == "expr" and np.ndim(v) == 0:
@@ -132,43 +146,53 @@ class Binder:
     def output(self, r: Ref):
         if r.place == CONST:
             v = r.host_value()
+            if isinstance(v, np.ndarray) and not v.flags.c_contiguous:
+                v = np.ascontiguousarray(v)     # once here, not a copy per batch in a reshape
             d = self.dev(np.asarray(v))
             return lambda env: d
         return self.getter(r, "device", np if r.place == HOST else self.xp)
 
 
-def _probe_shapes(prog: Program):
-    """Run the declared input shapes once on the CPU: output shapes, bytes per item."""
-    if any(p.shape is None and p.default is None for p in prog.inputs):
-        return
-    probe = bind(prog.plan, select_backend("cpu"))
-    feeds = {}
-    batch = 1
-    for p in prog.inputs:
-        if p.default is not None and (p.shape is None or -1 not in p.shape):
-            continue
-        shape = tuple(1 if s == -1 else s for s in p.shape)
-        feeds[p.name] = np.zeros(shape, p.dtype)
-    batched = [p for p in prog.inputs if p.shape is not None and p.shape and p.shape[0] == -1]
-    if not batched and prog.inputs and prog.inputs[0].shape:
-        batch = max(1, prog.inputs[0].shape[0])
-    sizes: list[int] = []
+@dataclass
+class Probe:
+    """What one run of the declared input shapes on the CPU (batch 1) showed."""
+    values: dict           # step key -> (shape, dtype) of its value
+    outputs: dict          # output name -> (shape with -1 for the batch axis, dtype)
+    bytes_per_item: int
+
+
+def probe(plan: Plan) -> Probe | None:
+    """Run the declared input shapes once on the CPU: every value's shape and type, the
+    outputs', the bytes an item needs. None where the inputs have no declared shape, or
+    where shapes come from the input (zeros say nothing of those)."""
+    inputs = plan.inputs
+    if any(p.shape is None and p.default is None for p in inputs):
+        return None
+    cpu = bind(plan, select_backend("cpu"))
+    feeds = {p.name: np.zeros(tuple(1 if s == -1 else s for s in p.shape), p.dtype) for p in inputs
+             if p.default is None or (p.shape is not None and -1 in p.shape)}
+    batched = [p for p in inputs if p.shape is not None and p.shape and p.shape[0] == -1]
+    batch = 1 if batched or not (inputs and inputs[0].shape) else max(1, inputs[0].shape[0])
+    trace: list = []
     from .ops import folding
     try:
         with np.errstate(all="ignore"), folding():      # creation ops stay bounded on the probe too
-            values = probe.execute(feeds, trace=sizes)
+            values = cpu.execute(feeds, trace=trace)
     except CompileError:
         raise
     except Exception as e:
-        if prog.plan.syncs:       # shapes, axes or sizes come from the input: zeros say nothing of them
-            return
-        raise CompileError(f"graph {prog.graph_id} fails on its declared input shapes: "
+        if plan.syncs:
+            return None
+        raise CompileError(f"graph {plan.graph_id} fails on its declared input shapes: "
                            f"{type(e).__name__}: {e}") from None
-    for o in prog.outputs:
+    outputs = {}
+    for o in plan.outputs:
         v = np.asarray(values[o.name])
-        shape = tuple(v.shape)
-        if batched and shape:
-            shape = (-1,) + shape[1:]
-        o.shape, o.dtype = shape, str(v.dtype)
-    fed = sum(np.asarray(v).nbytes for v in feeds.values())
-    prog.bytes_per_item = int((sum(sizes) + fed) / batch)
+        outputs[o.name] = ((-1,) + tuple(v.shape[1:]) if batched and v.shape else tuple(v.shape), str(v.dtype))
+    fed = sum(v.nbytes for v in feeds.values())
+    seen = {key: (tuple(np.shape(v)), str(getattr(v, "dtype", ""))) for key, v in trace if not isinstance(v, tuple)}
+    return Probe(seen, outputs, int((sum(_nbytes(v) for _, v in trace) + fed) / batch))
+
+
+def _nbytes(v) -> int:
+    return sum(getattr(x, "nbytes", 0) for x in v) if isinstance(v, tuple) else getattr(v, "nbytes", 0)

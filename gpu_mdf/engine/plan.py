@@ -34,7 +34,7 @@ from . import ops as ops_mod
 from .expr import FUNCTION_NAMES, compile_expr
 from .ops import OpError, OpSpec, cast_attr, folding
 from .ops.standard import STANDARD_FUNCTIONS
-from .steps import CONST, DEVICE, HOST, EdgeStep, ExprStep, MoveStep, OpStep, Ref, Step, Val
+from .steps import CONST, DEVICE, HOST, EdgeStep, ExprStep, FusedStep, MoveStep, OpStep, Ref, Step, Val
 
 EVALUABLE_GRAPH_HINT = "run it with modeci_mdf.execution_engine.EvaluableGraph instead"
 SMALL = 4096            # host-side shape arithmetic never reads constants larger than this
@@ -98,6 +98,7 @@ class Plan:
     normalize: str
     syncs: list[str] = field(default_factory=list)      # places fetching a device value per batch
     uploads: list[str] = field(default_factory=list)    # places copying a host value to the device per batch
+    notes: list[str] = field(default_factory=list)      # what the optimising passes did
 
 
 @dataclass
@@ -212,7 +213,6 @@ class Planner:
         for nid in order:
             self._node(nid, incoming)
         outputs = self._outputs(order, sends)
-        _plan_inplace(self.steps, outputs)
         return Plan(self.model_id, self.gid, self.dtype, list(self.inputs.values()), outputs, self.steps,
                     self.meta, self.normalize, self.syncs, self.uploads)
 
@@ -867,7 +867,7 @@ def _output_size(spec: OpSpec, args: list, attrs: dict) -> int | None:
     return None
 
 
-def _plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
+def plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
     """Mark the op steps that may overwrite their first input.
 
     A value is *owned* when it is new memory of the program (a ``fresh`` op's result,
@@ -890,11 +890,16 @@ def _plan_inplace(steps: list[Step], outputs: list[OutputSpec]) -> None:
         if st.owns_result:
             owned.add(st.key)
             continue
-        if not isinstance(st, OpStep) or st.spec.multi:
-            continue
         first = st.args[0] if st.args else None
         first_owned = (first is not None and first.index is None and first.val.key in owned
                        and uses.get(first.val.key) == 1)
+        if isinstance(st, FusedStep):
+            # its buffer may be the first operand's when the program reads that operand first only
+            st.inplace = first_owned and all(0 not in (i.a, i.b) for i in st.program[1:])
+            owned.add(st.key)
+            continue
+        if not isinstance(st, OpStep) or st.spec.multi:
+            continue
         if st.spec.inplace and first_owned:
             st.inplace = True
             owned.add(st.key)
@@ -906,7 +911,7 @@ def plan_graph(model_id, gid, g, dtype=None, constants=None, inputs=None, normal
     return Planner(model_id, gid, g, dtype, constants, inputs, normalize, opset).build()
 
 
-__all__ = ["Plan", "InputSpec", "OutputSpec", "plan_graph", "EVALUABLE_GRAPH_HINT"]
+__all__ = ["Plan", "InputSpec", "OutputSpec", "plan_graph", "plan_inplace", "EVALUABLE_GRAPH_HINT"]
 
 
 def _check_literal(value, what: str) -> int:

@@ -63,6 +63,8 @@ class Program:
             text += f"; device->host copies per batch: {len(self.plan.syncs)} ({self.plan.syncs[0]}...)"
         if self.plan.uploads:
             text += f"; host->device copies per batch: {len(self.plan.uploads)}"
+        if self.plan.notes:
+            text += "; optimised: " + "; ".join(self.plan.notes)
         return text
 
     def step_names(self, inplace_only: bool = False) -> set[tuple[str, str]]:
@@ -153,7 +155,7 @@ class Program:
     def execute(self, feeds: dict[str, Any], trace: list | None = None) -> dict[str, Any]:
         """Run on device arrays already prepared; returns device arrays by output name.
 
-        ``trace``, when given, collects the size in bytes of every value computed.
+        ``trace``, when given, collects ``(key, value)`` of every step (the compile-time probe).
         """
         env: dict[Any, Any] = {}
         for p in self.inputs:
@@ -170,9 +172,7 @@ class Program:
             for key, fn, release, _what in self._steps:
                 env[key] = fn(env)
                 if trace is not None:
-                    v = env[key]
-                    trace.append(sum(getattr(x, "nbytes", 0) for x in v) if isinstance(v, tuple)
-                                 else getattr(v, "nbytes", 0))
+                    trace.append((key, env[key]))
                 for k in release:
                     del env[k]
         except OpError as e:          # a value the kernel refuses, known only now (a shape fed per batch)

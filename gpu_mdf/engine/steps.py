@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .expr import compile_expr
-from .ops import OpSpec
+from .ops import OpError, OpSpec
+from .ops.fusion import Instr, check_program, run_numpy
 
 CONST, HOST, DEVICE = "const", "host", "device"
 
@@ -67,7 +68,7 @@ class Step:
     args: list[Ref]
     what: str
 
-    # what the in-place planner may do with the result (see plan._plan_inplace)
+    # what the in-place planner may do with the result (see plan.plan_inplace)
     owns_result = False             # the result is always new memory of the program
 
     def bind(self, b, xp):
@@ -93,8 +94,8 @@ class OpStep(Step):
         kw = dict(self.attrs)
         if self.inplace:
             kw["inplace"] = True
-        gets = [b.getter(r, "host" if s else "device", xp)
-                for r, s in zip(self.args, self.static or (False,) * len(self.args))]
+        static = tuple(self.static) + (False,) * (len(self.args) - len(self.static))
+        gets = [b.getter(r, "host" if s else "device", xp) for r, s in zip(self.args, static)]
         kernel = self.spec.kernel
         if len(gets) == 1:
             g0 = gets[0]
@@ -168,4 +169,67 @@ class MoveStep(Step):
         e.names[self.key] = e.node("Identity", [e.ref(self.args[0])])
 
 
-__all__ = ["CONST", "HOST", "DEVICE", "Val", "Ref", "Step", "OpStep", "ExprStep", "EdgeStep", "MoveStep"]
+@dataclass
+class FusedStep(Step):
+    """A chain of elementwise ops (the ``fuse_elementwise`` pass), possibly ending in a
+    softmax or log-softmax over the last axis, in one pass over memory: NumPy ufuncs in
+    place into one buffer, or one generated CUDA kernel (:mod:`~gpu_mdf.engine.ops.cuda`)."""
+
+    program: tuple[Instr, ...] = ()
+    dtype: Any = None                # the chain's float type (the kernel's T)
+    inplace: bool = False            # may write into args[0] (set by the in-place planner)
+    tail: str | None = None          # "softmax" | "logsoftmax" over the last axis
+    kinds: tuple = ()                # with a tail: how each operand is read per row (cuda.ROW_INDEX)
+
+    def __post_init__(self):
+        check_program(self.program)
+
+    def bind(self, b, xp):
+        gets = [b.getter(r, "device", xp) for r in self.args]
+        program, inplace, tail = self.program, self.inplace, self.tail
+        if xp is np:
+            return lambda env: run_numpy(program, [g(env) for g in gets],
+                                         out=gets[0](env) if inplace else None, tail=tail)
+        from .ops import cuda
+        if tail is None:
+            kernel = cuda.fused(xp, program, self.dtype)
+            if not inplace:
+                return lambda env: kernel(*[g(env) for g in gets])
+
+            def run_in_place(env):
+                ops = [g(env) for g in gets]
+                if ops[0].shape == np.broadcast_shapes(*(o.shape for o in ops)):
+                    return kernel(*ops, ops[0])        # written over its first operand
+                return kernel(*ops)
+            return run_in_place
+        kinds, what = self.kinds, self.what
+
+        def run_rows(env):
+            ops = [g(env) for g in gets]
+            full = [o.shape for o, k in zip(ops, kinds) if k == "full"]
+            if any(s != full[0] for s in full):
+                raise OpError(f"{what}: operands of shapes {full} in one row kernel")
+            out = ops[0] if inplace else xp.empty(full[0], dtype=self.dtype)
+            return cuda.row_softmax(xp, program, kinds, tail, ops, out)
+        return run_rows
+
+    def export(self, e) -> None:
+        prev = None
+        for ins in self.program:
+            a, b = (prev if isinstance(o, str) else e.ref(self.args[o]) if o is not None else None
+                    for o in (ins.a, ins.b))
+            at = dict(ins.attrs)
+            if ins.op == "gpu_mdf::CapAt":             # Where(GreaterOrEqual(b, a), a, b)
+                prev = e.node("Where", [e.node("GreaterOrEqual", [b, a]), a, b])
+            elif ins.op == "onnx::Clip":                # bounds are inputs since opset 11
+                prev = e.node("Clip", [a, e.const(np.asarray(at["min"])), e.const(np.asarray(at["max"]))])
+            else:
+                prev = e.node(ins.op.split("::")[1], [a] + ([b] if b is not None else []), **at)
+        if not self.program:
+            prev = e.ref(self.args[0])
+        if self.tail:
+            prev = e.node("Softmax" if self.tail == "softmax" else "LogSoftmax", [prev], axis=-1)
+        e.names[self.key] = prev
+
+
+__all__ = ["CONST", "HOST", "DEVICE", "Val", "Ref", "Step", "OpStep", "ExprStep", "EdgeStep", "MoveStep", "FusedStep"]

@@ -167,10 +167,15 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     kernel, strides, dil, pads = _window_params(x.shape[2:], w.shape[2:], strides, dilations, pads, auto_pad,
                                                 "Conv")
     out, _ = _out_sizes(x.shape[2:], kernel, strides, dil, pads)
-    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
     n = x.shape[0]
-    rows = n * int(np.prod(out))
     cg, fg = c // g, f // g
+    if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g):
+        yl = _conv_generated(xp, _channels_last(xp, x), w, kernel, strides, dil, pads, out, g, fg)
+        if b is not None:
+            yl = add_trailing(xp, yl, b, inplace=True)
+        return _to_nchw(xp, yl)
+    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    rows = n * int(np.prod(out))
     if cg == 1 and g > 1:
         yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
     elif all(k == 1 for k in kernel):
@@ -189,6 +194,24 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     if b is not None:
         yl = add_trailing(xp, yl, b, inplace=True)
     return _to_nchw(xp, yl)
+
+
+def _gpu_conv_kernel(kernel, cg, g) -> bool:
+    """Whether a 2-D conv runs through a generated CUDA kernel: depthwise, or one group
+    with a window larger than 1x1 (im2col with the padding in its index arithmetic)."""
+    return (cg == 1 and g > 1) or (g == 1 and any(k != 1 for k in kernel))
+
+
+def _conv_generated(xp, xl, w, kernel, strides, dil, pads, out, g, fg):
+    """2-D conv on a GPU, channels-last: one generated kernel for a depthwise conv; an
+    im2col kernel and one GEMM otherwise. Pads are read as zeros, never copied."""
+    from . import cuda
+    n, f = xl.shape[0], w.shape[0]
+    if g > 1:
+        return cuda.depthwise(xp, xl, w, fg, kernel, strides, dil, pads, out)
+    cols = cuda.im2col(xp, xl, kernel, strides, dil, pads, out)
+    yl = xp.matmul(cols, w.reshape(f, -1).T)
+    return yl.reshape((n,) + tuple(out) + (f,))
 
 
 def _grouped_matmul(xp, cols, w2, g, k):

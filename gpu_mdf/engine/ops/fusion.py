@@ -1,0 +1,140 @@
+"""Elementwise ops that fuse into one pass over memory, each written twice from one table:
+in place on NumPy (a ufunc with ``out=``) and as a C expression for a generated CUDA kernel
+(:mod:`~gpu_mdf.engine.ops.cuda`).
+
+A fused chain is a short program over a few operands (the chain's input, constants, other
+tensors that broadcast to its shape); each instruction reads operands and the result of
+the instruction just before it. A chain may end in a *tail*, a softmax or log-softmax over
+the last axis (one row per thread on a GPU).
+
+Both forms compute the same thing, NaN included: the C forms are written with comparisons
+that let a NaN through where NumPy's ufuncs do (``x < 0 ? 0 : x`` for Relu, not ``fmaxf``,
+which drops it). C functions are written with a ``{f}`` suffix placeholder so one template
+serves float32 (``expf``) and float64 (``exp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Fusible:
+    arity: int                        # 1: unary, 2: binary (the second operand any operand)
+    numpy: Callable                   # (a, b | None, out, attrs) -> out, written in place
+    cuda: str                         # C expression over {a}, {b}, attribute names; {f}: "f" for float
+    attrs: tuple[str, ...] = ()       # float attributes the op keeps (LeakyRelu's alpha...)
+    onnx: tuple = ()                  # how an export writes it: ONNX nodes, when not the op itself
+
+
+def _np_sigmoid(a, b, out, at):
+    """0.5 * tanh(a / 2) + 0.5: stable for any a, and in place (``out`` may be ``a``)."""
+    half = out.dtype.type(0.5)
+    np.multiply(a, half, out=out)
+    np.tanh(out, out=out)
+    np.multiply(out, half, out=out)
+    return np.add(out, half, out=out)
+
+
+def _np_leaky_relu(a, b, out, at):
+    return np.copyto(out, np.where(a >= 0, a, a * out.dtype.type(at["alpha"]))) or out
+
+
+def _np_clip(a, b, out, at):
+    return np.clip(a, out.dtype.type(at["min"]), out.dtype.type(at["max"]), out=out)
+
+
+FUSIBLE: dict[str, Fusible] = {
+    "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})"),
+    "onnx::Sigmoid": Fusible(1, _np_sigmoid, "((T)0.5 * tanh{f}((T)0.5 * {a}) + (T)0.5)"),
+    "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})"),
+    "onnx::Exp": Fusible(1, lambda a, b, out, at: np.exp(a, out=out), "exp{f}({a})"),
+    "onnx::Neg": Fusible(1, lambda a, b, out, at: np.negative(a, out=out), "(-{a})"),
+    "onnx::Abs": Fusible(1, lambda a, b, out, at: np.abs(a, out=out), "fabs{f}({a})"),
+    "onnx::Sqrt": Fusible(1, lambda a, b, out, at: np.sqrt(a, out=out), "sqrt{f}({a})"),
+    "onnx::Reciprocal": Fusible(1, lambda a, b, out, at: np.reciprocal(a, out=out), "((T)1 / {a})"),
+    "onnx::LeakyRelu": Fusible(1, _np_leaky_relu, "({a} >= 0 ? {a} : {a} * {alpha})", ("alpha",)),
+    "onnx::Clip": Fusible(1, _np_clip, "({a} < {min} ? {min} : ({a} > {max} ? {max} : {a}))", ("min", "max")),
+    "onnx::Add": Fusible(2, lambda a, b, out, at: np.add(a, b, out=out), "({a} + {b})"),
+    "onnx::Sub": Fusible(2, lambda a, b, out, at: np.subtract(a, b, out=out), "({a} - {b})"),
+    "onnx::Mul": Fusible(2, lambda a, b, out, at: np.multiply(a, b, out=out), "({a} * {b})"),
+    "onnx::Div": Fusible(2, lambda a, b, out, at: np.divide(a, b, out=out), "({a} / {b})"),
+    # Where(GreaterOrEqual(c, a), a, c) for a constant c that is not NaN (the Keras converter's
+    # min(x, max_value)): fmin, which also gives c where a is NaN, as the Where does
+    "gpu_mdf::CapAt": Fusible(2, lambda a, b, out, at: np.fmin(a, b, out=out), "fmin{f}({a}, {b})",
+                              onnx=("GreaterOrEqual(b, a) -> c", "Where(c, a, b)")),
+}
+TAILS = ("softmax", "logsoftmax")
+
+
+@dataclass(frozen=True)
+class Instr:
+    """One op of a fused chain: ``op`` on ``a`` (and ``b``): operand indices (``int``) or
+    the result of the instruction before (``"r<k-1>"``)."""
+    op: str
+    a: int | str
+    b: int | str | None = None
+    attrs: tuple = ()                 # (name, value) pairs
+
+
+def check_program(program: tuple[Instr, ...]) -> None:
+    """Every result reference is to the instruction just before (the chain shares one buffer)."""
+    for k, ins in enumerate(program):
+        for ref in (ins.a, ins.b):
+            if isinstance(ref, str) and ref != f"r{k - 1}":
+                raise ValueError(f"instruction {k} of a fused chain reads {ref}, not r{k - 1}")
+
+
+def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: str | None = None):
+    """The chain (and its tail) with NumPy, every result in one buffer (``out``, or a new one)."""
+    prev = None
+    for ins in program:
+        f = FUSIBLE[ins.op]
+        a = prev if isinstance(ins.a, str) else operands[ins.a]
+        b = None if ins.b is None else prev if isinstance(ins.b, str) else operands[ins.b]
+        shape = np.broadcast_shapes(np.shape(a), np.shape(b)) if b is not None else np.shape(a)
+        if out is None or out.shape != shape:
+            out = np.empty(shape, np.result_type(a, b) if b is not None else a.dtype)
+        r = f.numpy(a, b, out, dict(ins.attrs))
+        if r is not out:
+            np.copyto(out, r)
+        prev = out
+    if not program:
+        out = operands[0] if out is not None and out is operands[0] else operands[0].copy()
+    if tail is not None:
+        from .nn import log_softmax, softmax
+        out = (softmax if tail == "softmax" else log_softmax)(np, out, -1, inplace=True)
+    return out
+
+
+def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: str) -> list[str]:
+    """C statements ``T r0 = ...;`` computing the chain, operands written by ``operand(k)``."""
+    lines = []
+    for k, ins in enumerate(program):
+        def ref(r):
+            return r if isinstance(r, str) else operand(r)
+        names = {"a": ref(ins.a), "b": ref(ins.b) if ins.b is not None else "", "f": suffix,
+                 **{name: f"(T){float(v)!r}" for name, v in ins.attrs}}
+        lines.append(f"T r{k} = {FUSIBLE[ins.op].cuda.format(**names)};")
+    return lines
+
+
+def n_operands(program: tuple[Instr, ...]) -> int:
+    return 1 + max((i for ins in program for i in (ins.a, ins.b) if isinstance(i, int)), default=0)
+
+
+def fusible(spec_name: str, attrs: dict) -> bool:
+    """Whether an op (with these attributes) joins a fused chain."""
+    f = FUSIBLE.get(spec_name)
+    if f is None:
+        return False
+    values = [attrs.get(a) for a in f.attrs]
+    # a bound C cannot spell as a literal (inf, nan), or a missing one: the op runs alone
+    return all(v is not None and np.isfinite(v) for v in values)
+
+
+__all__ = ["FUSIBLE", "TAILS", "Fusible", "Instr", "c_chain", "check_program", "fusible", "n_operands",
+           "run_numpy"]

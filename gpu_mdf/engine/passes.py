@@ -1,0 +1,502 @@
+"""Optimising passes, run on a plan between planning and binding (``compile(optimize=False)``
+skips them; ``Program.describe()`` lists what each did).
+
+Each pass is a function ``pass(plan, info) -> str | None`` that rewrites ``plan.steps`` in
+place and says what it changed; ``info`` maps a step's key to the (shape, dtype) its value
+had on the compile-time probe run (batch 1), or is None where the probe could not run.
+The numbers stay the same up to float rounding (the tests hold every converter and interop
+case to 1e-5 x max|y| against ``optimize=False``):
+
+* :func:`fold_batchnorm`: a BatchNormalization (inference) right after a Conv, a
+  ConvTranspose or a Gemm with constant weights is folded into those weights and bias;
+* :func:`fold_channel_affine`: a Mul/Add/Sub/Div by a per-channel constant after such an op
+  (also across Transposes: the Keras converter's BatchNormalization algebra) is folded the same way;
+* :func:`fuse_elementwise`: a chain of elementwise ops whose intermediate values nothing
+  else reads becomes one step: one pass over memory on NumPy, one generated kernel on CuPy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .ops.fusion import FUSIBLE, Instr, fusible
+from .steps import CONST, DEVICE, FusedStep, OpStep, Ref, Val
+
+
+# --------------------------------------------------------------------------- #
+# Plan surgery
+# --------------------------------------------------------------------------- #
+def _uses(plan) -> Counter:
+    """How many times each value key is read (graph outputs count)."""
+    n: Counter = Counter()
+    for st in plan.steps:
+        for r in st.args:
+            if r is not None:
+                n[r.val.key] += 1
+    for o in plan.outputs:
+        n[o.ref.val.key] += 1
+    return n
+
+
+def _readers(plan, key) -> list:
+    return [st for st in plan.steps if any(r is not None and r.val.key == key for r in st.args)]
+
+
+def _redirect(plan, old: Val, new: Ref) -> None:
+    """Every use of ``old`` now reads ``new``."""
+    for st in plan.steps:
+        st.args = [new if r is not None and r.val is old else r for r in st.args]
+    for o in plan.outputs:
+        if o.ref.val is old:
+            o.ref = new
+
+
+def _const(value: np.ndarray, basis: int, what: str) -> Ref:
+    return Ref(Val(("folded", what, id(value)), CONST, value, what=what, basis=basis))
+
+
+def _is_const(r) -> bool:
+    return r is not None and r.place == CONST and r.index is None and isinstance(r.host_value(), np.ndarray)
+
+
+# --------------------------------------------------------------------------- #
+# Folding into weights
+# --------------------------------------------------------------------------- #
+_FOLD_INTO = ("onnx::Conv", "onnx::ConvTranspose", "onnx::Gemm")
+
+
+def _producer_val(plan, st) -> tuple[OpStep, Ref] | None:
+    """The weight-carrying step whose value ``st`` reads first, when that is its only reader."""
+    x = st.args[0] if st.args else None
+    if x is None or x.place != DEVICE or x.index is not None:
+        return None
+    prod = next((p for p in plan.steps if p.key == x.val.key), None)
+    if not isinstance(prod, OpStep) or prod.spec.name not in _FOLD_INTO or not _foldable(prod):
+        return None
+    return prod, x
+
+
+def _foldable(p: OpStep) -> bool:
+    """Constant weights (and bias), and a channel layout the folding understands."""
+    if not _is_const(p.args[1]) or (len(p.args) > 2 and p.args[2] is not None and not _is_const(p.args[2])):
+        return False
+    if p.spec.name == "onnx::ConvTranspose":
+        return p.attrs.get("group", 1) == 1
+    if p.spec.name == "onnx::Gemm":
+        c = p.args[2].host_value() if len(p.args) > 2 and p.args[2] is not None else None
+        return not p.attrs.get("transA") and (c is None or c.ndim <= 1 or c.shape[0] == 1)
+    return True
+
+
+def _scale_out_channels(p: OpStep, scale: np.ndarray, shift: np.ndarray, basis: int) -> None:
+    """Weights and bias of ``p`` such that its result is ``result * scale + shift`` per
+    output channel (axis 1 of its result)."""
+    w = p.args[1].host_value()
+    name = p.spec.name
+    if name == "onnx::Conv":
+        shape = (-1,) + (1,) * (w.ndim - 1)
+    elif name == "onnx::ConvTranspose":
+        shape = (1, -1) + (1,) * (w.ndim - 2)
+    else:                                   # Gemm: B is (K, F), or (F, K) with transB
+        shape = (-1, 1) if p.attrs.get("transB") else (1, -1)
+    has_bias = len(p.args) > 2 and p.args[2] is not None
+    bias = p.args[2].host_value().astype(np.float64).reshape(-1) if has_bias else 0.0
+    if name == "onnx::Gemm":
+        bias = bias * p.attrs.get("beta", 1.0)
+        p.attrs = {**p.attrs, "beta": 1.0}
+    new_w = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
+    new_b = (np.broadcast_to(bias, scale.shape) * scale + shift).astype(w.dtype)
+    args = list(p.args) + [None] * (3 - len(p.args))
+    args[1] = _const(new_w, basis, f"{p.what}: weights folded")
+    args[2] = _const(new_b, basis, f"{p.what}: bias folded")
+    p.args = args
+
+
+def _remove(plan, st, replacement: Ref) -> None:
+    """Drop step ``st``; its readers read ``replacement`` instead."""
+    plan.steps.remove(st)
+    _redirect(plan, _value_of(plan, st, replacement), replacement)
+
+
+def _value_of(plan, st, fallback: Ref) -> Val:
+    """The Val object of a step's result (found through its readers or the outputs)."""
+    for other in plan.steps:
+        for r in other.args:
+            if r is not None and r.val.key == st.key:
+                return r.val
+    for o in plan.outputs:
+        if o.ref.val.key == st.key:
+            return o.ref.val
+    return fallback.val
+
+
+def fold_batchnorm(plan, info=None) -> str | None:
+    """BatchNormalization right after a Conv/ConvTranspose/Gemm: into its weights and bias."""
+    uses, folded = _uses(plan), 0
+    for st in list(plan.steps):
+        if not (isinstance(st, OpStep) and st.spec.name == "onnx::BatchNormalization" and st.place == DEVICE):
+            continue
+        if st.n_outputs > 1 or st.attrs.get("training_mode") or not all(_is_const(r) for r in st.args[1:5]):
+            continue
+        found = _producer_val(plan, st)
+        if found is None or uses[found[1].val.key] != 1:
+            continue
+        prod, x = found
+        scale, bias, mean, var = (r.host_value().astype(np.float64).reshape(-1) for r in st.args[1:5])
+        inv = scale / np.sqrt(var + st.attrs.get("epsilon", 1e-5))
+        _scale_out_channels(prod, inv, bias - mean * inv, sum(r.val.basis for r in st.args[1:5]))
+        _remove(plan, st, Ref(x.val))
+        folded += 1
+    return f"{folded} BatchNormalization folded into the weights before them" if folded else None
+
+
+_AFFINE = {"onnx::Mul", "onnx::Add", "onnx::Sub", "onnx::Div"}
+
+
+def _channel_vector(c: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """``c`` as one value per channel when it broadcasts along ``axis`` only; else None."""
+    if c.ndim > rank or any(d != 1 for i, d in enumerate(c.shape) if rank - c.ndim + i != axis):
+        return None
+    k = axis - (rank - c.ndim)
+    n = c.shape[k] if 0 <= k < c.ndim else 1
+    if n not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+
+
+def fold_channel_affine(plan, info) -> str | None:
+    """Per-channel Mul/Add/Sub/Div by constants after a Conv/ConvTranspose/Gemm, through
+    Transposes (which carry the channel axis along): into the weights and bias."""
+    if info is None:
+        return None
+    folded = 0
+    for prod in [p for p in plan.steps if isinstance(p, OpStep) and p.spec.name in _FOLD_INTO and _foldable(p)]:
+        folded += _fold_chain_after(plan, prod, info)
+    return f"{folded} per-channel scale or shift folded into the weights before them" if folded else None
+
+
+def _fold_chain_after(plan, prod: OpStep, info) -> int:
+    shape = info.get(prod.key, (None,))[0]
+    if shape is None:
+        return 0
+    rank, axis, channels, done = len(shape), 1, shape[1], 0
+    key = prod.key
+    while True:
+        uses = _uses(plan)
+        readers = _readers(plan, key)
+        if uses[key] != 1 or len(readers) != 1:
+            return done
+        st = readers[0]
+        if isinstance(st, OpStep) and st.spec.name == "onnx::Transpose" and st.args[0].val.key == key:
+            perm = st.attrs.get("perm") or tuple(reversed(range(rank)))
+            axis, key = list(perm).index(axis), st.key
+            continue
+        if not (isinstance(st, OpStep) and st.spec.name in _AFFINE and st.place == DEVICE):
+            return done
+        pos = 0 if st.args[0].val.key == key else 1
+        other = st.args[1 - pos]
+        if not _is_const(other) or (pos == 1 and st.spec.name in ("onnx::Sub", "onnx::Div")):
+            return done
+        v = _channel_vector(other.host_value(), rank, axis, channels)
+        if v is None or (st.spec.name == "onnx::Div" and not np.all(v)):
+            return done
+        scale = {"onnx::Mul": v, "onnx::Div": 1 / v}.get(st.spec.name, np.ones(channels))
+        shift = {"onnx::Add": v, "onnx::Sub": -v}.get(st.spec.name, np.zeros(channels))
+        _scale_out_channels(prod, scale, shift, other.val.basis)
+        _remove(plan, st, st.args[pos])
+        done += 1
+
+
+# --------------------------------------------------------------------------- #
+# Padding into the convolution
+# --------------------------------------------------------------------------- #
+def _follow_transposes(plan, key, axes: list[int], rank: int):
+    """From the value ``key``, through Transposes that alone read it: the last value's key,
+    where ``axes`` moved to, and the step reading that value (None unless exactly one)."""
+    while True:
+        readers = _readers(plan, key)
+        if _uses(plan)[key] != 1 or len(readers) != 1:
+            return key, axes, None
+        st = readers[0]
+        if isinstance(st, OpStep) and st.spec.name == "onnx::Transpose" and st.args[0].val.key == key:
+            perm = list(st.attrs.get("perm") or reversed(range(rank)))
+            axes, key = [perm.index(a) for a in axes], st.key
+            continue
+        return key, axes, st
+
+
+def _pads_of(st) -> list[int] | None:
+    """A constant-mode zero Pad's pads (begin..., end...), or None for any other Pad."""
+    if st.attrs.get("mode", "constant") != "constant" or st.attrs.get("value") not in (None, 0, 0.0):
+        return None
+    args = list(st.args) + [None] * 3
+    pads = st.attrs.get("pads")
+    if pads is None and _is_const(args[1]):
+        pads = args[1].host_value()
+    if pads is None or args[3] is not None or (args[2] is not None and not (
+            _is_const(args[2]) and np.all(args[2].host_value() == 0))):
+        return None
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    return pads if all(p >= 0 for p in pads) else None
+
+
+def fold_pad(plan, info) -> str | None:
+    """A zero Pad of spatial axes before a Conv (through Transposes): into the Conv's pads."""
+    if info is None:
+        return None
+    folded = 0
+    for st in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Pad" and s.place == DEVICE]:
+        pads = _pads_of(st)
+        shape = info.get(st.key, (None,))[0]
+        if pads is None or shape is None or len(pads) != 2 * len(shape):
+            continue
+        rank = len(shape)
+        key, axes, conv = _follow_transposes(plan, st.key, list(range(rank)), rank)
+        if not (isinstance(conv, OpStep) and conv.spec.name == "onnx::Conv" and conv.args[0].val.key == key
+                and conv.attrs.get("auto_pad", "NOTSET") == "NOTSET"):
+            continue
+        # pads of the conv's input axes: axes[i] is where input axis i of the Pad went
+        at = {axes[i]: (pads[i], pads[i + rank]) for i in range(rank)}
+        if at.get(0, (0, 0)) != (0, 0) or at.get(1, (0, 0)) != (0, 0):
+            continue                      # batch or channel padding: not a conv's
+        nsp = rank - 2
+        old = list(conv.attrs.get("pads") or (0,) * (2 * nsp))
+        conv.attrs = {**conv.attrs, "pads": tuple(old[i] + at[2 + i][0] for i in range(nsp))
+                      + tuple(old[nsp + i] + at[2 + i][1] for i in range(nsp))}
+        _remove(plan, st, st.args[0])
+        folded += 1
+    return f"{folded} zero Pad folded into the convolution after it" if folded else None
+
+
+# --------------------------------------------------------------------------- #
+# Elementwise fusion
+# --------------------------------------------------------------------------- #
+def recognise_caps(plan, info) -> str | None:
+    """Where(GreaterOrEqual(c, a), a, c), c a constant (the Keras converter's min(x, c)):
+    one fusible op (fmin, which gives c for a NaN a, as the Where does)."""
+    if info is None:
+        return None
+    done = 0
+    uses = _uses(plan)
+    for st in list(plan.steps):
+        if not (isinstance(st, OpStep) and st.spec.name == "onnx::Where" and st.place == DEVICE):
+            continue
+        cond, a, c = st.args
+        ge = next((p for p in plan.steps if p.key == cond.val.key), None)
+        if not (isinstance(ge, OpStep) and ge.spec.name == "onnx::GreaterOrEqual" and uses[ge.key] == 1):
+            continue
+        if not (_is_const(c) and c.host_value().size == 1 and np.isfinite(c.host_value()).all()):
+            continue
+        if not (ge.args[1].val is a.val and ge.args[1].index == a.index and _is_const(ge.args[0])
+                and np.array_equal(ge.args[0].host_value(), c.host_value())):
+            continue
+        dtype = info.get(st.key, (None, None))[1]
+        if dtype is None or np.dtype(dtype).kind != "f" or c.host_value().dtype != np.dtype(dtype):
+            continue
+        at = plan.steps.index(st)
+        plan.steps[at] = FusedStep(st.key, DEVICE, [a, c], f"{st.what} (min with a constant)",
+                                   program=(Instr("gpu_mdf::CapAt", 0, 1),), dtype=np.dtype(dtype))
+        plan.steps.remove(ge)
+        done += 1
+    return f"{done} Where(x <= c, x, c) run as min(x, c)" if done else None
+
+
+def bias_to_epilogue(plan, info) -> str | None:
+    """The constant bias of a Conv/ConvTranspose/Gemm, when elementwise work or a softmax
+    follows (through Transposes): added there instead, in the same fused pass (on a GPU one
+    kernel launch fewer per layer; the same arithmetic)."""
+    if info is None:
+        return None
+    moved = 0
+    for p in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name in _FOLD_INTO and s.place == DEVICE]:
+        shape = info.get(p.key, (None,))[0]
+        if shape is None or len(p.args) < 3 or not _is_const(p.args[2]) or len(shape) < 2:
+            continue
+        if p.spec.name == "onnx::Gemm" and p.attrs.get("alpha", 1.0) != 1.0:
+            continue
+        bias = p.args[2].host_value()
+        if bias.size != shape[1] or (p.spec.name == "onnx::Gemm" and bias.ndim == 2 and bias.shape[0] != 1):
+            continue
+        key, (axis,), reader = _follow_transposes(plan, p.key, [1], len(shape))
+        if reader is None or not (_link(reader, info) or _tail_of(reader, info)):
+            continue
+        dtype = info.get(key, (None, None))[1]
+        if dtype is None or np.dtype(dtype) != bias.dtype:
+            continue
+        if p.spec.name == "onnx::Gemm":
+            bias = bias * bias.dtype.type(p.attrs.get("beta", 1.0))
+        b = _const(bias.reshape((-1,) + (1,) * (len(shape) - 1 - axis)), p.args[2].val.basis, f"{p.what}: bias")
+        val = Val(("epilogue", p.key), DEVICE, what=f"{p.what} + bias")
+        x = next(r for r in reader.args if r is not None and r.val.key == key)
+        add = FusedStep(val.key, DEVICE, [x, b], f"{p.what}: bias", program=(Instr("onnx::Add", 0, 1),),
+                        dtype=np.dtype(dtype))
+        plan.steps.insert(plan.steps.index(reader), add)
+        reader.args = [Ref(val) if r is not None and r.val.key == key else r for r in reader.args]
+        info[val.key] = info[key]
+        p.args = list(p.args[:2])
+        moved += 1
+    return f"{moved} biases added in the elementwise pass after their layer" if moved else None
+
+
+def _link(st, info):
+    """(program, operands) of a step that can join a fused chain: a fusible float op whose
+    operands all have its type (Clip's constant bounds become attributes), or a fused step
+    without a tail; None otherwise."""
+    dtype = info.get(st.key, (None, None))[1]
+    if dtype is None or np.dtype(dtype).kind != "f" or st.place != DEVICE:
+        return None
+    if isinstance(st, FusedStep):
+        return (st.program, list(st.args)) if st.tail is None else None
+    if not isinstance(st, OpStep):
+        return None
+    name, args = st.spec.name, list(st.args)
+    attrs = {a: st.attrs.get(a) for a in FUSIBLE[name].attrs} if name in FUSIBLE else {}
+    if name == "onnx::Clip":
+        args += [None] * (3 - len(args))
+        for k, bound in ((1, "min"), (2, "max")):
+            r = args[k]
+            if r is not None:
+                if not (_is_const(r) and r.host_value().size == 1):
+                    return None
+                attrs[bound] = float(r.host_value().reshape(-1)[0])
+        args = args[:1]
+    if not fusible(name, attrs) or len(args) != FUSIBLE[name].arity or any(r is None for r in args):
+        return None
+    if any(_dtype_of(r, info) != np.dtype(dtype) for r in args):
+        return None
+    program = (Instr(name, 0, 1 if len(args) == 2 else None, tuple((a, float(v)) for a, v in attrs.items())),)
+    return program, args
+
+
+def _dtype_of(r: Ref, info):
+    if r.place == CONST:
+        v = r.host_value()
+        return v.dtype if isinstance(v, np.ndarray) else None
+    d = info.get(r.val.key, (None, None))[1]
+    return np.dtype(d) if d and r.index is None else None
+
+
+def _tail_of(st, info) -> str | None:
+    """"softmax"/"logsoftmax" for a Softmax/LogSoftmax over the last axis of a float value."""
+    if not (isinstance(st, OpStep) and st.spec.name in ("onnx::Softmax", "onnx::LogSoftmax") and st.place == DEVICE):
+        return None
+    shape, dtype = info.get(st.key, (None, None))
+    if shape is None or not shape or np.dtype(dtype) not in (np.float32, np.float64):
+        return None
+    if st.attrs.get("axis", -1) % len(shape) != len(shape) - 1:
+        return None
+    return "softmax" if st.spec.name == "onnx::Softmax" else "logsoftmax"
+
+
+def _row_kind(r: Ref, shape, info) -> str | None:
+    """How the row kernel reads an operand of a chain whose result has ``shape``."""
+    if r.place == CONST:
+        v = r.host_value()
+        if v.size == 1:
+            return "scalar"
+        return "row" if v.shape[-1] == shape[-1] and v.size == shape[-1] and v.ndim <= len(shape) else None
+    return "full" if r.index is None and info.get(r.val.key, (None,))[0] == tuple(shape) else None
+
+
+def fuse_elementwise(plan, info) -> str | None:
+    """Chains of float elementwise ops whose intermediate values nothing else reads, with a
+    last-axis softmax after them when there is one: one step each."""
+    if info is None:
+        return None
+    chains = 0
+    i = 0
+    while i < len(plan.steps):
+        chain = _chain_from(plan, plan.steps[i], info)
+        last = chain[-1] if chain else plan.steps[i]
+        readers = _readers(plan, last.key)
+        tail_step = readers[0] if len(readers) == 1 and _uses(plan)[last.key] == 1 else None
+        tail = _tail_of(tail_step, info) if tail_step is not None else None
+        if tail is None and not chain and isinstance(last, OpStep):
+            tail_step, tail = last, _tail_of(last, info)      # a softmax on its own
+        if tail and tail_step is last:
+            chain = []
+        if (len(chain) >= 2 or tail) and _replace_by_fused(plan, chain, info, tail_step if tail else None):
+            chains += 1
+        i += 1
+    return f"{chains} elementwise chains (or softmax rows) fused into one pass each" if chains else None
+
+
+def _chain_from(plan, first, info) -> list:
+    if _link(first, info) is None:
+        return []
+    chain = [first]
+    while _uses(plan)[chain[-1].key] == 1:
+        readers = _readers(plan, chain[-1].key)
+        if len(readers) != 1 or _link(readers[0], info) is None:
+            break
+        nxt = readers[0]
+        if info.get(nxt.key, (None, None))[1] != info.get(first.key, (None, None))[1]:
+            break
+        prog, args = _link(nxt, info)
+        slots = {k for k, r in enumerate(args) if r.val.key == chain[-1].key}
+        if any(k in (ins.a, ins.b) for ins in prog[1:] for k in slots):
+            break                         # the chain's running result is read by its first op only
+        chain.append(nxt)
+    return chain
+
+
+def _replace_by_fused(plan, chain: list, info, tail_step) -> bool:
+    """One FusedStep computing ``chain`` (and the softmax ``tail_step``) where the last stood."""
+    operands: list[Ref] = []
+
+    def operand(r: Ref) -> int:
+        for k, o in enumerate(operands):
+            if o.val is r.val and o.index == r.index:
+                return k
+        operands.append(r)
+        return len(operands) - 1
+    program: list[Instr] = []
+    prev = None
+    for st in chain:
+        prog, args = _link(st, info)
+        slot = {k: (f"r{len(program) - 1}" if prev is not None and r.val.key == prev and r.index is None
+                    else operand(r)) for k, r in enumerate(args)}
+        base = len(program)
+        for ins in prog:
+            a, b = (None if o is None else f"r{int(o[1:]) + base}" if isinstance(o, str) else slot[o]
+                    for o in (ins.a, ins.b))
+            program.append(Instr(ins.op, a, b, ins.attrs))
+        prev = st.key
+    steps = list(chain)
+    tail, kinds = None, ()
+    if tail_step is not None:
+        if not chain:
+            operand(tail_step.args[0])
+        tail = _tail_of(tail_step, info)
+        shape = info[tail_step.key][0]
+        kinds = tuple(_row_kind(r, shape, info) for r in operands)
+        if None in kinds or kinds[0] != "full":
+            return False
+        steps.append(tail_step)
+    last = steps[-1]
+    what = " + ".join(s.what for s in steps)
+    fused = FusedStep(last.key, DEVICE, operands, what, program=tuple(program),
+                      dtype=np.dtype(info[last.key][1]), tail=tail, kinds=kinds)
+    plan.steps[plan.steps.index(last)] = fused
+    for st in steps[:-1]:
+        plan.steps.remove(st)
+    return True
+
+
+PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise)
+
+
+def optimize(plan, info) -> list[str]:
+    """Run every pass; the notes of those that changed something."""
+    notes = []
+    for p in PASSES:
+        note = p(plan, info)
+        if note:
+            notes.append(f"{p.__name__}: {note}")
+    return notes
+
+
+__all__ = ["PASSES", "bias_to_epilogue", "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise",
+           "optimize", "recognise_caps"]

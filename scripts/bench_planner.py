@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""The optimising planner against ONNX Runtime on each model's *original* ONNX (tf2onnx for
+a Keras model, ``torch.onnx.export`` for torchvision's), on the CPU, with random non-zero
+weights everywhere:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
+        .venv/bin/python scripts/bench_planner.py [--models mlp cnn mnv2 resnet18 ...] [--repeats 7]
+
+For each model, in alternating blocks (one call of each contender per block), medians:
+gpu-mdf as written (``optimize=False``), gpu-mdf optimised, ONNX Runtime on the original
+ONNX and, for Keras models, ``tf.function``; the MLP also gets the time of its three GEMMs
+alone in NumPy (OpenBLAS's sgemm: the floor under any NumPy engine). It checks both gpu-mdf
+programs against ONNX Runtime first (1e-4 x max|y|). Then, on the strict CuPy stand-in
+(tests/fake_cupy.py), the kernel launches and the new device bytes of one steady-state batch.
+
+Prints a Markdown table; ``--json`` writes the rows. Ratios are what to compare: the
+machine's absolute speed moves 2x between runs. Unset OpenBLAS's variables in this
+command only (they select slow kernels on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+KERAS = {"mlp": 10000, "cnn": 2048, "mnv2": 32}          # model -> batch
+TORCHVISION = {"resnet18": "resnet18", "tv_mobilenet_v2": "mobilenet_v2", "efficientnet_b0": "efficientnet_b0"}
+MODELS = [*KERAS, *TORCHVISION]
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    ms: dict = field(default_factory=dict)          # contender -> median ms per batch
+    launches: dict = field(default_factory=dict)    # "as written"/"optimised" -> launches per batch (stand-in)
+    new_bytes: dict = field(default_factory=dict)   # same -> new device bytes per steady-state batch
+    layers: int = 0
+    notes: list = field(default_factory=list)
+
+
+def _random_weights(model, seed=0):
+    """Every weight random and non-zero; variances near 1 (BatchNormalization stays sane)."""
+    r = np.random.default_rng(seed)
+    for w in model.weights:
+        base = 1.0 if "variance" in w.path or w.path.endswith("gamma") else 0.0
+        scale = (1.0 / max(1, int(np.prod(w.shape[:-1])))) ** 0.5 if len(w.shape) >= 2 else 0.1
+        w.assign((base + scale * r.standard_normal(w.shape)).astype("float32"))
+    return model
+
+
+def keras_model(name: str):
+    from gpu_mdf.tfquiet import keras as _keras
+    keras = _keras("the benchmark")
+    keras.utils.set_random_seed(0)
+    if name == "mnv2":
+        return _random_weights(keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None))
+    from gpu_mdf.config import load_config, reference_config
+    from gpu_mdf.train import build_model
+    cfg = reference_config() if name == "mlp" else load_config(ROOT / "configs" / "mnist_cnn.yaml")
+    return _random_weights(build_model(cfg))
+
+
+def keras_case(name: str, batch: int, tmp: Path):
+    """(MDF document, input batch, original ONNX bytes, tf.function or None, keras model)."""
+    import tf2onnx
+
+    from gpu_mdf.convert import keras_to_mdf
+    from gpu_mdf.tfquiet import tensorflow
+    tf = tensorflow("the benchmark")
+    model = keras_model(name)
+    shape = tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(1).random((batch,) + shape).astype(np.float32)
+    doc = keras_to_mdf(model)
+    fn = tf.function(lambda t: model(t, training=False))
+    spec = (tf.TensorSpec((None,) + shape, tf.float32, name="x"),)
+    onnx_model, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    return doc, x, onnx_model.SerializeToString(), lambda: fn(x).numpy(), model
+
+
+def torchvision_case(name: str, batch: int, tmp: Path):
+    import onnx
+    from check_torchvision import export
+
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    path = tmp / f"{name}.onnx"
+    export(TORCHVISION[name], path, 224)
+    x = np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    return onnx_to_mdf_doc(onnx.load(str(path)), model_id=name), x, path.read_bytes(), None, None
+
+
+def alternating(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, timed in alternating blocks after one warm-up each."""
+    for f in fns.values():
+        f()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def gemm_floor(doc, x):
+    """The MLP's GEMMs alone (NumPy's matmul on the same weights): OpenBLAS's floor."""
+    from gpu_mdf.engine import compile
+    prog = compile(doc, device="cpu", optimize=False)
+    ws = [st.args[1].host_value() for st in prog.plan.steps
+          if getattr(getattr(st, "spec", None), "name", "") == "onnx::Gemm"]
+    a = x.reshape(len(x), -1)
+
+    def run():
+        h = a
+        for w in ws:
+            h = h @ w
+        return h
+    return run
+
+
+def standin(doc, x, optimize: bool) -> tuple[int, int]:
+    """Kernel launches and new device bytes of one steady-state batch on the stand-in."""
+    import fake_cupy
+    from pytest import MonkeyPatch
+
+    from gpu_mdf.engine import compile
+    from gpu_mdf.engine.backend import Backend
+    with MonkeyPatch.context() as mp:
+        fake_cupy.install(mp)
+        prog = compile(doc, device=Backend("cupy", fake_cupy, "gpu:0", "strict CuPy stand-in", 0), optimize=optimize)
+        prog.run(x)
+        prog.run(x)
+        fake_cupy.COUNT.reset()
+        prog.run(x)
+        return fake_cupy.COUNT.launches, fake_cupy.COUNT.new_bytes
+
+
+def measure(name: str, repeats: int) -> Row:
+    import onnxruntime as ort
+
+    from gpu_mdf.engine import compile
+    batch = KERAS.get(name, 32)
+    row = Row(name, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        case = keras_case if name in KERAS else torchvision_case
+        doc, x, onnx_bytes, tf_fn, model = case(name, batch, Path(tmp))
+    if model is not None:
+        row.layers = len(model.layers)
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x}
+    want = sess.run(None, feed)[0]
+    plain, opt = compile(doc, device="cpu", optimize=False), compile(doc, device="cpu")
+    row.notes = list(opt.plan.notes)
+    for label, prog in (("as written", plain), ("optimised", opt)):
+        got = prog.run(x)
+        err = float(np.abs(got - want).max())
+        if err > 1e-4 * float(np.abs(want).max()):
+            raise SystemExit(f"{name}: gpu-mdf ({label}) differs from ONNX Runtime by {err:.3g}")
+    fns = {"gpu-mdf as written": lambda: plain.run(x), "gpu-mdf optimised": lambda: opt.run(x),
+           "ORT (original ONNX)": lambda: sess.run(None, feed)}
+    if tf_fn is not None:
+        fns["tf.function"] = tf_fn
+    if name == "mlp":
+        fns["GEMMs alone (NumPy)"] = gemm_floor(doc, x)
+    row.ms = alternating(fns, repeats)
+    small = x[:4]
+    for label, flag in (("as written", False), ("optimised", True)):
+        row.launches[label], row.new_bytes[label] = standin(doc, small, flag)
+    return row
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| model | batch | as written | optimised | ORT (original ONNX) | optimised / ORT | tf.function "
+             "| optimised / tf.function | launches per batch (as written → optimised) | new device bytes per batch |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        ms = r.ms
+        tf = f"{ms['tf.function']:.2f} ms" if "tf.function" in ms else "—"
+        tf_ratio = f"{ms['gpu-mdf optimised'] / ms['tf.function']:.2f}×" if "tf.function" in ms else "—"
+        per_layer = f" ({r.launches['optimised'] / r.layers:.2f} per layer)" if r.layers else ""
+        ort = ms["ORT (original ONNX)"]
+        lines.append(f"| {r.model} | {r.batch} | {ms['gpu-mdf as written']:.2f} ms | {ms['gpu-mdf optimised']:.2f} ms "
+                     f"| {ort:.2f} ms | {ms['gpu-mdf optimised'] / ort:.2f}× "
+                     f"| {tf} | {tf_ratio} | {r.launches['as written']} → {r.launches['optimised']}{per_layer} "
+                     f"| {r.new_bytes['optimised']:,} |")
+    for r in rows:
+        if "GEMMs alone (NumPy)" in r.ms:
+            lines.append(f"\n{r.model}: its GEMMs alone (OpenBLAS sgemm) take {r.ms['GEMMs alone (NumPy)']:.2f} ms "
+                         f"({r.ms['GEMMs alone (NumPy)'] / r.ms['ORT (original ONNX)']:.2f}× ORT's whole model).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if os.environ.get("OPENBLAS_CORETYPE") or os.environ.get("OPENBLAS_L2_SIZE"):
+        print("note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set: NumPy's figures are slow kernels' "
+              "(run under env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)", file=sys.stderr)
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, args.repeats))
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in rows[-1].ms.items()), file=sys.stderr, flush=True)
+    print(table(rows))
+    for r in rows:
+        print(f"{r.model}: " + ("; ".join(r.notes) or "no pass changed anything"))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
