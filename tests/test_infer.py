@@ -25,7 +25,8 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
     probs = np.load(out / "probabilities.npy")
     assert probs.shape == (10000, 10)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 10000 and list(rows[0]) == ["index", "source", "predicted", "probability", "true"]
+    assert len(rows) == 10000 and list(rows[0]) == ["index", "source", "predicted", "probability", "true",
+                                                    "low_confidence"]
     assert rows[3]["source"] == "mnist:test[3]"
     assert [int(r["true"]) for r in rows[:5]] == list(yte[:5])
     m = json.loads((out / "metrics.json").read_text())
@@ -42,6 +43,12 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
     assert m["host"]["cpu"] and m["host"]["threads"] >= 1
     assert m["normalize"] == {"mode": "l2", "applied": "on the device"}
     assert not (out / ".chunks").exists()                      # removed after success
+    (written,) = m["outputs"]                                   # every output, as it came
+    np.testing.assert_array_equal(np.load(out / written["file"]), probs)
+    assert m["output"]["kind"] == "probabilities" and not m["output"]["softmax_applied"]
+    low = probs.max(axis=1) < m["low_confidence"]["threshold"]
+    assert m["low_confidence"]["count"] == low.sum() > 0
+    assert [int(r["low_confidence"]) for r in rows] == low.astype(int).tolist()
 
 
 def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path):
@@ -179,7 +186,7 @@ def test_top_k_overwrite_keep_chunks_and_a_finished_job(reference_mdf, tmp_path)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "job.json").read_text())["batch_size"] == 999
     assert list(csv.DictReader(open(out / "predictions.csv")))[0].keys() == \
-        {"index", "source", "predicted", "probability", "true"}
+        {"index", "source", "predicted", "probability", "true", "low_confidence"}
     assert not (out / ".chunks").exists()
     # the same command again: complete already, nothing recomputed or damaged
     before = (out / "predictions.csv").read_bytes()
@@ -250,7 +257,7 @@ def test_every_command_shows_defaults_and_ends_with_an_example():
         r = invoke(cmd, "--help")
         assert r.exit_code == 0
         assert "Example:" in r.output and "gpu-mdf " + cmd in r.output.split("Example:")[1], cmd
-    assert "[default: runs/infer]" in invoke("infer", "--help").output
+    assert "[default: runs/infer/<model>-<data>" in " ".join(invoke("infer", "--help").output.split())
     assert "[default: 20; x>=1]" in invoke("bench", "--help").output
 
 
@@ -296,9 +303,8 @@ def test_an_edited_file_named_like_mnist_is_another_job(mnist_named_file, tmp_pa
         run_inference(model, "out", source="mnist_extra.npy", **QUIET)      # not "complete already"
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert "embedded_sha256" not in job["data"] and job["data"]["files"][0][0] == "mnist_extra.npy"
-    run_inference(model, "out", source="mnist_extra.npy", overwrite=True, **QUIET)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"),
-                               np.arange(20, 40).reshape(5, 4) / 255, rtol=1e-6)
+    res = run_inference(model, "out", source="mnist_extra.npy", overwrite=True, **QUIET)
+    np.testing.assert_allclose(np.load(res.files["output:y"]), np.arange(20, 40).reshape(5, 4) / 255, rtol=1e-6)
 
 
 def test_metrics_name_a_file_named_like_mnist_by_its_path(mnist_named_file, tmp_path):
@@ -335,12 +341,12 @@ def test_the_dask_task_carries_the_absolute_path_of_a_file_named_like_mnist(mnis
                 on_done(process_chunk(prog, ds, i, task.spec))
             return {"kind": "in-process", "spec": self.spec, "workers": 1, "per_worker": {}}
 
-    run_inference(model, tmp_path / "out", source="mnist_extra.npy",
-                  cluster=InProcessCluster("in-process", "in-process", None), **QUIET)
+    res = run_inference(model, tmp_path / "out", source="mnist_extra.npy",
+                        cluster=InProcessCluster("in-process", "in-process", None), **QUIET)
     (task,) = sent
     assert task.data.source == str(data.resolve())
     assert task.model.mdf_path == str(model.resolve())
-    assert np.load(tmp_path / "out" / "probabilities.npy").shape == (5, 4)
+    assert np.load(res.files["output:y"]).shape == (5, 4)
     monkeypatch.chdir(tmp_path)
     identity = open_dataset("mnist_extra.npy").source.identity()
     assert not identity.embedded and identity.location == str(data.resolve())

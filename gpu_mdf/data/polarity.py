@@ -45,11 +45,15 @@ def light_background(items: np.ndarray, scale: float | None = None) -> np.ndarra
     return light
 
 
-def decide(items: np.ndarray, mode: str) -> np.ndarray:
-    """Which items (n, h, w) to invert under ``mode`` (auto | yes | no)."""
+def check_mode(mode: str) -> str:
     if mode not in INVERT_MODES:
         raise DataError(f"invert must be one of {INVERT_MODES}, got {mode!r}")
-    if mode == "auto":
+    return mode
+
+
+def decide(items: np.ndarray, mode: str) -> np.ndarray:
+    """Which items (n, h, w) to invert under ``mode`` (auto | yes | no)."""
+    if check_mode(mode) == "auto" and len(items):
         return light_background(items)
     return np.full(len(items), mode == "yes")
 
@@ -63,3 +67,27 @@ def invert(items: np.ndarray, which: np.ndarray, scale: float | None = None) -> 
     out[which] = (np.asarray(scale, out.dtype) - out[which]) if out.dtype.kind == "f" else \
         (int(scale) - out[which].astype(np.int64)).clip(0, None).astype(out.dtype)
     return out
+
+
+def apply_to_dataset(ds, mode: str, size: tuple[int, int]):
+    """``ds`` (an array source: ``.npy``, CSV, IDX, npz, the embedded copy) read with the
+    polarity rule: each chunk's items are looked at as ``size`` images and inverted as
+    ``mode`` says; ``ds.inverted`` records the inverted items (until their chunk is saved).
+    Items that are not images of ``size`` are left alone (``yes`` is refused for them)."""
+    h, w = size
+    if int(np.prod(ds.image_shape)) != h * w or min(h, w) < 8:
+        if mode == "yes":
+            raise DataError(f"{ds.name}: --invert yes: its items {tuple(ds.image_shape)} are not {h}x{w} images")
+        return ds
+    check_mode(mode)                                       # refused before any read
+    flags: dict[int, bool] = {}
+    read = ds.reader
+
+    def reader(a: int, b: int) -> np.ndarray:
+        x = read(a, b)
+        which = decide(x.reshape(len(x), h, w), mode)
+        flags.update((a + int(j), True) for j in np.flatnonzero(which))
+        return invert(x, which)
+
+    ds.reader, ds.inverted = reader, flags
+    return ds
