@@ -134,7 +134,7 @@ def _write_outputs(prog: Program, job: Job, survey: _Survey) -> dict:
 def _write_predictions(job: Job, k: int, reading: Reading, files: dict) -> _Tally:
     """predictions.csv, and probabilities.npy and submission.csv where they apply."""
     ds, fp, out = job.data, job.fingerprint, job.out
-    tally = _Tally(Accuracy(reading.classes) if reading.classes and ds.labels is not None else None)
+    tally = _Tally(Accuracy(reading.classes, ds.labels) if reading.classes and ds.labels is not None else None)
     with contextlib.ExitStack() as stack:
         writer = csv.writer(stack.enter_context(open(stack.enter_context(atomic_path(out / "predictions.csv")),
                                                      "w", newline="")))
@@ -156,7 +156,7 @@ def _write_predictions(job: Job, k: int, reading: Reading, files: dict) -> _Tall
             truth = ds.labels[lo:lo + len(scored.valid)] if ds.labels is not None else None
             writer.writerows(_rows(lo, ds, reading, scored, truth, fp))
             if tally.accuracy is not None:
-                tally.accuracy.add(truth, scored)
+                tally.accuracy.add(lo, scored)
             if reading.probabilities:
                 tally.low_confidence += int((scored.confidence[scored.valid] < fp["min_confidence"]).sum())
             if probs is not None:

@@ -36,15 +36,19 @@ _SUM_TOLERANCE = 1e-3
 
 
 def choose_output(prog, requested: str | None) -> int:
-    """The index of the scored output: ``requested`` by name, else the first declared
-    as ``(N, C)`` with C >= 2, else the first."""
+    """The index of the scored output: ``requested`` by its name or by its node's (the
+    Keras layer's name: ``digit`` for ``digit_out``), else the first declared as
+    ``(N, C)`` with C >= 2, else the first."""
     names = [o.name for o in prog.outputs]
     if requested is not None:
-        if requested not in names:
-            close = difflib.get_close_matches(requested, names, n=1)
-            raise DataError(f"--output {requested}: the graph has no such output (it has {', '.join(names)})"
-                            + (f"; did you mean {close[0]}?" if close else ""))
-        return names.index(requested)
+        nodes = [o.node for o in prog.outputs]
+        if requested in names:
+            return names.index(requested)
+        if nodes.count(requested) == 1:
+            return nodes.index(requested)
+        close = difflib.get_close_matches(requested, names, n=1)
+        raise DataError(f"--output {requested}: the graph has no such output (it has {', '.join(names)})"
+                        + (f"; did you mean {close[0]}?" if close else ""))
     for k, o in enumerate(prog.outputs):
         if o.shape is not None and len(o.shape) == 2 and o.shape[1] >= 2:
             return k
@@ -166,31 +170,39 @@ def score(reading: Reading, a: np.ndarray, top_k: int) -> Scored:
 @dataclass
 class Accuracy:
     """The confusion matrix of a class-predicting reading over the labelled items, or
-    why there is none."""
+    why there is none: labels that are not classes of the output (a one-column output
+    against digits), or predictions that are mostly not labels (an output of 784 values
+    an item read as 784 classes)."""
 
     classes: int
+    labels: np.ndarray                # every label of the data (negative: unknown)
     confusion: np.ndarray = field(init=False)
-    outside: int = 0                  # labelled items whose label is not one of the classes
-    top_label: int = -1
+    counted: int = 0
+    beyond: int = 0                   # counted items predicted as a class no label has
 
     def __post_init__(self):
         self.confusion = np.zeros((self.classes, self.classes), np.int64)
+        self.top_label = int(self.labels.max(initial=-1))
+        self.outside = int((self.labels >= self.classes).sum())
 
-    def add(self, truth: np.ndarray, scored: Scored) -> None:
-        labelled = truth >= 0
-        self.top_label = max(self.top_label, int(truth.max(initial=-1)))
-        self.outside += int((labelled & (truth >= self.classes)).sum())
-        counted = labelled & scored.valid & (truth < self.classes)
+    def add(self, lo: int, scored: Scored) -> None:
+        truth = self.labels[lo:lo + len(scored.valid)]
+        counted = (truth >= 0) & scored.valid & (truth < self.classes)
+        self.counted += int(counted.sum())
+        self.beyond += int((counted & (scored.predicted > self.top_label)).sum())
         np.add.at(self.confusion, (truth[counted], scored.predicted[counted]), 1)
 
     def metrics(self, name: str) -> dict:
         """Accuracy, confusion matrix and per-class precision and recall; or the reason
-        there is no accuracy (labels that are not classes of this output)."""
+        there is no accuracy."""
         if self.outside:
             return {"accuracy": None, "accuracy_note": (
-                f"no accuracy: labels go up to {self.top_label}, and output {name} predicts "
-                f"{self.classes} classes ({self.outside} labelled items outside them); --output NAME "
-                f"scores another output")}
+                f"no accuracy: labels go up to {self.top_label} and output {name} predicts {self.classes} "
+                f"classes ({self.outside} labelled items outside them; --output NAME scores another output)")}
+        if self.beyond * 2 > self.counted:
+            return {"accuracy": None, "accuracy_note": (
+                f"no accuracy: output {name} predicts a class beyond the labels (0 to {self.top_label}) for "
+                f"{self.beyond} of {self.counted} items: not a classifier of these labels")}
         total = int(self.confusion.sum())
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = np.diag(self.confusion) / self.confusion.sum(axis=0)
