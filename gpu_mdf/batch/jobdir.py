@@ -172,7 +172,7 @@ def default_folder(model: Path, data_name: str, job: dict, root: Path = DEFAULT_
     holds this very job or can be given to it, so that another job never clashes with
     an earlier one and a rerun finds its own folder again."""
     stem = re.sub(r"\.(mdf\.)?(json|ya?ml|bson)$", "", model.name)
-    data = Path(data_name.replace(":", "-")).name
+    data = re.sub(r"\.(npy|npz|csv)(?=$|-)", "", Path(data_name.replace(":", "-")).name)
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}-{data}").strip(".-") or "job"
     for n in itertools.count(1):
         folder = (root / (base if n == 1 else f"{base}-{n}")).resolve()
