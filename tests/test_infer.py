@@ -362,7 +362,8 @@ def test_invert_applies_to_arrays_of_images(reference_mdf, mnist, tmp_path):
     np.save(tmp_path / "dark.npy", 255 - xte[:300])
     np.save(tmp_path / "white.npy", xte[:300])
     with open(tmp_path / "dark.csv", "w") as f:                     # every array source: CSV too
-        f.writelines(",".join(map(str, [y, *row])) + "\n" for y, row in zip(yte[:300], 255 - xte[:300].reshape(300, -1)))
+        dark = 255 - xte[:300].reshape(300, -1)
+        f.writelines(",".join(map(str, [y, *row])) + "\n" for y, row in zip(yte[:300], dark))
 
     def run(data, *more):
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"

@@ -39,9 +39,10 @@ def light_background(items: np.ndarray, scale: float | None = None) -> np.ndarra
         items = items[:, mh:h - mh, mw:w - mw]
     flat = items.reshape(n, -1)
     light = np.zeros(n, bool)
-    maybe = np.flatnonzero(flat.mean(axis=1, dtype=np.float64) > 0.25 * scale)
-    if len(maybe):
-        light[maybe] = np.median(flat[maybe], axis=1) > 0.5 * scale
+    with np.errstate(over="ignore", invalid="ignore"):     # huge values (an overflow is the model's error)
+        maybe = np.flatnonzero(~(flat.mean(axis=1, dtype=np.float64) <= 0.25 * scale))
+        if len(maybe):
+            light[maybe] = np.median(flat[maybe], axis=1) > 0.5 * scale
     return light
 
 
