@@ -174,11 +174,8 @@ def default_folder(model: Path, data_name: str, job: dict, root: Path = DEFAULT_
     stem = re.sub(r"\.(mdf\.)?(json|ya?ml|bson)$", "", model.name)
     data = re.sub(r"\.(npy|npz|csv)(?=$|-)", "", Path(data_name.replace(":", "-")).name)
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}-{data}").strip(".-") or "job"
-    for n in itertools.count(1):
-        folder = (root / (base if n == 1 else f"{base}-{n}")).resolve()
-        if _free_for(folder, job):
-            return folder
-    raise AssertionError("unreachable")
+    folders = ((root / (base if n == 1 else f"{base}-{n}")).resolve() for n in itertools.count(1))
+    return next(folder for folder in folders if _free_for(folder, job))
 
 
 def _free_for(folder: Path, job: dict) -> bool:
