@@ -47,6 +47,13 @@ def mdf_to_onnx(mdf, constants=None):
     return to_onnx(compile(mdf, device="cpu", constants=constants))
 
 
+def takes_mnist(prog) -> bool:
+    """Whether the graph's input takes 784 values an item (MNIST's images, in any layout)."""
+    spec = prog.primary_input
+    item = tuple(spec.shape[1:]) if spec is not None and spec.shape else None
+    return item is not None and -1 not in item and int(np.prod(item)) == 784
+
+
 def bench_inputs(prog, batch: int | None):
     """The batch every engine gets: the MNIST test images (normalised as the graph says)
     for a graph taking 784 values an item; random normal data of the declared shape
@@ -56,7 +63,7 @@ def bench_inputs(prog, batch: int | None):
         raise GpuMdfError(f"the benchmark feeds one input; this graph takes {[p.describe() for p in prog.inputs]}"
                           " (bind the others with --constants)")
     item = tuple(spec.shape[1:]) if spec.shape else None
-    if item is not None and int(np.prod(item)) == 784 and -1 not in item:
+    if takes_mnist(prog):
         (_, _), (xte, _) = load_mnist()
         n = batch or len(xte)
         x = np.resize(xte, (n, 28, 28))
@@ -83,12 +90,10 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     x, what = bench_inputs(prog_cpu, batch)
     echo(f"  data: {what}; {_openblas_note()}; {cpu_threads()} CPU threads")
     rows: list[dict] = []
-    ref = _first(prog_cpu.run(x))
+    ref = outputs_of(prog_cpu, prog_cpu.run(x))
 
     def add(name, seconds, out=None):
-        diff = None
-        if out is not None:
-            diff = float(np.abs(np.asarray(out, np.float64).reshape(ref.shape) - ref).max())
+        diff = None if out is None else max_diff(outputs_of(prog_cpu, out), ref)
         rows.append({"engine": name, "seconds": seconds, "images_per_s": len(x) / seconds,
                      "max_abs_diff_vs_gpu_mdf": diff})
         echo(f"  measured {name}: {seconds * 1e3:.2f} ms")
@@ -108,8 +113,8 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
         def dev():
             pg.execute(feeds)
             pg.backend.synchronize()
-        add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), _first(pg.run(x)))
-        add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), _first(pg.run(x)))
+        add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), pg.run(x))
+        add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), pg.run(x))
     else:
         skipped("CuPy", probe.reason)
 
@@ -128,7 +133,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
             xo = x.reshape((len(x),) + tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])) \
                 if len(inp.shape) != x.ndim else x
             add(f"ONNX Runtime {ort.__version__} (CPU, {label})", timeit(lambda: sess.run(None, {inp.name: xo}),
-                                                                        repeats), sess.run(None, {inp.name: xo})[0])
+                                                                        repeats), sess.run(None, {inp.name: xo}))
             del sess      # its threads spin-wait after each run: gone before the next engine is timed
         except (ImportError, ValueError, OSError) as e:
             skipped("ONNX Runtime", e)
@@ -147,7 +152,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
             model.predict(xk, batch_size=len(xk), verbose=0))
         fn = tf.function(lambda t: model(t, training=False))
         xt = tf.constant(xk)
-        add("TensorFlow tf.function", timeit(lambda: fn(xt).numpy(), repeats), fn(xt).numpy())
+        add("TensorFlow tf.function", timeit(lambda: outputs_of(prog_cpu, fn(xt)), repeats), fn(xt))
     if "evaluablegraph" not in skip:
         _evaluable_graph_row(mdf_path, prog_cpu, x, consts, add, skipped)
     # measured again last: the spread between the two gpu-mdf rows shows this machine's drift
@@ -158,8 +163,20 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     return rows
 
 
-def _first(out):
-    return next(iter(out.values())) if isinstance(out, dict) else out
+def outputs_of(prog, out) -> list[np.ndarray]:
+    """An engine's result as a list of host arrays in the graph's output order: one
+    array, a list (Keras, ONNX Runtime: in the model's order, which the converter keeps),
+    or a dict by output name (gpu-mdf)."""
+    if isinstance(out, dict):
+        return [np.asarray(out[o.name]) for o in prog.outputs if o.name in out]
+    if isinstance(out, (list, tuple)):
+        return [np.asarray(o) for o in out]
+    return [np.asarray(out)]
+
+
+def max_diff(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    """The largest |difference| over the outputs an engine gives (the first k of the graph's)."""
+    return max(float(np.abs(np.asarray(o, np.float64).reshape(r.shape) - r).max()) for o, r in zip(outs, ref))
 
 
 def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
@@ -170,8 +187,8 @@ def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
     import io
 
     from modeci_mdf.execution_engine import EvaluableGraph
-    from modeci_mdf.utils import load_mdf
-    mm = load_mdf(str(mdf_path))
+
+    from .viz import modeci_model
     o = prog.outputs[0]
     init = dict(consts or {})
     for p in prog.inputs:
@@ -182,6 +199,7 @@ def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
         eg.evaluate(initializer=init)
         return eg.enodes[o.node].evaluable_outputs[o.port].curr_value
     try:
+        mm = modeci_model(mdf_path, len(x))   # a symbolic size ("n"): modeci_mdf cannot read its own
         with contextlib.redirect_stdout(io.StringIO()):
             out = eg_run()
             add("modeci_mdf EvaluableGraph", timeit(eg_run, 2, warmup=0), out)
@@ -189,30 +207,37 @@ def _evaluable_graph_row(mdf_path, prog, x, consts, add, skipped):
         skipped("modeci_mdf EvaluableGraph", f"it failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def stream_case(mdf_path, n: int, batch_size: int | None) -> dict:
-    """Stream n images from a .npy file in a fresh process (no TensorFlow) and measure."""
+def stream_case(mdf_path, n: int, batch_size: int | None, constants=None) -> dict:
+    """Stream n items from a .npy file in a fresh process (no TensorFlow) and measure."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = _tiled_npy(Path(tmp) / "tiled.npy", n)
+        path = _tiled_npy(Path(tmp) / "tiled.npy", n, _stream_items(mdf_path, constants))
         code = "import sys; from gpu_mdf.bench import _stream_child; _stream_child(*sys.argv[1:])"
-        r = subprocess.run([sys.executable, "-c", code, str(mdf_path), str(path), str(batch_size or 0)],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run([sys.executable, "-c", code, str(mdf_path), str(path), str(batch_size or 0),
+                            str(constants or "")], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"stream case failed: {r.stderr.strip().splitlines()[-1:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _stream_child(mdf_path: str, data_path: str, batch_size: str) -> None:
+def _stream_items(mdf_path, constants) -> np.ndarray | None:
+    """What the stream tiles: None (MNIST's test images, uint8) for a graph taking 784
+    values an item, else the benchmark's own items of the graph's input shape."""
+    prog = compile(mdf_path, device="cpu", constants=load_constants(constants) if constants else None)
+    return None if takes_mnist(prog) else bench_inputs(prog, 1024)[0]
+
+
+def _stream_child(mdf_path: str, data_path: str, batch_size: str, constants: str = "") -> None:
     """The streaming measurement, run in its own process; prints one JSON line."""
     from .data import open_dataset
     from .engine import tune_host_allocator
 
     tune_host_allocator()
-    prog = compile(mdf_path, device="auto")
-    ds = open_dataset(data_path)
+    prog = compile(mdf_path, device="auto", constants=load_constants(constants) if constants else None)
+    ds = open_dataset(data_path, invert="no")
     bs = prog.suggest_batch_size(int(batch_size) or None)
     t0, images = time.perf_counter(), 0
     for y in prog.run_many(x for _, x in ds.chunks(bs)):
-        images += len(y)
+        images += len(outputs_of(prog, y)[0])
     seconds = time.perf_counter() - t0
     print(json.dumps({"images": images, "seconds": seconds, "images_per_s": images / seconds,
                       "batch_size": bs, "device": prog.backend.device, "peak_rss_mb": _peak_rss_mb(),
@@ -229,25 +254,28 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _tiled_npy(path: Path, n: int) -> Path:
-    (_, _), (xte, _) = load_mnist()
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
-    for lo in range(0, n, len(xte)):
-        hi = min(lo + len(xte), n)
-        arr[lo:hi] = xte[: hi - lo]
+def _tiled_npy(path: Path, n: int, items: np.ndarray | None = None) -> Path:
+    """n items in a .npy file: ``items`` (default: MNIST's test images) repeated."""
+    if items is None:
+        (_, _), (items, _) = load_mnist()
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=items.dtype, shape=(n,) + items.shape[1:])
+    for lo in range(0, n, len(items)):
+        hi = min(lo + len(items), n)
+        arr[lo:hi] = items[: hi - lo]
     arr.flush()
     del arr
     return path
 
 
-def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repeats: int = 2) -> list[dict]:
+def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repeats: int = 2,
+                    constants=None) -> list[dict]:
     """The same n-image job as one process, on local:1 and on local:2 (Dask); each
     job runs ``repeats`` times and the fastest run is reported."""
     from .batch import run_inference
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = _tiled_npy(Path(tmp) / "tiled.npy", n)
+        data = _tiled_npy(Path(tmp) / "tiled.npy", n, _stream_items(mdf_path, constants))
         outs = {}
         for label, cluster in (("single process", None), ("--cluster local:1", "local:1"),
                                ("--cluster local:2", "local:2")):
@@ -255,7 +283,7 @@ def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repea
             for attempt in range(repeats):  # each job twice, the faster kept: this VM is noisy
                 out = Path(tmp) / f"{label.replace(' ', '_').replace(':', '')}_{attempt}"
                 res = run_inference(mdf_path, out, source=str(data), device="cpu", batch_size=batch_size,
-                                    progress=False, log=lambda *_: None, cluster=cluster)
+                                    progress=False, log=lambda *_: None, cluster=cluster, constants=constants)
                 if best is None or res.metrics["seconds"] < best[1].metrics["seconds"]:
                     best = (out, res)
             out, res = best
@@ -264,9 +292,10 @@ def cluster_scaling(mdf_path, n: int, batch_size: int = 32768, echo=print, repea
                          "images_per_s": res.images_per_s})
             echo(f"  measured {label}: {res.metrics['seconds']:.2f} s (best of {repeats})")
         first = outs["single process"]
+        compared = ["predictions.csv", *(o["file"] for o in best[1].metrics["outputs"])]
         for r in rows:
             r["identical_files"] = all((outs[r["job"]] / f).read_bytes() == (first / f).read_bytes()
-                                       for f in ("probabilities.npy", "predictions.csv"))
+                                       for f in compared)
     base = next(r for r in rows if r["job"] == "--cluster local:1")["images_per_s"]
     for r in rows:
         r["vs_local_1"] = r["images_per_s"] / base
@@ -299,7 +328,7 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
     echo(render(rows))
     result = {"rows": rows}
     if stream:
-        s = stream_case(mdf_file, stream, None)
+        s = stream_case(mdf_file, stream, None, constants)
         result["stream"] = s
         echo("")
         echo(f"stream: {s['images']:,} images from a .npy file on {s['device']} in {s['seconds']:.2f} s = "
@@ -309,7 +338,7 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
         echo("")
         echo(f"Dask scaling: a {cluster_scaling_n:,}-image job (a .npy file, batch 32768), chunk phase, "
              "best of 2 runs each")
-        rows = cluster_scaling(mdf_file, cluster_scaling_n, echo=echo)
+        rows = cluster_scaling(mdf_file, cluster_scaling_n, echo=echo, constants=constants)
         result["cluster_scaling"] = rows
         echo(f"{'job':<20} {'seconds':>8} {'images/s':>12} {'vs local:1':>10}  identical files")
         for r in rows:

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import InferConfig
 from .errors import GpuMdfError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -51,8 +52,8 @@ def _errors(fn):
         except GpuMdfError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; finished chunks are kept, rerun to resume", err=True)
+        except KeyboardInterrupt as e:        # Ctrl-C: the whole command stops (a job says what it kept)
+            click.echo(str(e) or "interrupted", err=True)
             sys.exit(130)
     return wrapper
 
@@ -163,7 +164,8 @@ def plot(mdf_file, out, levels):
                    "IDX file/folder, or a folder of images (PNG, JPEG, BMP, TIFF; any size)  [default: mnist]")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", help="of an .npz or IDX folder")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False), help="labels .npy for a .npy input")
-@click.option("--out", default="runs/infer", help="output folder")
+@click.option("--out", default=None,
+              help="output folder  [default: runs/infer/<model>-<data>, a new one for another job]")
 @DEVICE
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="items per chunk (default: the config's, else 2048 on the CPU and free memory on a GPU)")
@@ -174,6 +176,16 @@ def plot(mdf_file, out, levels):
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto",
               help="image files: white-on-black digits (MNIST) or inverted; auto decides from the border")
 @click.option("--top-k", type=click.IntRange(0), default=0, help="add the K best classes to predictions.csv")
+@click.option("--output", "output_name", default=None,
+              help="the output to score (default: the first with one score per class); every output is written")
+@click.option("--softmax", type=click.Choice(["auto", "yes", "no"]), default="auto",
+              help="auto: applied to an output that is not a distribution (logits), and said")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="flag predictions whose probability is below this  [default: the config's, else "
+                   f"{InferConfig.min_confidence:g}, chosen on the MNIST test set (README)]")
+@click.option("--kaggle", is_flag=True, help="also write submission.csv (ImageId,Label) for Kaggle")
+@click.option("--save-preprocessed", type=click.IntRange(0), default=0, metavar="N",
+              help="save the first N images as the model got them (OUT/preprocessed/*.png)")
 @click.option("--constants", type=click.Path(dir_okay=False), default=None,
               help=".npz of values for unconnected input ports (weights an exporter wrote as ports)")
 @click.option("--overwrite", is_flag=True, help="replace another job's files in --out")
@@ -185,8 +197,9 @@ def plot(mdf_file, out, levels):
 @CONFIG
 @click.option("--no-progress", is_flag=True)
 @_errors
-def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, constants,
-          overwrite, keep_chunks, cluster, cluster_timeout, config_path, no_progress):
+def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, output_name,
+          softmax, min_confidence, kaggle, save_preprocessed, constants, overwrite, keep_chunks, cluster,
+          cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     With --config holding a ``jobs:`` list, runs every item in one process; each
@@ -204,23 +217,22 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     batch_size = batch_size or (cfg.infer.batch_size if cfg else None)
     cluster = cluster or (cfg.infer.cluster if cfg else None)
     timeout = cluster_timeout or (cfg.infer.cluster_timeout if cfg else 10.0)
+    min_confidence = (cfg.infer if cfg else InferConfig()).min_confidence if min_confidence is None else min_confidence
     options = dict(invert=invert, top_k=top_k, overwrite=overwrite, keep_chunks=keep_chunks, normalize=normalize,
-                   constants=constants)
+                   constants=constants, output=output_name, softmax=softmax, min_confidence=min_confidence,
+                   kaggle=kaggle, save_preprocessed=save_preprocessed)
     with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
-            ok = run_jobs(cfg.jobs, Path(out if out != "runs/infer" else f"runs/{cfg.name}/jobs"),
+            ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"),
                           default_model=mdf_file, device=device, batch_size=batch_size, on_error=on_error,
                           log=_log, echo=click.echo, progress=not no_progress, cluster=session, **options)
             sys.exit(0 if ok else 1)
         if not mdf_file:
             raise GpuMdfError("give an MDF_FILE (or a --config with a jobs: list)")
-        res = run_inference(mdf_file, Path(out), source=data, split=split, labels=labels, device=device,
+        res = run_inference(mdf_file, out, source=data, split=split, labels=labels, device=device,
                             batch_size=batch_size, on_error=on_error, log=_log, progress=not no_progress,
                             cluster=session, **options)
-    acc = f"accuracy {res.accuracy:.4f}, " if res.accuracy is not None else ""
-    click.echo(f"{res.n} images, {acc}{res.images_per_s:,.0f} images/s on {res.device}"
-               + (f", {res.skipped} skipped (errors.csv)" if res.skipped else "")
-               + f"; files in {res.out_dir}")
+    click.echo(res.summary())
 
 
 @main.command()

@@ -61,6 +61,7 @@ class InferConfig:
     on_error: str = "fail"         # fail | skip
     cluster: str | None = None     # Dask: local[:N] | cuda | tcp://host:port (None: this process)
     cluster_timeout: float = 10.0  # seconds to reach a scheduler
+    min_confidence: float = 0.7    # predictions under this probability are flagged (chosen on MNIST's test set: README)
 
 
 @dataclass

@@ -83,9 +83,10 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
     # agreement with Keras on the same test set
     from .data import open_dataset
     ds = open_dataset(source)
-    xk = prepare_images(ds.read(), cfg)
+    pixels = ds.read()
+    xk = prepare_images(pixels, cfg)
     keras_probs = model.predict(xk, batch_size=10000, verbose=0)
-    mdf_probs = np.load(out / "inference" / "probabilities.npy", mmap_mode="r")
+    mdf_probs = np.load(res.files[f"output:{res.metrics['output']['name']}"], mmap_mode="r")
     valid = ~np.isnan(np.asarray(mdf_probs).reshape(len(mdf_probs), -1)).any(axis=1)
     diff = float(np.abs(mdf_probs[valid] - keras_probs[valid]).max())
     recon = cfg.train.target == "input"
@@ -94,10 +95,12 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
         target = xk.reshape(keras_probs.shape)
         keras_mse = float(np.mean((keras_probs - target) ** 2))
         mdf_mse = float(np.mean((mdf_probs[valid] - target[valid]) ** 2))
-        viz.plot_pairs(ds.read(0, 8), mdf_probs[:8], out / "reconstructions.png",
+        viz.plot_pairs(pixels[:8], mdf_probs[:8], out / "reconstructions.png",
                        "MDF reconstructions of the first test images")
     else:
         agree = float((mdf_probs[valid].argmax(1) == keras_probs[valid].argmax(1)).mean())
+        if ds.labels is not None:
+            _misclassified(out / "misclassified.png", pixels, ds.labels, np.asarray(mdf_probs), valid, ds.name)
     cm = np.array(res.metrics["confusion_matrix"]) if "confusion_matrix" in res.metrics else None
     if cm is not None:
         viz.plot_confusion(cm, out / "confusion_matrix.png", f"MDF on {ds.name}")
@@ -118,3 +121,17 @@ def run_pipeline(cfg: Config, out_dir: str | Path, device: str = "auto", log=pri
         "mdf_file": str(mdf_path), "mdf_bytes": mdf_path.stat().st_size, "skipped_pictures": tr.skipped})
     report.write_report(out, cfg, tr, res, summary, mdf_paths, pictures)
     return summary
+
+
+def _misclassified(path: Path, pixels: np.ndarray, labels: np.ndarray, probs: np.ndarray, valid: np.ndarray,
+                   name: str, shown: int = 24) -> Path | None:
+    """A gallery of the first misclassified test images, with their true and predicted classes."""
+    from . import viz
+    predicted = np.where(valid, np.nan_to_num(probs).argmax(axis=1), -1)
+    wrong = np.flatnonzero(valid & (labels >= 0) & (predicted != labels))
+    if not len(wrong):
+        return None
+    first = wrong[:shown]
+    return viz.plot_gallery(pixels[first], labels[first], predicted[first], probs[first].max(axis=1), path,
+                            f"{len(wrong)} of {int(valid.sum())} images of {name} misclassified; "
+                            f"the first {len(first)}")

@@ -1,8 +1,10 @@
 """The run report: ``report.md`` and a self-contained ``report.html`` in the run folder.
 
 Both are rendered from one list of sections, so the page holds everything the
-Markdown does: the summary table, the pictures (with alt text) and the notes on
-pictures that were skipped, the Keras summary, the per-class table, the files.
+Markdown does: the summary table, the pictures (with alt text: training curves,
+graphs, the confusion matrix, a gallery of misclassified digits) and the notes on
+pictures that were skipped, the Keras summary, the per-class table, and links to
+the run's files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .io import write_text
 
@@ -24,6 +27,7 @@ class Section:
     pre: str | None = None
     items: list[str] = field(default_factory=list)
     text: str | None = None
+    links: list[tuple[str, str]] = field(default_factory=list)   # (href relative to the report, what it is)
 
 
 def _md(title: str, sections: list[Section]) -> str:
@@ -41,6 +45,8 @@ def _md(title: str, sections: list[Section]) -> str:
             out += ["```", s.pre.rstrip(), "```", ""]
         if s.items:
             out += [f"- {i}" for i in s.items] + [""]
+        if s.links:
+            out += [f"- [{href}]({quote(href)}): {what}" for href, what in s.links] + [""]
         if s.text:
             out += [s.text, ""]
     return "\n".join(out)
@@ -64,6 +70,9 @@ def _html(title: str, sections: list[Section]) -> str:
             body.append(f"<pre>{e(s.pre)}</pre>")
         if s.items:
             body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in s.items) + "</ul>")
+        if s.links:
+            body.append("<ul>" + "".join(f'<li><a href="{e(quote(href))}">{e(href)}</a>: {e(what)}</li>'
+                                         for href, what in s.links) + "</ul>")
         if s.text:
             body.append(f"<p>{e(s.text)}</p>")
     return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -92,13 +101,16 @@ def write_report(out: Path, cfg, tr, res, summary, mdf_paths, mdf_pictures) -> P
     summary_txt = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
     sections.append(Section("Keras model", pre=summary_txt))
     pictures = [("Keras model", out / "model_plot.png", f"Keras layer graph of {cfg.name}"),
+                ("Training curves", out / "training_curves.png", "Loss and accuracy per epoch (history.json)"),
                 *[(f"MDF graph (level {p.stem[-1]})", p, f"MDF graph of {cfg.name}, detail level {p.stem[-1]}")
                   for p in mdf_pictures],
                 ("First test digit", out / "digit.png", "The first test image with its predicted class"),
                 ("Reconstructions", out / "reconstructions.png",
                  "The first test images (top) and the MDF graph's reconstructions of them (bottom)"),
                 ("Confusion matrix", out / "confusion_matrix.png",
-                 "Confusion matrix of the MDF predictions on the test set")]
+                 "Confusion matrix of the MDF predictions on the test set"),
+                ("Misclassified digits", out / "misclassified.png",
+                 "Misclassified test images, each with its true and predicted class and the prediction's probability")]
     for title, p, alt in pictures:
         if p.exists():
             sections.append(Section(title, picture=p, alt=alt))
@@ -109,9 +121,31 @@ def write_report(out: Path, cfg, tr, res, summary, mdf_paths, mdf_pictures) -> P
                    "-" if v["recall"] is None else f"{v['recall']:.4f}", str(v["support"])]
                   for k, v in per_class.items()]
         sections.append(Section("Per class", table=table))
-    sections.append(Section("Files", text="inference/ (predictions.csv, probabilities.npy, metrics.json), "
-                                          "model.keras, model.h5, " + ", ".join(p.name for p in mdf_paths)))
+    sections.append(Section("Files", links=_file_links(out, res, mdf_paths)))
     title = f"gpu-mdf run: {cfg.name}"
     write_text(out / "report.md", _md(title, sections))
     write_text(out / "report.html", _html(title, sections))
     return out / "report.md"
+
+
+_RUN_FILES = {"model.keras": "the trained Keras model", "model.h5": "the same, HDF5",
+              "summary.txt": "Keras's model summary", "history.json": "loss and metrics per epoch",
+              "train_metrics.json": "training: test score, device, time, config", "summary.json": "this run's summary"}
+_INFERENCE_FILES = {"predictions": "one row per test image: predicted and true class, probability",
+                    "probabilities": "class probabilities (N, classes)", "metrics": "accuracy, confusion matrix, "
+                    "per-class scores, provenance", "errors": "items that could not be run",
+                    "submission": "Kaggle's ImageId,Label"}
+
+
+def _file_links(out: Path, res, mdf_paths) -> list[tuple[str, str]]:
+    """(path relative to the run folder, what it holds) for every file of the run that exists."""
+    links = [(name, what) for name, what in _RUN_FILES.items() if (out / name).exists()]
+    links += [(p.name, "the MDF graph") for p in mdf_paths]
+    for key, path in getattr(res, "files", {}).items():
+        p = Path(path)
+        if not p.is_file() or out.resolve() not in p.resolve().parents:
+            continue
+        what = f"output {key.split(':', 1)[1]} of the graph, as it came" if key.startswith("output:") \
+            else _INFERENCE_FILES.get(key, key)
+        links.append((str(p.resolve().relative_to(out.resolve())), what))
+    return links

@@ -151,8 +151,8 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     lines: list[str] = []
     model.summary(print_fn=lambda s, **_: lines.append(s))
     files["summary"] = write_text(out / "summary.txt", "\n".join(lines) + "\n")
-    files["history"] = write_json(out / "history.json", {k: [float(v) for v in vs]
-                                                        for k, vs in hist.history.items()})
+    history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    files["history"] = write_json(out / "history.json", history)
     probs = model.predict(xte[:8 if recon else 1], verbose=0)
     metrics = {"test_loss": float(loss), "test_accuracy": acc, "device": device,
                "train_seconds": seconds, "epochs": cfg.train.epochs, "seed": cfg.seed,
@@ -166,6 +166,7 @@ def train(cfg: Config, out_dir: str | Path, log=print) -> TrainResult:
     except viz.PictureSkipped as e:
         skipped.append(("model_plot.png", str(e)))
         log(f"skipped model_plot.png: {e}")
+    files["curves"] = viz.plot_history(history, out / "training_curves.png", f"Training {cfg.name}")
     if recon:
         files["reconstructions"] = viz.plot_pairs(pixels_te[:8], probs[:8], out / "reconstructions.png",
                                                   "Keras reconstructions of the first test images")

@@ -9,7 +9,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def page_report(path) -> dict:
-    """Load ``path`` and report its images (loaded or not), console errors and text."""
+    """Load ``path`` and report its images (loaded or not), console errors, text and links."""
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run installs Debian's chromium for this test")
@@ -29,6 +29,7 @@ def page_report(path) -> dict:
             images = page.evaluate("""Array.from(document.images).map(i => ({
                 alt: i.alt, loaded: i.complete && i.naturalWidth > 0}))""")
             text = page.evaluate("document.body.innerText")
+            links = page.evaluate("Array.from(document.links).map(a => ({href: a.href, text: a.textContent}))")
         finally:
             browser.close()
-    return {"images": images, "errors": errors, "text": text}
+    return {"images": images, "errors": errors, "text": text, "links": links}

@@ -25,7 +25,8 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
     probs = np.load(out / "probabilities.npy")
     assert probs.shape == (10000, 10)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 10000 and list(rows[0]) == ["index", "source", "predicted", "probability", "true"]
+    assert len(rows) == 10000 and list(rows[0]) == ["index", "source", "predicted", "probability", "true",
+                                                    "low_confidence"]
     assert rows[3]["source"] == "mnist:test[3]"
     assert [int(r["true"]) for r in rows[:5]] == list(yte[:5])
     m = json.loads((out / "metrics.json").read_text())
@@ -42,6 +43,12 @@ def test_infer_writes_all_files(reference_mdf, tmp_path, mnist):
     assert m["host"]["cpu"] and m["host"]["threads"] >= 1
     assert m["normalize"] == {"mode": "l2", "applied": "on the device"}
     assert not (out / ".chunks").exists()                      # removed after success
+    (written,) = m["outputs"]                                   # every output, as it came
+    np.testing.assert_array_equal(np.load(out / written["file"]), probs)
+    assert m["output"]["kind"] == "probabilities" and not m["output"]["softmax_applied"]
+    low = probs.max(axis=1) < m["low_confidence"]["threshold"]
+    assert m["low_confidence"]["count"] == low.sum() > 0
+    assert [int(r["low_confidence"]) for r in rows] == low.astype(int).tolist()
 
 
 def test_resume_after_a_real_kill_gives_identical_files(reference_mdf, tmp_path):
@@ -179,7 +186,7 @@ def test_top_k_overwrite_keep_chunks_and_a_finished_job(reference_mdf, tmp_path)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "job.json").read_text())["batch_size"] == 999
     assert list(csv.DictReader(open(out / "predictions.csv")))[0].keys() == \
-        {"index", "source", "predicted", "probability", "true"}
+        {"index", "source", "predicted", "probability", "true", "low_confidence"}
     assert not (out / ".chunks").exists()
     # the same command again: complete already, nothing recomputed or damaged
     before = (out / "predictions.csv").read_bytes()
@@ -250,7 +257,7 @@ def test_every_command_shows_defaults_and_ends_with_an_example():
         r = invoke(cmd, "--help")
         assert r.exit_code == 0
         assert "Example:" in r.output and "gpu-mdf " + cmd in r.output.split("Example:")[1], cmd
-    assert "[default: runs/infer]" in invoke("infer", "--help").output
+    assert "[default: runs/infer/<model>-<data>" in " ".join(invoke("infer", "--help").output.split())
     assert "[default: 20; x>=1]" in invoke("bench", "--help").output
 
 
@@ -296,9 +303,8 @@ def test_an_edited_file_named_like_mnist_is_another_job(mnist_named_file, tmp_pa
         run_inference(model, "out", source="mnist_extra.npy", **QUIET)      # not "complete already"
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert "embedded_sha256" not in job["data"] and job["data"]["files"][0][0] == "mnist_extra.npy"
-    run_inference(model, "out", source="mnist_extra.npy", overwrite=True, **QUIET)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"),
-                               np.arange(20, 40).reshape(5, 4) / 255, rtol=1e-6)
+    res = run_inference(model, "out", source="mnist_extra.npy", overwrite=True, **QUIET)
+    np.testing.assert_allclose(np.load(res.files["output:y"]), np.arange(20, 40).reshape(5, 4) / 255, rtol=1e-6)
 
 
 def test_metrics_name_a_file_named_like_mnist_by_its_path(mnist_named_file, tmp_path):
@@ -335,12 +341,166 @@ def test_the_dask_task_carries_the_absolute_path_of_a_file_named_like_mnist(mnis
                 on_done(process_chunk(prog, ds, i, task.spec))
             return {"kind": "in-process", "spec": self.spec, "workers": 1, "per_worker": {}}
 
-    run_inference(model, tmp_path / "out", source="mnist_extra.npy",
-                  cluster=InProcessCluster("in-process", "in-process", None), **QUIET)
+    res = run_inference(model, tmp_path / "out", source="mnist_extra.npy",
+                        cluster=InProcessCluster("in-process", "in-process", None), **QUIET)
     (task,) = sent
     assert task.data.source == str(data.resolve())
     assert task.model.mdf_path == str(model.resolve())
-    assert np.load(tmp_path / "out" / "probabilities.npy").shape == (5, 4)
+    assert np.load(res.files["output:y"]).shape == (5, 4)
     monkeypatch.chdir(tmp_path)
     identity = open_dataset("mnist_extra.npy").source.identity()
     assert not identity.embedded and identity.location == str(data.resolve())
+
+
+# --------------------------------------------------------------------------- #
+# Options that apply to every source, metrics that say what happened
+# --------------------------------------------------------------------------- #
+def test_invert_applies_to_arrays_of_images(reference_mdf, mnist, tmp_path):
+    """Before: --invert was ignored for .npy (dark-on-light digits scored 27% with or without it)."""
+    (_, _), (xte, yte) = mnist
+    np.save(tmp_path / "y.npy", yte[:300])
+    np.save(tmp_path / "dark.npy", 255 - xte[:300])
+    np.save(tmp_path / "white.npy", xte[:300])
+    with open(tmp_path / "dark.csv", "w") as f:                     # every array source: CSV too
+        dark = 255 - xte[:300].reshape(300, -1)
+        f.writelines(",".join(map(str, [y, *row])) + "\n" for y, row in zip(yte[:300], dark))
+
+    def run(data, *more):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        r = invoke("infer", reference_mdf, "--data", tmp_path / data, "--labels", tmp_path / "y.npy", "--out", out,
+                   "--device", "cpu", "--no-progress", *more) if data.endswith(".npy") else \
+            invoke("infer", reference_mdf, "--data", tmp_path / data, "--out", out, "--device", "cpu",
+                   "--no-progress", *more)
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "metrics.json").read_text())
+
+    white = run("white.npy")
+    assert white["invert"] == {"mode": "auto", "images_inverted": 0, "image_size": [28, 28]}
+    for data, mode in (("dark.npy", "auto"), ("dark.npy", "yes"), ("dark.csv", "auto")):
+        m = run(data, "--invert", mode)
+        assert m["accuracy"] == white["accuracy"] and m["invert"]["images_inverted"] == 300, (data, mode)
+    assert run("dark.npy", "--invert", "no")["accuracy"] < 0.5
+    forced = run("white.npy", "--invert", "yes")
+    assert forced["accuracy"] < 0.5 and forced["invert"]["images_inverted"] == 300
+    np.save(tmp_path / "tiny.npy", np.zeros((5, 2, 2), np.uint8))
+    r = invoke("infer", _flatten_mdf(tmp_path), "--data", tmp_path / "tiny.npy", "--invert", "yes",
+               "--out", tmp_path / "t", "--device", "cpu")
+    assert r.exit_code == 2 and "--invert yes: its items (2, 2) are not" in r.output
+
+
+def test_metrics_say_where_normalisation_was_really_applied(mnist, tmp_path):
+    """Before: 'applied on the device' for a graph taking uint8, where nothing was applied."""
+    (_, _), (xte, _) = mnist
+    node = {"input_ports": {"x": {"shape": [1, 28, 28], "type": "uint8", "metadata": {"batch_axis": 0}}},
+            "functions": {"c": {"function": "onnx::Cast", "args": {"input": "x", "to": 1}},
+                          "f": {"function": "onnx::Flatten", "args": {"input": "c"}}},
+            "output_ports": {"y": {"value": "f"}}}
+    path = tmp_path / "u8.json"
+    path.write_text(json.dumps({"m": {"graphs": {"g": {"nodes": {"n": node},
+                                                       "metadata": {"gpu_mdf": {"normalize": "l2"}}}}}}))
+    np.save(tmp_path / "x.npy", xte[:20])
+    r = invoke("infer", path, "--data", tmp_path / "x.npy", "--out", tmp_path / "o", "--device", "cpu",
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["normalize"] == {"mode": "l2", "applied": "no: the graph takes integers (uint8), fed as they are"}
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / m["outputs"][0]["file"]), xte[:20].reshape(20, -1))
+
+
+# --------------------------------------------------------------------------- #
+# Job folders: a failed job does not block its fix; jobs without --out do not clash
+# --------------------------------------------------------------------------- #
+def test_a_failed_job_does_not_block_the_fix_it_suggests(mnist, tmp_path):
+    (_, _), (xte, _) = mnist
+    model = tmp_path / "scale.json"
+    node = {"input_ports": {"x": {"shape": [1, 28, 28], "metadata": {"batch_axis": 0}}},
+            "functions": {"f": {"function": "onnx::Flatten", "args": {"input": "x"}}},
+            "output_ports": {"y": {"value": "f"}}}
+    model.write_text(json.dumps({"m": {"graphs": {"g": {"nodes": {"n": node},
+                                                        "metadata": {"gpu_mdf": {"normalize": "scale"}}}}}}))
+    np.save(tmp_path / "f01.npy", xte[:20].astype(np.float32) / 255)
+    args = ["infer", model, "--data", tmp_path / "f01.npy", "--out", tmp_path / "o", "--device", "cpu",
+            "--no-progress"]
+    r = invoke(*args)
+    assert r.exit_code == 2 and "pass --normalize none" in r.output
+    r = invoke(*args, "--normalize", "none")                       # before: "holds another job's files"
+    assert r.exit_code == 0 and "stopped before saving any result" in r.output, r.output
+
+
+def test_an_unfinished_job_keeps_its_chunks_for_new_output_options_only(reference_mdf, tmp_path):
+    out = tmp_path / "o"
+    args = ["infer", reference_mdf, "--out", out, "--device", "cpu", "--no-progress", "--batch-size", "1000"]
+    assert invoke(*args, "--keep-chunks").exit_code == 0
+    for f in ("metrics.json", "predictions.csv"):                   # as a job killed while writing its files
+        (out / f).unlink()
+    r = invoke(*args, "--top-k", "2")
+    assert r.exit_code == 0 and "10 saved chunk(s) are kept" in r.output and "resuming: 10 of 10" in r.output
+    assert json.loads((out / "metrics.json").read_text())["chunks_resumed"] == 10
+    other = tmp_path / "o2"
+    args[args.index(out)] = other
+    assert invoke(*args, "--keep-chunks").exit_code == 0
+    (other / "metrics.json").unlink()
+    r = invoke(*args, "--keep-chunks", "--normalize", "scale")     # other chunks: refused, never mixed
+    assert r.exit_code == 2 and "different normalize" in r.output
+
+
+def test_without_out_every_job_gets_a_folder_of_its_own(reference_mdf, mnist, tmp_path, monkeypatch):
+    """Before: the default --out runs/infer made any second job clash."""
+    monkeypatch.chdir(tmp_path)
+    (_, _), (xte, _) = mnist
+    np.save(tmp_path / "few.npy", xte[:30])
+    base = ["infer", reference_mdf, "--device", "cpu", "--no-progress"]
+    stem = reference_mdf.name.split(".")[0]
+    first = invoke(*base)
+    assert first.exit_code == 0 and f"runs/infer/{stem}-mnist-test\n" in first.output
+    assert "complete already" in invoke(*base).output                        # the same job finds its folder
+    r = invoke(*base, "--top-k", "3")
+    assert r.exit_code == 0 and f"runs/infer/{stem}-mnist-test-2\n" in r.output
+    r = invoke(*base, "--data", "few.npy")
+    assert r.exit_code == 0 and f"runs/infer/{stem}-few\n" in r.output
+    assert sorted(p.name for p in (tmp_path / "runs" / "infer").iterdir()) == \
+        [f"{stem}-few", f"{stem}-mnist-test", f"{stem}-mnist-test-2"]
+
+
+def test_a_mistyped_source_gets_a_suggestion(reference_mdf, tmp_path):
+    r = invoke("infer", reference_mdf, "--data", "mnist:tset", "--out", tmp_path / "o", "--device", "cpu")
+    assert r.exit_code == 2 and "mnist:tset: no such file or folder (did you mean mnist:test?)" in r.output
+    np.save(tmp_path / "digits.npy", np.zeros((2, 28, 28), np.uint8))
+    r = invoke("infer", reference_mdf, "--data", tmp_path / "digts.npy", "--out", tmp_path / "o", "--device", "cpu")
+    assert r.exit_code == 2 and f"(did you mean {tmp_path / 'digits.npy'}?)" in r.output
+
+
+# --------------------------------------------------------------------------- #
+# Ctrl-C
+# --------------------------------------------------------------------------- #
+def _interrupt_when_chunks(proc, chunk_dir, n=3, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if chunk_dir.exists() and len(list(chunk_dir.glob("*.npz"))) >= n:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)
+
+
+def test_ctrl_c_stops_a_multi_item_job_and_a_single_one_with_130(reference_mdf, tmp_path):
+    """Before: Ctrl-C failed the current item and went on to the next; a single infer exited 2."""
+    cfg = tmp_path / "jobs.yaml"
+    cfg.write_text(f"name: j\ninfer: {{device: cpu, batch_size: 100}}\njobs:\n"
+                   f"  - {{model: {reference_mdf}, data: 'mnist:train', name: first}}\n"
+                   f"  - {{model: {reference_mdf}, data: 'mnist:train', name: second}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_mdf", "infer", "--config", str(cfg), "--out",
+                             str(tmp_path / "jobs"), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = _interrupt_when_chunks(proc, tmp_path / "jobs" / "first" / ".chunks")
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted:" in stderr and "rerun the same command to resume" in stderr
+    assert not (tmp_path / "jobs" / "second").exists() and "FAIL" not in stdout
+
+    args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--data", "mnist:train",
+            "--batch-size", "100", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "one")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = _interrupt_when_chunks(proc, tmp_path / "one" / ".chunks")
+    assert proc.returncode == 130 and "interrupted:" in stderr, (stdout, stderr)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resuming:" in r.stderr

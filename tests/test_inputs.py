@@ -187,8 +187,8 @@ def test_scale_graph_refuses_floats_that_look_already_scaled(mnist, tmp_path):
     np.save(tmp_path / "f01.npy", xte[:20].astype(np.float32) / 255)
     r = invoke("infer", path, "--data", tmp_path / "f01.npy", "--out", tmp_path / "o", "--device", "cpu")
     assert r.exit_code == 2 and "look already scaled" in r.output and "--normalize none" in r.output
-    infer(path, tmp_path / "f01.npy", tmp_path / "ok", "--normalize", "none")
-    np.testing.assert_allclose(np.load(tmp_path / "ok" / "probabilities.npy"),
+    m = infer(path, tmp_path / "f01.npy", tmp_path / "ok", "--normalize", "none")
+    np.testing.assert_allclose(np.load(tmp_path / "ok" / m["outputs"][0]["file"]),
                                compile(path, device="cpu").run(xte[:20]), atol=1e-6)
 
 

@@ -139,8 +139,9 @@ def test_constants_cli(tmp_path):
                         str(tmp_path / "w.npz"), "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"),
                         "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    probs = np.load(tmp_path / "o" / "probabilities.npy")
-    np.testing.assert_allclose(probs, compile(mdf.to_dict(), device="cpu", constants=weights).run(x), atol=1e-6)
+    written = json.loads((tmp_path / "o" / "metrics.json").read_text())["outputs"][0]["file"]
+    np.testing.assert_allclose(np.load(tmp_path / "o" / written),
+                               compile(mdf.to_dict(), device="cpu", constants=weights).run(x), atol=1e-6)
     bad = subprocess.run([sys.executable, "-m", "gpu_mdf", "infer", str(tmp_path / "m.json"), "--constants",
                           str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o2")], capture_output=True,
                          text=True, timeout=60)

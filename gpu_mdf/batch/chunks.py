@@ -1,8 +1,8 @@
 """Chunks: the unit of work of a bulk run, in this process or on a Dask worker.
 
 Chunk ``i`` holds items ``[i * batch_size, (i + 1) * batch_size)``; it is read, run
-and saved atomically as ``CHUNK_DIR/NNNNNN.npz`` (the outputs, the per-item errors
-and which images were inverted). :class:`ChunkTask` is what a Dask worker is sent:
+and saved atomically as ``CHUNK_DIR/NNNNNN.npz`` (every output of the graph, the
+per-item errors and which images were inverted). :class:`ChunkTask` is what a Dask worker is sent:
 how to compile the program and open the data itself, with absolute paths.
 """
 
@@ -74,11 +74,29 @@ def chunk_file(chunk_dir: str | Path, i: int) -> Path:
     return Path(chunk_dir) / f"{i:06d}.npz"
 
 
-def read_chunk(chunk_dir: Path, i: int) -> tuple[np.ndarray, list[dict], int]:
-    """A saved chunk: ``(outputs, errors, number of inverted images)``."""
-    z = np.load(chunk_file(chunk_dir, i))
-    inverted = int(z["inverted"].sum()) if "inverted" in z.files else 0
-    return z["probs"], [json.loads(e) for e in z["errors"]], inverted
+@dataclass
+class Chunk:
+    """A saved chunk: every output of the graph (in the program's order, NaN rows for
+    skipped items), the per-item errors and how many images were inverted."""
+
+    outputs: list[np.ndarray]
+    errors: list[dict]
+    inverted: int
+
+
+def read_chunk(chunk_dir: Path, i: int, outputs: bool = True) -> Chunk:
+    """Chunk ``i``; ``outputs=False`` reads its errors and inversions only."""
+    with np.load(chunk_file(chunk_dir, i)) as z:
+        n = sum(1 for k in z.files if k.startswith("out"))
+        arrays = [z[f"out{k}"] for k in range(n)] if outputs else []
+        inverted = int(z["inverted"].sum()) if "inverted" in z.files else 0
+        return Chunk(arrays, [json.loads(e) for e in z["errors"]], inverted)
+
+
+def chunk_output(chunk_dir: Path, i: int, k: int) -> np.ndarray:
+    """Output ``k`` of chunk ``i`` alone (an npz member is read on its own)."""
+    with np.load(chunk_file(chunk_dir, i)) as z:
+        return z[f"out{k}"]
 
 
 def run_chunks_here(prog: Program, ds: Dataset, todo: list[int], spec: ChunkSpec, on_done,
@@ -124,16 +142,16 @@ def _run_chunks_streamed(prog: Program, ds: Dataset, todo: list[int], spec: Chun
             except DataError as e:
                 if spec.on_error != "skip":
                     raise
-                probs, errors = _run_chunk(prog, ds, lo, hi, None, e, spec)
-                on_done(_save_chunk(spec, i, ds, lo, probs, errors))
+                outputs, errors = _run_chunk(prog, ds, lo, hi, None, e, spec)
+                on_done(_save_chunk(spec, i, ds, lo, outputs, errors))
                 continue
             fed.append((i, lo, hi))
             yield x
 
     for out in prog.run_many(feed(), check=False):
         i, lo, hi = fed.popleft()
-        probs, errors = _finite_rows(BatchResult.of(prog, out), lo, ds, spec.on_error)
-        on_done(_save_chunk(spec, i, ds, lo, probs, errors))
+        outputs, errors = _finite_rows(prog, BatchResult.of(prog, out), lo, ds, spec.on_error)
+        on_done(_save_chunk(spec, i, ds, lo, outputs, errors))
 
 
 def process_chunk(prog: Program, ds: Dataset, i: int, spec: ChunkSpec) -> int:
@@ -151,8 +169,8 @@ def process_chunk(prog: Program, ds: Dataset, i: int, spec: ChunkSpec) -> int:
         if spec.on_error != "skip":
             raise
         x, err = None, e
-    probs, errors = _run_chunk(prog, ds, lo, hi, x, err, spec)
-    return _save_chunk(spec, i, ds, lo, probs, errors)
+    outputs, errors = _run_chunk(prog, ds, lo, hi, x, err, spec)
+    return _save_chunk(spec, i, ds, lo, outputs, errors)
 
 
 def _bounds(i: int, spec: ChunkSpec, ds: Dataset) -> tuple[int, int]:
@@ -176,20 +194,22 @@ def _pixels(x: np.ndarray, spec: ChunkSpec, lo: int) -> np.ndarray:
     return normalize(x.astype(np.float32, copy=False), spec.float_normalize)
 
 
-def _save_chunk(spec: ChunkSpec, i: int, ds: Dataset, lo: int, probs, errors) -> int:
-    inv = np.array([bool(ds.inverted.get(j, False)) for j in range(lo, lo + len(probs))]) \
+def _save_chunk(spec: ChunkSpec, i: int, ds: Dataset, lo: int, outputs: list[np.ndarray], errors) -> int:
+    n = len(outputs[0])
+    inv = np.array([bool(ds.inverted.pop(j, False)) for j in range(lo, lo + n)]) \
         if ds.inverted is not None else np.zeros(0, bool)
+    arrays = {f"out{k}": a for k, a in enumerate(outputs)}
     with atomic_path(chunk_file(spec.chunk_dir, i)) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, probs=probs, errors=np.array([json.dumps(e) for e in errors], dtype=str), inverted=inv)
-    return len(probs)
+            np.savez(f, **arrays, errors=np.array([json.dumps(e) for e in errors], dtype=str), inverted=inv)
+    return n
 
 
 def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, spec: ChunkSpec):
-    """Outputs for items [lo, hi); with on_error=skip, bad items become NaN rows."""
+    """Every output for items [lo, hi); with on_error=skip, bad items become NaN rows."""
     if read_error is None:
         try:
-            return _finite_rows(_run(prog, x), lo, ds, spec.on_error)
+            return _finite_rows(prog, _run(prog, x), lo, ds, spec.on_error)
         except DataError:
             if spec.on_error != "skip":
                 raise
@@ -202,30 +222,47 @@ def _run_chunk(prog: Program, ds: Dataset, lo: int, hi: int, x, read_error, spec
             good_rows.append(i - lo)
         except DataError as e:
             errors.append({"index": i, "item": ds.item_name(i), "error": str(e)})
-    shape = prog.outputs[0].shape
-    item = tuple(shape[1:]) if shape else (10,)
-    probs = np.full((hi - lo,) + item, np.nan, np.float32)
-    if good_items:
-        good_probs, more_errors = _finite_rows(_run(prog, np.concatenate(good_items)), lo, ds, spec.on_error,
-                                               [lo + j for j in good_rows])
-        probs[good_rows] = good_probs
-        errors = sorted(errors + more_errors, key=lambda e: e["index"])
-    return probs, errors
+    good, more_errors = _finite_rows(prog, _run(prog, np.concatenate(good_items)), lo, ds, spec.on_error,
+                                     [lo + j for j in good_rows]) if good_items else (None, [])
+    outputs = []
+    for k, o in enumerate(prog.outputs):
+        like = good[k] if good is not None else None
+        item = like.shape[1:] if like is not None else _declared_item(o)
+        rows = np.full((hi - lo,) + tuple(item), np.nan, _nan_dtype(like))
+        if like is not None:
+            rows[good_rows] = like
+        outputs.append(rows)
+    return outputs, sorted(errors + more_errors, key=lambda e: e["index"])
 
 
-def _finite_rows(result: BatchResult, lo: int, ds: Dataset, on_error: str, indices=None):
-    """Non-finite model outputs (an overflow inside the model) are per-item errors, like NaN input."""
-    probs = result.first
+def _declared_item(o) -> tuple:
+    """An output's declared item shape (a chunk with no good item has nothing else to go by)."""
+    shape = tuple(o.shape[1:]) if o.shape else ()
+    return shape if all(d > 0 for d in shape) else (1,)
+
+
+def _nan_dtype(like) -> np.dtype:
+    """Rows that may hold NaN: the output's float type, float64 for integer outputs."""
+    return like.dtype if like is not None and like.dtype.kind == "f" else np.dtype(np.float64)
+
+
+def _finite_rows(prog: Program, result: BatchResult, lo: int, ds: Dataset, on_error: str, indices=None):
+    """Every output (in the program's order); non-finite model outputs (an overflow inside
+    the model) are per-item errors, like NaN input, and their rows NaN in every output."""
+    outputs = [result.outputs[o.name] for o in prog.outputs]
     if result.nonfinite is None:
-        return probs, []
-    where = indices or list(range(lo, lo + len(probs)))
+        return outputs, []
+    where = indices or list(range(lo, lo + len(outputs[0])))
     errors = [{"index": where[j], "item": ds.item_name(where[j]), "error": BatchResult.NONFINITE_REASON}
               for j in result.bad_items()]
     if on_error != "skip":
         raise DataError(f"{errors[0]['item']}: {errors[0]['error']}")
-    probs = probs.astype(np.float32, copy=True)
-    probs[result.nonfinite] = np.nan
-    return probs, errors
+    marked = []
+    for a in outputs:
+        a = a.astype(_nan_dtype(a), copy=True)
+        a[result.nonfinite] = np.nan
+        marked.append(a)
+    return marked, errors
 
 
 def _run(prog: Program, x) -> BatchResult:

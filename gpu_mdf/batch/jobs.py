@@ -1,7 +1,8 @@
 """Multi-item jobs: several models and data sources in one process.
 
 Each MDF file is compiled once (cached) and reused for every item that names it;
-one failing item is reported and does not stop the rest.
+one failing item is reported and does not stop the rest; Ctrl-C stops them all (it is
+no item's failure).
 """
 
 from __future__ import annotations

@@ -81,6 +81,10 @@ class EmbeddedMnist(Source):
         return cls.NAME.fullmatch(spec) is not None
 
     @classmethod
+    def names(cls) -> list[str]:
+        return ["mnist", "mnist:test", "mnist:train"]
+
+    @classmethod
     def accepts(cls, path: Path) -> bool:
         return False          # a file is never the embedded copy, whatever its name
 

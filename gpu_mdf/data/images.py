@@ -1,12 +1,14 @@
 """Folders of image files as people have them -> MNIST-format digits.
 
 PNG, JPEG, BMP, TIFF, GIF (first frame) through Pillow; colour and transparency
-converted to greyscale; polarity detected from the border (MNIST digits are white on
-black: a dark digit on a light background, the usual scan or drawing, is inverted);
-then MNIST's own preprocessing (LeCun et al.): the digit's bounding box fitted into a
-20x20 box keeping its aspect ratio, and the result placed in the 28x28 field with its
-centre of mass at the centre. An image already in MNIST's format (the target size,
-white on black) is left as it is. Labels come from digit-named sub-folders.
+converted to greyscale; polarity decided from the background away from the edges
+(:mod:`.polarity`: MNIST digits are white on black, so a dark digit on a light page,
+the usual scan or drawing, is inverted); then the scan is cleaned down to the digit
+(:mod:`.scans`: background, frames, shadows, margins and specks removed) and brought
+to MNIST's own format (LeCun et al.): the digit's bounding box fitted into a 20x20 box
+keeping its aspect ratio, placed in the 28x28 field with its centre of mass at the
+centre. An image already of the target size is taken to be in MNIST's format (polarity
+and contrast only). Labels come from digit-named sub-folders.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from . import polarity
 from .dataset import Dataset
+from .scans import clean_scan
 from .sources import OpenOptions, PathSource, source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-INVERT_MODES = ("auto", "yes", "no")
 
 
 def load_grey(path: Path) -> np.ndarray:
@@ -43,21 +46,17 @@ def load_grey(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
-def _border(a: np.ndarray) -> np.ndarray:
-    h, w = a.shape
-    k = max(1, min(h, w) // 14)
-    return np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])
-
-
 def dark_on_light(a: np.ndarray) -> bool:
-    """True when the border is light: a dark digit on a light background."""
-    return float(np.median(_border(a))) > 127.0
+    """True when the background is light: a dark digit on a light page (see :mod:`.polarity`)."""
+    return bool(polarity.light_background(a[None])[0])
 
 
 def _stretch(a: np.ndarray) -> np.ndarray:
-    """Background to 0 and the strokes to full intensity, as in MNIST: a grey page (a scan
-    at 235 inverts to 20) would otherwise shift every pixel the model sees."""
-    bg = float(np.median(_border(a)))
+    """Background to 0 and the strokes to full intensity, as in MNIST (an image of the
+    target size: its background is the median of its edge)."""
+    h, w = a.shape
+    k = max(1, min(h, w) // 14)
+    bg = float(np.median(np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])))
     if bg <= 0:                             # a black background already (MNIST's own files): as it is
         return a
     top = float(np.percentile(a, 99.5))
@@ -67,16 +66,18 @@ def _stretch(a: np.ndarray) -> np.ndarray:
 
 
 def to_mnist(a: np.ndarray, size: tuple[int, int] = (28, 28), invert: str = "auto") -> tuple[np.ndarray, bool]:
-    """A greyscale image -> (uint8 digit in MNIST format of ``size``, whether it was inverted)."""
-    if invert not in INVERT_MODES:
-        raise DataError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
-    flip = invert == "yes" or (invert == "auto" and dark_on_light(a))
+    """A greyscale image -> (uint8 digit in MNIST format of ``size``, whether it was inverted).
+
+    An image of the target size is taken to be in MNIST's format already (polarity and
+    contrast only); any other is a scan, cleaned by :func:`~.scans.clean_scan` (frames,
+    shadows, margins and specks removed) and then fitted and centred as MNIST's were.
+    """
+    flip = bool(polarity.decide(a[None], invert)[0])
     if flip:
         a = 255 - a
-    a = _stretch(a)
     if a.shape == tuple(size):
-        return a.astype(np.uint8, copy=False), flip
-    return _fit_and_centre(a, size), flip
+        return _stretch(a).astype(np.uint8, copy=False), flip
+    return _fit_and_centre(clean_scan(a), size), flip
 
 
 def _fit_and_centre(a: np.ndarray, size) -> np.ndarray:

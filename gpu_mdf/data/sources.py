@@ -77,6 +77,11 @@ class Source:
         return False
 
     @classmethod
+    def names(cls) -> list[str]:
+        """The names this kind claims, for suggestions when a name is mistyped."""
+        return []
+
+    @classmethod
     def accepts(cls, path: Path) -> bool:
         """Whether an existing file or folder is of this kind."""
         if cls.folder:
@@ -130,21 +135,40 @@ def find_source(spec: str | Path | None) -> Source:
             return cls(spec)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"{path}: no such file or folder{_suggestion(spec)}")
     for cls in sorted(_REGISTRY, key=lambda c: c.fallback):
         if cls.accepts(path):
             return cls(spec)
     raise DataError(f"{path}: unknown data format (expected .npz, .npy, .csv, IDX or a folder of images)")
 
 
+def _suggestion(spec: str) -> str:
+    """`` (did you mean X?)`` for a name close to a source name (``mnist:tset``) or to a
+    file beside it (``digts.npy``); empty otherwise."""
+    import difflib
+    names = [n for cls in _REGISTRY for n in cls.names()]
+    folder = Path(spec).parent
+    try:
+        beside = sorted(str(folder / p.name) if str(folder) != "." else p.name for p in folder.iterdir())[:1000]
+    except OSError:
+        beside = []
+    close = difflib.get_close_matches(spec, names + beside, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def open_dataset(source: str | Path | None = None, split: str = "test", labels: str | Path | None = None,
                  image_size=(28, 28), invert: str = "auto") -> Dataset:
     """Open any supported source lazily; ``None`` means the embedded MNIST test set.
 
-    ``labels``: a labels file for ``.npy`` or IDX images; ``image_size`` and ``invert``
-    apply to folders of image files (see :mod:`gpu_mdf.data.images`).
+    ``labels``: a labels file for ``.npy`` or IDX images; ``image_size`` is what image
+    files are brought to (see :mod:`gpu_mdf.data.images`) and how array items are looked
+    at; ``invert`` (auto | yes | no) applies to every source of images
+    (:mod:`gpu_mdf.data.polarity`).
     """
     found = find_source(source)
     ds = found.open(OpenOptions(split, None if labels is None else Path(labels), tuple(image_size), invert))
     ds.source = found
+    if ds.inverted is None:                      # arrays of images: the same polarity rule as image files
+        from .polarity import apply_to_dataset
+        apply_to_dataset(ds, invert, tuple(image_size))
     return ds
