@@ -70,9 +70,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             list(TopologicalSorter(g).static_order())
             return found
         except CycleError as e:
-            cyc = e.args[1]
+            cyc = e.args[1]            # each node an immediate predecessor of the next: imported by it
             found.append(cyc)
-            g[cyc[-2]].discard(cyc[-1])
+            g[cyc[-1]].discard(cyc[-2])
 
 
 def longest_functions(root: Path = ROOT, n: int = 15) -> list[tuple[int, str, str]]:

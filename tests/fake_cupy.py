@@ -494,6 +494,7 @@ def _compile_c(source: str):
     base = Path(_SO_DIR[0]) / hashlib.sha1(source.encode()).hexdigest()[:16]
     base.with_suffix(".c").write_text(source)
     r = subprocess.run([cc, "-std=c11", "-O1", "-ffp-contract=off", "-Werror=implicit-function-declaration",
+                        "-Werror=float-conversion",
                         "-shared", "-fPIC", "-o", str(base.with_suffix(".so")), str(base.with_suffix(".c")), "-lm"],
                        capture_output=True, text=True)
     if r.returncode:

@@ -27,6 +27,12 @@ def test_no_import_cycle():
     assert architecture.cycles(architecture.imports()) == []
 
 
+def test_cycles_are_found_and_named():
+    graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}, "p.e": {"p.e"}}
+    found = architecture.cycles(graph)
+    assert sorted(sorted(set(c)) for c in found) == [["p.a", "p.b", "p.c"], ["p.e"]]
+
+
 def test_no_function_over_80_lines():
     long = [row for row in architecture.longest_functions(n=5) if row[0] > 80]
     assert not long, long

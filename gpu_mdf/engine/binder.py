@@ -191,6 +191,9 @@ def probe(plan: Plan) -> Probe | None:
         outputs[o.name] = ((-1,) + tuple(v.shape[1:]) if batched and v.shape else tuple(v.shape), str(v.dtype))
     fed = sum(v.nbytes for v in feeds.values())
     seen = {key: (tuple(np.shape(v)), str(getattr(v, "dtype", ""))) for key, v in trace if not isinstance(v, tuple)}
+    for p in inputs:
+        v = np.asarray(feeds[p.name] if p.name in feeds else p.default)
+        seen[("input", p.name)] = (v.shape, str(v.dtype))
     return Probe(seen, outputs, int((sum(_nbytes(v) for _, v in trace) + fed) / batch))
 
 

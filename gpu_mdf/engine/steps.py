@@ -25,6 +25,7 @@ import numpy as np
 from .expr import compile_expr
 from .ops import OpError, OpSpec
 from .ops.fusion import Instr, check_program, run_numpy
+from .ops.nn import log_softmax, softmax
 
 CONST, HOST, DEVICE = "const", "host", "device"
 
@@ -188,8 +189,9 @@ class FusedStep(Step):
         gets = [b.getter(r, "device", xp) for r in self.args]
         program, inplace, tail = self.program, self.inplace, self.tail
         if xp is np:
+            tail_kernel = {"softmax": softmax, "logsoftmax": log_softmax, None: None}[tail]
             return lambda env: run_numpy(program, [g(env) for g in gets],
-                                         out=gets[0](env) if inplace else None, tail=tail)
+                                         out=gets[0](env) if inplace else None, tail=tail_kernel)
         from .ops import cuda
         if tail is None:
             kernel = cuda.fused(xp, program, self.dtype)

@@ -88,8 +88,9 @@ def check_program(program: tuple[Instr, ...]) -> None:
                 raise ValueError(f"instruction {k} of a fused chain reads {ref}, not r{k - 1}")
 
 
-def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: str | None = None):
-    """The chain (and its tail) with NumPy, every result in one buffer (``out``, or a new one)."""
+def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: Callable | None = None):
+    """The chain with NumPy, every result in one buffer (``out``, or a new one); ``tail``
+    (the softmax kernel, say) then runs in place on it."""
     prev = None
     for ins in program:
         f = FUSIBLE[ins.op]
@@ -105,8 +106,7 @@ def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: str | 
     if not program:
         out = operands[0] if out is not None and out is operands[0] else operands[0].copy()
     if tail is not None:
-        from .nn import log_softmax, softmax
-        out = (softmax if tail == "softmax" else log_softmax)(np, out, -1, inplace=True)
+        out = tail(np, out, -1, inplace=True)
     return out
 
 

@@ -1,0 +1,445 @@
+"""The optimising passes (gpu_mdf/engine/passes.py) and the kernels they generate.
+
+* every case of the golden corpus (converter cases, ONNX imports, hand-written MDF) gives
+  the same outputs optimised as written, within 1e-5 x max|y|, NaN where NaN;
+* each pass on a graph made for it: it fires (``Program.describe()`` says so), the step
+  it removes is gone, and the numbers match ONNX Runtime and the graph as written;
+* the fused forms agree with NumPy's on NaN, infinities and signed zeros, on the CPU and
+  as generated C (run on the host by the CuPy stand-in);
+* on the stand-in: kernel launches per batch (reference MLP <= 6, the CNN config and
+  MobileNetV2 <= 2 per Keras layer) and no new device memory per steady-state batch;
+* with nvcc present, every generated CUDA source compiles to PTX.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import fake_cupy
+import mdf_fixtures as F
+import numpy as np
+import pytest
+
+from gpu_mdf.engine import compile
+from gpu_mdf.engine.ops import cuda
+from gpu_mdf.engine.ops.fusion import FUSIBLE, Instr
+from gpu_mdf.engine.steps import FusedStep, OpStep
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def keras_cases():
+    pytest.importorskip("keras")
+    import test_convert as tc
+    return tc
+
+
+CASES = sorted(p.name.removesuffix(".mdf.json") for p in GOLDEN.glob("*.mdf.json"))
+
+
+def _close(got, want, name=""):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype, want.dtype)
+    if want.dtype.kind != "f":
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        return
+    finite = want[np.isfinite(want)]
+    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, equal_nan=True, err_msg=name)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+
+
+def _both(model, feeds=None, **kw):
+    """The program as written and optimised, and both results."""
+    plain, opt = compile(model, device="cpu", optimize=False, **kw), compile(model, device="cpu", **kw)
+    return plain, opt, plain.run(feeds, check=False), opt.run(feeds, check=False)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_optimised_equals_as_written_on_the_golden_corpus(name):
+    with np.load(GOLDEN / f"{name}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")} or None
+    consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
+    _, _, want, got = _both(GOLDEN / f"{name}.mdf.json", feeds, constants=consts)
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            _close(got[k], want[k], f"{name}:{k}")
+    else:
+        _close(got, want, name)
+
+
+def _ops(prog):
+    return [st.spec.name for st in prog.plan.steps if isinstance(st, OpStep)]
+
+
+def _onnx(build, shape, opset=17):
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    y = build(b)
+    model = b.model("x", list(shape), [y], opset=opset)
+    return model, onnx_to_mdf_doc(model)
+
+
+# --------------------------------------------------------------------------- #
+# Each pass
+# --------------------------------------------------------------------------- #
+def test_fold_batchnorm_into_conv_weights():
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(6, 3, 3, 3)), b.init("b", F.w(6))], pads=[1, 1, 1, 1])
+        return b.op("BatchNormalization", [y, b.init("s", 1 + F.w(6)), b.init("t", F.w(6)), b.init("m", F.w(6)),
+                                           b.init("v", 1 + np.abs(F.w(6)))], epsilon=1e-3)
+    model, doc = _onnx(build, (2, 3, 8, 8))
+    x = F.R.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "onnx::BatchNormalization" in _ops(plain) and "onnx::BatchNormalization" not in _ops(opt)
+    assert "fold_batchnorm: 1 BatchNormalization" in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_channel_affine_through_a_transpose_into_gemm_and_conv():
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(4, 2, 3, 3))])                      # no bias: one is made
+        y = b.op("Transpose", [y], perm=[0, 2, 3, 1])                                 # channels last
+        y = b.op("Mul", [y, b.init("s", 1 + F.w(4))])
+        y = b.op("Add", [y, b.init("t", F.w(4))])
+        y = b.op("Flatten", [y], axis=1)
+        y = b.op("Gemm", [y, b.init("g", F.w(4 * 6 * 6, 5)), b.init("gb", F.w(5))], beta=0.5)
+        return b.op("Div", [y, b.init("d", 2 + np.abs(F.w(5)))])
+    model, doc = _onnx(build, (3, 2, 8, 8))
+    x = F.R.standard_normal((3, 2, 8, 8)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert {"onnx::Mul", "onnx::Add", "onnx::Div"} <= set(_ops(plain))
+    assert not {"onnx::Mul", "onnx::Add", "onnx::Div"} & set(_ops(opt))
+    assert "3 per-channel scale or shift folded" in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scale_that_is_not_per_channel_stays():
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(4, 2, 3, 3))])
+        return b.op("Mul", [y, b.init("s", 1 + F.w(1, 4, 6, 6))])                  # per position: not foldable
+    model, doc = _onnx(build, (2, 2, 8, 8))
+    x = F.R.standard_normal((2, 2, 8, 8)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "onnx::Mul" in _ops(opt) and "fold_channel_affine" not in opt.describe()
+    _close(got, want)
+
+
+def test_fold_pad_into_the_conv_after_it_and_not_a_reflect_pad():
+    def build(b):
+        p = b.op("Pad", ["x", b.init("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))])
+        y = b.op("Conv", [p, b.init("w", F.w(3, 2, 3, 3)), b.init("b", F.w(3))], pads=[1, 0, 0, 1])
+        r = b.op("Pad", [y, b.init("rp", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], mode="reflect")
+        return b.op("Conv", [r, b.init("w2", F.w(2, 3, 3, 3))])
+    model, doc = _onnx(build, (2, 2, 7, 7))
+    x = F.R.standard_normal((2, 2, 7, 7)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert _ops(plain).count("onnx::Pad") == 2 and _ops(opt).count("onnx::Pad") == 1
+    assert "fold_pad: 1 zero Pad folded" in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_where_min_becomes_a_cap_with_the_same_nan(keras_cases, tmp_path):
+    from gpu_mdf.convert import keras_to_mdf
+    tc = keras_cases
+    model = tc.seq((6,), tc.layers.Dense(5), tc.layers.ReLU(max_value=1.5))
+    x = tc.R.standard_normal((4, 6)).astype("float32") * 3
+    x[0, 0] = np.nan
+    x[1, :] = np.inf
+    doc = keras_to_mdf(model)
+    plain, opt, want, got = _both(doc, x)
+    assert "onnx::Where" in _ops(plain) and "onnx::Where" not in _ops(opt)
+    assert "recognise_caps: 1" in opt.describe()
+    _close(got, want)
+
+
+def test_bias_moves_into_the_activation_after_it():
+    def build(b):
+        y = b.op("Gemm", ["x", b.init("w", F.w(6, 5)), b.init("c", F.w(5))])
+        return b.op("Relu", [b.op("Transpose", [b.op("Reshape", [y, b.init("s", np.array([-1, 5, 1], np.int64))])],
+                                  perm=[0, 2, 1])])
+    model, doc = _onnx(build, (4, 6))
+    x = F.R.standard_normal((4, 6)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "bias_to_epilogue" not in opt.describe()           # a Reshape between: the channel is lost, left alone
+    _close(got, want)
+
+    def build2(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(4, 3, 1, 1)), b.init("b", F.w(4))])
+        return b.op("Sigmoid", [b.op("Transpose", [y], perm=[0, 2, 3, 1])])
+    model, doc = _onnx(build2, (2, 3, 5, 5))
+    x = F.R.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "bias_to_epilogue: 1" in opt.describe()
+    conv = next(st for st in opt.plan.steps if isinstance(st, OpStep) and st.spec.name == "onnx::Conv")
+    assert len(conv.args) == 2
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_chains_fuse_and_a_value_read_twice_ends_a_chain():
+    def build(b):
+        y = b.op("Relu", [b.op("Add", ["x", b.init("a", F.w(5))])])
+        z = b.op("Sigmoid", [b.op("Mul", [y, b.init("m", F.w(5))])])
+        twice = b.op("Tanh", [z])
+        return b.op("Add", [b.op("Exp", [twice]), b.op("Neg", [twice])])
+    model, doc = _onnx(build, (3, 5))
+    x = F.R.standard_normal((3, 5)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    fused = [st for st in opt.plan.steps if isinstance(st, FusedStep)]
+    # Add-Relu-Mul-Sigmoid-Tanh (Tanh's value is read twice, by Exp and by Neg), then Exp + Add
+    assert [len(st.program) for st in fused] == [5, 2]
+    assert "onnx::Neg" in _ops(opt)
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax_becomes_the_tail_of_the_chain_before_it(op):
+    def build(b):
+        y = b.op("Gemm", ["x", b.init("w", F.w(7, 10)), b.init("c", F.w(10))])
+        return b.op(op, [b.op("LeakyRelu", [y], alpha=0.2)], axis=-1)
+    model, doc = _onnx(build, (5, 7))
+    x = F.R.standard_normal((5, 7)).astype(np.float32)
+    x[2, 3] = np.nan
+    plain, opt, want, got = _both(doc, x)
+    (fused,) = [st for st in opt.plan.steps if isinstance(st, FusedStep)]
+    assert fused.tail == op.lower() and [i.op for i in fused.program] == ["onnx::Add", "onnx::LeakyRelu"]
+    assert np.isnan(got[2]).all() and not np.isnan(got[[0, 1, 3, 4]]).any()
+    _close(got, want)
+
+
+def test_softmax_over_another_axis_is_not_a_tail():
+    def build(b):
+        return b.op("Softmax", [b.op("Relu", ["x"])], axis=1)
+    model, doc = _onnx(build, (2, 4, 3))
+    x = F.R.standard_normal((2, 4, 3)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "onnx::Softmax" in _ops(opt)
+    _close(got, want)
+
+
+def test_optimize_false_runs_the_graph_as_written(reference_mdf):
+    plain = compile(reference_mdf, device="cpu", optimize=False)
+    opt = compile(reference_mdf, device="cpu")
+    assert not plain.plan.notes and "optimised:" not in plain.describe()
+    assert opt.plan.notes and "optimised:" in opt.describe()
+    assert not any(isinstance(st, FusedStep) for st in plain.plan.steps)
+
+
+def test_an_optimised_program_exports_to_onnx_that_onnxruntime_agrees_with():
+    import onnxruntime as ort
+
+    from gpu_mdf.engine.onnx_export import to_onnx
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(4, 3, 3, 3)), b.init("b", F.w(4))], pads=[1, 1, 1, 1])
+        y = b.op("Clip", [y, b.init("lo", np.float32(-0.5)), b.init("hi", np.float32(0.7))])
+        return b.op("Softmax", [b.op("Flatten", [y], axis=1)], axis=-1)
+    model, doc = _onnx(build, (2, 3, 6, 6))
+    x = F.R.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    opt = compile(doc, device="cpu")
+    assert any(isinstance(st, FusedStep) for st in opt.plan.steps)
+    sess = ort.InferenceSession(to_onnx(opt).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], opt.run(x), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- #
+# The fused forms: NumPy and the generated C agree, special values included
+# --------------------------------------------------------------------------- #
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 88.0, -88.0, 1e30, -1e30, 0.5],
+                   np.float32)
+ATTRS = {"onnx::LeakyRelu": (("alpha", 0.1),), "onnx::Clip": (("min", -1.0), ("max", 2.0))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op", sorted(FUSIBLE))
+def test_fused_op_numpy_and_generated_c_agree_on_special_values(op, dtype, strict_gpu):
+    from gpu_mdf.engine.ops.fusion import run_numpy
+    a = SPECIAL.astype(dtype)
+    b = np.roll(SPECIAL, 3).astype(dtype)
+    b[b == 0] = 2.0                                 # CapAt's constant is never NaN; keep b finite there
+    if op == "gpu_mdf::CapAt":
+        b = np.full_like(a, 1.5)
+    program = (Instr(op, 0, 1 if FUSIBLE[op].arity == 2 else None, ATTRS.get(op, ())),)
+    operands = [a, b][:FUSIBLE[op].arity]
+    with np.errstate(all="ignore"):
+        want = run_numpy(program, operands)
+        got = cuda.fused(fake_cupy, program, dtype)(*[fake_cupy.asarray(o) for o in operands]).get()
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == "float32" else 1e-12, atol=0)
+
+
+def test_generated_kernels_check_their_arguments(strict_gpu):
+    program = (Instr("onnx::Add", 0, 1), Instr("onnx::Relu", "r0"))
+    k = cuda.fused(fake_cupy, program, "float32")
+    a32, a64 = fake_cupy.asarray(np.ones(3, np.float32)), fake_cupy.asarray(np.ones(3, np.float64))
+    with pytest.raises(TypeError, match="Type is mismatched"):
+        k(a32, a64)
+    with pytest.raises(TypeError, match="Wrong number of arguments"):
+        k(a32)
+    with pytest.raises(TypeError, match="host array"):
+        k(a32, np.ones(3, np.float32))
+    np.testing.assert_array_equal(k(a32, fake_cupy.asarray(-np.full((2, 3), 2, np.float32))).get(), np.zeros((2, 3)))
+
+
+def test_row_softmax_kernel_matches_numpy(strict_gpu):
+    from gpu_mdf.engine.ops.nn import log_softmax, softmax
+    x = F.R.standard_normal((6, 9)).astype(np.float32) * 5
+    x[1, 2], x[2, :], x[3, 4] = np.nan, -np.inf, np.inf
+    bias = F.R.standard_normal(9).astype(np.float32)
+    program = (Instr("onnx::Add", 0, 1),)
+    for tail, ref in (("softmax", softmax), ("logsoftmax", log_softmax)):
+        out = fake_cupy.empty((6, 9), np.float32)
+        cuda.row_softmax(fake_cupy, program, ("full", "row"), tail,
+                         [fake_cupy.asarray(x), fake_cupy.asarray(bias)], out)
+        with np.errstate(all="ignore"):
+            want = ref(np, x + bias, -1)
+        np.testing.assert_array_equal(np.isnan(out.get()), np.isnan(want))
+        np.testing.assert_allclose(out.get(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,dil,pads,group,mult", [
+    (1, 1, (1, 1, 1, 1), 1, 1), (2, 1, (0, 1, 1, 0), 1, 1), (1, 2, (2, 2, 2, 2), 1, 1),
+    (1, 1, (1, 1, 1, 1), 4, 1), (2, 1, (1, 0, 0, 1), 4, 2), (1, 2, (0, 0, 0, 0), 4, 3)])
+def test_generated_convolutions_match_onnxruntime(stride, dil, pads, group, mult, strict_gpu):
+    c, f = 4, 4 * mult if group > 1 else 5
+    def build(b):
+        return b.op("Conv", ["x", b.init("w", F.w(f, c // group, 3, 3)), b.init("b", F.w(f))],
+                    strides=[stride, stride], dilations=[dil, dil], pads=list(pads), group=group)
+    model, doc = _onnx(build, (2, c, 9, 8))
+    x = F.R.standard_normal((2, c, 9, 8)).astype(np.float32)
+    prog = compile(doc, device=strict_gpu)
+    fake_cupy.COUNT.reset()
+    got = prog.run(x)
+    kinds = [w for k, w in fake_cupy.COUNT.log if k == "launch"]
+    assert any(("depthwise" if group > 1 else "im2col") in k for k in kinds), kinds
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Launches and allocations per batch on the stand-in
+# --------------------------------------------------------------------------- #
+def _launches(prog, x):
+    prog.run(x)
+    prog.run(x)
+    fake_cupy.COUNT.reset()
+    prog.run(x)
+    return fake_cupy.COUNT.launches, fake_cupy.COUNT.new_bytes
+
+
+def _keras_mdf(model, **kw):
+    from gpu_mdf.convert import keras_to_mdf
+    return keras_to_mdf(model, **kw)
+
+
+def test_reference_mlp_launches_and_allocations(strict_gpu, keras_cases):
+    from gpu_mdf.config import reference_config
+    from gpu_mdf.train import build_model
+    keras_cases.keras.utils.set_random_seed(0)
+    model = keras_cases.randomise(build_model(reference_config()))
+    doc = _keras_mdf(model, normalize="l2")
+    x = keras_cases.R.random((64, 28, 28)).astype(np.float32)
+    plain, opt = compile(doc, device=strict_gpu, optimize=False), compile(doc, device=strict_gpu)
+    (n_plain, _), (n_opt, new) = _launches(plain, x), _launches(opt, x)
+    assert n_opt <= 6 < n_plain, (n_opt, n_plain)
+    assert new == 0
+    np.testing.assert_allclose(opt.run(x), compile(doc, device="cpu", optimize=False).run(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_config_launches_and_allocations(strict_gpu, keras_cases):
+    from gpu_mdf.config import load_config
+    from gpu_mdf.train import build_model
+    keras_cases.keras.utils.set_random_seed(0)
+    model = keras_cases.randomise(build_model(load_config(Path(__file__).parent.parent / "configs/mnist_cnn.yaml")))
+    doc = _keras_mdf(model, normalize="scale")
+    x = keras_cases.R.random((16, 28, 28)).astype(np.float32)
+    opt = compile(doc, device=strict_gpu)
+    n, new = _launches(opt, x)
+    assert n <= 2 * len(model.layers), (n, len(model.layers), fake_cupy.COUNT.log)
+    assert new == 0
+    # probabilities after logits of ~50: the GPU's other summation order moves them by ~3e-5
+    got = opt.run(x)
+    np.testing.assert_allclose(got, compile(doc, device="cpu", optimize=False).run(x), atol=1e-4)
+    np.testing.assert_allclose(got, model.predict(x[..., None], verbose=0), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_launches_and_allocations(strict_gpu, keras_cases):
+    keras = keras_cases.keras
+    keras.utils.set_random_seed(0)
+    model = keras_cases.randomise(keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                                                 weights=None, classes=10))
+    doc = _keras_mdf(model)
+    x = keras_cases.R.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    opt = compile(doc, device=strict_gpu)
+    n, new = _launches(opt, x)
+    assert n <= 2 * len(model.layers), (n, len(model.layers))
+    assert new == 0
+    np.testing.assert_allclose(opt.run(x), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# Every generated source compiles with nvcc
+# --------------------------------------------------------------------------- #
+_C_TYPES = {"T": "T", "int64": "long long", "int32": "int", "float32": "float", "float64": "double"}
+
+
+def _cuda_unit(sources: dict, dtype: str) -> str:
+    """The sources as CUDA kernels the way CuPy wraps them: one thread per index, non-raw
+    parameters read and written at ``i``, raw ones indexed by a flat index."""
+    parts = [f"typedef {dtype} T;\n"]
+    for name, (ins, outs, body) in sources.items():
+        params, pre, post = ["long long n_"], [], []
+        for kind, text in (("in", ins), ("out", outs)):
+            for p in text.split(","):
+                words = p.split()
+                raw = words[0] == "raw"
+                t, v = words[-2], words[-1]
+                ct = _C_TYPES[t]
+                if raw:
+                    params.append(f"{ct}* {v}")
+                elif t in ("int64", "int32"):
+                    params.append(f"{ct} {v}")
+                else:
+                    params.append(f"{ct}* {v}_p")
+                    pre.append(f"const {ct} {v} = {v}_p[i];" if kind == "in" else f"{ct} {v};")
+                    if kind == "out":
+                        post.append(f"{v}_p[i] = {v};")
+        parts.append(f'extern "C" __global__ void {name}({", ".join(params)}) {{\n'
+                     "  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_; "
+                     "i += (long long)blockDim.x * gridDim.x) {\n"
+                     f"    {' '.join(pre)}\n    {{ {body} }}\n    {' '.join(post)}\n  }}\n}}\n")
+    return "\n".join(parts)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("dtype", ["float", "double"])
+def test_every_generated_source_compiles_to_ptx(dtype, strict_gpu, tmp_path, reference_mdf):
+    np_dtype = "float32" if dtype == "float" else "float64"
+    # the kernels real models make (fused chains, rows, convolutions), and one of every fused op
+    compile(reference_mdf, device=strict_gpu).run(np.random.default_rng(0).random((2, 28, 28), np.float32))
+    for op, f in FUSIBLE.items():
+        cuda.fused(fake_cupy, (Instr(op, 0, 1 if f.arity == 2 else None, ATTRS.get(op, ())),), np_dtype)
+    for tail in ("softmax", "logsoftmax"):
+        cuda.kernel(fake_cupy, "row", *cuda.row_source((Instr("onnx::Relu", 0),), ("full",), tail, np_dtype))
+    sources = dict(cuda.SOURCES)
+    sources.update({"gpu_mdf_im2col": cuda.IM2COL, "gpu_mdf_depthwise": cuda.DEPTHWISE})
+    # each source under the type it was written for (a float32 source names expf, a float64 one exp)
+    other = r"\b(exp|tanh|fabs|sqrt|log|fmin|fmax)\(" if dtype == "float" else r"\b(expf|tanhf|fabsf|sqrtf|logf|fminf|fmaxf)\("
+    sources = {k: v for k, v in sources.items() if not re.search(other, v[2])}
+    src = tmp_path / "kernels.cu"
+    src.write_text(_cuda_unit(sources, dtype))
+    r = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-Werror", "all-warnings", "-o", str(tmp_path / "k.ptx"),
+                        str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + "\n" + src.read_text()
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert all(f".entry {name}" in ptx for name in sources), json.dumps(sorted(sources))
