@@ -103,6 +103,9 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
 
     add("gpu-mdf (NumPy, CPU)", timeit(lambda: prog_cpu.run(x), repeats), ref)
     add("gpu-mdf (NumPy, CPU, no NaN check)", timeit(lambda: prog_cpu.run(x, check=False), repeats), ref)
+    as_written = compile(mdf_path, device="cpu", constants=consts, optimize=False)
+    add("gpu-mdf (NumPy, CPU, as written: optimize=False)", timeit(lambda: as_written.run(x), repeats),
+        as_written.run(x))
     from .engine.backend import probe_gpu
     probe = probe_gpu()
     if probe.usable:
@@ -124,10 +127,9 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     elif "onnxruntime" not in skip:
         try:
             import onnxruntime as ort
-            if onnx_path:
-                model_bytes, label = Path(onnx_path).read_bytes(), "the original ONNX file"
-            else:
-                model_bytes, label = mdf_to_onnx(mdf_path, consts).SerializeToString(), "the MDF graph as ONNX"
+            model_bytes, label = original_onnx(onnx_path, keras_path, echo) or (
+                mdf_to_onnx(mdf_path, consts).SerializeToString(),
+                "the MDF graph as ONNX: no original (give --onnx-model, or --keras-model with tf2onnx)")
             sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
             inp = sess.get_inputs()[0]
             xo = x.reshape((len(x),) + tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])) \
@@ -161,6 +163,50 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     for r in rows:
         r["time_vs_gpu_mdf"] = r["seconds"] / base
     return rows
+
+
+def original_onnx(onnx_path, keras_path, echo=print) -> tuple[bytes, str] | None:
+    """The model's own ONNX, ONNX Runtime's fair input: the file given, or tf2onnx's export
+    of the Keras model (where tf2onnx is installed); None when there is neither."""
+    if onnx_path:
+        return Path(onnx_path).read_bytes(), "the original ONNX file"
+    if not keras_path or not installed("tf2onnx") or not installed("tensorflow"):
+        return None
+    import tf2onnx
+
+    from .tfquiet import keras as _keras
+    from .tfquiet import tensorflow
+    tf, keras = tensorflow(), _keras()
+    model = keras.models.load_model(keras_path, compile=False, safe_mode=True)
+    spec = tuple(tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=f"input_{i}")
+                 for i, t in enumerate(model.inputs))
+    fn = tf.function(lambda *t: model(list(t) if len(t) > 1 else t[0], training=False))
+    try:
+        onnx_model, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    except Exception as e:        # a model tf2onnx cannot export: the MDF export instead, said
+        echo(f"  tf2onnx could not export the Keras model ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return None
+    return onnx_model.SerializeToString(), "tf2onnx of the Keras model"
+
+
+def standin_counts(mdf_path, x, constants=None) -> dict | None:
+    """Kernel launches and new device bytes of one steady-state batch on the strict CuPy
+    stand-in (a GPU's costs, counted on the CPU), optimised and as written."""
+    from .engine import standin
+    if standin.c_compiler() is None:
+        return None
+    consts = load_constants(constants) if constants else None
+    out = {}
+    with standin.installed() as backend:
+        for label, optimize in (("optimised", True), ("as written", False)):
+            prog = compile(mdf_path, device=backend, constants=consts, optimize=optimize)
+            prog.run(x)
+            prog.run(x)
+            standin.COUNT.reset()
+            prog.run(x)
+            out[label] = {"launches": standin.COUNT.launches, "new_bytes": standin.COUNT.new_bytes,
+                          "pool_bytes": standin.COUNT.alloc_bytes, "syncs": standin.COUNT.d2h_syncs}
+    return out
 
 
 def outputs_of(prog, out) -> list[np.ndarray]:
@@ -314,9 +360,14 @@ def render(rows: list[dict]) -> str:
 
 
 def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0,
-         onnx_model=None, constants=None, batch=None):
+         onnx_model=None, constants=None, batch=None, standin=False):
     if mdf_file is None and keras_model is None:
         raise GpuMdfError("give an MDF file (and --keras-model for the TensorFlow baselines)")
+    if mdf_file is not None:
+        from .convert.sources import model_kind, resolve_model
+        if model_kind(mdf_file) == "onnx":          # ONNX Runtime runs the file itself
+            onnx_model = onnx_model or mdf_file
+            mdf_file = resolve_model(mdf_file, "none", log=echo)
     if mdf_file is None:  # convert the given Keras model
         from .convert import keras_to_mdf, load_keras_model, save_mdf
         tmp = Path(tempfile.mkdtemp()) / "bench.json"
@@ -327,6 +378,19 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
     echo("")
     echo(render(rows))
     result = {"rows": rows}
+    if standin:
+        prog = compile(mdf_file, device="cpu", constants=load_constants(constants) if constants else None)
+        x, what = bench_inputs(prog, min(batch or 64, 64))
+        counts = standin_counts(mdf_file, x, constants)
+        echo("")
+        if counts is None:
+            echo("stand-in: not counted (it runs generated CUDA C on the host and no C compiler was found)")
+        else:
+            result["standin"] = counts
+            echo(f"strict CuPy stand-in, one steady-state batch of {what}: kernel launches "
+                 f"{counts['optimised']['launches']} optimised ({counts['as written']['launches']} as written); "
+                 f"new device bytes {counts['optimised']['new_bytes']:,}; pool bytes used "
+                 f"{counts['optimised']['pool_bytes']:,}; device->host syncs {counts['optimised']['syncs']}")
     if stream:
         s = stream_case(mdf_file, stream, None, constants)
         result["stream"] = s

@@ -202,6 +202,9 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
           cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
+    MDF_FILE may be an ONNX model: it is converted once into a cache, and --normalize must
+    say how its pixels were scaled (ONNX does not record it).
+
     With --config holding a ``jobs:`` list, runs every item in one process; each
     model is compiled once. Exit code 1 when any item failed.
 
@@ -347,7 +350,8 @@ def info(model, as_json, no_tensorflow, opset):
 @click.option("--keras-model", default=None, type=click.Path(dir_okay=False),
               help=".keras file for the TensorFlow baselines")
 @click.option("--onnx-model", default=None, type=click.Path(dir_okay=False),
-              help="the original ONNX file, for the ONNX Runtime row (default: the MDF graph exported to ONNX)")
+              help="the original ONNX file for the ONNX Runtime row (default: MDF_FILE when it is ONNX, else "
+                   "tf2onnx's export of --keras-model, else the MDF graph exported to ONNX)")
 @click.option("--constants", default=None, type=click.Path(dir_okay=False),
               help=".npz of values for unconnected input ports (weights written as ports)")
 @click.option("--batch", type=click.IntRange(1), default=None,
@@ -358,10 +362,16 @@ def info(model, as_json, no_tensorflow, opset):
               help="baselines to skip")
 @click.option("--cluster-scaling", type=click.IntRange(0), default=0,
               help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
+@click.option("--standin", is_flag=True,
+              help="also count kernel launches and new device memory per batch on the strict CuPy stand-in")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="write the table as JSON here")
 @_errors
-def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, skip, cluster_scaling, json_out):
+def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, skip, cluster_scaling, standin,
+          json_out):
     """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios).
+
+    MDF_FILE is an MDF file or an ONNX model (converted through the cache; ONNX Runtime
+    then runs the file itself).
 
     Time NumPy with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset where a machine sets them.
 
@@ -371,7 +381,8 @@ def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, 
     """
     from .bench import main as bench_main
     bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,
-               cluster_scaling_n=cluster_scaling, onnx_model=onnx_model, constants=constants, batch=batch)
+               cluster_scaling_n=cluster_scaling, onnx_model=onnx_model, constants=constants, batch=batch,
+               standin=standin)
 
 
 if __name__ == "__main__":

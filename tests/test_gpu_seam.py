@@ -149,7 +149,9 @@ def test_cnn_config_and_residual_net(keras_cases, strict_gpu, tmp_path, images):
     keras.utils.set_random_seed(0)
     cnn = tc.randomise(build_model(load_config("configs/mnist_cnn.yaml")))
     path = save_mdf(keras_to_mdf(cnn, normalize="scale"), tmp_path / "cnn.json")
-    matches_numpy(path, strict_gpu, images[:64])
+    # softmax after logits of ~50: the generated im2col + GEMM sums in another order than
+    # NumPy's, and the probabilities move by up to ~3e-5
+    matches_numpy(path, strict_gpu, images[:64], atol=1e-4)
     inp = keras.Input((16, 16, 3))
     x = tc.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
     for _ in range(2):

@@ -248,3 +248,55 @@ def test_the_onnx_cache_stays_within_its_bytes(tmp_path, monkeypatch):
     kept = sorted((tmp_path / "cache" / "onnx").glob("*.mdf.bson"))
     assert again in kept and sum(p.stat().st_size for p in kept) <= sizes[-1] + sizes[-2] + again.stat().st_size
     assert paths[0] not in kept                                         # the least recently used went first
+
+
+def _mnist_onnx(path):
+    """A random-weight MNIST classifier as ONNX: (N, 1, 28, 28) float pixels -> 10 probabilities."""
+    b = F.Builder()
+    h = b.op("Relu", [b.op("Gemm", [b.op("Flatten", ["x"], axis=1), b.init("w1", F.w(784, 32, scale=0.05)),
+                                     b.init("b1", F.w(32))])])
+    y = b.op("Softmax", [b.op("Gemm", [h, b.init("w2", F.w(32, 10)), b.init("b2", F.w(10))])], axis=-1)
+    model = b.model("x", ["N", 1, 28, 28], [y], opset=17)
+    onnx.save(model, path)
+    return model
+
+
+def test_infer_takes_an_onnx_model_and_asks_for_its_normalisation(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from gpu_mdf.data import load_mnist
+    monkeypatch.setenv("GPU_MDF_CACHE", str(tmp_path / "cache"))
+    model = _mnist_onnx(tmp_path / "m.onnx")
+    r = CliRunner().invoke(main, ["infer", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "a"), "--no-progress"])
+    assert r.exit_code != 0 and "does not record how its pixels were normalised" in r.output
+    assert "--normalize" in r.output and not (tmp_path / "a").exists()
+    r = CliRunner().invoke(main, ["infer", str(tmp_path / "m.onnx"), "--normalize", "scale", "--out",
+                                  str(tmp_path / "b"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    (_, _), (xte, _) = load_mnist()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"x": (xte / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)})[0].argmax(1)
+    import csv
+    with open(tmp_path / "b" / "predictions.csv") as f:
+        got = np.array([int(row["predicted"]) for row in csv.DictReader(f)])
+    assert len(got) == len(want) == 10000 and (got == want).all()
+
+
+def test_bench_runs_onnx_runtime_on_the_onnx_file_itself_and_counts_on_the_standin(tmp_path, monkeypatch):
+    from gpu_mdf.engine import standin
+    monkeypatch.setenv("GPU_MDF_CACHE", str(tmp_path / "cache"))
+    _mnist_onnx(tmp_path / "m.onnx")
+    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m.onnx"), "--batch", "256", "--repeats", "2", "--skip",
+                                  "evaluablegraph", "--standin", "--json-out", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = {row["engine"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    ort_row = next(k for k in rows if k.startswith("ONNX Runtime"))
+    assert "the original ONNX file" in ort_row and rows[ort_row]["max_abs_diff_vs_gpu_mdf"] < 1e-4
+    assert "gpu-mdf (NumPy, CPU, as written: optimize=False)" in rows
+    if standin.c_compiler() is None:
+        assert "no C compiler" in r.output
+        return
+    counts = json.loads((tmp_path / "b.json").read_text())["standin"]
+    # Gemm, then bias + Relu; Gemm, then bias + softmax as one row kernel
+    assert counts["optimised"]["launches"] == 4 < counts["as written"]["launches"]
+    assert counts["optimised"]["new_bytes"] == 0 and "kernel launches 4 optimised" in r.output

@@ -59,6 +59,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
     ``min_confidence`` flags items whose top probability is under it; ``kaggle`` writes
     submission.csv; ``save_preprocessed`` writes the first N images as the model got them.
     """
+    from ..convert.sources import resolve_model
+    mdf_path = resolve_model(mdf_path, normalize, log=log, need_normalize=True)   # an ONNX file: its cached MDF
     request = _Request(out=None if out_dir is None else Path(out_dir).resolve(), mdf_path=Path(mdf_path).resolve(),
                        source=source, split=split, labels=labels, device=device, batch_size=batch_size,
                        on_error=on_error, normalize=normalize,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..convert.sources import resolve_model
 from ..engine import compile
 from ..errors import GpuMdfError
 from ..io import safe_join
@@ -31,6 +32,7 @@ def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size
                 if not model:
                     raise GpuMdfError("no model: give one in the item or as MDF_FILE")
                 folder = safe_join(out_dir, name, "job item name")     # refused before anything runs
+                model = resolve_model(model, infer_options.get("normalize"), log=log, need_normalize=True)
                 key = str(Path(model).resolve())
                 if key not in programs:
                     programs[key] = compile(model, device="cpu" if session else device)

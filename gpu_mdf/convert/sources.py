@@ -118,15 +118,19 @@ def mdf_for(path: str | Path, normalize: str | None, opset: int | None = None, l
     return target
 
 
-def resolve_model(path: str | Path, normalize: str | None = None, log=None) -> Path:
+def resolve_model(path: str | Path, normalize: str | None = None, log=None, need_normalize: bool = False) -> Path:
     """An MDF file to compile for ``path``: the file itself, or an ONNX model's MDF from the
-    cache (``normalize`` is needed for it unless the caller feeds floats only: it is what
-    the MDF records). A Keras file is refused with the command that converts it."""
+    cache (``normalize`` is what the MDF records; with ``need_normalize`` (inference on
+    pixels) an ONNX file without it is refused: ONNX never says how pixels were scaled).
+    A Keras file is refused with the command that converts it."""
     p = Path(path)
     kind = model_kind(p)
     if kind == "mdf":
         return p
     if kind == "onnx":
+        if need_normalize and normalize is None:
+            raise ModelFileError(f"{p}: an ONNX model does not record how its pixels were normalised: "
+                                 + NORMALIZE_HINT)
         return mdf_for(p, normalize, log=log)
     raise ModelFileError(f"{p}: a Keras model; convert it to MDF first: gpu-mdf convert {p} --normalize ... --out DIR")
 
