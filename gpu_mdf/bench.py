@@ -121,26 +121,8 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     else:
         skipped("CuPy", probe.reason)
 
-    missing = [m for m in ("onnxruntime", *(() if onnx_path else ("onnx",))) if not installed(m)]
-    if "onnxruntime" not in skip and missing:
-        skipped("ONNX Runtime", hint(missing[0], "this baseline"))
-    elif "onnxruntime" not in skip:
-        try:
-            import onnxruntime as ort
-            model_bytes, label = original_onnx(onnx_path, keras_path, echo) or (
-                mdf_to_onnx(mdf_path, consts).SerializeToString(),
-                "the MDF graph as ONNX: no original (give --onnx-model, or --keras-model with tf2onnx)")
-            sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-            inp = sess.get_inputs()[0]
-            xo = x.reshape((len(x),) + tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])) \
-                if len(inp.shape) != x.ndim else x
-            add(f"ONNX Runtime {ort.__version__} (CPU, {label})", timeit(lambda: sess.run(None, {inp.name: xo}),
-                                                                        repeats), sess.run(None, {inp.name: xo}))
-            del sess      # its threads spin-wait after each run: gone before the next engine is timed
-        except (ImportError, ValueError, OSError) as e:
-            skipped("ONNX Runtime", e)
-        except Exception as e:  # an ONNX Runtime refusal of the model
-            skipped("ONNX Runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if "onnxruntime" not in skip:
+        _onnxruntime_row(mdf_path, keras_path, onnx_path, consts, x, repeats, add, skipped, echo)
     if "tensorflow" not in skip and keras_path and not installed("tensorflow"):
         skipped("TensorFlow", hint("tensorflow", "this baseline"))
     elif "tensorflow" not in skip and keras_path:
@@ -163,6 +145,31 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     for r in rows:
         r["time_vs_gpu_mdf"] = r["seconds"] / base
     return rows
+
+
+def _onnxruntime_row(mdf_path, keras_path, onnx_path, consts, x, repeats, add, skipped, echo):
+    """ONNX Runtime on the model's own ONNX (:func:`original_onnx`), else on the MDF export."""
+    missing = [m for m in ("onnxruntime", *(() if onnx_path else ("onnx",))) if not installed(m)]
+    if missing:
+        skipped("ONNX Runtime", hint(missing[0], "this baseline"))
+        return
+    try:
+        import onnxruntime as ort
+        model_bytes, label = original_onnx(onnx_path, keras_path, echo) or (
+            mdf_to_onnx(mdf_path, consts).SerializeToString(),
+            "the MDF graph as ONNX: no original (give --onnx-model, or --keras-model with tf2onnx)")
+        sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        xo = x.reshape((len(x),) + tuple(d if isinstance(d, int) else -1 for d in inp.shape[1:])) \
+            if len(inp.shape) != x.ndim else x
+        add(f"ONNX Runtime {ort.__version__} (CPU, {label})", timeit(lambda: sess.run(None, {inp.name: xo}),
+                                                                    repeats), sess.run(None, {inp.name: xo}))
+        # the session (whose threads spin-wait after each run) ends with this function,
+        # before the next engine is timed
+    except (ImportError, ValueError, OSError) as e:
+        skipped("ONNX Runtime", e)
+    except Exception as e:  # an ONNX Runtime refusal of the model
+        skipped("ONNX Runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def original_onnx(onnx_path, keras_path, echo=print) -> tuple[bytes, str] | None:

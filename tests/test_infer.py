@@ -114,7 +114,7 @@ def test_bad_inputs_are_one_line_errors(reference_mdf, tmp_path):
                "--out", tmp_path / "c", "--device", "cpu", "--no-progress")
     assert r.exit_code == 2 and "19 labels for 20 images" in r.output
     r = invoke("infer", tmp_path / "missing.json", "--out", tmp_path / "d", "--no-progress")
-    assert r.exit_code == 2 and "no such MDF file" in r.output
+    assert r.exit_code == 2 and "no such model file" in r.output
     r = invoke("infer", reference_mdf, "--device", "gpu", "--out", tmp_path / "e", "--no-progress")
     assert r.exit_code == 2 and "GPU was demanded" in r.output
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())

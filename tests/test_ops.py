@@ -245,6 +245,10 @@ CASES = [
     ("Conv", {"X": f32(2, 6, 7, 7), "W": f32(6, 1, 3, 3), "B": f32(6)}, {"group": 6, "pads": [1, 1, 1, 1]}),
     ("Conv", {"X": f32(2, 4, 7, 7), "W": f32(8, 1, 3, 3)}, {"group": 4, "strides": [2, 2]}),
     ("Conv", {"X": f32(2, 4, 6, 6), "W": f32(4, 2, 1, 1)}, {"group": 2}),
+    # grouped with several channels a group (ResNeXt, RegNet): one batched product
+    ("Conv", {"X": f32(2, 8, 7, 7), "W": f32(6, 4, 3, 3), "B": f32(6)}, {"group": 2, "pads": [1, 1, 1, 1]}),
+    ("Conv", {"X": f32(2, 8, 9, 8), "W": f32(12, 2, 3, 2), "B": f32(12)},
+     {"group": 4, "strides": [2, 1], "dilations": [1, 2], "pads": [1, 0, 0, 1]}),
     ("Conv", {"X": x4, "W": f32(4, 3, 3, 2)}, {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
     ("Conv", {"X": x4, "W": f32(4, 3, 3, 2)}, {"auto_pad": "VALID"}),
     ("ConvTranspose", {"X": f32(2, 3, 4, 5), "W": f32(3, 2, 3, 3), "B": f32(2)}, {"strides": [2, 2]}),
