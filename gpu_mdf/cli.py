@@ -141,17 +141,19 @@ def convert(models, out, fmt, normalize, outputs):
 @click.option("--level", "levels", multiple=True, type=click.IntRange(1, 3), default=(1, 3))
 @_errors
 def plot(mdf_file, out, levels):
-    """Render an MDF graph with modeci_mdf's Graphviz exporter (levels 1 and 3).
+    """Render an MDF graph (or an ONNX model's) with modeci_mdf's Graphviz exporter (levels 1 and 3).
 
     \b
     Example:
       gpu-mdf plot runs/mnist_dense/model.mdf.json --level 3 --out pictures/
     """
+    from .convert.sources import resolve_model
     from .mdf import load_mdf
     from .viz import PictureSkipped, plot_mdf
-    load_mdf(mdf_file)  # clear error for a missing or broken file
+    graph = resolve_model(mdf_file)        # an ONNX model: its MDF from the cache
+    load_mdf(graph)  # clear error for a missing or broken file
     try:
-        for p in plot_mdf(mdf_file, out or Path(mdf_file).parent, levels):
+        for p in plot_mdf(graph, out or Path(mdf_file).parent, levels):
             click.echo(str(p))
     except PictureSkipped as e:
         raise GpuMdfError(str(e)) from None

@@ -300,3 +300,36 @@ def test_bench_runs_onnx_runtime_on_the_onnx_file_itself_and_counts_on_the_stand
     # Gemm, then bias + Relu; Gemm, then bias + softmax as one row kernel
     assert counts["optimised"]["launches"] == 4 < counts["as written"]["launches"]
     assert counts["optimised"]["new_bytes"] == 0 and "kernel launches 4 optimised" in r.output
+
+
+def test_plot_draws_an_onnx_model(tmp_path, monkeypatch):
+    import shutil
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed (apt-get install graphviz)")
+    pytest.importorskip("modeci_mdf")
+    monkeypatch.setenv("GPU_MDF_CACHE", str(tmp_path / "cache"))
+    _mnist_onnx(tmp_path / "m.onnx")
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "m.onnx"), "--level", "1"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mdf_graph_level1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_infer_says_which_normalisation_and_who_said_so(tmp_path, monkeypatch):
+    """A file that records none is fed as it is, and infer says so; --normalize is named."""
+    from gpu_mdf.mdf import load_mdf, save_mdf
+    monkeypatch.setenv("GPU_MDF_CACHE", str(tmp_path / "cache"))
+    _mnist_onnx(tmp_path / "m.onnx")
+    r = CliRunner().invoke(main, ["infer", str(tmp_path / "m.onnx"), "--normalize", "scale", "--out",
+                                  str(tmp_path / "a"), "--no-progress"])
+    assert r.exit_code == 0 and "pixel normalisation: scale (--normalize)" in r.output, r.output
+    doc = load_mdf(next((tmp_path / "cache").rglob("*.mdf.bson")))
+    graph = next(iter(doc.values()))["graphs"]
+    gid = next(iter(graph))
+    graph[gid]["metadata"]["gpu_mdf"].pop("normalize", None)
+    save_mdf(doc, tmp_path / "plain.json")
+    r = CliRunner().invoke(main, ["infer", str(tmp_path / "plain.json"), "--out", str(tmp_path / "b"), "--no-progress"])
+    assert r.exit_code == 0 and "the model records none, so integer pixels are fed as they are" in r.output, r.output
+    save_mdf(load_mdf(next((tmp_path / "cache").rglob("*.mdf.bson"))), tmp_path / "scaled.json")
+    r = CliRunner().invoke(main, ["infer", str(tmp_path / "scaled.json"), "--out", str(tmp_path / "c"),
+                                  "--no-progress"])
+    assert r.exit_code == 0 and "pixel normalisation: scale (recorded in the model)" in r.output, r.output

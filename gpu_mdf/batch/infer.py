@@ -88,12 +88,24 @@ def _run_job(prog: Program, request: _Request, job: Job, session: ClusterSession
                      job.fingerprint["normalize"])
     log(session.describe() if session else prog.backend.describe())
     log(f"{job.data.describe()}; batch size {job.batch_size}")
+    log(_normalization_line(prog, request.normalize, job.fingerprint["normalize"]))
     record = _run_chunks(prog, job, spec, request.task(prog, job, spec) if session else None, session,
                          progress, log)
     result = assemble(prog, job, record, log)
     if not keep_chunks:
         shutil.rmtree(job.chunk_dir, ignore_errors=True)
     return result
+
+
+def _normalization_line(prog: Program, asked: str | None, mode: str) -> str:
+    """Which pixel normalisation this job uses and who said so (never a silent default)."""
+    if asked is not None:
+        return f"pixel normalisation: {mode} (--normalize)"
+    meta = prog.plan.meta
+    if meta.normalize is not None:
+        return f"pixel normalisation: {mode} (recorded in the model)"
+    return ("pixel normalisation: none: the model records none, so integer pixels are fed as they are "
+            "(--normalize l2|scale|none to say otherwise)")
 
 
 @dataclass(frozen=True)

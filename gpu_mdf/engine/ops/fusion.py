@@ -96,7 +96,7 @@ def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: Callab
         f = FUSIBLE[ins.op]
         a = prev if isinstance(ins.a, str) else operands[ins.a]
         b = None if ins.b is None else prev if isinstance(ins.b, str) else operands[ins.b]
-        shape = np.broadcast_shapes(np.shape(a), np.shape(b)) if b is not None else np.shape(a)
+        shape = a.shape if b is None or b.shape == a.shape else _broadcast(a.shape, b.shape)
         if out is None or out.shape != shape:
             out = np.empty(shape, np.result_type(a, b) if b is not None else a.dtype)
         r = f.numpy(a, b, out, dict(ins.attrs))
@@ -108,6 +108,20 @@ def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: Callab
     if tail is not None:
         out = tail(np, out, -1, inplace=True)
     return out
+
+
+_SHAPES: dict = {}
+
+
+def _broadcast(sa: tuple, sb: tuple) -> tuple:
+    """np.broadcast_shapes, remembered (it costs microseconds a call; a chain runs per batch)."""
+    key = (sa, sb)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        shape = _SHAPES[key] = np.broadcast_shapes(sa, sb)
+    return shape
 
 
 def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: str) -> list[str]:
