@@ -64,6 +64,24 @@ def predictions(infer_dir: Path) -> np.ndarray:
         return np.array([int(r["predicted"]) for r in csv.DictReader(f)])
 
 
+def convert_infer_compare(out: Path, onnx_path: Path, framework: str, framework_pred, labels,
+                          convert_args=(), **extra) -> int:
+    """The user's route (``gpu-mdf convert`` of the ONNX file, ``gpu-mdf infer`` on MNIST),
+    then the framework's and gpu-mdf's accuracy and how many predictions agree, written to
+    ``out/summary.json``; 0 when all agree."""
+    gpu_mdf("convert", str(onnx_path), *convert_args, "--normalize", "scale", "--out", str(out))
+    gpu_mdf("infer", str(out / f"{onnx_path.stem}.mdf.json"), "--data", "mnist", "--out", str(out / "infer"),
+            "--overwrite", "--no-progress")
+    agree = int((predictions(out / "infer") == framework_pred).sum())
+    summary = {f"{framework}_accuracy": float((framework_pred == labels).mean()),
+               "gpu_mdf_accuracy": json.loads((out / "infer" / "metrics.json").read_text())["accuracy"],
+               "agreeing_predictions": agree, "images": len(labels), **extra}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"{framework} test accuracy {summary[f'{framework}_accuracy']:.4f}, gpu-mdf "
+          f"{summary['gpu_mdf_accuracy']:.4f}; {agree} of {len(labels)} predictions agree")
+    return 0 if agree == len(labels) else 1
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -85,18 +103,7 @@ def main(argv=None) -> int:
     torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(out / "cnn.onnx"), opset_version=17, dynamo=False,
                       input_names=["pixels"], output_names=["probabilities"],
                       dynamic_axes={"pixels": {0: "N"}, "probabilities": {0: "N"}})
-    gpu_mdf("convert", str(out / "cnn.onnx"), "--normalize", "scale", "--out", str(out))
-    gpu_mdf("infer", str(out / "cnn.mdf.json"), "--data", "mnist", "--out", str(out / "infer"), "--overwrite",
-            "--no-progress")
-    ours = predictions(out / "infer")
-    agree = int((ours == torch_pred).sum())
-    summary = {"pytorch_accuracy": float((torch_pred == yte).mean()),
-               "gpu_mdf_accuracy": json.loads((out / "infer" / "metrics.json").read_text())["accuracy"],
-               "agreeing_predictions": agree, "images": len(yte)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"PyTorch test accuracy {summary['pytorch_accuracy']:.4f}, gpu-mdf {summary['gpu_mdf_accuracy']:.4f}; "
-          f"{agree} of {len(yte)} predictions agree")
-    return 0 if agree == len(yte) else 1
+    return convert_infer_compare(out, out / "cnn.onnx", "pytorch", torch_pred, yte)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ every gpu-mdf prediction agrees with scikit-learn's.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pytorch_mnist import gpu_mdf, predictions  # noqa: E402
+from pytorch_mnist import convert_infer_compare  # noqa: E402
 
 
 def export(model, path: Path) -> None:
@@ -55,22 +54,12 @@ def main(argv=None) -> int:
     sk_pred = mlp.predict_proba(xte.reshape(-1, 784).astype("float32") / 255).argmax(1)
     export(mlp, out / "mlp.onnx")
     export(logreg, out / "logreg.onnx")
-    gpu_mdf("convert", str(out / "mlp.onnx"), "--outputs", "probabilities", "--normalize", "scale", "--out", str(out))
-    gpu_mdf("infer", str(out / "mlp.mdf.json"), "--data", "mnist", "--out", str(out / "infer"), "--overwrite",
-            "--no-progress")
     refused = subprocess.run([sys.executable, "-m", "gpu_mdf", "convert", str(out / "logreg.onnx"), "--normalize",
                               "scale", "--out", str(out)], capture_output=True, text=True)
     print(refused.stdout.strip())
-    ours = predictions(out / "infer")
-    agree = int((ours == sk_pred).sum())
-    summary = {"sklearn_accuracy": float((sk_pred == yte).mean()),
-               "gpu_mdf_accuracy": json.loads((out / "infer" / "metrics.json").read_text())["accuracy"],
-               "agreeing_predictions": agree, "images": len(yte),
-               "logistic_regression": refused.stdout.strip().splitlines()[0]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"scikit-learn test accuracy {summary['sklearn_accuracy']:.4f}, gpu-mdf {summary['gpu_mdf_accuracy']:.4f}; "
-          f"{agree} of {len(yte)} predictions agree")
-    return 0 if agree == len(yte) else 1
+    return convert_infer_compare(out, out / "mlp.onnx", "sklearn", sk_pred, yte,
+                                 convert_args=("--outputs", "probabilities"),
+                                 logistic_regression=refused.stdout.strip().splitlines()[0])
 
 
 if __name__ == "__main__":

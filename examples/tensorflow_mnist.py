@@ -13,12 +13,11 @@ how many predictions agree; exits 1 unless they all do.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pytorch_mnist import gpu_mdf, predictions  # noqa: E402
+from pytorch_mnist import convert_infer_compare  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,18 +48,7 @@ def main(argv=None) -> int:
     onnx_model, _ = tf2onnx.convert.from_function(tf.function(lambda t: model(t, training=False)),
                                                    input_signature=spec, opset=17)
     onnx.save(onnx_model, out / "cnn.onnx")
-    gpu_mdf("convert", str(out / "cnn.onnx"), "--normalize", "scale", "--out", str(out))
-    gpu_mdf("infer", str(out / "cnn.mdf.json"), "--data", "mnist", "--out", str(out / "infer"), "--overwrite",
-            "--no-progress")
-    ours = predictions(out / "infer")
-    agree = int((ours == keras_pred).sum())
-    summary = {"keras_accuracy": float((keras_pred == yte).mean()),
-               "gpu_mdf_accuracy": json.loads((out / "infer" / "metrics.json").read_text())["accuracy"],
-               "agreeing_predictions": agree, "images": len(yte)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"Keras test accuracy {summary['keras_accuracy']:.4f}, gpu-mdf {summary['gpu_mdf_accuracy']:.4f}; "
-          f"{agree} of {len(yte)} predictions agree")
-    return 0 if agree == len(yte) else 1
+    return convert_infer_compare(out, out / "cnn.onnx", "keras", keras_pred, yte)
 
 
 if __name__ == "__main__":

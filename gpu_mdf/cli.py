@@ -190,6 +190,8 @@ def plot(mdf_file, out, levels):
               help="save the first N images as the model got them (OUT/preprocessed/*.png)")
 @click.option("--constants", type=click.Path(dir_okay=False), default=None,
               help=".npz of values for unconnected input ports (weights an exporter wrote as ports)")
+@click.option("--opset", type=click.IntRange(1, 28), default=None,
+              help="the ONNX opset of a file that does not record it (onnx_to_mdf's; default 17)")
 @click.option("--overwrite", is_flag=True, help="replace another job's files in --out")
 @click.option("--keep-chunks", is_flag=True, help="keep --out/.chunks after a successful job")
 @click.option("--cluster", default=None,
@@ -200,7 +202,7 @@ def plot(mdf_file, out, levels):
 @click.option("--no-progress", is_flag=True)
 @_errors
 def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, output_name,
-          softmax, min_confidence, kaggle, save_preprocessed, constants, overwrite, keep_chunks, cluster,
+          softmax, min_confidence, kaggle, save_preprocessed, constants, opset, overwrite, keep_chunks, cluster,
           cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
@@ -225,7 +227,7 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     min_confidence = (cfg.infer if cfg else InferConfig()).min_confidence if min_confidence is None else min_confidence
     options = dict(invert=invert, top_k=top_k, overwrite=overwrite, keep_chunks=keep_chunks, normalize=normalize,
                    constants=constants, output=output_name, softmax=softmax, min_confidence=min_confidence,
-                   kaggle=kaggle, save_preprocessed=save_preprocessed)
+                   kaggle=kaggle, save_preprocessed=save_preprocessed, opset=opset)
     with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
             ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"),

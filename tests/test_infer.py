@@ -102,7 +102,9 @@ def test_bad_inputs_are_one_line_errors(reference_mdf, tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((10, 20, 20), np.uint8))
     r = invoke("infer", reference_mdf, "--data", tmp_path / "small.npy", "--out", tmp_path / "a",
                "--device", "cpu", "--no-progress")
-    assert r.exit_code == 2 and "got shape (10, 20, 20)" in r.output and r.output.count("\n") <= 3
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "got shape (10, 20, 20)" in errors[0]
+    assert r.output.splitlines()[-1] == errors[0]          # the log lines before it, then the one error line
     x = np.random.default_rng(0).random((20, 28, 28)).astype(np.float32)
     x[7, 1, 1] = np.nan
     np.save(tmp_path / "nan.npy", x)

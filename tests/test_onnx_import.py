@@ -333,3 +333,27 @@ def test_infer_says_which_normalisation_and_who_said_so(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["infer", str(tmp_path / "scaled.json"), "--out", str(tmp_path / "c"),
                                   "--no-progress"])
     assert r.exit_code == 0 and "pixel normalisation: scale (recorded in the model)" in r.output, r.output
+
+
+def test_infer_opset_for_a_file_that_does_not_say_it(tmp_path, monkeypatch):
+    """SqueezeNet's softmax on (N, 1000, 1, 1) at opset 9 flattens from axis 1: read at opset
+    17 (what a file without its opset gets) every class would be 1.0; --opset 9 says it."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    from gpu_mdf.mdf import save_mdf
+    model = F.squeezenet(opset=9, size=64, classes=10)
+    doc = onnx_to_mdf_doc(model)
+    graph = next(iter(doc.values()))["graphs"]
+    next(iter(graph.values()))["metadata"]["gpu_mdf"].pop("opset")          # as onnx_to_mdf would write it
+    save_mdf(doc, tmp_path / "sq.json")
+    x = F.R.standard_normal((1, 3, 64, 64)).astype(np.float32)         # the zoo's model takes one image
+    np.save(tmp_path / "x.npy", x)
+    want = F.run_ort(model, x).reshape(1, 10)
+    for opset, expect in ((None, np.ones_like(want)), ("9", want)):
+        args = ["infer", str(tmp_path / "sq.json"), "--data", str(tmp_path / "x.npy"), "--out",
+                str(tmp_path / f"o{opset}"), "--no-progress", "--softmax", "no"]
+        r = CliRunner().invoke(main, args + (["--opset", opset] if opset else []))
+        assert r.exit_code == 0, r.output
+        got = np.load(tmp_path / f"o{opset}" / "outputs" / next(
+            p.name for p in (tmp_path / f"o{opset}" / "outputs").iterdir())).reshape(1, 10)
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "o9" / "job.json").read_text())["opset"] == 9

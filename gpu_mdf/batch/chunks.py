@@ -40,10 +40,12 @@ class ModelRef:
     device: str
     normalize: str | None
     constants: str | None = None  # an absolute .npz path
+    opset: int | None = None      # for a file that does not record its opset (--opset)
 
     def compile(self) -> Program:
         consts = load_constants(self.constants) if self.constants else None
-        return compile(self.mdf_path, device=self.device, normalize=self.normalize, constants=consts)
+        return compile(self.mdf_path, device=self.device, normalize=self.normalize, constants=consts,
+                       opset=self.opset)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                   cluster=None, constants: str | Path | None = None, invert: str = "auto", top_k: int = 0,
                   overwrite: bool = False, keep_chunks: bool = False, output: str | None = None,
                   softmax: str = "auto", min_confidence: float = InferConfig.min_confidence, kaggle: bool = False,
-                  save_preprocessed: int = 0) -> InferResult:
+                  save_preprocessed: int = 0, opset: int | None = None) -> InferResult:
     """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``
     (``None``: a folder of this job's own under ``runs/infer/``).
 
@@ -58,6 +58,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
     read (:mod:`.scoring`); ``top_k`` adds the k best classes to predictions.csv;
     ``min_confidence`` flags items whose top probability is under it; ``kaggle`` writes
     submission.csv; ``save_preprocessed`` writes the first N images as the model got them.
+    ``opset``: the ONNX opset of a file that does not record it (``onnx_to_mdf``'s).
     """
     from ..convert.sources import resolve_model
     mdf_path = resolve_model(mdf_path, normalize, log=log, need_normalize=True)   # an ONNX file: its cached MDF
@@ -65,7 +66,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                        source=source, split=split, labels=labels, device=device, batch_size=batch_size,
                        on_error=on_error, normalize=normalize,
                        constants=None if constants is None else Path(constants).resolve(), invert=invert,
-                       top_k=top_k, output=output, softmax=softmax, min_confidence=min_confidence, kaggle=kaggle)
+                       top_k=top_k, output=output, softmax=softmax, min_confidence=min_confidence, kaggle=kaggle,
+                       opset=opset)
     request.check()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
@@ -129,6 +131,7 @@ class _Request:
     softmax: str
     min_confidence: float
     kaggle: bool
+    opset: int | None = None             # a file that does not say its opset
 
     def check(self) -> None:
         """Refuse what can be refused before anything is compiled or written."""
@@ -143,7 +146,7 @@ class _Request:
         check_invert(self.invert)
 
     def compile(self, device: str) -> Program:
-        return compile(self.mdf_path, device=device, normalize=self.normalize,
+        return compile(self.mdf_path, device=device, normalize=self.normalize, opset=self.opset,
                        constants=None if self.constants is None else load_constants(self.constants))
 
     def open_data(self, prog: Program) -> Dataset:
@@ -174,13 +177,13 @@ class _Request:
             output=prog.outputs[choose_output(prog, self.output)].name, softmax=self.softmax,
             min_confidence=self.min_confidence, kaggle=self.kaggle,
             images=None if ds.inverted is None else (self.invert, list(model_image_size(prog))),
-            constants_sha256=None if self.constants is None else file_sha256(self.constants))
+            constants_sha256=None if self.constants is None else file_sha256(self.constants), opset=self.opset)
         return Job(self.out or default_folder(self.mdf_path, ds.name, job), ds, identity, job)
 
     def task(self, prog: Program, job: Job, spec: ChunkSpec) -> ChunkTask:
         """What Dask workers are sent: they compile and open for themselves, by absolute paths."""
         model = ModelRef(str(self.mdf_path), job.fingerprint["model_sha256"], self.device, prog.normalize,
-                         None if self.constants is None else str(self.constants))
+                         None if self.constants is None else str(self.constants), self.opset)
         data = DataRef(job.identity.location, self.split,
                        None if self.labels is None else str(Path(self.labels).resolve()),
                        model_image_size(prog), self.invert)

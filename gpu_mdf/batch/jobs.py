@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..convert.sources import resolve_model
-from ..engine import compile
+from ..engine import compile, load_constants
 from ..errors import GpuMdfError
 from ..io import safe_join
 from .distributed import cluster_session
@@ -35,7 +35,10 @@ def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size
                 model = resolve_model(model, infer_options.get("normalize"), log=log, need_normalize=True)
                 key = str(Path(model).resolve())
                 if key not in programs:
-                    programs[key] = compile(model, device="cpu" if session else device)
+                    consts = infer_options.get("constants")
+                    programs[key] = compile(model, device="cpu" if session else device,
+                                            normalize=infer_options.get("normalize"), opset=infer_options.get("opset"),
+                                            constants=load_constants(consts) if consts else None)
                 res = run_inference(model, folder, source=item.data, device=device,
                                     batch_size=batch_size, on_error=on_error, program=programs[key],
                                     log=log, progress=progress, cluster=session, **infer_options)
