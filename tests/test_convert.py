@@ -306,6 +306,21 @@ def test_keras_load_errors_are_whole_and_plain(tmp_path, make, match):
     assert match in str(e.value) and "If you trust the )" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_unregistered_custom_layer_is_one_line_naming_it(tmp_path):
+    """Keras's own message appends the layer's whole config (kilobytes); ours names the class."""
+    from gpu_mdf.convert import load_keras_model
+    from gpu_mdf.errors import ModelFileError
+
+    class Doubler(layers.Layer):                   # defined here: nothing can find it when loading
+        def call(self, x):
+            return x * 2
+    keras.Sequential([keras.Input((4,)), layers.Dense(3), Doubler()]).save(tmp_path / "m.keras")
+    with pytest.raises(ModelFileError) as e:
+        load_keras_model(tmp_path / "m.keras")
+    msg = str(e.value)
+    assert "'Doubler'" in msg and "custom class" in msg and "\n" not in msg and len(msg) < 400, msg
+
+
 def test_convert_output_must_be_a_folder(tmp_path):
     from click.testing import CliRunner
 

@@ -49,4 +49,10 @@ def keras_load_error(path: Path, e: Exception) -> str:
         return "not a valid HDF5 (.h5) file"
     if isinstance(e, OSError) and "truncated file" in text:
         return f"a truncated HDF5 (.h5) file ({text})"
-    return f"Keras cannot load this model: {type(e).__name__}: {text}"
+    import re
+    custom = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    if custom:
+        return (f"the model uses {custom.group(1)!r}, a custom class or function defined in its author's code "
+                "and not registered here; gpu-mdf converts the layers it can describe")
+    text = text.split(" Full object config:")[0]          # Keras appends the whole layer config
+    return f"Keras cannot load this model: {type(e).__name__}: {text[:400]}"
