@@ -29,5 +29,5 @@ def data(entry, prog, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n,) + item).astype(np.float32)
 
 
-def compiled(entry, device):
-    return compile(entry["path"], device=device, constants=entry["constants"])
+def compiled(entry, device, optimize=True):
+    return compile(entry["path"], device=device, constants=entry["constants"], optimize=optimize)

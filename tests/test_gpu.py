@@ -75,6 +75,24 @@ def test_no_synchronisation_inside_a_batch(bundle, name):
     assert all(isinstance(v, cp.ndarray) for v in out.values())     # results stay on the device
 
 
+@pytest.mark.parametrize("name", names())
+def test_generated_kernels_agree_and_no_batch_grows_the_pool(bundle, name):
+    """The optimised program (fused chains, softmax rows, im2col and depthwise kernels,
+    compiled by CuPy from the generated sources) against the graph as written, and CuPy's
+    memory pool holding the same bytes after the warm-up batches."""
+    import cupy as cp
+    entry = bundle[name]
+    opt, plain = gpu_bundle.compiled(entry, "gpu"), gpu_bundle.compiled(entry, "gpu", optimize=False)
+    x = gpu_bundle.data(entry, opt, 512)
+    np.testing.assert_allclose(opt.run(x), plain.run(x), atol=1e-4, rtol=1e-4)
+    pool = cp.get_default_memory_pool()
+    opt.run(x)
+    held = pool.total_bytes()
+    for _ in range(3):
+        opt.run(x)
+    assert pool.total_bytes() == held
+
+
 def test_overlapped_stream_equals_single_runs(bundle, images):
     gpu = gpu_bundle.compiled(bundle["reference.mdf.json"], "gpu")
     chunks = [images[i:i + 700] for i in range(0, len(images), 700)]   # ragged last chunk
