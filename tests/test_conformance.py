@@ -70,7 +70,10 @@ def test_every_pytorch_model_test_passes_or_is_refused_by_name(outcomes):
 def test_passing_cases_make_no_unplanned_sync_on_the_strict_standin(cases, outcomes):
     """Every case fed per batch: no device->host copy besides the ones the plan names
     (a shape, axes or sizes input fed per batch)."""
+    from gpu_mdf.engine import standin
     from gpu_mdf.errors import GpuMdfError
+    if standin.c_compiler() is None:
+        pytest.skip("no C compiler (cc, gcc or clang): the CuPy stand-in runs generated CUDA C on the host")
     extra, refused = {}, {}
     for c in cases:
         if outcomes[c.name].kind == "pass":
