@@ -49,6 +49,7 @@ def test_torchvision_model_matches_onnxruntime_and_runs_on_the_standin(name):
     """Every parameter random, eval mode, exported at opset 17 with a dynamic batch."""
     pytest.importorskip("torch")
     import check_torchvision as T
+
     from gpu_mdf.engine import standin
     row = T.check(name, size=64, batch=2, repeats=1, standin=standin.c_compiler() is not None)
     assert row.status == "pass", (row.status, row.max_abs_diff, row.max_abs_ort)
