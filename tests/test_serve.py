@@ -220,8 +220,17 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, token, digits
 
 def test_oversized_body_is_refused_before_it_is_read(repo, token):
     with launched(repo, "--token-file", str(token[1]), "--max-body-mb", "1") as srv:
-        status, _, body = call(f"{srv.url}/v2/models/mnist/infer", b"0" * (2 << 20), auth(token))
-        assert status == 413 and b"limit" in body
+        # the answer comes from the declared length, before any of the body is sent (a client
+        # still sending when the server closes may see a reset instead of the answer: the
+        # deterministic form of the check sends the headers alone)
+        conn = http.client.HTTPConnection(srv.address, timeout=60)
+        conn.putrequest("POST", "/v2/models/mnist/infer")
+        for k, v in {**auth(token), "Content-Length": str(2 << 20)}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 413 and b"limit" in r.read()
+        conn.close()
         # and one that claims no length (chunked) is cut off while it is read
         conn = http.client.HTTPConnection(srv.address, timeout=60)
         conn.putrequest("POST", "/v2/models/mnist/infer")
