@@ -33,9 +33,23 @@ from gpu_mdf.engine import compile  # noqa: E402
 def fingerprint() -> dict:
     """What decides the bits of a float computation on this machine."""
     from threadpoolctl import threadpool_info
+    np_dir = Path(np.__file__).parent
+    # NumPy's own BLAS (another package's, loaded or not, does not touch these products)
+    libs = str(np_dir) + ".libs"
     blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture")} for i in threadpool_info()
-            if i.get("user_api") == "blas"]
-    return {"numpy": np.__version__, "machine": platform.machine(), "blas": blas}
+            if i.get("user_api") == "blas" and str(i.get("filepath", "")).startswith(libs)]
+    return {"numpy": np.__version__, "machine": platform.machine(), "blas": blas, "simd": _simd()}
+
+
+def _simd() -> list:
+    """The SIMD targets NumPy dispatches its ufuncs (exp, tanh, ...) to on this CPU: an
+    AVX-512 machine rounds ``np.exp`` differently from an AVX2 one with the same NumPy."""
+    try:
+        from numpy._core import _multiarray_umath as m
+    except ImportError:  # NumPy 1.x
+        from numpy.core import _multiarray_umath as m
+    features = m.__cpu_features__
+    return [t for t in m.__cpu_dispatch__ if features.get(t)]
 
 
 def run_case(mdf, feeds, constants=None):
@@ -104,8 +118,14 @@ def example_cases():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "tests" / "golden"))
+    ap.add_argument("--rerecord", action="store_true",
+                    help="keep the corpus's files and inputs; record this machine's outputs, after "
+                         "checking each agrees with the recorded one within float32 rounding (for a "
+                         "new machine whose SIMD or BLAS rounds differently, not for a change of numbers)")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.rerecord:
+        return rerecord(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.mdf.json")) + list(out.glob("*.npz")):
         old.unlink()
@@ -124,6 +144,29 @@ def main(argv=None):
     print(f"{len(names)} golden cases in {out}")
 
 
+def rerecord(out: Path) -> int:
+    names = sorted(p.name.removesuffix(".mdf.json") for p in out.glob("*.mdf.json"))
+    moved = 0
+    for name in names:
+        with np.load(out / f"{name}.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")}
+        consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
+        outs = run_case(out / f"{name}.mdf.json", feeds, consts)
+        for k, v in outs.items():
+            w = arrays[f"out:{k}"]
+            v = np.asarray(v)
+            assert v.dtype == w.dtype and v.shape == w.shape, (name, k, v.dtype, v.shape, w.dtype, w.shape)
+            np.testing.assert_allclose(v, w, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(w).max())),
+                                       err_msg=f"{name} output {k}: more than float32 rounding")
+            moved += int(not np.array_equal(v, w, equal_nan=True))
+            arrays[f"out:{k}"] = v
+        np.savez_compressed(out / f"{name}.npz", **arrays)
+    (out / "fingerprint.json").write_text(json.dumps({"cases": len(names), **fingerprint()}, indent=1) + "\n")
+    print(f"{len(names)} golden cases re-recorded in {out}; {moved} outputs changed in the last bits")
+    return 0
+
+
 def _jsonable(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
@@ -133,4 +176,4 @@ def _jsonable(o):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
