@@ -84,7 +84,7 @@ def _openblas_note() -> str:
 
 
 def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, onnx_path=None, constants=None,
-              batch: int | None = None) -> list[dict]:
+              batch: int | None = None, precisions: tuple[str, ...] = ()) -> list[dict]:
     consts = load_constants(constants) if constants else None
     prog_cpu = compile(mdf_path, device="cpu", constants=consts)
     x, what = bench_inputs(prog_cpu, batch)
@@ -97,6 +97,7 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
         rows.append({"engine": name, "seconds": seconds, "images_per_s": len(x) / seconds,
                      "max_abs_diff_vs_gpu_mdf": diff})
         echo(f"  measured {name}: {seconds * 1e3:.2f} ms")
+        return rows[-1]
 
     def skipped(name, why):
         echo(f"  {name}: not measured ({why})")
@@ -120,6 +121,8 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
         add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), pg.run(x))
     else:
         skipped("CuPy", probe.reason)
+    if precisions:
+        _precision_rows(mdf_path, consts, x, ref, precisions, repeats, probe, add, skipped, echo)
 
     if "onnxruntime" not in skip:
         _onnxruntime_row(mdf_path, keras_path, onnx_path, consts, x, repeats, add, skipped, echo)
@@ -145,6 +148,45 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     for r in rows:
         r["time_vs_gpu_mdf"] = r["seconds"] / base
     return rows
+
+
+def _precision_rows(mdf_path, consts, x, ref, precisions, repeats, probe, add, skipped, echo):
+    """The opt-in reduced precisions (``compile(precision=...)``), each timed and compared
+    with float32's outputs: max |difference| and, for class scores, top-1 agreement."""
+    def report(row, out, prog):
+        outs = outputs_of(prog, out)
+        row["top1_agreement_vs_gpu_mdf"] = agree = top1_agreement(outs[0], ref[0])
+        scale = float(np.abs(ref[0]).max())
+        echo(f"  {row['engine']}: max|diff| vs float32 {row['max_abs_diff_vs_gpu_mdf']:.2e} (max|y| {scale:.3g})"
+             + ("" if agree is None else f"; top-1 agreement {agree:.2%} of {len(outs[0]):,} items"))
+
+    for precision in precisions:
+        if precision == "fp16":
+            p16 = compile(mdf_path, device="cpu", constants=consts, precision="fp16")
+            x16 = x.astype(np.float16) if x.dtype.kind == "f" else x
+            out = p16.run(x16)
+            report(add("gpu-mdf (NumPy, CPU, fp16)", timeit(lambda p=p16, x=x16: p.run(x), repeats), out), out, p16)
+        if not probe.usable:
+            skipped(f"gpu-mdf (CuPy, {precision})", probe.reason)
+            continue
+        pg = compile(mdf_path, device="gpu", constants=consts, precision=precision)
+        xd = pg.prepare(x.astype(np.float16) if precision == "fp16" and x.dtype.kind == "f" else x)
+        feeds = {pg.primary_input.name: xd}
+
+        def dev(pg=pg, feeds=feeds):
+            pg.execute(feeds)
+            pg.backend.synchronize()
+        out = {k: pg.backend.to_host(v) for k, v in pg.execute(feeds).items()}
+        report(add(f"gpu-mdf (CuPy, {precision}, device-resident)", timeit(dev, repeats), out), out, pg)
+
+
+def top1_agreement(out: np.ndarray, ref: np.ndarray) -> float | None:
+    """The fraction of items whose largest score is at the same place (None unless both are
+    (items, classes) with at least two classes)."""
+    out, ref = np.asarray(out), np.asarray(ref)
+    if ref.ndim != 2 or ref.shape[1] < 2 or out.shape != ref.shape:
+        return None
+    return float(np.mean(out.argmax(1) == ref.argmax(1)))
 
 
 def _onnxruntime_row(mdf_path, keras_path, onnx_path, consts, x, repeats, add, skipped, echo):
@@ -367,7 +409,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0,
-         onnx_model=None, constants=None, batch=None, standin=False):
+         onnx_model=None, constants=None, batch=None, standin=False, precisions=()):
     if mdf_file is None and keras_model is None:
         raise GpuMdfError("give an MDF file (and --keras-model for the TensorFlow baselines)")
     if mdf_file is not None:
@@ -381,7 +423,7 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
         mdf_file = save_mdf(keras_to_mdf(load_keras_model(keras_model), normalize="l2"), tmp)
     echo(f"benchmark: {mdf_file}, median of {repeats} after warm-ups")
     rows = run_table(mdf_file, keras_model, repeats, skip, echo, onnx_path=onnx_model, constants=constants,
-                     batch=batch)
+                     batch=batch, precisions=tuple(precisions))
     echo("")
     echo(render(rows))
     result = {"rows": rows}

@@ -368,10 +368,13 @@ def info(model, as_json, no_tensorflow, opset):
               help="also run an N-image job as one process, on local:1 and on local:2 (Dask)")
 @click.option("--standin", is_flag=True,
               help="also count kernel launches and new device memory per batch on the strict CuPy stand-in")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "tf32"]),
+              help="also time an opt-in reduced precision (fp16: CPU and GPU; tf32: GPU) and report its "
+                   "agreement with float32 (max |difference|, top-1 agreement)")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="write the table as JSON here")
 @_errors
 def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, skip, cluster_scaling, standin,
-          json_out):
+          precisions, json_out):
     """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios).
 
     MDF_FILE is an MDF file or an ONNX model (converted through the cache; ONNX Runtime
@@ -386,7 +389,7 @@ def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, 
     from .bench import main as bench_main
     bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,
                cluster_scaling_n=cluster_scaling, onnx_model=onnx_model, constants=constants, batch=batch,
-               standin=standin)
+               standin=standin, precisions=precisions)
 
 
 if __name__ == "__main__":

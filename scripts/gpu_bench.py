@@ -11,7 +11,10 @@ For every model of the bundle, one table row:
   synchronisation at the end), as the median of 5 such timings;
 * **end to end** images/s: host arrays (uint8 pixels for MNIST models) streamed through
   ``Program.run_many`` (pinned staging, overlapped copies, results back on the host),
-  the median of 3 passes over ``--images`` items.
+  the median of 3 passes over ``--images`` items;
+* the opt-in precisions (``compile(precision="fp16" | "tf32")``): device-resident images/s
+  and their agreement with the float32 GPU program (reported; float32 alone decides the
+  exit status).
 
 Medians, never best-of; nothing is extrapolated from a single batch.
 """
@@ -76,9 +79,20 @@ def bench(entry, n: int, device="gpu", reps=REPS, rounds=(5, 3)) -> dict:
     host = gpu_bundle.data(entry, cpu, n)
     chunk = min(bs, 1 << 17)
     t_e2e = end_to_end(gpu, host, chunk, rounds[1])
+    precisions = {}
+    for precision in ("fp16", "tf32"):
+        p = gpu_bundle.compiled(entry, device, precision=precision)
+        xp_ = x.astype(np.float16) if precision == "fp16" and x.dtype.kind == "f" else x
+        c = np.asarray(p.run(xp_), np.float64)
+        precisions[precision] = {
+            "max_abs_diff_vs_fp32": float(np.abs(c - a).max()),
+            "argmax_agreement": float((c.reshape(len(c), -1).argmax(1) == a.reshape(len(a), -1).argmax(1)).mean()),
+            "device_resident_images_per_s": bs / device_resident(p, p.prepare(
+                xb.astype(np.float16) if precision == "fp16" and xb.dtype.kind == "f" else xb), reps, rounds[0])}
     return {"model": entry["name"], "images": n, "max_abs_diff_vs_numpy": diff, "argmax_agreement": agree,
             "batch": bs, "device_resident_images_per_s": bs / t_dev, "chunk": chunk,
-            "end_to_end_images_per_s": n / t_e2e, "input_dtype": str(host.dtype), "gpu": gpu.backend.reason}
+            "end_to_end_images_per_s": n / t_e2e, "input_dtype": str(host.dtype), "gpu": gpu.backend.reason,
+            "precisions": precisions}
 
 
 def main(argv):
@@ -102,6 +116,13 @@ def main(argv):
         print(f"{r['model']:<24} {r['max_abs_diff_vs_numpy']:>12.2e} {r['argmax_agreement']:>7.2%} {r['batch']:>7,} "
               f"{r['device_resident_images_per_s']:>22,.0f} {r['end_to_end_images_per_s']:>17,.0f} "
               f"{r['input_dtype']:>8}")
+    print(f"{'model':<24} {'precision':>9} {'max|diff| vs fp32':>18} {'argmax':>7} {'device-resident img/s':>22} "
+          f"{'vs fp32':>8}")
+    for r in rows:
+        for name, p in r["precisions"].items():
+            print(f"{r['model']:<24} {name:>9} {p['max_abs_diff_vs_fp32']:>18.2e} {p['argmax_agreement']:>7.2%} "
+                  f"{p['device_resident_images_per_s']:>22,.0f} "
+                  f"{p['device_resident_images_per_s'] / r['device_resident_images_per_s']:>7.2f}x")
     print(f"(medians: device-resident of 5 x {REPS} back-to-back batches timed with CUDA events; "
           f"end to end of 3 passes; {rows[0]['gpu'] if rows else ''})")
     (folder / "gpu_bench.json").write_text(json.dumps(rows, indent=2))

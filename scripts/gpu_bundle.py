@@ -29,5 +29,6 @@ def data(entry, prog, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n,) + item).astype(np.float32)
 
 
-def compiled(entry, device, optimize=True):
-    return compile(entry["path"], device=device, constants=entry["constants"], optimize=optimize)
+def compiled(entry, device, optimize=True, precision=None):
+    return compile(entry["path"], device=device, constants=entry["constants"], optimize=optimize,
+                   precision=precision)

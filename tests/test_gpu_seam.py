@@ -256,6 +256,9 @@ def test_gpu_benchmark_script_logic(strict_gpu, reference_mdf, tmp_path):
     for row in rows:
         assert row["max_abs_diff_vs_numpy"] < 1e-5 and row["argmax_agreement"] == 1.0
         assert row["device_resident_images_per_s"] > 0 and row["end_to_end_images_per_s"] > 0
+        fp16, tf32 = row["precisions"]["fp16"], row["precisions"]["tf32"]
+        assert 0 < fp16["max_abs_diff_vs_fp32"] < 2e-2 and fp16["argmax_agreement"] >= 0.99
+        assert tf32["max_abs_diff_vs_fp32"] == 0      # the stand-in does not emulate TF32's rounding
     assert rows[0]["input_dtype"] == "uint8" and rows[1]["input_dtype"] == "float32"
 
 

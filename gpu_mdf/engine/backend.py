@@ -118,6 +118,19 @@ class Backend:
                 avail = min(avail, int(limit - pool.used_bytes()))
             return max(avail, 0)
 
+    @contextlib.contextmanager
+    def tf32(self):
+        """cuBLAS's TensorFloat-32 compute type for float32 products inside the block (CuPy's
+        per-dtype compute type, the one ``CUPY_TF32=1`` sets for a whole process), then
+        what it was before."""
+        from cupy._core import _routines_linalg as linalg
+        before = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(np.float32, before)
+
     def synchronize(self) -> None:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()

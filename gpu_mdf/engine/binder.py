@@ -28,7 +28,7 @@ from .steps import CONST, DEVICE, HOST, Ref, Step
 def compile(model, device: str | Backend = "auto", dtype: str | None = None,
             normalize: str | None = None, graph: str | None = None,
             inputs: list[str] | None = None, constants: dict | None = None, opset: int | None = None,
-            optimize: bool = True) -> Program:
+            optimize: bool = True, precision: str | None = None) -> Program:
     """Compile an MDF model (path, dict or ``modeci_mdf.mdf.Model``) for batch execution.
 
     * ``constants``: values for unconnected input ports (``{port_id: array}`` or
@@ -47,8 +47,14 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
       does not); default 17.
     * ``optimize``: run the optimising passes (:mod:`~gpu_mdf.engine.passes`); False runs
       the graph as written, for debugging and for comparing the two.
+    * ``precision`` (opt-in, approximate: compare with ``fp32`` before trusting it):
+      ``fp16`` runs the whole program in float16 (weights, inputs, every value; CuPy's and
+      NumPy's own float16 kernels, not the generated ones); ``tf32`` lets cuBLAS round
+      float32 products' inputs to TensorFloat-32 on a GPU (refused on the CPU, which has
+      no such mode). ``None``/``fp32`` is the default, exact float32 as written.
     """
     backend = device if isinstance(device, Backend) else select_backend(device)
+    dtype, tf32 = _precision(precision, dtype, backend)
     model_id, gid, g = select_graph(load_mdf(model), graph)
     norm = normalize or GraphMeta.of(g).normalize or "none"
     if norm not in NORMALIZATIONS:
@@ -62,11 +68,30 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
         plan.notes = run_passes(plan, found.values if found else None)
     plan_inplace(plan.steps, plan.outputs)
     prog = bind(plan, backend)
+    prog.tf32 = tf32
     if found:
         for o in prog.outputs:
             o.shape, o.dtype = found.outputs[o.name]
         prog.bytes_per_item = found.bytes_per_item
     return prog
+
+
+PRECISIONS = ("fp32", "fp16", "tf32")
+
+
+def _precision(precision: str | None, dtype: str | None, backend: Backend) -> tuple[str | None, bool]:
+    """(dtype, TF32 on) for ``compile(precision=...)``; a CompileError for what does not fit."""
+    if precision in (None, "fp32"):
+        return dtype, False
+    if precision not in PRECISIONS:
+        raise CompileError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    want = "float16" if precision == "fp16" else "float32"
+    if dtype is not None and np.dtype(dtype) != np.dtype(want):
+        raise CompileError(f"precision {precision} computes in {want}; dtype {dtype} contradicts it")
+    if precision == "tf32" and not backend.is_gpu:
+        raise CompileError(f"precision tf32 is a cuBLAS math mode of NVIDIA GPUs; this program runs on "
+                           f"{backend.device} ({backend.name})")
+    return want, precision == "tf32"
 
 
 def bind(plan: Plan, backend: Backend) -> Program:

@@ -21,7 +21,7 @@ from collections import Counter
 
 import numpy as np
 
-from .ops.fusion import FUSIBLE, Instr, fusible
+from .ops.fusion import FUSIBLE, KERNEL_DTYPES, Instr, fusible
 from .steps import CONST, DEVICE, FusedStep, OpStep, Ref, Val
 
 
@@ -326,7 +326,7 @@ def recognise_caps(plan, info) -> str | None:
                 and np.array_equal(ge.args[0].host_value(), c.host_value())):
             continue
         dtype = info.get(st.key, (None, None))[1]
-        if dtype is None or np.dtype(dtype).kind != "f" or c.host_value().dtype != np.dtype(dtype):
+        if dtype is None or np.dtype(dtype) not in KERNEL_DTYPES or c.host_value().dtype != np.dtype(dtype):
             continue
         at = plan.steps.index(st)
         plan.steps[at] = FusedStep(st.key, DEVICE, [a, c], f"{st.what} (min with a constant)",
@@ -380,7 +380,7 @@ def _link(st, info):
     operands all have its type (Clip's constant bounds become attributes), or a fused step
     without a tail; None otherwise."""
     dtype = info.get(st.key, (None, None))[1]
-    if dtype is None or np.dtype(dtype).kind != "f" or st.place != DEVICE:
+    if dtype is None or np.dtype(dtype) not in KERNEL_DTYPES or st.place != DEVICE:
         return None
     if isinstance(st, FusedStep):
         return (st.program, list(st.args)) if st.tail is None else None
@@ -418,7 +418,7 @@ def _tail_of(st, info) -> str | None:
     if not (isinstance(st, OpStep) and st.spec.name in ("onnx::Softmax", "onnx::LogSoftmax") and st.place == DEVICE):
         return None
     shape, dtype = info.get(st.key, (None, None))
-    if shape is None or not shape or np.dtype(dtype) not in (np.float32, np.float64):
+    if shape is None or not shape or np.dtype(dtype) not in KERNEL_DTYPES:
         return None
     if st.attrs.get("axis", -1) % len(shape) != len(shape) - 1:
         return None

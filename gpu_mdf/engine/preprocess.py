@@ -25,9 +25,14 @@ def normalize(x, mode: str = "l2", xp=np, dtype=np.float32):
       of each image divided by its L2 norm over the rows (zero norms left as 1);
     * ``scale``: ``x / 255``;
     * ``none``: cast only.
+
+    A type narrower than float32 (float16) gets float32's result, rounded once: a column's
+    sum of squared pixels (up to 28 x 255^2) overflows float16.
     """
     if mode not in NORMALIZATIONS:
         raise DataError(f"unknown normalisation {mode!r}; expected one of {NORMALIZATIONS}")
+    if np.dtype(dtype).itemsize < 4:
+        return normalize(x, mode, xp, np.float32).astype(dtype)
     x_in = x
     x = x.astype(dtype, copy=False)
     if mode == "scale":

@@ -49,6 +49,7 @@ class Program:
     _defaults: dict = field(repr=False, default_factory=dict)     # input name -> device array
     _out: list = field(repr=False, default_factory=list)          # (name, getter)
     bytes_per_item: int = 0
+    tf32: bool = False                # float32 products with TensorFloat-32 inputs (compile(precision="tf32"))
 
     @property
     def xp(self):
@@ -63,6 +64,8 @@ class Program:
             text += f"; device->host copies per batch: {len(self.plan.syncs)} ({self.plan.syncs[0]}...)"
         if self.plan.uploads:
             text += f"; host->device copies per batch: {len(self.plan.uploads)}"
+        if self.tf32:
+            text += "; matrix products in TF32 (approximate)"
         if self.plan.notes:
             text += "; optimised: " + "; ".join(self.plan.notes)
         return text
@@ -164,6 +167,9 @@ class Program:
             # overflow and NaN inside a model are not warnings here: a non-finite output is
             # an error of its item, reported by whoever reads the results (gpu-mdf infer)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return self._loop(env, trace)
+        if self.tf32:
+            with self.backend.tf32():
                 return self._loop(env, trace)
         return self._loop(env, trace)
 

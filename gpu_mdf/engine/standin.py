@@ -41,6 +41,10 @@ Where it had to guess (written down, as the task asks):
   the data are copied at once (it is all host memory here).
 * Element values and type promotion follow NumPy 2, which CuPy 14 follows too.
 * Kernel launches are free here; nothing measures speed.
+* ``cupy._core._routines_linalg``'s per-dtype compute type (``get_compute_type``,
+  ``set_compute_type``, ``COMPUTE_TYPE_*``) is modelled: a float32 product (``matmul``,
+  ``dot``, ``einsum``, ``tensordot``, ``@``) made while it is TF32 is counted in
+  ``COUNT.tf32_products``; the numbers stay float32's (TF32's rounding is not emulated).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class _Counters:
         self.launches = 0            # kernels: every call that writes device memory (views are free)
         self.alloc_bytes = 0         # device memory asked of the pool
         self.new_bytes = 0           # of that, what the pool had to get from the device (a cudaMalloc)
+        self.tf32_products = 0       # float32 products made under the TF32 compute type
         self.log: list[tuple[str, str]] = []
 
     def launch(self, what: str, nbytes: int = 0):
@@ -195,12 +200,18 @@ def _wrap(res, roots=(), what: str = "kernel"):
     return res
 
 
+_PRODUCTS = {"matmul", "dot", "einsum", "tensordot", "__matmul__", "__rmatmul__", "__imatmul__"}
+
+
 def _call(fn, args, kwargs, where):
     roots = _roots((args, kwargs))
     out = kwargs.get("out")
     a = _unwrap(args, where)
     k = _unwrap(kwargs, where)
     res = fn(*a, **k)
+    if where in _PRODUCTS and _core._routines_linalg.get_compute_type(np.float32) == _TF32 \
+            and getattr(res, "dtype", None) == np.float32:
+        COUNT.tf32_products += 1
     if isinstance(out, ndarray):
         COUNT.launch(where)
         return out
@@ -465,6 +476,28 @@ def _as_strided(x, shape=None, strides=None):
         raise TypeError(f"Unsupported type {type(x)}")
     return ndarray(np.lib.stride_tricks.as_strided(x._a, shape=shape, strides=strides))
 
+
+# cupy._core._routines_linalg's compute types (the values of CuPy's enum)
+_TF32 = 7
+_compute_types: dict = {}
+
+
+def _get_compute_type(dtype):
+    return _compute_types.get(np.dtype(dtype), 1)         # COMPUTE_TYPE_DEFAULT
+
+
+def _set_compute_type(dtype, compute_type):
+    if compute_type not in range(1, 8):
+        raise ValueError(f"Unknown compute type: {compute_type}")
+    _compute_types[np.dtype(dtype)] = compute_type
+
+
+_core = types.ModuleType("cupy._core")
+_core._routines_linalg = types.ModuleType("cupy._core._routines_linalg")
+vars(_core._routines_linalg).update(
+    COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3, COMPUTE_TYPE_FP32=4,
+    COMPUTE_TYPE_FP64=5, COMPUTE_TYPE_BF16=6, COMPUTE_TYPE_TF32=_TF32,
+    get_compute_type=_get_compute_type, set_compute_type=_set_compute_type)
 
 lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
     as_strided=_as_strided, sliding_window_view=_sliding_window_view))
@@ -819,7 +852,9 @@ def install(monkeypatch):
     msp.erf = _erf
     mx.scipy, msc.special = msc, msp
     this = sys.modules[__spec__.name] if __spec__ else sys.modules["fake_cupy"]
-    for name, mod in (("cupy", this), ("cupyx", mx), ("cupyx.scipy", msc), ("cupyx.scipy.special", msp)):
+    for name, mod in (("cupy", this), ("cupy._core", _core), ("cupy._core._routines_linalg", _core._routines_linalg),
+                      ("cupyx", mx), ("cupyx.scipy", msc), ("cupyx.scipy.special", msp)):
         monkeypatch.setitem(sys.modules, name, mod)
     _pool.set_limit(0)
+    _compute_types.clear()
     COUNT.reset()

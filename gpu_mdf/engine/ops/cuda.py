@@ -21,7 +21,7 @@ import hashlib
 
 import numpy as np
 
-from .fusion import Instr, c_chain, n_operands
+from .fusion import KERNEL_DTYPES, Instr, c_chain, n_operands
 
 _KERNELS: dict = {}
 SOURCES: dict[str, tuple[str, str, str]] = {}      # kernel name -> (in_params, out_params, body)
@@ -41,7 +41,7 @@ def kernel(xp, kind: str, in_params: str, out_params: str, body: str):
 
 def _suffix(dtype) -> str:
     dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
+    if dt not in KERNEL_DTYPES:
         raise ValueError(f"generated kernels take float32 or float64, not {dt}")
     return "f" if dt == np.float32 else ""
 

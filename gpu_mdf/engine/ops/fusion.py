@@ -68,6 +68,9 @@ FUSIBLE: dict[str, Fusible] = {
                               onnx=("GreaterOrEqual(b, a) -> c", "Where(c, a, b)")),
 }
 TAILS = ("softmax", "logsoftmax")
+# the float types a fused chain and the generated CUDA kernels are written for ("f" suffix
+# or none); a chain of another type (float16) is left unfused, its ops run one by one
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass(frozen=True)

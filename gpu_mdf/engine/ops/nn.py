@@ -175,7 +175,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     out, _ = _out_sizes(x.shape[2:], kernel, strides, dil, pads)
     n = x.shape[0]
     cg, fg = c // g, f // g
-    if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g):
+    if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g, x.dtype):
         yl = _conv_generated(xp, _channels_last(xp, x), w, kernel, strides, dil, pads, out, g, fg)
         if b is not None:
             yl = add_trailing(xp, yl, b, inplace=True)
@@ -212,10 +212,12 @@ def _grouped_conv(xp, xl, w, kernel, strides, dil, out, g):
     return xp.ascontiguousarray(xp.matmul(cols, wg).transpose(1, 0, 2)).reshape(rows, f)
 
 
-def _gpu_conv_kernel(kernel, cg, g) -> bool:
+def _gpu_conv_kernel(kernel, cg, g, dtype) -> bool:
     """Whether a 2-D conv runs through a generated CUDA kernel: depthwise, or one group
-    with a window larger than 1x1 (im2col with the padding in its index arithmetic)."""
-    return (cg == 1 and g > 1) or (g == 1 and any(k != 1 for k in kernel))
+    with a window larger than 1x1 (im2col with the padding in its index arithmetic), of a
+    type the kernels are written for."""
+    from .fusion import KERNEL_DTYPES
+    return dtype in KERNEL_DTYPES and ((cg == 1 and g > 1) or (g == 1 and any(k != 1 for k in kernel)))
 
 
 def _conv_generated(xp, xl, w, kernel, strides, dil, pads, out, g, fg):
