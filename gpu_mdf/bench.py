@@ -84,7 +84,7 @@ def _openblas_note() -> str:
 
 
 def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, onnx_path=None, constants=None,
-              batch: int | None = None, precisions: tuple[str, ...] = ()) -> list[dict]:
+              batch: int | None = None, precisions: tuple[str, ...] = (), cuda_graphs: bool = False) -> list[dict]:
     consts = load_constants(constants) if constants else None
     prog_cpu = compile(mdf_path, device="cpu", constants=consts)
     x, what = bench_inputs(prog_cpu, batch)
@@ -119,8 +119,21 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
             pg.backend.synchronize()
         add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), pg.run(x))
         add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), pg.run(x))
+        if cuda_graphs:
+            gg = compile(mdf_path, device="gpu", constants=consts, cuda_graphs=True)
+            gfeeds = {gg.primary_input.name: gg.prepare(x)}
+
+            def replay():
+                gg.execute(gfeeds)
+                gg.backend.synchronize()
+            seconds = timeit(replay, repeats)            # the warm-ups capture: the timed runs replay
+            add("gpu-mdf (CuPy, CUDA graphs, device-resident)", seconds,
+                {k: gg.backend.to_host(v) for k, v in gg.execute(gfeeds).items()})
+            echo(f"  {gg.cuda_graphs.describe()}")
     else:
         skipped("CuPy", probe.reason)
+        if cuda_graphs:
+            skipped("CUDA graphs", probe.reason)
     if precisions:
         _precision_rows(mdf_path, consts, x, ref, precisions, repeats, probe, add, skipped, echo)
 
@@ -409,7 +422,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, cluster_scaling_n=0,
-         onnx_model=None, constants=None, batch=None, standin=False, precisions=()):
+         onnx_model=None, constants=None, batch=None, standin=False, precisions=(), cuda_graphs=False):
     if mdf_file is None and keras_model is None:
         raise GpuMdfError("give an MDF file (and --keras-model for the TensorFlow baselines)")
     if mdf_file is not None:
@@ -423,7 +436,7 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
         mdf_file = save_mdf(keras_to_mdf(load_keras_model(keras_model), normalize="l2"), tmp)
     echo(f"benchmark: {mdf_file}, median of {repeats} after warm-ups")
     rows = run_table(mdf_file, keras_model, repeats, skip, echo, onnx_path=onnx_model, constants=constants,
-                     batch=batch, precisions=tuple(precisions))
+                     batch=batch, precisions=tuple(precisions), cuda_graphs=cuda_graphs)
     echo("")
     echo(render(rows))
     result = {"rows": rows}

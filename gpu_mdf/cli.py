@@ -192,6 +192,8 @@ def plot(mdf_file, out, levels):
               help=".npz of values for unconnected input ports (weights an exporter wrote as ports)")
 @click.option("--opset", type=click.IntRange(1, 28), default=None,
               help="the ONNX opset of a file that does not record it (onnx_to_mdf's; default 17)")
+@click.option("--cuda-graphs", is_flag=True,
+              help="on a GPU, capture each batch shape as a CUDA graph and replay it (opt-in; refused without a GPU)")
 @click.option("--overwrite", is_flag=True, help="replace another job's files in --out")
 @click.option("--keep-chunks", is_flag=True, help="keep --out/.chunks after a successful job")
 @click.option("--cluster", default=None,
@@ -202,8 +204,8 @@ def plot(mdf_file, out, levels):
 @click.option("--no-progress", is_flag=True)
 @_errors
 def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, output_name,
-          softmax, min_confidence, kaggle, save_preprocessed, constants, opset, overwrite, keep_chunks, cluster,
-          cluster_timeout, config_path, no_progress):
+          softmax, min_confidence, kaggle, save_preprocessed, constants, opset, cuda_graphs, overwrite, keep_chunks,
+          cluster, cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     MDF_FILE may be an ONNX model: it is converted once into a cache, and --normalize must
@@ -227,7 +229,7 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     min_confidence = (cfg.infer if cfg else InferConfig()).min_confidence if min_confidence is None else min_confidence
     options = dict(invert=invert, top_k=top_k, overwrite=overwrite, keep_chunks=keep_chunks, normalize=normalize,
                    constants=constants, output=output_name, softmax=softmax, min_confidence=min_confidence,
-                   kaggle=kaggle, save_preprocessed=save_preprocessed, opset=opset)
+                   kaggle=kaggle, save_preprocessed=save_preprocessed, opset=opset, cuda_graphs=cuda_graphs)
     with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
             ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"),
@@ -371,10 +373,12 @@ def info(model, as_json, no_tensorflow, opset):
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "tf32"]),
               help="also time an opt-in reduced precision (fp16: CPU and GPU; tf32: GPU) and report its "
                    "agreement with float32 (max |difference|, top-1 agreement)")
+@click.option("--cuda-graphs", is_flag=True,
+              help="also time the program replayed as a CUDA graph on the GPU (opt-in)")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="write the table as JSON here")
 @_errors
 def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, skip, cluster_scaling, standin,
-          precisions, json_out):
+          precisions, cuda_graphs, json_out):
     """Benchmark gpu-mdf against ONNX Runtime, TensorFlow and EvaluableGraph (ratios).
 
     MDF_FILE is an MDF file or an ONNX model (converted through the cache; ONNX Runtime
@@ -389,7 +393,7 @@ def bench(mdf_file, keras_model, onnx_model, constants, batch, repeats, stream, 
     from .bench import main as bench_main
     bench_main(mdf_file, keras_model, repeats, stream, set(skip), json_out, echo=click.echo,
                cluster_scaling_n=cluster_scaling, onnx_model=onnx_model, constants=constants, batch=batch,
-               standin=standin, precisions=precisions)
+               standin=standin, precisions=precisions, cuda_graphs=cuda_graphs)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ For every model of the bundle, one table row:
   the median of 3 passes over ``--images`` items;
 * the opt-in precisions (``compile(precision="fp16" | "tf32")``): device-resident images/s
   and their agreement with the float32 GPU program (reported; float32 alone decides the
-  exit status).
+  exit status);
+* CUDA graphs (``compile(cuda_graphs=True)``): whether the batch was captured (or why
+  not), device-resident images/s of the replays, and their difference from eager
+  execution (float rounding at most: cuBLAS may choose another algorithm inside a capture;
+  more than 1e-4 fails the check).
 
 Medians, never best-of; nothing is extrapolated from a single batch.
 """
@@ -89,10 +93,20 @@ def bench(entry, n: int, device="gpu", reps=REPS, rounds=(5, 3)) -> dict:
             "argmax_agreement": float((c.reshape(len(c), -1).argmax(1) == a.reshape(len(a), -1).argmax(1)).mean()),
             "device_resident_images_per_s": bs / device_resident(p, p.prepare(
                 xb.astype(np.float16) if precision == "fp16" and xb.dtype.kind == "f" else xb), reps, rounds[0])}
+    gg = gpu_bundle.compiled(entry, device, cuda_graphs=True)
+    xg = gg.prepare(xb)
+    eager_out = np.asarray(gpu.backend.to_host(next(iter(gpu.execute({gpu.primary_input.name: gpu.prepare(xb)})
+                                                          .values()))))
+    t_graph = device_resident(gg, xg, reps, rounds[0])       # its first runs capture; the timed ones replay
+    graph_out = np.asarray(gg.backend.to_host(next(iter(gg.execute({gg.primary_input.name: xg}).values()))))
+    cg = gg.cuda_graphs
+    graphs = {"captured": bool(cg.graphs), "why_not": cg.never or next(iter(cg.refused.values()), None),
+              "replays": cg.replays, "max_abs_diff_vs_eager": float(np.abs(graph_out - eager_out).max()),
+              "device_resident_images_per_s": bs / t_graph}
     return {"model": entry["name"], "images": n, "max_abs_diff_vs_numpy": diff, "argmax_agreement": agree,
             "batch": bs, "device_resident_images_per_s": bs / t_dev, "chunk": chunk,
             "end_to_end_images_per_s": n / t_e2e, "input_dtype": str(host.dtype), "gpu": gpu.backend.reason,
-            "precisions": precisions}
+            "precisions": precisions, "cuda_graphs": graphs}
 
 
 def main(argv):
@@ -123,10 +137,18 @@ def main(argv):
             print(f"{r['model']:<24} {name:>9} {p['max_abs_diff_vs_fp32']:>18.2e} {p['argmax_agreement']:>7.2%} "
                   f"{p['device_resident_images_per_s']:>22,.0f} "
                   f"{p['device_resident_images_per_s'] / r['device_resident_images_per_s']:>7.2f}x")
+    print(f"{'model':<24} {'CUDA graph':>10} {'replays':>8} {'max|diff| vs eager':>19} {'device-resident img/s':>22} "
+          f"{'vs eager':>9}")
+    for r in rows:
+        g = r["cuda_graphs"]
+        print(f"{r['model']:<24} {'captured' if g['captured'] else 'eager':>10} {g['replays']:>8} "
+              f"{g['max_abs_diff_vs_eager']:>19.2e} {g['device_resident_images_per_s']:>22,.0f} "
+              f"{g['device_resident_images_per_s'] / r['device_resident_images_per_s']:>8.2f}x"
+              + ("" if g["captured"] else f"  ({g['why_not']})"))
     print(f"(medians: device-resident of 5 x {REPS} back-to-back batches timed with CUDA events; "
           f"end to end of 3 passes; {rows[0]['gpu'] if rows else ''})")
     (folder / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
-    ok = all(r["max_abs_diff_vs_numpy"] < 1e-4 for r in rows)
+    ok = all(r["max_abs_diff_vs_numpy"] < 1e-4 and r["cuda_graphs"]["max_abs_diff_vs_eager"] < 1e-4 for r in rows)
     return 0 if ok and rows else 1
 
 

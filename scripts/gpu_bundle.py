@@ -29,6 +29,6 @@ def data(entry, prog, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n,) + item).astype(np.float32)
 
 
-def compiled(entry, device, optimize=True, precision=None):
+def compiled(entry, device, optimize=True, precision=None, cuda_graphs=False):
     return compile(entry["path"], device=device, constants=entry["constants"], optimize=optimize,
-                   precision=precision)
+                   precision=precision, cuda_graphs=cuda_graphs)

@@ -93,6 +93,42 @@ def test_generated_kernels_agree_and_no_batch_grows_the_pool(bundle, name):
     assert pool.total_bytes() == held
 
 
+@pytest.mark.parametrize("name", names())
+def test_cuda_graph_replays_equal_eager_runs(bundle, name):
+    """Captured on the second batch of a shape, replayed after: eager execution's numbers
+    within float rounding (cuBLAS may pick another algorithm inside a capture, where it
+    cannot allocate a workspace), batches of different values (a replay that read stale inputs or wrote where
+    the pool gave someone else memory would differ), and the pool's emptying between
+    batches (the OOM split's free_all_blocks) does not touch the graph's own memory."""
+    import cupy as cp
+    entry = bundle[name]
+    eager = gpu_bundle.compiled(entry, "gpu")
+    graphs = gpu_bundle.compiled(entry, "gpu", cuda_graphs=True)
+    xs = [gpu_bundle.data(entry, eager, 256 + k)[k:k + 256] for k in range(5)]
+    for k, x in enumerate(xs):
+        np.testing.assert_allclose(graphs.run(x), eager.run(x), rtol=1e-5, atol=1e-6, err_msg=f"batch {k}")
+        cp.get_default_memory_pool().free_all_blocks()
+    cg = graphs.cuda_graphs
+    assert cg.graphs and cg.replays == 3, graphs.describe()
+
+
+@pytest.mark.parametrize("name", names())
+def test_reduced_precisions_stay_close_to_float32(bundle, name):
+    entry = bundle[name]
+    ref = gpu_bundle.compiled(entry, "gpu")
+    x = gpu_bundle.data(entry, ref, 512)
+    want = np.asarray(ref.run(x), np.float64)
+    for precision, tol, least in (("tf32", 1e-2, 0.97), ("fp16", None, 0.9)):
+        p = gpu_bundle.compiled(entry, "gpu", precision=precision)
+        got = np.asarray(p.run(x.astype(np.float16) if precision == "fp16" and x.dtype.kind == "f" else x),
+                         np.float64)
+        assert np.isfinite(got).all(), precision
+        if tol is not None:          # fp16's error is reported (scripts/gpu_bench.py), not bounded here
+            assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), precision
+        agree = (got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)).mean()
+        assert agree >= least, (precision, agree)
+
+
 def test_overlapped_stream_equals_single_runs(bundle, images):
     gpu = gpu_bundle.compiled(bundle["reference.mdf.json"], "gpu")
     chunks = [images[i:i + 700] for i in range(0, len(images), 700)]   # ragged last chunk

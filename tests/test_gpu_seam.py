@@ -259,6 +259,8 @@ def test_gpu_benchmark_script_logic(strict_gpu, reference_mdf, tmp_path):
         fp16, tf32 = row["precisions"]["fp16"], row["precisions"]["tf32"]
         assert 0 < fp16["max_abs_diff_vs_fp32"] < 2e-2 and fp16["argmax_agreement"] >= 0.99
         assert tf32["max_abs_diff_vs_fp32"] == 0      # the stand-in does not emulate TF32's rounding
+        graphs = row["cuda_graphs"]
+        assert graphs["captured"] and graphs["replays"] > 0 and graphs["max_abs_diff_vs_eager"] == 0
     assert rows[0]["input_dtype"] == "uint8" and rows[1]["input_dtype"] == "float32"
 
 

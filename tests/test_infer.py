@@ -481,14 +481,18 @@ def _interrupt_when_chunks(proc, chunk_dir, n=3, timeout=60):
         if chunk_dir.exists() and len(list(chunk_dir.glob("*.npz"))) >= n:
             break
         time.sleep(0.002)
+    assert proc.poll() is None, "the job ended before it could be interrupted: make it longer"
     proc.send_signal(signal.SIGINT)
     return proc.communicate(timeout=60)
 
 
 def test_ctrl_c_stops_a_multi_item_job_and_a_single_one_with_130(reference_mdf, tmp_path):
-    """Before: Ctrl-C failed the current item and went on to the next; a single infer exited 2."""
+    """Before: Ctrl-C failed the current item and went on to the next; a single infer exited 2.
+    Chunks of 20 images: 3,000 an item, seconds of work even on a fast machine (with 100, a
+    machine that ran both items within a second on a busy CI runner finished before the
+    interrupt came)."""
     cfg = tmp_path / "jobs.yaml"
-    cfg.write_text(f"name: j\ninfer: {{device: cpu, batch_size: 100}}\njobs:\n"
+    cfg.write_text(f"name: j\ninfer: {{device: cpu, batch_size: 20}}\njobs:\n"
                    f"  - {{model: {reference_mdf}, data: 'mnist:train', name: first}}\n"
                    f"  - {{model: {reference_mdf}, data: 'mnist:train', name: second}}\n")
     proc = subprocess.Popen([sys.executable, "-m", "gpu_mdf", "infer", "--config", str(cfg), "--out",
@@ -500,7 +504,7 @@ def test_ctrl_c_stops_a_multi_item_job_and_a_single_one_with_130(reference_mdf, 
     assert not (tmp_path / "jobs" / "second").exists() and "FAIL" not in stdout
 
     args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--data", "mnist:train",
-            "--batch-size", "100", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "one")]
+            "--batch-size", "20", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "one")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = _interrupt_when_chunks(proc, tmp_path / "one" / ".chunks")
     assert proc.returncode == 130 and "interrupted:" in stderr, (stdout, stderr)

@@ -178,10 +178,13 @@ def test_bench_times_both_precisions_on_a_gpu(strict_gpu, monkeypatch, tmp_path)
     r = CliRunner().invoke(main, ["bench", str(GOLDEN / "pytorch-style-cnn_pool.mdf.json"), "--repeats", "2",
                                   "--constants", str(_constants_npz(tmp_path, "pytorch-style-cnn_pool")),
                                   "--skip", "onnxruntime", "--skip", "evaluablegraph", "--batch", "16",
-                                  "--precision", "fp16", "--precision", "tf32", "--json-out", str(tmp_path / "b.json")])
+                                  "--precision", "fp16", "--precision", "tf32", "--cuda-graphs",
+                                  "--json-out", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     rows = {row["engine"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert rows["gpu-mdf (CuPy, device-resident)"]["max_abs_diff_vs_gpu_mdf"] < 1e-5
+    assert rows["gpu-mdf (CuPy, CUDA graphs, device-resident)"]["max_abs_diff_vs_gpu_mdf"] < 1e-5
+    assert "CUDA graphs: 1 captured" in r.output
     assert 0 < rows["gpu-mdf (CuPy, fp16, device-resident)"]["max_abs_diff_vs_gpu_mdf"] < 2e-2
     assert rows["gpu-mdf (CuPy, tf32, device-resident)"]["max_abs_diff_vs_gpu_mdf"] < 1e-5
     assert fake_cupy.COUNT.tf32_products > 0

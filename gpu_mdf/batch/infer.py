@@ -43,7 +43,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                   cluster=None, constants: str | Path | None = None, invert: str = "auto", top_k: int = 0,
                   overwrite: bool = False, keep_chunks: bool = False, output: str | None = None,
                   softmax: str = "auto", min_confidence: float = InferConfig.min_confidence, kaggle: bool = False,
-                  save_preprocessed: int = 0, opset: int | None = None) -> InferResult:
+                  save_preprocessed: int = 0, opset: int | None = None, cuda_graphs: bool = False) -> InferResult:
     """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``
     (``None``: a folder of this job's own under ``runs/infer/``).
 
@@ -59,6 +59,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
     ``min_confidence`` flags items whose top probability is under it; ``kaggle`` writes
     submission.csv; ``save_preprocessed`` writes the first N images as the model got them.
     ``opset``: the ONNX opset of a file that does not record it (``onnx_to_mdf``'s).
+    ``cuda_graphs``: replay each batch shape's CUDA graph on a GPU (opt-in; not on Dask
+    workers, which compile their own programs).
     """
     from ..convert.sources import resolve_model
     mdf_path = resolve_model(mdf_path, normalize, log=log, need_normalize=True)   # an ONNX file: its cached MDF
@@ -67,11 +69,11 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                        on_error=on_error, normalize=normalize,
                        constants=None if constants is None else Path(constants).resolve(), invert=invert,
                        top_k=top_k, output=output, softmax=softmax, min_confidence=min_confidence, kaggle=kaggle,
-                       opset=opset)
+                       opset=opset, cuda_graphs=cuda_graphs)
     request.check()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
-        prog = program or request.compile("cpu" if session else device)
+        prog = program or (request.compile("cpu", describe_only=True) if session else request.compile(device))
         job = request.job(prog, request.open_data(prog))
         result = finished(job.out, job.fingerprint)
         if result is not None:
@@ -132,6 +134,7 @@ class _Request:
     min_confidence: float
     kaggle: bool
     opset: int | None = None             # a file that does not say its opset
+    cuda_graphs: bool = False            # numbers unchanged: not part of the job's identity
 
     def check(self) -> None:
         """Refuse what can be refused before anything is compiled or written."""
@@ -145,8 +148,11 @@ class _Request:
             raise DataError(f"min_confidence must be between 0 and 1, got {self.min_confidence}")
         check_invert(self.invert)
 
-    def compile(self, device: str) -> Program:
+    def compile(self, device: str, describe_only: bool = False) -> Program:
+        """The job's program (``describe_only``: on the CPU, to describe the graph for Dask
+        workers, which compile their own)."""
         return compile(self.mdf_path, device=device, normalize=self.normalize, opset=self.opset,
+                       cuda_graphs=self.cuda_graphs and not describe_only,
                        constants=None if self.constants is None else load_constants(self.constants))
 
     def open_data(self, prog: Program) -> Dataset:

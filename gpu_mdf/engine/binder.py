@@ -28,7 +28,7 @@ from .steps import CONST, DEVICE, HOST, Ref, Step
 def compile(model, device: str | Backend = "auto", dtype: str | None = None,
             normalize: str | None = None, graph: str | None = None,
             inputs: list[str] | None = None, constants: dict | None = None, opset: int | None = None,
-            optimize: bool = True, precision: str | None = None) -> Program:
+            optimize: bool = True, precision: str | None = None, cuda_graphs: bool = False) -> Program:
     """Compile an MDF model (path, dict or ``modeci_mdf.mdf.Model``) for batch execution.
 
     * ``constants``: values for unconnected input ports (``{port_id: array}`` or
@@ -52,9 +52,14 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
       NumPy's own float16 kernels, not the generated ones); ``tf32`` lets cuBLAS round
       float32 products' inputs to TensorFloat-32 on a GPU (refused on the CPU, which has
       no such mode). ``None``/``fp32`` is the default, exact float32 as written.
+    * ``cuda_graphs`` (opt-in, GPU only): capture each input signature's batch as a CUDA
+      graph on its second batch and replay it after (:mod:`~gpu_mdf.engine.graphs`);
+      ``Program.describe()`` says what was captured and why not where it was not.
     """
     backend = device if isinstance(device, Backend) else select_backend(device)
     dtype, tf32 = _precision(precision, dtype, backend)
+    if cuda_graphs and not backend.is_gpu:
+        raise CompileError(f"CUDA graphs need a GPU; this program runs on {backend.device} ({backend.name})")
     model_id, gid, g = select_graph(load_mdf(model), graph)
     norm = normalize or GraphMeta.of(g).normalize or "none"
     if norm not in NORMALIZATIONS:
@@ -69,6 +74,9 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
     plan_inplace(plan.steps, plan.outputs)
     prog = bind(plan, backend)
     prog.tf32 = tf32
+    if cuda_graphs:
+        from .graphs import CudaGraphs
+        prog.cuda_graphs = CudaGraphs(prog)
     if found:
         for o in prog.outputs:
             o.shape, o.dtype = found.outputs[o.name]

@@ -50,6 +50,7 @@ class Program:
     _out: list = field(repr=False, default_factory=list)          # (name, getter)
     bytes_per_item: int = 0
     tf32: bool = False                # float32 products with TensorFloat-32 inputs (compile(precision="tf32"))
+    cuda_graphs: Any = None           # a graphs.CudaGraphs (compile(cuda_graphs=True)) on a GPU
 
     @property
     def xp(self):
@@ -66,6 +67,8 @@ class Program:
             text += f"; host->device copies per batch: {len(self.plan.uploads)}"
         if self.tf32:
             text += "; matrix products in TF32 (approximate)"
+        if self.cuda_graphs is not None:
+            text += "; " + self.cuda_graphs.describe()
         if self.plan.notes:
             text += "; optimised: " + "; ".join(self.plan.notes)
         return text
@@ -160,27 +163,39 @@ class Program:
 
         ``trace``, when given, collects ``(key, value)`` of every step (the compile-time probe).
         """
-        env: dict[Any, Any] = {}
-        for p in self.inputs:
-            env[("input", p.name)] = feeds[p.name] if p.name in feeds else self._defaults[p.name]
+        if self.cuda_graphs is not None and trace is None:
+            return self.cuda_graphs.execute(feeds)
+        return self.execute_eager(feeds, trace)
+
+    def input_env(self, feeds: dict[str, Any]) -> dict:
+        """The run's values before its first step: the inputs, fed or defaulted."""
+        return {("input", p.name): feeds[p.name] if p.name in feeds else self._defaults[p.name] for p in self.inputs}
+
+    def execute_eager(self, feeds: dict[str, Any], trace: list | None = None) -> dict[str, Any]:
+        """:meth:`execute`, step by step (never a captured CUDA graph)."""
+        env = self.input_env(feeds)
         if not self.backend.is_gpu:
             # overflow and NaN inside a model are not warnings here: a non-finite output is
             # an error of its item, reported by whoever reads the results (gpu-mdf infer)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return self._loop(env, trace)
-        if self.tf32:
-            with self.backend.tf32():
-                return self._loop(env, trace)
         return self._loop(env, trace)
 
-    def _loop(self, env, trace):
+    def _loop(self, env, trace, release: bool = True):
+        if self.tf32:
+            with self.backend.tf32():
+                return self._steps_loop(env, trace, release)
+        return self._steps_loop(env, trace, release)
+
+    def _steps_loop(self, env, trace, release: bool):
         try:
-            for key, fn, release, _what in self._steps:
+            for key, fn, free, _what in self._steps:
                 env[key] = fn(env)
                 if trace is not None:
                     trace.append((key, env[key]))
-                for k in release:
-                    del env[k]
+                if release:
+                    for k in free:
+                        del env[k]
         except OpError as e:          # a value the kernel refuses, known only now (a shape fed per batch)
             raise DataError(f"{_what}: {e}") from None
         return {name: get(env) for name, get in self._out}

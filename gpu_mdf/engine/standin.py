@@ -45,6 +45,13 @@ Where it had to guess (written down, as the task asks):
   ``set_compute_type``, ``COMPUTE_TYPE_*``) is modelled: a float32 product (``matmul``,
   ``dot``, ``einsum``, ``tensordot``, ``@``) made while it is TF32 is counted in
   ``COUNT.tf32_products``; the numbers stay float32's (TF32's rounding is not emulated).
+* Stream capture (``Stream.begin_capture``/``end_capture``/``is_capturing``, ``Graph.launch``)
+  is modelled: during a capture every operation that writes device memory is recorded
+  (and still computed here, uncounted); a device->host sync or a host->device copy raises
+  ``CUDARuntimeError`` as CUDA refuses them; the default stream cannot capture. At the end
+  of the capture every array it allocated is poisoned (NaN, or -7 for integers), as
+  nothing ran on a real device; ``Graph.launch`` replays the record in order, into the
+  same buffers, counted as one launch.
 """
 
 from __future__ import annotations
@@ -75,16 +82,73 @@ class _Counters:
         self.log: list[tuple[str, str]] = []
 
     def launch(self, what: str, nbytes: int = 0):
+        if _CAPTURE.stream is not None or _CAPTURE.replaying:     # recorded, or inside a graph launch
+            self.log.append(("captured", what))
+            return
         self.launches += 1
         self.log.append(("launch", what))
 
     def sync(self, what: str):
+        _CAPTURE.refuse(f"a device->host synchronisation ({what})")
         self.d2h_syncs += 1
         self.log.append(("sync", what))
 
     def h2d(self, what: str):
+        _CAPTURE.refuse(f"a host->device copy ({what})")
         self.h2d_copies += 1
         self.log.append(("h2d", what))
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+class _Capture:
+    """The stream capture in progress (see the module's notes)."""
+
+    def __init__(self):
+        self.stream = None
+        self.thunks: list = []
+        self.allocated: list = []
+        self.replaying = False
+
+    def refuse(self, what: str):
+        if self.stream is not None:
+            raise CUDARuntimeError(f"cudaErrorStreamCaptureUnsupported: {what} is not permitted when "
+                                   f"the stream is capturing")
+
+    def record(self, thunk):
+        if self.stream is not None:
+            self.thunks.append(thunk)
+
+    def new(self, arr):
+        if self.stream is not None:
+            self.allocated.append(arr)
+
+
+_CAPTURE = _Capture()
+
+
+def _copy_into(dst, src):
+    if isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+    elif isinstance(dst, np.ndarray):
+        np.copyto(dst, np.asarray(src), casting="unsafe")
+
+
+def _recorded(res, roots, redo, what: str):
+    """Record how to recompute ``res`` (the unwrapped result of ``redo()``) in a capture:
+    into the same buffers when it is new device memory; ``redo`` itself when it wrote in
+    place (``out=``, an assignment); nothing for a view or a bare allocation."""
+    if _CAPTURE.stream is None or what in ("empty", "empty_like"):
+        return
+    if res is None:
+        _CAPTURE.record(redo)
+        return
+    flat = list(res) if isinstance(res, (tuple, list)) else [res]
+    if any(isinstance(r, np.ndarray) and not any(_root(r) is q for q in roots) for r in flat):
+        _CAPTURE.record(lambda: _copy_into(res, redo()))
 
 
 COUNT = _Counters()
@@ -135,6 +199,10 @@ class _Pool:
     def free_all_blocks(self):
         pass
 
+    def malloc(self, size):
+        raise NotImplementedError("the stand-in models allocations in its default pool; "
+                                  "cuda.using_allocator is a no-op here")
+
 
 _pool = _Pool()
 _pinned_pool = _Pool()
@@ -156,6 +224,7 @@ def _check_alloc(res, inputs_roots, what: str = "kernel"):
     if what not in ("empty", "empty_like"):          # allocation only: no kernel runs
         COUNT.launch(what)
     _pool.allocate(_root(res))
+    _CAPTURE.new(_root(res))
 
 
 def _unwrap(x, where: str):
@@ -212,10 +281,23 @@ def _call(fn, args, kwargs, where):
     if where in _PRODUCTS and _core._routines_linalg.get_compute_type(np.float32) == _TF32 \
             and getattr(res, "dtype", None) == np.float32:
         COUNT.tf32_products += 1
-    if isinstance(out, ndarray):
-        COUNT.launch(where)
-        return out
-    return _wrap(res, roots, where)
+    if isinstance(out, ndarray) or where.startswith("__i"):       # out=, or an in-place operator
+        if isinstance(out, ndarray):
+            COUNT.launch(where)
+        _recorded(None, roots, lambda: fn(*a, **k), where)
+        if isinstance(out, ndarray):
+            return out
+    wrapped = _wrap(res, roots, where)
+    _recorded(_unwrap_result(wrapped), roots, lambda: fn(*a, **k), where)
+    return wrapped
+
+
+def _unwrap_result(w):
+    if isinstance(w, ndarray):
+        return w._a
+    if isinstance(w, (tuple, list)):
+        return type(w)(_unwrap_result(v) for v in w)
+    return None
 
 
 def _check_index(idx, where):
@@ -313,11 +395,16 @@ class ndarray:  # noqa: N801 - CuPy's name
     # indexing
     def __getitem__(self, idx):
         roots = [_root(self._a)]
-        return _wrap(self._a[_check_index(idx, "indexing")], roots, "indexing")
+        a, i = self._a, _check_index(idx, "indexing")
+        res = _wrap(a[i], roots, "indexing")
+        _recorded(_unwrap_result(res), roots, lambda: a[i], "indexing")
+        return res
 
     def __setitem__(self, idx, value):
-        self._a[_check_index(idx, "assignment")] = _unwrap(value, "assignment")
+        a, i, v = self._a, _check_index(idx, "assignment"), _unwrap(value, "assignment")
+        a[i] = v
         COUNT.launch("assignment")
+        _recorded(None, (), lambda: a.__setitem__(i, v), "assignment")
 
     # NumPy interoperability (NEP 13/18): CuPy runs NumPy functions on device arrays itself
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -326,11 +413,16 @@ class ndarray:  # noqa: N801 - CuPy's name
         args = _unwrap(inputs, ufunc.__name__)
         if out is not None:
             kwargs["out"] = tuple(_unwrap(o, ufunc.__name__) for o in out)
-        res = getattr(ufunc, method)(*args, **kwargs)
+        def redo():
+            return getattr(ufunc, method)(*args, **kwargs)
+        res = redo()
         if out is not None:
             COUNT.launch(ufunc.__name__)
+            _recorded(None, roots, redo, ufunc.__name__)
             return out[0] if len(out) == 1 else out
-        return _wrap(res, roots, ufunc.__name__)
+        wrapped = _wrap(res, roots, ufunc.__name__)
+        _recorded(_unwrap_result(wrapped), roots, redo, ufunc.__name__)
+        return wrapped
 
     def __array_function__(self, func, types_, args, kwargs):
         return _call(func, args, kwargs, func.__name__)
@@ -343,11 +435,16 @@ class ndarray:  # noqa: N801 - CuPy's name
 
             def method(*args, **kwargs):
                 out = kwargs.get("out")
-                res = m(*_unwrap(args, name), **_unwrap(kwargs, name))
-                if isinstance(out, ndarray):
-                    COUNT.launch(name)
-                    return out
-                return _wrap(res, roots, name)
+                a, k = _unwrap(args, name), _unwrap(kwargs, name)
+                res = m(*a, **k)
+                if isinstance(out, ndarray) or res is None:          # out=, or in place (fill)
+                    if res is not None:
+                        COUNT.launch(name)
+                    _recorded(None, roots, lambda: m(*a, **k), name)
+                    return out if isinstance(out, ndarray) else None
+                wrapped = _wrap(res, roots, name)
+                _recorded(_unwrap_result(wrapped), roots, lambda: m(*a, **k), name)
+                return wrapped
             return method
         raise AttributeError(f"fake cupy.ndarray has no attribute {name!r}")
 
@@ -634,6 +731,7 @@ class ElementwiseKernel:
             if _pool.limit and res.nbytes > _pool.limit:
                 raise OutOfMemoryError(f"Out of memory allocating {res.nbytes:,} bytes (limit {_pool.limit:,})")
             _pool.allocate(res)
+            _CAPTURE.new(res)
             values[name] = res
             outs.append(res)
         run = _compile_c(self._source(types_, scalars))
@@ -655,6 +753,9 @@ class ElementwiseKernel:
         COUNT.launch(f"ElementwiseKernel {self.name}")
         res = [ndarray(o) if not isinstance(a, ndarray) else a
                for o, a in zip(outs, list(args[n_in:]) + [None] * len(self.outs))]
+        if _CAPTURE.stream is not None:          # replayed into the same outputs
+            again = tuple(args[:n_in]) + tuple(res)
+            _CAPTURE.record(lambda: self(*again, size=size))
         return res[0] if len(res) == 1 else tuple(res)
 
 
@@ -708,6 +809,56 @@ class Stream:
     def synchronize(self):
         COUNT.sync("Stream.synchronize")
 
+    def begin_capture(self, mode=None):
+        if self is _null_stream:
+            raise RuntimeError("cannot capture on the default (legacy) stream")
+        if _CAPTURE.stream is not None:
+            raise CUDARuntimeError("cudaErrorIllegalState: a capture is already in progress")
+        _CAPTURE.stream, _CAPTURE.thunks, _CAPTURE.allocated = self, [], []
+        COUNT.log.append(("capture", "begin"))
+
+    def is_capturing(self):
+        return _CAPTURE.stream is self
+
+    def end_capture(self):
+        if _CAPTURE.stream is not self:
+            raise CUDARuntimeError("cudaErrorIllegalState: the stream is not capturing")
+        thunks, allocated = _CAPTURE.thunks, _CAPTURE.allocated
+        _CAPTURE.stream, _CAPTURE.thunks, _CAPTURE.allocated = None, [], []
+        for a in allocated:           # nothing ran on a device: what the capture computed is not there
+            if a.dtype.kind == "f":
+                a.fill(np.nan)
+            elif a.dtype.kind in "iu":
+                a.fill(-7 if a.dtype.kind == "i" else 7)
+        COUNT.log.append(("capture", f"end: {len(thunks)} operations"))
+        return _Graph(thunks)
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    """cupy.cuda.using_allocator: logged (allocations stay modelled in the default pool)."""
+    COUNT.log.append(("allocator", "enter"))
+    try:
+        yield
+    finally:
+        COUNT.log.append(("allocator", "exit"))
+
+
+class _Graph:
+    """A captured CUDA graph: its operations, replayed in order into the same buffers."""
+
+    def __init__(self, thunks):
+        self.thunks = thunks
+
+    def launch(self, stream=None):
+        COUNT.launch(f"graph launch ({len(self.thunks)} operations)")
+        _CAPTURE.replaying = True
+        try:
+            for t in self.thunks:
+                t()
+        finally:
+            _CAPTURE.replaying = False
+
 
 _null_stream = Stream(null=True)
 
@@ -734,6 +885,7 @@ class _Device:
 
 
 class _Runtime:
+    CUDARuntimeError = CUDARuntimeError
     @staticmethod
     def memGetInfo():  # noqa: N802 - CUDA's name
         return TOTAL, TOTAL
@@ -767,7 +919,8 @@ def _get_elapsed_time(start, end):
 cuda = types.SimpleNamespace(
     Stream=Stream, Event=Event, Device=_Device, runtime=_Runtime, get_current_stream=_get_current_stream,
     get_elapsed_time=_get_elapsed_time,
-    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError), Graph=_Graph,
+    using_allocator=lambda allocator=None: _using_allocator(allocator),
     MemoryPool=_Pool)
 
 
@@ -795,10 +948,16 @@ def _erf(x):
         raise TypeError(f"Unsupported type {type(x)}")
     try:
         from scipy.special import erf
-        return ndarray(erf(x._a).astype(x.dtype, copy=False))
     except ImportError:  # pragma: no cover - scipy ships with the test environment
         import math
-        return ndarray(np.vectorize(math.erf)(x._a).astype(x.dtype))
+        erf = np.vectorize(math.erf)
+    a, roots = x._a, [_root(x._a)]
+
+    def redo():
+        return np.asarray(erf(a)).astype(a.dtype, copy=False)
+    res = _wrap(redo(), roots, "erf")                 # a kernel: counted, in the pool
+    _recorded(res._a, roots, redo, "erf")
+    return res
 
 
 def _scatter(ufunc):
@@ -806,7 +965,9 @@ def _scatter(ufunc):
     def scatter(a, slices, value):
         if not isinstance(a, ndarray):
             raise TypeError(f"Unsupported type {type(a)} (cupyx scatter into a host array)")
-        ufunc.at(a._a, _check_index(slices, "cupyx scatter"), _unwrap(value, "cupyx scatter"))
+        t, i, v = a._a, _check_index(slices, "cupyx scatter"), _unwrap(value, "cupyx scatter")
+        ufunc.at(t, i, v)
+        _recorded(None, (), lambda: ufunc.at(t, i, v), "cupyx scatter")
     return scatter
 
 
@@ -857,4 +1018,5 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
     _pool.set_limit(0)
     _compute_types.clear()
+    _CAPTURE.__init__()
     COUNT.reset()
