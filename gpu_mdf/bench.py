@@ -253,15 +253,17 @@ def original_onnx(onnx_path, keras_path, echo=print) -> tuple[bytes, str] | None
 
 def standin_counts(mdf_path, x, constants=None) -> dict | None:
     """Kernel launches and new device bytes of one steady-state batch on the strict CuPy
-    stand-in (a GPU's costs, counted on the CPU), optimised and as written."""
+    stand-in (a GPU's costs, counted on the CPU): optimised, as written, and optimised and
+    replayed as a CUDA graph (the input's normalisation, outside the graph, included)."""
     from .engine import standin
     if standin.c_compiler() is None:
         return None
     consts = load_constants(constants) if constants else None
     out = {}
     with standin.installed() as backend:
-        for label, optimize in (("optimised", True), ("as written", False)):
-            prog = compile(mdf_path, device=backend, constants=consts, optimize=optimize)
+        for label, optimize, graphs in (("optimised", True, False), ("as written", False, False),
+                                        ("CUDA graphs", True, True)):
+            prog = compile(mdf_path, device=backend, constants=consts, optimize=optimize, cuda_graphs=graphs)
             prog.run(x)
             prog.run(x)
             standin.COUNT.reset()
@@ -450,7 +452,8 @@ def main(mdf_file, keras_model, repeats, stream, skip, json_out, echo=print, clu
         else:
             result["standin"] = counts
             echo(f"strict CuPy stand-in, one steady-state batch of {what}: kernel launches "
-                 f"{counts['optimised']['launches']} optimised ({counts['as written']['launches']} as written); "
+                 f"{counts['optimised']['launches']} optimised ({counts['as written']['launches']} as written, "
+                 f"{counts['CUDA graphs']['launches']} replayed as a CUDA graph); "
                  f"new device bytes {counts['optimised']['new_bytes']:,}; pool bytes used "
                  f"{counts['optimised']['pool_bytes']:,}; device->host syncs {counts['optimised']['syncs']}")
     if stream:

@@ -11,7 +11,8 @@ gpu-mdf as written (``optimize=False``), gpu-mdf optimised, ONNX Runtime on the 
 ONNX and, for Keras models, ``tf.function``; the MLP also gets the time of its three GEMMs
 alone in NumPy (OpenBLAS's sgemm: the floor under any NumPy engine). It checks both gpu-mdf
 programs against ONNX Runtime first (1e-4 x max|y|). Then, on the strict CuPy stand-in
-(tests/fake_cupy.py), the kernel launches and the new device bytes of one steady-state batch.
+(``gpu_mdf.bench.standin_counts``), the kernel launches and the new device bytes of one
+steady-state batch, as written, optimised, and replayed as a CUDA graph.
 
 Prints a Markdown table; ``--json`` writes the rows. Ratios are what to compare: the
 machine's absolute speed moves 2x between runs. Unset OpenBLAS's variables in this
@@ -47,7 +48,7 @@ class Row:
     model: str
     batch: int
     ms: dict = field(default_factory=dict)          # contender -> median ms per batch
-    launches: dict = field(default_factory=dict)    # "as written"/"optimised" -> launches per batch (stand-in)
+    launches: dict = field(default_factory=dict)    # "as written"/"optimised"/"CUDA graphs" -> launches per batch
     new_bytes: dict = field(default_factory=dict)   # same -> new device bytes per steady-state batch
     layers: int = 0
     notes: list = field(default_factory=list)
@@ -132,23 +133,6 @@ def gemm_floor(doc, x):
     return run
 
 
-def standin(doc, x, optimize: bool) -> tuple[int, int]:
-    """Kernel launches and new device bytes of one steady-state batch on the stand-in."""
-    import fake_cupy
-    from pytest import MonkeyPatch
-
-    from gpu_mdf.engine import compile
-    from gpu_mdf.engine.backend import Backend
-    with MonkeyPatch.context() as mp:
-        fake_cupy.install(mp)
-        prog = compile(doc, device=Backend("cupy", fake_cupy, "gpu:0", "strict CuPy stand-in", 0), optimize=optimize)
-        prog.run(x)
-        prog.run(x)
-        fake_cupy.COUNT.reset()
-        prog.run(x)
-        return fake_cupy.COUNT.launches, fake_cupy.COUNT.new_bytes
-
-
 def measure(name: str, repeats: int) -> Row:
     import onnxruntime as ort
 
@@ -177,15 +161,16 @@ def measure(name: str, repeats: int) -> Row:
     if name == "mlp":
         fns["GEMMs alone (NumPy)"] = gemm_floor(doc, x)
     row.ms = alternating(fns, repeats)
-    small = x[:4]
-    for label, flag in (("as written", False), ("optimised", True)):
-        row.launches[label], row.new_bytes[label] = standin(doc, small, flag)
+    from gpu_mdf.bench import standin_counts
+    for label, c in (standin_counts(doc, x[:4]) or {}).items():
+        row.launches[label], row.new_bytes[label] = c["launches"], c["new_bytes"]
     return row
 
 
 def table(rows: list[Row]) -> str:
     lines = ["| model | batch | as written | optimised | ORT (original ONNX) | optimised / ORT | tf.function "
-             "| optimised / tf.function | launches per batch (as written → optimised) | new device bytes per batch |",
+             "| optimised / tf.function | launches per batch (as written → optimised → CUDA graph replay) "
+             "| new device bytes per batch |",
              "|---" * 10 + "|"]
     for r in rows:
         ms = r.ms
@@ -196,7 +181,7 @@ def table(rows: list[Row]) -> str:
         lines.append(f"| {r.model} | {r.batch} | {ms['gpu-mdf as written']:.2f} ms | {ms['gpu-mdf optimised']:.2f} ms "
                      f"| {ort:.2f} ms | {ms['gpu-mdf optimised'] / ort:.2f}× "
                      f"| {tf} | {tf_ratio} | {r.launches['as written']} → {r.launches['optimised']}{per_layer} "
-                     f"| {r.new_bytes['optimised']:,} |")
+                     f"→ {r.launches['CUDA graphs']} | {r.new_bytes['optimised']:,} |")
     for r in rows:
         if "GEMMs alone (NumPy)" in r.ms:
             lines.append(f"\n{r.model}: its GEMMs alone (OpenBLAS sgemm) take {r.ms['GEMMs alone (NumPy)']:.2f} ms "

@@ -300,6 +300,8 @@ def test_bench_runs_onnx_runtime_on_the_onnx_file_itself_and_counts_on_the_stand
     # Gemm, then bias + Relu; Gemm, then bias + softmax as one row kernel
     assert counts["optimised"]["launches"] == 4 < counts["as written"]["launches"]
     assert counts["optimised"]["new_bytes"] == 0 and "kernel launches 4 optimised" in r.output
+    # a replay: the input copied in, the graph, the output copied out (the float input needs no normalising)
+    assert counts["CUDA graphs"]["launches"] == 3 and counts["CUDA graphs"]["new_bytes"] == 0
 
 
 def test_plot_draws_an_onnx_model(tmp_path, monkeypatch):
