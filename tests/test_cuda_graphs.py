@@ -6,32 +6,22 @@ the record into the same buffers as one launch.
 Every golden case runs eagerly and through its graph on batches of different values: the
 same bits, or eager execution with the reason capture was refused."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_corpus import CASES as ALL
+from golden_corpus import GOLDEN
+from golden_corpus import load as _load
 
 from gpu_mdf.engine import compile
 from gpu_mdf.errors import CompileError
 
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def _fed(name) -> bool:
-    with np.load(GOLDEN / f"{name}.npz") as z:
-        return any(k.startswith("in:") for k in z.files)
-
-
 # the cases fed per batch (a closed graph, without inputs, evaluates once: nothing to replay)
-CASES = [n for n in sorted(p.name.removesuffix(".mdf.json") for p in GOLDEN.glob("*.mdf.json")) if _fed(n)]
+CASES = [n for n in ALL if _load(n)[1]]
 
 
 def golden(name):
-    with np.load(GOLDEN / f"{name}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")}
-    consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
-    return GOLDEN / f"{name}.mdf.json", feeds, consts
+    return _load(name)[:3]
 
 
 def batches(feeds, n=4):

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_corpus import CASES, GOLDEN, load
 from threadpoolctl import threadpool_limits
 
 from gpu_mdf.engine import compile
-
-GOLDEN = Path(__file__).parent / "golden"
-CASES = sorted(p.name.removesuffix(".mdf.json") for p in GOLDEN.glob("*.mdf.json"))
 
 
 def _same_machine() -> bool:
@@ -39,12 +37,8 @@ def test_corpus_is_complete():
 
 @pytest.mark.parametrize("name", CASES)
 def test_golden_outputs(name):
-    with np.load(GOLDEN / f"{name}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")}
-    consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
-    want = {k[4:]: v for k, v in arrays.items() if k.startswith("out:")}
-    prog = compile(GOLDEN / f"{name}.mdf.json", device="cpu", constants=consts, optimize=False)
+    path, feeds, consts, want = load(name)
+    prog = compile(path, device="cpu", constants=consts, optimize=False)
     with threadpool_limits(1, user_api="blas"):
         got = prog.run(feeds or None)
     got = got if isinstance(got, dict) else {prog.outputs[0].name: got}

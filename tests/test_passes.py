@@ -21,13 +21,12 @@ import fake_cupy
 import mdf_fixtures as F
 import numpy as np
 import pytest
+from golden_corpus import CASES, load
 
 from gpu_mdf.engine import compile
 from gpu_mdf.engine.ops import cuda
 from gpu_mdf.engine.ops.fusion import FUSIBLE, Instr
 from gpu_mdf.engine.steps import FusedStep, OpStep
-
-GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +34,6 @@ def keras_cases():
     pytest.importorskip("keras")
     import test_convert as tc
     return tc
-
-
-CASES = sorted(p.name.removesuffix(".mdf.json") for p in GOLDEN.glob("*.mdf.json"))
 
 
 def _close(got, want, name=""):
@@ -60,11 +56,8 @@ def _both(model, feeds=None, **kw):
 
 @pytest.mark.parametrize("name", CASES)
 def test_optimised_equals_as_written_on_the_golden_corpus(name):
-    with np.load(GOLDEN / f"{name}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")} or None
-    consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
-    _, _, want, got = _both(GOLDEN / f"{name}.mdf.json", feeds, constants=consts)
+    path, feeds, consts, _ = load(name)
+    _, _, want, got = _both(path, feeds or None, constants=consts)
     if isinstance(want, dict):
         assert sorted(got) == sorted(want)
         for k in want:

@@ -4,26 +4,22 @@ stand-in, where the generated kernels, written for float32/float64, stand aside)
 sets cuBLAS's compute type around a GPU program's products and puts it back; both are
 compared with float32, never trusted blindly; what does not fit is refused in one line."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_corpus import GOLDEN
+from golden_corpus import load as _load
 
 from gpu_mdf.engine import compile
 from gpu_mdf.errors import CompileError, DataError
 
-GOLDEN = Path(__file__).parent / "golden"
 CASES = ["example-mnist_softmax", "keras-Conv2D-same", "keras-DepthwiseConv2D", "keras-SeparableConv2D",
          "keras-activation-softmax", "keras-BatchNormalization", "keras-rnn-LSTM", "onnx_to_mdf-mobilenet_block",
          "pytorch-style-cnn_pool", "keras-Conv2D-groups"]
 
 
 def golden(name):
-    with np.load(GOLDEN / f"{name}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")}
-    consts = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")} or None
-    return GOLDEN / f"{name}.mdf.json", feeds, consts
+    return _load(name)[:3]
 
 
 def as_dict(prog, out):
