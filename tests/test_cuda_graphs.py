@@ -201,3 +201,76 @@ def test_infer_refuses_cuda_graphs_without_a_gpu(reference_mdf, tmp_path):
     assert r.exit_code != 0
     assert "CUDA graphs need a GPU; this program runs on cpu" in r.output
     assert not (tmp_path / "o" / "predictions.csv").exists()
+
+
+def test_device_constants_missing_at_capture_wait_for_the_next_batch(strict_gpu):
+    """A cached device constant (AveragePool's counts) dropped between the eager batch and
+    the capture: a copy from the host inside the capture would read a staging buffer that
+    is reused later, so the capture stops, the batch runs eagerly (filling the cache) and
+    the next one captures; the graph then holds the constants it reads, so the cache may
+    drop them again."""
+    from gpu_mdf.engine import ops
+    path, feeds, consts = golden("keras-AveragePooling2D-same")
+    eager = compile(path, device=strict_gpu, constants=consts)
+    graphs = compile(path, device=strict_gpu, constants=consts, cuda_graphs=True)
+    bs = batches(feeds, 5)
+    np.testing.assert_array_equal(graphs.run(bs[0]), eager.run(bs[0]))
+    ops._DEVICE_CACHE.clear()
+    np.testing.assert_array_equal(graphs.run(bs[1]), eager.run(bs[1]))    # capture stopped: eager
+    cg = graphs.cuda_graphs
+    assert not cg.graphs and not cg.refused                                 # not a refusal
+    np.testing.assert_array_equal(graphs.run(bs[2]), eager.run(bs[2]))    # captured now
+    (g,) = cg.graphs.values()
+    assert g.consts
+    ops._DEVICE_CACHE.clear()
+    for b in bs[3:]:
+        np.testing.assert_array_equal(graphs.run(b), eager.run(b))
+    assert cg.replays == 2
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, MemoryError])
+def test_an_interrupted_capture_leaves_nothing_capturing(strict_gpu, error):
+    import fake_cupy
+    path, feeds, consts = golden("keras-Dense")
+    graphs = compile(path, device=strict_gpu, constants=consts, cuda_graphs=True)
+    bs = batches(feeds, 3)
+    graphs.run(bs[0])
+    key, fn, release, what = graphs._steps[0]
+
+    def fails(env):
+        raise error()
+    graphs._steps[0] = (key, fails, release, what)
+    if error is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            graphs.run(bs[1])
+    else:                   # out of memory in the capture: this batch retries eagerly (and fails there too)
+        with pytest.raises(MemoryError):
+            graphs.run(bs[1])
+    assert fake_cupy._CAPTURE.stream is None and not fake_cupy.Stream._current
+    graphs._steps[0] = (key, fn, release, what)
+    eager = compile(path, device=strict_gpu, constants=consts)
+    np.testing.assert_array_equal(graphs.run(bs[2]), eager.run(bs[2]))
+    assert graphs.cuda_graphs.graphs and not graphs.cuda_graphs.refused     # captured on the next try
+
+
+def test_a_batch_error_during_capture_is_not_a_refusal(strict_gpu):
+    from gpu_mdf.engine.ops import OpError
+    from gpu_mdf.errors import DataError
+    path, feeds, consts = golden("keras-Dense")
+    graphs = compile(path, device=strict_gpu, constants=consts, cuda_graphs=True)
+    bs = batches(feeds, 3)
+    graphs.run(bs[0])
+    key, fn, release, what = graphs._steps[-1]
+    calls = []
+
+    def refuses_once(env):
+        calls.append(1)
+        if len(calls) <= 2:                 # the capture, then the eager rerun of the same batch
+            raise OpError("a value refused at run time")
+        return fn(env)
+    graphs._steps[-1] = (key, refuses_once, release, what)
+    with pytest.raises(DataError, match="a value refused at run time"):
+        graphs.run(bs[1])
+    assert not graphs.cuda_graphs.refused
+    graphs.run(bs[2])
+    assert graphs.cuda_graphs.graphs

@@ -128,6 +128,7 @@ def test_tf32_puts_the_compute_type_back_after_a_failing_batch(strict_gpu):
     ({"precision": "fp16", "dtype": "float64"}, "precision fp16 computes in float16; dtype float64 contradicts"),
     ({"precision": "bf16"}, "unknown precision 'bf16'; expected one of fp32, fp16, tf32"),
     ({"precision": "FP16"}, "unknown precision 'FP16'"),
+    ({"precision": "fp32", "dtype": "float64"}, "precision fp32 computes in float32; dtype float64 contradicts"),
 ])
 def test_what_does_not_fit_is_refused_in_one_line(kwargs, message):
     with pytest.raises(CompileError) as e:
@@ -190,3 +191,38 @@ def _constants_npz(tmp_path, name):
     _, _, consts = golden(name)
     np.savez(tmp_path / "c.npz", **consts)
     return tmp_path / "c.npz"
+
+
+def test_fp16_refuses_a_graph_that_leaves_float16():
+    """Before: after an explicit Cast to float32 (Keras's sparsemax) the rest of the
+    program, output included, ran in float32 under "fp16"."""
+    path, _, consts = golden("keras-activation-sparsemax")
+    with pytest.raises(CompileError, match=r"precision fp16: .* gives float32, so the program would not run in "
+                                           r"float16 throughout") as e:
+        compile(path, device="cpu", constants=consts, precision="fp16")
+    assert "\n" not in str(e.value)
+
+
+def test_fp16_refuses_inputs_beyond_half_range():
+    """Before: 70,000 became inf in the cast and the outputs NaN, with at most a warning."""
+    path, feeds, consts = golden("keras-Dense")
+    prog = compile(path, device="cpu", constants=consts, precision="fp16")
+    name, x = next(iter(feeds.items()))
+    big = x.astype(np.float32).copy()
+    big.flat[3] = 70000.0
+    with pytest.raises(DataError, match=r"values up to 7e\+04 exceed float16's range \(65504\) under precision fp16"):
+        prog.run({name: big})
+    prog.run({name: x.astype(np.float32)})           # within range: runs
+
+
+def test_fp32_with_a_contradicting_dtype_is_refused():
+    with pytest.raises(CompileError, match="precision fp32 computes in float32; dtype float16 contradicts it"):
+        compile(GOLDEN / "example-mnist_softmax.mdf.json", device="cpu", precision="fp32", dtype="float16")
+
+
+def test_tf32_is_refused_before_ampere(strict_gpu, monkeypatch):
+    import fake_cupy
+    monkeypatch.setattr(fake_cupy._Device, "compute_capability", "75")
+    with pytest.raises(CompileError, match=r"tf32 needs an Ampere or newer GPU \(compute capability 8.0\+\); "
+                                           r"gpu:0 has 7.5"):
+        compile(GOLDEN / "example-mnist_softmax.mdf.json", device=strict_gpu, precision="tf32")

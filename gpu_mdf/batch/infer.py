@@ -73,6 +73,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
     request.check()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
+        if session and cuda_graphs:
+            log("CUDA graphs: not used on Dask workers (each compiles its own program, step by step)")
         prog = program or (request.compile("cpu", describe_only=True) if session else request.compile(device))
         job = request.job(prog, request.open_data(prog))
         result = finished(job.out, job.fingerprint)

@@ -122,7 +122,9 @@ class Backend:
     def tf32(self):
         """cuBLAS's TensorFloat-32 compute type for float32 products inside the block (CuPy's
         per-dtype compute type, the one ``CUPY_TF32=1`` sets for a whole process), then
-        what it was before."""
+        what it was before. The setting is CuPy's, process-wide: a float32 program run by
+        another thread meanwhile gets TF32 too (gpu-mdf's commands run one program at a
+        time; a server does not offer precisions)."""
         from cupy._core import _routines_linalg as linalg
         before = linalg.get_compute_type(np.float32)
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)

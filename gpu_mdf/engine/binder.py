@@ -69,6 +69,8 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
     plan = plan_graph(model_id, gid, g, dtype=dtype, constants=constants, inputs=inputs, normalize=norm,
                       opset=opset)
     found = probe(plan)
+    if precision == "fp16":
+        _check_all_half(plan, found)
     if optimize:
         plan.notes = run_passes(plan, found.values if found else None)
     plan_inplace(plan.steps, plan.outputs)
@@ -89,17 +91,35 @@ PRECISIONS = ("fp32", "fp16", "tf32")
 
 def _precision(precision: str | None, dtype: str | None, backend: Backend) -> tuple[str | None, bool]:
     """(dtype, TF32 on) for ``compile(precision=...)``; a CompileError for what does not fit."""
-    if precision in (None, "fp32"):
+    if precision is None:
         return dtype, False
     if precision not in PRECISIONS:
         raise CompileError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    want = "float16" if precision == "fp16" else "float32"
+    want = "float16" if precision == "fp16" else "float32"          # fp32 and tf32 compute in float32
     if dtype is not None and np.dtype(dtype) != np.dtype(want):
         raise CompileError(f"precision {precision} computes in {want}; dtype {dtype} contradicts it")
     if precision == "tf32" and not backend.is_gpu:
         raise CompileError(f"precision tf32 is a cuBLAS math mode of NVIDIA GPUs; this program runs on "
                            f"{backend.device} ({backend.name})")
+    if precision == "tf32":
+        cc = str(backend.xp.cuda.Device(backend.device_index or 0).compute_capability)
+        if int(cc) < 80:
+            raise CompileError(f"precision tf32 needs an Ampere or newer GPU (compute capability 8.0+); "
+                               f"{backend.device} has {cc[:-1]}.{cc[-1]}")
     return want, precision == "tf32"
+
+
+def _check_all_half(plan: Plan, found) -> None:
+    """fp16 means float16 throughout: a value of another float type (after an explicit
+    Cast to float32, say) is refused, naming where, rather than run half in float32."""
+    if found is None:
+        return
+    for st in plan.steps:
+        shape_dtype = found.values.get(st.key)
+        if shape_dtype and shape_dtype[1] and np.dtype(shape_dtype[1]).kind == "f" \
+                and np.dtype(shape_dtype[1]) != np.float16:
+            raise CompileError(f"precision fp16: {st.what} gives {shape_dtype[1]}, so the program would not run "
+                               f"in float16 throughout")
 
 
 def bind(plan: Plan, backend: Backend) -> Program:

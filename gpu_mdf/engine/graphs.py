@@ -44,6 +44,12 @@ class _Captured:
     outputs: dict         # output name -> the device buffer the graph writes
     env: dict             # every value of the captured run, kept alive with the graph
     pool: Any             # the memory pool the capture allocated from, the graph's alone
+    consts: list          # the cached device constants the graph reads (ops.device_const)
+    collected: Any = None  # the event after the last copy of the outputs (the next replay waits for it)
+
+
+class _Retry(Exception):
+    """A capture that failed for this batch only (its data, or memory): not a refusal."""
 
 
 @dataclass
@@ -80,40 +86,58 @@ class CudaGraphs:
         if self.never or key in self.refused or key not in self.seen:
             self.seen.add(key)
             return prog.execute_eager(feeds)
-        return self._capture(key, feeds)
+        try:
+            g = self._capture(feeds)
+        except _Retry:                     # this batch's own error (or memory): eager, and it says so
+            return prog.execute_eager(feeds)
+        except Exception as e:             # CUDA refused the capture: this signature runs eagerly
+            lines = str(e).splitlines() or [""]
+            self.refused[key] = f"capture failed: {type(e).__name__}: {lines[0][:160]}"
+            return prog.execute_eager(feeds)
+        self.graphs[key] = g
+        self.captures += 1
+        return self._collect(g, prog.xp.cuda.get_current_stream())
 
-    def _capture(self, key, feeds: dict) -> dict:
+    def _capture(self, feeds: dict) -> _Captured:
+        """Capture and launch once; the graph, or an exception with nothing left capturing
+        and the caller's stream ordered after whatever was queued."""
+        from ..errors import DataError
+        from .ops import recording_device_consts
+        from .run import is_oom
         prog = self.prog
         xp = prog.xp
         caller = xp.cuda.get_current_stream()
         stream = xp.cuda.Stream(non_blocking=True)
         pool = xp.cuda.MemoryPool()
-        with stream, xp.cuda.using_allocator(pool.malloc):
-            stream.wait_event(caller.record())
-            inputs = {name: v.copy() for name, v in feeds.items()}
-            stream.begin_capture()
-            try:
-                env = prog.input_env(inputs)
-                out = prog._loop(env, None, release=False)
-                graph = stream.end_capture()
-            except Exception as e:        # CUDA refused something inside the capture
-                if stream.is_capturing():
-                    try:
-                        stream.end_capture()
-                    except Exception:     # an invalidated capture ends with its own error
-                        pass
-                self.refused[key] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                caller.wait_event(stream.record())
-                return prog.execute_eager(feeds)
-            g = self.graphs[key] = _Captured(graph, stream, inputs, out, env, pool)
-            self.captures += 1
-            graph.launch(stream)
-        return self._collect(g, caller)
+        try:
+            with stream, xp.cuda.using_allocator(pool.malloc), recording_device_consts() as consts:
+                stream.wait_event(caller.record())
+                inputs = {name: v.copy() for name, v in feeds.items()}
+                stream.begin_capture()
+                try:
+                    env = prog.input_env(inputs)
+                    out = prog._loop(env, None, release=False)
+                finally:                   # Ctrl-C included: never leave the stream capturing
+                    graph = _end(stream)
+                if graph is None:
+                    raise RuntimeError("the capture ended without a graph")
+                graph.launch(stream)       # CUDA instantiates the graph here (newer CuPy): inside the try
+                return _Captured(graph, stream, inputs, out, env, pool, consts)
+        except (DataError, MemoryError) as e:
+            raise _Retry() from e
+        except Exception as e:
+            if is_oom(e):
+                raise _Retry() from e
+            raise
+        finally:
+            caller.wait_event(stream.record())
 
     def _replay(self, g: _Captured, feeds: dict) -> dict:
         caller = self.prog.xp.cuda.get_current_stream()
         with g.stream:
             g.stream.wait_event(caller.record())
+            if g.collected is not None:    # the last outputs' copies, whichever stream made them
+                g.stream.wait_event(g.collected)
             for name, buf in g.inputs.items():
                 buf[...] = feeds[name]
             g.graph.launch(g.stream)
@@ -122,8 +146,20 @@ class CudaGraphs:
 
     @staticmethod
     def _collect(g: _Captured, caller) -> dict:
-        """The outputs, copied on the caller's stream once the graph is done (the next replay
-        waits for those copies): the copies belong to the caller's memory, and the feeds the
-        graph read may be freed and reused by the caller's later work."""
+        """The outputs, copied on the caller's stream once the graph is done: the copies
+        belong to the caller's memory, and the feeds the graph read may be freed and reused
+        by the caller's later work; the next replay waits for these copies."""
         caller.wait_event(g.stream.record())
-        return {k: v.copy() for k, v in g.outputs.items()}
+        out = {k: v.copy() for k, v in g.outputs.items()}
+        g.collected = caller.record()
+        return out
+
+
+def _end(stream):
+    """End a capture that is in progress; its graph, or None when it was invalidated."""
+    if not stream.is_capturing():
+        return None
+    try:
+        return stream.end_capture()
+    except Exception:                      # an invalidated capture ends with its own error
+        return None

@@ -108,6 +108,9 @@ class Program:
         elif np.issubdtype(x.dtype, np.floating):
             if check and on_host:
                 check_finite(x, np, f"input {spec.name}")
+                if want == np.float16 and x.dtype.itemsize > 2 and x.size and float(np.abs(x).max()) > 65504:
+                    raise DataError(f"input {spec.name}: values up to {float(np.abs(x).max()):.4g} exceed float16's "
+                                    f"range (65504) under precision fp16")
             d = self.backend.to_device(x).astype(want, copy=False)
         else:
             raise DataError(f"input {spec.name}: unsupported dtype {x.dtype}")

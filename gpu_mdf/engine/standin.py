@@ -868,6 +868,8 @@ def _get_current_stream():
 
 
 class _Device:
+    compute_capability = "90"          # an H100/H200 (TF32 needs 8.0+)
+
     def __init__(self, i=0):
         self.id = int(i)
 

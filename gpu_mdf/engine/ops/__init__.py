@@ -264,20 +264,43 @@ def check_alloc(shape) -> None:
 
 def device_const(xp, key, make: Callable[[], np.ndarray]):
     """A small host-computed index array (e.g. Resize's gather indices) on the device,
-    cached per device and key, so it is copied once, not on every batch."""
+    cached per device and key, so it is copied once, not on every batch.
+
+    Inside a CUDA graph capture (:mod:`~gpu_mdf.engine.graphs`) a cached array is also
+    handed to the capture, which keeps it alive with the graph (the cache may drop it);
+    a miss there is an error (the copy from the host would be recorded from a staging
+    buffer that is reused later), so the capture fails and the batch runs eagerly,
+    filling the cache for the next capture."""
     if xp is np:
         return make()
     dev = xp.cuda.runtime.getDevice()
     cache = _DEVICE_CACHE.setdefault((id(xp), dev), {})
     v = cache.get(key)
     if v is None:
+        if _CAPTURED is not None:
+            raise OpError(f"a device constant {key[0] if isinstance(key, tuple) else key} is not cached yet "
+                          f"(made on the next eager batch, not inside a CUDA graph capture)")
         if len(cache) > 256:
             cache.clear()
         v = cache[key] = xp.asarray(make())
+    if _CAPTURED is not None:
+        _CAPTURED.append(v)
     return v
 
 
 _DEVICE_CACHE: dict = {}
+_CAPTURED: list | None = None      # the device constants a capture in progress reads
+
+
+@contextlib.contextmanager
+def recording_device_consts():
+    """Collect the device constants read inside the block (a CUDA graph capture)."""
+    global _CAPTURED
+    _CAPTURED, before = [], _CAPTURED
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = before
 
 
 # register the kernels
