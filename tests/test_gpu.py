@@ -104,12 +104,20 @@ def test_cuda_graph_replays_equal_eager_runs(bundle, name):
     entry = bundle[name]
     eager = gpu_bundle.compiled(entry, "gpu")
     graphs = gpu_bundle.compiled(entry, "gpu", cuda_graphs=True)
-    xs = [gpu_bundle.data(entry, eager, 256 + k)[k:k + 256] for k in range(5)]
-    for k, x in enumerate(xs):
-        np.testing.assert_allclose(graphs.run(x), eager.run(x), rtol=1e-5, atol=1e-6, err_msg=f"batch {k}")
+    xs = [gpu_bundle.data(entry, eager, 256 + k)[k:k + 256] for k in range(6)]
+    name_in = graphs.primary_input.name
+    # device-resident, no host wait between batches (a run() per batch would hide ordering
+    # mistakes): each batch's input freed after its call, so the pool hands its memory on
+    outs = []
+    for x in xs:
+        outs.append(graphs.execute({name_in: graphs.prepare(x)}))
         cp.get_default_memory_pool().free_all_blocks()
+    for k, (x, out) in enumerate(zip(xs, outs)):
+        want = eager.run(x)
+        np.testing.assert_allclose(out[graphs.outputs[0].name].get(), want, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"batch {k}")
     cg = graphs.cuda_graphs
-    assert cg.graphs and cg.replays == 3, graphs.describe()
+    assert cg.graphs and cg.replays == 4, graphs.describe()
 
 
 @pytest.mark.parametrize("name", names())
