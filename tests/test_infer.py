@@ -475,6 +475,11 @@ def test_a_mistyped_source_gets_a_suggestion(reference_mdf, tmp_path):
 # --------------------------------------------------------------------------- #
 # Ctrl-C
 # --------------------------------------------------------------------------- #
+def _interruptible():
+    """In the child, before exec: SIGINT as a terminal would deliver it (not ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when_chunks(proc, chunk_dir, n=3, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -488,24 +493,25 @@ def _interrupt_when_chunks(proc, chunk_dir, n=3, timeout=60):
 
 def test_ctrl_c_stops_a_multi_item_job_and_a_single_one_with_130(reference_mdf, tmp_path):
     """Before: Ctrl-C failed the current item and went on to the next; a single infer exited 2.
-    Chunks of 20 images: 3,000 an item, seconds of work even on a fast machine (with 100, a
-    machine that ran both items within a second on a busy CI runner finished before the
-    interrupt came)."""
+    The children get SIGINT's default disposition back: a test run started in the background
+    of a non-interactive shell inherits SIGINT *ignored*, and Python then never raises
+    KeyboardInterrupt (the job ran to its end)."""
     cfg = tmp_path / "jobs.yaml"
-    cfg.write_text(f"name: j\ninfer: {{device: cpu, batch_size: 20}}\njobs:\n"
+    cfg.write_text(f"name: j\ninfer: {{device: cpu, batch_size: 100}}\njobs:\n"
                    f"  - {{model: {reference_mdf}, data: 'mnist:train', name: first}}\n"
                    f"  - {{model: {reference_mdf}, data: 'mnist:train', name: second}}\n")
     proc = subprocess.Popen([sys.executable, "-m", "gpu_mdf", "infer", "--config", str(cfg), "--out",
                              str(tmp_path / "jobs"), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     stdout, stderr = _interrupt_when_chunks(proc, tmp_path / "jobs" / "first" / ".chunks")
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted:" in stderr and "rerun the same command to resume" in stderr
     assert not (tmp_path / "jobs" / "second").exists() and "FAIL" not in stdout
 
     args = [sys.executable, "-m", "gpu_mdf", "infer", str(reference_mdf), "--data", "mnist:train",
-            "--batch-size", "20", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "one")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--batch-size", "100", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "one")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
     stdout, stderr = _interrupt_when_chunks(proc, tmp_path / "one" / ".chunks")
     assert proc.returncode == 130 and "interrupted:" in stderr, (stdout, stderr)
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
