@@ -194,6 +194,9 @@ def plot(mdf_file, out, levels):
               help="the ONNX opset of a file that does not record it (onnx_to_mdf's; default 17)")
 @click.option("--cuda-graphs", is_flag=True,
               help="on a GPU, capture each batch shape as a CUDA graph and replay it (opt-in; refused without a GPU)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "tf32"]), default=None,
+              help="opt-in reduced precision (approximate: check it with `gpu-mdf bench --precision`); "
+                   "fp16 runs every value in float16, tf32 rounds float32 products' inputs on an Ampere+ GPU")
 @click.option("--overwrite", is_flag=True, help="replace another job's files in --out")
 @click.option("--keep-chunks", is_flag=True, help="keep --out/.chunks after a successful job")
 @click.option("--cluster", default=None,
@@ -204,8 +207,8 @@ def plot(mdf_file, out, levels):
 @click.option("--no-progress", is_flag=True)
 @_errors
 def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, normalize, invert, top_k, output_name,
-          softmax, min_confidence, kaggle, save_preprocessed, constants, opset, cuda_graphs, overwrite, keep_chunks,
-          cluster, cluster_timeout, config_path, no_progress):
+          softmax, min_confidence, kaggle, save_preprocessed, constants, opset, cuda_graphs, precision, overwrite,
+          keep_chunks, cluster, cluster_timeout, config_path, no_progress):
     """Bulk inference of an MDF graph over a data source (resumable).
 
     MDF_FILE may be an ONNX model: it is converted once into a cache, and --normalize must
@@ -229,7 +232,8 @@ def infer(mdf_file, data, split, labels, out, device, batch_size, on_error, norm
     min_confidence = (cfg.infer if cfg else InferConfig()).min_confidence if min_confidence is None else min_confidence
     options = dict(invert=invert, top_k=top_k, overwrite=overwrite, keep_chunks=keep_chunks, normalize=normalize,
                    constants=constants, output=output_name, softmax=softmax, min_confidence=min_confidence,
-                   kaggle=kaggle, save_preprocessed=save_preprocessed, opset=opset, cuda_graphs=cuda_graphs)
+                   kaggle=kaggle, save_preprocessed=save_preprocessed, opset=opset, cuda_graphs=cuda_graphs,
+                   precision=precision)
     with cluster_session(cluster, _log, timeout) as session:   # one cluster for the whole command
         if cfg and cfg.jobs:
             ok = run_jobs(cfg.jobs, Path(out or f"runs/{cfg.name}/jobs"),

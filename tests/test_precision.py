@@ -226,3 +226,38 @@ def test_tf32_is_refused_before_ampere(strict_gpu, monkeypatch):
     with pytest.raises(CompileError, match=r"tf32 needs an Ampere or newer GPU \(compute capability 8.0\+\); "
                                            r"gpu:0 has 7.5"):
         compile(GOLDEN / "example-mnist_softmax.mdf.json", device=strict_gpu, precision="tf32")
+
+
+def test_infer_in_fp16_is_its_own_job_and_agrees_with_float32(reference_mdf, tmp_path):
+    """``infer --precision fp16``: float16 probabilities, the precision in job.json (a rerun
+    in float32 is another job, never a resume of this one), predictions agreeing."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+    run = CliRunner()
+    base = ["infer", str(reference_mdf), "--device", "cpu", "--no-progress", "--data", "mnist:test"]
+    r16 = run.invoke(main, base + ["--precision", "fp16", "--out", str(tmp_path / "h")])
+    assert r16.exit_code == 0, r16.output
+    assert "precision fp16 (approximate" in r16.output
+    job = json.loads((tmp_path / "h" / "job.json").read_text())
+    assert job["precision"] == "fp16" and job["dtype"] == "float16"
+    r32 = run.invoke(main, base + ["--out", str(tmp_path / "h")])
+    assert r32.exit_code != 0 and "another job" in r32.output       # not a resume of the fp16 job
+    r32 = run.invoke(main, base + ["--out", str(tmp_path / "f")])
+    assert r32.exit_code == 0, r32.output
+    p16 = np.load(tmp_path / "h" / "probabilities.npy")
+    p32 = np.load(tmp_path / "f" / "probabilities.npy")
+    assert p16.shape == p32.shape == (10000, 10)
+    assert np.mean(p16.argmax(1) == p32.argmax(1)) >= 0.99
+    assert np.abs(p16.astype(np.float64) - p32).max() < 2e-2
+
+
+def test_infer_refuses_tf32_on_the_cpu(reference_mdf, tmp_path):
+    from click.testing import CliRunner
+
+    from gpu_mdf.cli import main
+    r = CliRunner().invoke(main, ["infer", str(reference_mdf), "--device", "cpu", "--precision", "tf32",
+                                  "--no-progress", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "precision tf32 is a cuBLAS math mode of NVIDIA GPUs" in r.output

@@ -41,11 +41,12 @@ class ModelRef:
     normalize: str | None
     constants: str | None = None  # an absolute .npz path
     opset: int | None = None      # for a file that does not record its opset (--opset)
+    precision: str | None = None  # --precision
 
     def compile(self) -> Program:
         consts = load_constants(self.constants) if self.constants else None
         return compile(self.mdf_path, device=self.device, normalize=self.normalize, constants=consts,
-                       opset=self.opset)
+                       opset=self.opset, precision=self.precision)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                   cluster=None, constants: str | Path | None = None, invert: str = "auto", top_k: int = 0,
                   overwrite: bool = False, keep_chunks: bool = False, output: str | None = None,
                   softmax: str = "auto", min_confidence: float = InferConfig.min_confidence, kaggle: bool = False,
-                  save_preprocessed: int = 0, opset: int | None = None, cuda_graphs: bool = False) -> InferResult:
+                  save_preprocessed: int = 0, opset: int | None = None, cuda_graphs: bool = False,
+                  precision: str | None = None) -> InferResult:
     """Run ``mdf_path`` over ``source`` and write the result files to ``out_dir``
     (``None``: a folder of this job's own under ``runs/infer/``).
 
@@ -60,7 +61,8 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
     submission.csv; ``save_preprocessed`` writes the first N images as the model got them.
     ``opset``: the ONNX opset of a file that does not record it (``onnx_to_mdf``'s).
     ``cuda_graphs``: replay each batch shape's CUDA graph on a GPU (opt-in; not on Dask
-    workers, which compile their own programs).
+    workers, which compile their own programs). ``precision``: ``fp16`` or ``tf32``
+    (opt-in, approximate; ``compile(precision=...)``), part of the job's identity.
     """
     from ..convert.sources import resolve_model
     mdf_path = resolve_model(mdf_path, normalize, log=log, need_normalize=True)   # an ONNX file: its cached MDF
@@ -69,7 +71,7 @@ def run_inference(mdf_path: str | Path, out_dir: str | Path | None, source: str 
                        on_error=on_error, normalize=normalize,
                        constants=None if constants is None else Path(constants).resolve(), invert=invert,
                        top_k=top_k, output=output, softmax=softmax, min_confidence=min_confidence, kaggle=kaggle,
-                       opset=opset, cuda_graphs=cuda_graphs)
+                       opset=opset, cuda_graphs=cuda_graphs, precision=precision)
     request.check()
     with cluster_session(cluster, log) as session:   # connects before any file is written
         # with a cluster the workers run the model; here it only describes the graph
@@ -95,6 +97,9 @@ def _run_job(prog: Program, request: _Request, job: Job, session: ClusterSession
     log(session.describe() if session else prog.backend.describe())
     log(f"{job.data.describe()}; batch size {job.batch_size}")
     log(_normalization_line(prog, request.normalize, job.fingerprint["normalize"]))
+    if request.precision not in (None, "fp32"):
+        log(f"precision {request.precision} (approximate: `gpu-mdf bench --precision {request.precision}` "
+            f"reports its agreement with float32)")
     record = _run_chunks(prog, job, spec, request.task(prog, job, spec) if session else None, session,
                          progress, log)
     result = assemble(prog, job, record, log)
@@ -137,6 +142,7 @@ class _Request:
     kaggle: bool
     opset: int | None = None             # a file that does not say its opset
     cuda_graphs: bool = False            # numbers unchanged: not part of the job's identity
+    precision: str | None = None         # fp16 | tf32 (numbers change: part of it)
 
     def check(self) -> None:
         """Refuse what can be refused before anything is compiled or written."""
@@ -154,6 +160,7 @@ class _Request:
         """The job's program (``describe_only``: on the CPU, to describe the graph for Dask
         workers, which compile their own)."""
         return compile(self.mdf_path, device=device, normalize=self.normalize, opset=self.opset,
+                       precision=None if describe_only and self.precision == "tf32" else self.precision,
                        cuda_graphs=self.cuda_graphs and not describe_only,
                        constants=None if self.constants is None else load_constants(self.constants))
 
@@ -185,13 +192,14 @@ class _Request:
             output=prog.outputs[choose_output(prog, self.output)].name, softmax=self.softmax,
             min_confidence=self.min_confidence, kaggle=self.kaggle,
             images=None if ds.inverted is None else (self.invert, list(model_image_size(prog))),
-            constants_sha256=None if self.constants is None else file_sha256(self.constants), opset=self.opset)
+            constants_sha256=None if self.constants is None else file_sha256(self.constants), opset=self.opset,
+            precision=self.precision)
         return Job(self.out or default_folder(self.mdf_path, ds.name, job), ds, identity, job)
 
     def task(self, prog: Program, job: Job, spec: ChunkSpec) -> ChunkTask:
         """What Dask workers are sent: they compile and open for themselves, by absolute paths."""
         model = ModelRef(str(self.mdf_path), job.fingerprint["model_sha256"], self.device, prog.normalize,
-                         None if self.constants is None else str(self.constants), self.opset)
+                         None if self.constants is None else str(self.constants), self.opset, self.precision)
         data = DataRef(job.identity.location, self.split,
                        None if self.labels is None else str(Path(self.labels).resolve()),
                        model_image_size(prog), self.invert)

@@ -94,7 +94,8 @@ class Job:
 def fingerprint(model: Path, model_sha256: str, data: dict, *, split: str, batch_size: int, normalize: str,
                 dtype: str, on_error: str, top_k: int, output: str, softmax: str, min_confidence: float,
                 kaggle: bool, images: tuple[str, list[int]] | None = None,
-                constants_sha256: str | None = None, opset: int | None = None) -> dict:
+                constants_sha256: str | None = None, opset: int | None = None,
+                precision: str | None = None) -> dict:
     """What job.json records: every input that changes the result files. ``images``:
     ``(invert, image_size)`` for a source of images."""
     job = {"gpu_mdf": __version__, "model_sha256": model_sha256, "model": str(model), "data": data,
@@ -107,6 +108,8 @@ def fingerprint(model: Path, model_sha256: str, data: dict, *, split: str, batch
         job["constants_sha256"] = constants_sha256
     if opset is not None:
         job["opset"] = opset
+    if precision not in (None, "fp32"):
+        job["precision"] = precision
     return job
 
 

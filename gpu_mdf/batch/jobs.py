@@ -39,7 +39,9 @@ def run_jobs(items, out_dir: Path, default_model=None, device="auto", batch_size
                     programs[key] = compile(model, device="cpu" if session else device,
                                             normalize=infer_options.get("normalize"), opset=infer_options.get("opset"),
                                             constants=load_constants(consts) if consts else None,
-                                            cuda_graphs=bool(infer_options.get("cuda_graphs")) and not session)
+                                            cuda_graphs=bool(infer_options.get("cuda_graphs")) and not session,
+                                            precision=None if session and infer_options.get("precision") == "tf32"
+                                            else infer_options.get("precision"))
                 res = run_inference(model, folder, source=item.data, device=device,
                                     batch_size=batch_size, on_error=on_error, program=programs[key],
                                     log=log, progress=progress, cluster=session, **infer_options)
