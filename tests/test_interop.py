@@ -340,6 +340,32 @@ def test_pytorch_style_selectors_lists_constants_and_old_declared_opset():
     np.testing.assert_allclose(compile(d, device="cpu", constants=weights).run(x), F.run_ort(model, x), atol=1e-5)
 
 
+@pytest.mark.parametrize("function, args", [
+    ("logistic", {"gain": 3, "bias": 0, "offset": 0}), ("logistic", {"gain": 1.5, "bias": 0.25, "offset": -1}),
+    ("linear", {"slope": 2, "intercept": 1}), ("exponential", {"scale": 2, "rate": 1, "bias": 0, "offset": 1}),
+    ("sin", {"scale": 2}), ("tanh", {"scale": 1}), ("Relu", {})])
+@pytest.mark.parametrize("expr", [None, "{v} * 2.5 + 1", "exp(-1 * {v}) + 0.5"])
+def test_scalar_graphs_keep_a_forced_float32_on_any_numpy(function, args, expr):
+    """A standard function or an expression on a 0-d value with integer and float
+    literals. Before, on NumPy 1.x (value-based casting): logistic's ``1 / (1 + ...)`` and
+    ``-1 * gain`` made a forced float32 program float64 (make test-lowest runs this on
+    NumPy 1.23; NumPy 2 kept float32)."""
+    arg = "A" if function == "Relu" else "variable0"
+    params = {"f": {"function": function, "args": {arg: "x", **args}}}
+    if expr:
+        params["g"] = {"value": expr.format(v="f")}
+    d = model_of(
+        {"a": {"parameters": {"level": {"value": 0.75}}, "output_ports": {"out": {"value": "level"}}},
+         "b": {"input_ports": {"x": {}}, "parameters": params,
+               "output_ports": {"y_out": {"value": "g" if expr else "f"}}}},
+        {"e": {"sender": "a", "receiver": "b", "sender_port": "out", "receiver_port": "x",
+               "parameters": {"weight": 0.5}}})
+    got = compile(d, device="cpu", dtype="float32").run()
+    assert got.dtype == np.float32, (function, expr, got.dtype)
+    want = compile(d, device="cpu").run()                  # float64, as modeci_mdf computes
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_numerics_follow_the_file_and_dtype_forces():
     prog = compile(SIMPLE, device="cpu")
     assert prog.dtype == np.float64 and prog.run().dtype == np.float64

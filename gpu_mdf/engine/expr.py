@@ -34,6 +34,23 @@ _CMPOPS = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+
+
+def weak(a, b):
+    """``(a, b)`` with a Python number beside a float array or NumPy float taken in that
+    float's type: NumPy 2's rule for Python scalars (NEP 50), kept on NumPy 1.x too, where
+    a 0-d float32 times a Python float was float64 (a folded constant, a scalar graph)."""
+    if type(a) in (int, float) and getattr(getattr(b, "dtype", None), "kind", None) == "f":
+        return b.dtype.type(a), b
+    if type(b) in (int, float) and getattr(getattr(a, "dtype", None), "kind", None) == "f":
+        return a, a.dtype.type(b)
+    return a, b
+
+
+def _weakly(op):
+    def f(a, b):
+        return op(*weak(a, b))
+    return f
 _MODULES = ("math", "numpy", "np")
 MAX_EXPRESSION_CHARS = 10_000
 
@@ -169,7 +186,7 @@ class _Builder:
     def _binop(self, n: ast.BinOp):
         if type(n.op) not in _BINOPS:
             _refuse(self.src, n, f"{type(n).__name__} is not allowed")
-        op, lhs, rhs = _BINOPS[type(n.op)], self.operand(n.left), self.operand(n.right)
+        op, lhs, rhs = _weakly(_BINOPS[type(n.op)]), self.operand(n.left), self.operand(n.right)
         return lambda env: op(lhs(env), rhs(env))
 
     def _unaryop(self, n: ast.UnaryOp):
@@ -186,7 +203,7 @@ class _Builder:
     def _compare(self, n: ast.Compare):
         if len(n.ops) != 1 or type(n.ops[0]) not in _CMPOPS:
             _refuse(self.src, n, "only single comparisons are allowed")
-        op, lhs, rhs = _CMPOPS[type(n.ops[0])], self.operand(n.left), self.operand(n.comparators[0])
+        op, lhs, rhs = _weakly(_CMPOPS[type(n.ops[0])]), self.operand(n.left), self.operand(n.comparators[0])
         return lambda env: op(lhs(env), rhs(env))
 
     def _call(self, n: ast.Call):

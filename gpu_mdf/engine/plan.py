@@ -20,6 +20,7 @@ output ``i`` of a multi-output op, and a plain reference means its first output.
 from __future__ import annotations
 
 import ast
+import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 from ..errors import CompileError
 from ..mdf import GraphMeta, items
 from . import ops as ops_mod
-from .expr import FUNCTION_NAMES, compile_expr
+from .expr import FUNCTION_NAMES, compile_expr, weak
 from .ops import OpError, OpSpec, cast_attr, folding
 from .ops.standard import STANDARD_FUNCTIONS
 from .steps import CONST, DEVICE, HOST, EdgeStep, ExprStep, FusedStep, MoveStep, OpStep, Ref, Step, Val
@@ -746,7 +747,7 @@ class Planner:
         if all(r.place == CONST for r in refs):
             total = None
             for r, w in zip(refs, weights):
-                v = r.host_value() if w is None else r.host_value() * w
+                v = r.host_value() if w is None else operator.mul(*weak(r.host_value(), w))
                 total = v if total is None else (total * v if reduce == "multiply" else total + v)
             basis = sum(r.val.basis for r in refs)
             return Ref(self._const_val(self._folded(total, what, basis), what, nid, pid))

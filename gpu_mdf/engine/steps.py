@@ -17,12 +17,13 @@ of MDF.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .expr import compile_expr
+from .expr import compile_expr, weak
 from .ops import OpError, OpSpec
 from .ops.fusion import Instr, check_program, run_numpy
 from .ops.nn import log_softmax, softmax
@@ -139,7 +140,7 @@ class EdgeStep(Step):
         def edge(env):
             v = None
             for g, w in zip(gets, ws):
-                s = g(env) if w is None else g(env) * w
+                s = g(env) if w is None else operator.mul(*weak(g(env), w))
                 v = s if v is None else (v * s if mult else v + s)
             return v
         return edge
