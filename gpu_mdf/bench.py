@@ -111,24 +111,11 @@ def run_table(mdf_path, keras_path, repeats: int, skip: set[str], echo=print, on
     probe = probe_gpu()
     if probe.usable:
         pg = compile(mdf_path, device="gpu", constants=consts)
-        xd = pg.prepare(x)
-        feeds = {pg.primary_input.name: xd}
-
-        def dev():
-            pg.execute(feeds)
-            pg.backend.synchronize()
-        add("gpu-mdf (CuPy, device-resident)", timeit(dev, repeats), pg.run(x))
+        add("gpu-mdf (CuPy, device-resident)", *device_resident(pg, x, repeats))
         add("gpu-mdf (CuPy, from host float32)", timeit(lambda: pg.run(x), repeats), pg.run(x))
-        if cuda_graphs:
+        if cuda_graphs:      # the warm-ups capture: the timed runs replay
             gg = compile(mdf_path, device="gpu", constants=consts, cuda_graphs=True)
-            gfeeds = {gg.primary_input.name: gg.prepare(x)}
-
-            def replay():
-                gg.execute(gfeeds)
-                gg.backend.synchronize()
-            seconds = timeit(replay, repeats)            # the warm-ups capture: the timed runs replay
-            add("gpu-mdf (CuPy, CUDA graphs, device-resident)", seconds,
-                {k: gg.backend.to_host(v) for k, v in gg.execute(gfeeds).items()})
+            add("gpu-mdf (CuPy, CUDA graphs, device-resident)", *device_resident(gg, x, repeats))
             echo(f"  {gg.cuda_graphs.describe()}")
     else:
         skipped("CuPy", probe.reason)
@@ -173,24 +160,29 @@ def _precision_rows(mdf_path, consts, x, ref, precisions, repeats, probe, add, s
         echo(f"  {row['engine']}: max|diff| vs float32 {row['max_abs_diff_vs_gpu_mdf']:.2e} (max|y| {scale:.3g})"
              + ("" if agree is None else f"; top-1 agreement {agree:.2%} of {len(outs[0]):,} items"))
 
-    for precision in precisions:
+    for precision in precisions:       # the programs cast float inputs to their own type
         if precision == "fp16":
             p16 = compile(mdf_path, device="cpu", constants=consts, precision="fp16")
-            x16 = x.astype(np.float16) if x.dtype.kind == "f" else x
-            out = p16.run(x16)
-            report(add("gpu-mdf (NumPy, CPU, fp16)", timeit(lambda p=p16, x=x16: p.run(x), repeats), out), out, p16)
+            out = p16.run(x)
+            report(add("gpu-mdf (NumPy, CPU, fp16)", timeit(lambda p=p16: p.run(x), repeats), out), out, p16)
         if not probe.usable:
             skipped(f"gpu-mdf (CuPy, {precision})", probe.reason)
             continue
         pg = compile(mdf_path, device="gpu", constants=consts, precision=precision)
-        xd = pg.prepare(x.astype(np.float16) if precision == "fp16" and x.dtype.kind == "f" else x)
-        feeds = {pg.primary_input.name: xd}
+        seconds, out = device_resident(pg, x, repeats)
+        report(add(f"gpu-mdf (CuPy, {precision}, device-resident)", seconds, out), out, pg)
 
-        def dev(pg=pg, feeds=feeds):
-            pg.execute(feeds)
-            pg.backend.synchronize()
-        out = {k: pg.backend.to_host(v) for k, v in pg.execute(feeds).items()}
-        report(add(f"gpu-mdf (CuPy, {precision}, device-resident)", timeit(dev, repeats), out), out, pg)
+
+def device_resident(prog, x, repeats: int) -> tuple[float, dict]:
+    """(median seconds of a batch already on the device, synchronised after each run; its
+    outputs on the host)."""
+    feeds = {prog.primary_input.name: prog.prepare(x)}
+
+    def run():
+        prog.execute(feeds)
+        prog.backend.synchronize()
+    seconds = timeit(run, repeats)
+    return seconds, {k: prog.backend.to_host(v) for k, v in prog.execute(feeds).items()}
 
 
 def top1_agreement(out: np.ndarray, ref: np.ndarray) -> float | None:

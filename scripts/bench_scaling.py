@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BATCHES = (1, 8, 64, 512, 4096, 8192)
+RUNS = 5                      # medians of 5 timed runs after one warm-up
 
 
 def model_of(name: str):
@@ -41,16 +40,6 @@ def model_of(name: str):
     return _random_weights(keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None))
 
 
-def median_seconds(fn, runs=5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "mnv2", "resnet50"])
@@ -59,6 +48,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import tf2onnx
 
+    from gpu_mdf.bench import timeit
     from gpu_mdf.convert import keras_to_mdf
     from gpu_mdf.engine import compile
     from gpu_mdf.tfquiet import tensorflow
@@ -76,8 +66,8 @@ def main(argv=None) -> int:
         cells = []
         for b in BATCHES:
             x = np.random.default_rng(0).random((b,) + shape, dtype=np.float32)
-            ours = median_seconds(lambda p=prog, x=x: p.run(x, check=False))
-            theirs = median_seconds(lambda s=sess, x=x: s.run(None, {"x": x}))
+            ours = timeit(lambda p=prog, x=x: p.run(x, check=False), RUNS, warmup=1)
+            theirs = timeit(lambda s=sess, x=x: s.run(None, {"x": x}), RUNS, warmup=1)
             cells.append(f"{ours / b * 1e6:,.1f} µs ({ours / theirs:.2f}× ORT)")
             print(f"{name} batch {b}: {ours * 1e3:.2f} ms, ORT {theirs * 1e3:.2f} ms", file=sys.stderr, flush=True)
             if max(ours, theirs) > args.max_seconds:

@@ -128,8 +128,7 @@ def test_reduced_precisions_stay_close_to_float32(bundle, name):
     want = np.asarray(ref.run(x), np.float64)
     for precision, tol, least in (("tf32", 1e-2, 0.97), ("fp16", None, 0.9)):
         p = gpu_bundle.compiled(entry, "gpu", precision=precision)
-        got = np.asarray(p.run(x.astype(np.float16) if precision == "fp16" and x.dtype.kind == "f" else x),
-                         np.float64)
+        got = np.asarray(p.run(x), np.float64)
         assert np.isfinite(got).all(), precision
         if tol is not None:          # fp16's error is reported (scripts/gpu_bench.py), not bounded here
             assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), precision

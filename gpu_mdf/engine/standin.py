@@ -137,12 +137,14 @@ def _copy_into(dst, src):
         np.copyto(dst, np.asarray(src), casting="unsafe")
 
 
-def _recorded(res, roots, redo, what: str):
-    """Record how to recompute ``res`` (the unwrapped result of ``redo()``) in a capture:
-    into the same buffers when it is new device memory; ``redo`` itself when it wrote in
-    place (``out=``, an assignment); nothing for a view or a bare allocation."""
+def _recorded(result, roots, redo, what: str):
+    """Record how to recompute ``result`` (the device array(s) ``redo()`` computes, unwrapped)
+    in a capture: into the same buffers when it is new device memory; ``redo`` itself when
+    it wrote in place (``out=``, an assignment: ``result`` None); nothing for a view or a
+    bare allocation."""
     if _CAPTURE.stream is None or what in ("empty", "empty_like"):
         return
+    res = _unwrap_result(result)
     if res is None:
         _CAPTURE.record(redo)
         return
@@ -288,7 +290,7 @@ def _call(fn, args, kwargs, where):
         if isinstance(out, ndarray):
             return out
     wrapped = _wrap(res, roots, where)
-    _recorded(_unwrap_result(wrapped), roots, lambda: fn(*a, **k), where)
+    _recorded(wrapped, roots, lambda: fn(*a, **k), where)
     return wrapped
 
 
@@ -397,7 +399,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         roots = [_root(self._a)]
         a, i = self._a, _check_index(idx, "indexing")
         res = _wrap(a[i], roots, "indexing")
-        _recorded(_unwrap_result(res), roots, lambda: a[i], "indexing")
+        _recorded(res, roots, lambda: a[i], "indexing")
         return res
 
     def __setitem__(self, idx, value):
@@ -421,7 +423,7 @@ class ndarray:  # noqa: N801 - CuPy's name
             _recorded(None, roots, redo, ufunc.__name__)
             return out[0] if len(out) == 1 else out
         wrapped = _wrap(res, roots, ufunc.__name__)
-        _recorded(_unwrap_result(wrapped), roots, redo, ufunc.__name__)
+        _recorded(wrapped, roots, redo, ufunc.__name__)
         return wrapped
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -443,7 +445,7 @@ class ndarray:  # noqa: N801 - CuPy's name
                     _recorded(None, roots, lambda: m(*a, **k), name)
                     return out if isinstance(out, ndarray) else None
                 wrapped = _wrap(res, roots, name)
-                _recorded(_unwrap_result(wrapped), roots, lambda: m(*a, **k), name)
+                _recorded(wrapped, roots, lambda: m(*a, **k), name)
                 return wrapped
             return method
         raise AttributeError(f"fake cupy.ndarray has no attribute {name!r}")
@@ -958,7 +960,7 @@ def _erf(x):
     def redo():
         return np.asarray(erf(a)).astype(a.dtype, copy=False)
     res = _wrap(redo(), roots, "erf")                 # a kernel: counted, in the pool
-    _recorded(res._a, roots, redo, "erf")
+    _recorded(res, roots, redo, "erf")
     return res
 
 

@@ -1,27 +1,22 @@
 """MDF standard functions (``modeci_mdf.functions.standard``), with the same formulas.
 
 Their arguments are tensors (an argument a file leaves out is looked up by name in
-the node, as modeci_mdf does); they have no attributes. Literals take the float type of
-the value they meet (``_one``): on NumPy 1.x a Python number beside a 0-d float32 array
-made float64 (NumPy 2 keeps float32).
+the node, as modeci_mdf does); they have no attributes. A literal takes the float type
+of the value it meets (:func:`~gpu_mdf.engine.expr.weak`): on NumPy 1.x a Python number
+beside a 0-d float32 array made float64 (NumPy 2 keeps float32).
 """
 
 from __future__ import annotations
 
+from ..expr import weak
 from . import op
 
 _S0 = "variable0"
 
 
-def _one(v):
-    """1 in ``v``'s float type (a Python 1 beside an integer value)."""
-    dt = getattr(v, "dtype", None)
-    return dt.type(1) if dt is not None and dt.kind == "f" else 1
-
-
 def _logistic(xp, v, gain, bias, offset):
-    one = _one(v)
-    return one / (one + xp.exp(-gain * (v + bias) + offset))
+    one, e = weak(1, xp.exp(-gain * (v + bias) + offset))
+    return one / (one + e)
 
 _STANDARD = {
     "linear": ((_S0, "slope", "intercept"), lambda xp, v, slope, intercept: v * slope + intercept),
