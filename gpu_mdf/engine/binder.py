@@ -98,10 +98,10 @@ def _precision(precision: str | None, dtype: str | None, backend: Backend) -> tu
     want = "float16" if precision == "fp16" else "float32"          # fp32 and tf32 compute in float32
     if dtype is not None and np.dtype(dtype) != np.dtype(want):
         raise CompileError(f"precision {precision} computes in {want}; dtype {dtype} contradicts it")
-    if precision == "tf32" and not backend.is_gpu:
-        raise CompileError(f"precision tf32 is a cuBLAS math mode of NVIDIA GPUs; this program runs on "
-                           f"{backend.device} ({backend.name})")
     if precision == "tf32":
+        if not backend.is_gpu:
+            raise CompileError(f"precision tf32 is a cuBLAS math mode of NVIDIA GPUs; this program runs on "
+                               f"{backend.device} ({backend.name})")
         cc = str(backend.xp.cuda.Device(backend.device_index or 0).compute_capability)
         if int(cc) < 80:
             raise CompileError(f"precision tf32 needs an Ampere or newer GPU (compute capability 8.0+); "
@@ -115,10 +115,9 @@ def _check_all_half(plan: Plan, found) -> None:
     if found is None:
         return
     for st in plan.steps:
-        shape_dtype = found.values.get(st.key)
-        if shape_dtype and shape_dtype[1] and np.dtype(shape_dtype[1]).kind == "f" \
-                and np.dtype(shape_dtype[1]) != np.float16:
-            raise CompileError(f"precision fp16: {st.what} gives {shape_dtype[1]}, so the program would not run "
+        _, dtype = found.values.get(st.key, (None, None))
+        if dtype and np.dtype(dtype).kind == "f" and np.dtype(dtype) != np.float16:
+            raise CompileError(f"precision fp16: {st.what} gives {dtype}, so the program would not run "
                                f"in float16 throughout")
 
 

@@ -60,7 +60,6 @@ class CudaGraphs:
     seen: set = field(default_factory=set)
     graphs: dict = field(default_factory=dict)
     refused: dict = field(default_factory=dict)     # signature -> why it runs eagerly
-    captures: int = 0
     replays: int = 0
 
     def __post_init__(self):
@@ -68,6 +67,10 @@ class CudaGraphs:
         why = ([f"it fetches a device value per batch ({plan.syncs[0]})"] if plan.syncs else []) + \
               ([f"it copies a host value to the device per batch ({plan.uploads[0]})"] if plan.uploads else [])
         self.never = "; ".join(why) or None
+
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
 
     def describe(self) -> str:
         if self.never:
@@ -95,7 +98,6 @@ class CudaGraphs:
             self.refused[key] = f"capture failed: {type(e).__name__}: {lines[0][:160]}"
             return prog.execute_eager(feeds)
         self.graphs[key] = g
-        self.captures += 1
         return self._collect(g, prog.xp.cuda.get_current_stream())
 
     def _capture(self, feeds: dict) -> _Captured:

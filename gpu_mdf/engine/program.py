@@ -108,9 +108,11 @@ class Program:
         elif np.issubdtype(x.dtype, np.floating):
             if check and on_host:
                 check_finite(x, np, f"input {spec.name}")
-                if want == np.float16 and x.dtype.itemsize > 2 and x.size and float(np.abs(x).max()) > 65504:
-                    raise DataError(f"input {spec.name}: values up to {float(np.abs(x).max()):.4g} exceed float16's "
-                                    f"range (65504) under precision fp16")
+                if want == np.float16 and x.dtype.itemsize > 2 and x.size:
+                    top = float(np.abs(x).max())
+                    if top > 65504:
+                        raise DataError(f"input {spec.name}: values up to {top:.4g} exceed float16's range (65504) "
+                                        f"under precision fp16")
             d = self.backend.to_device(x).astype(want, copy=False)
         else:
             raise DataError(f"input {spec.name}: unsupported dtype {x.dtype}")
