@@ -26,6 +26,7 @@ PROVIDERS = {
     "onnx": ("onnx", "mdf"),
     "onnxruntime": ("ONNX Runtime", "mdf"),
     "cupy": ("CuPy", "gpu"),
+    "numba": ("numba", "cpu"),
     "dask": ("Dask", "dask"),
     "distributed": ("Dask distributed", "dask"),
     "dask_cuda": ("dask-cuda", "cuda-cluster"),

@@ -38,7 +38,9 @@ def fingerprint() -> dict:
     libs = str(np_dir) + ".libs"
     blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture")} for i in threadpool_info()
             if i.get("user_api") == "blas" and str(i.get("filepath", "")).startswith(libs)]
-    return {"numpy": np.__version__, "machine": platform.machine(), "blas": blas, "simd": _simd()}
+    from gpu_mdf.engine.ops import cpu
+    return {"numpy": np.__version__, "machine": platform.machine(), "blas": blas, "simd": _simd(),
+            "cpu_kernels": cpu.describe()}        # numba's kernels (or NumPy's forms) sum in their own order
 
 
 def _simd() -> list:

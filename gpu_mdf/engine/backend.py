@@ -91,7 +91,10 @@ class Backend:
         return self.name == "cupy"
 
     def describe(self) -> str:
-        return f"{self.device} ({self.name}): {self.reason}"
+        if self.is_gpu:
+            return f"{self.device} ({self.name}): {self.reason}"
+        from .ops import cpu
+        return f"{self.device} ({self.name}; compiled kernels: {cpu.describe()}): {self.reason}"
 
     def to_device(self, a):
         return self.xp.asarray(a)

@@ -1,16 +1,17 @@
-"""Elementwise ops that fuse into one pass over memory, each written twice from one table:
-in place on NumPy (a ufunc with ``out=``) and as a C expression for a generated CUDA kernel
-(:mod:`~gpu_mdf.engine.ops.cuda`).
+"""Elementwise ops that fuse into one pass over memory, each written in one table: in place
+on NumPy (a ufunc with ``out=``), as a C expression for a generated CUDA kernel
+(:mod:`~gpu_mdf.engine.ops.cuda`) and, most of them, as a Python expression for a chain
+compiled into one ufunc by numba on the CPU (:mod:`~gpu_mdf.engine.ops.cpu`).
 
 A fused chain is a short program over a few operands (the chain's input, constants, other
 tensors that broadcast to its shape); each instruction reads operands and the result of
 the instruction just before it. A chain may end in a *tail*, a softmax or log-softmax over
 the last axis (one row per thread on a GPU).
 
-Both forms compute the same thing, NaN included: the C forms are written with comparisons
-that let a NaN through where NumPy's ufuncs do (``x < 0 ? 0 : x`` for Relu, not ``fmaxf``,
-which drops it). C functions are written with a ``{f}`` suffix placeholder so one template
-serves float32 (``expf``) and float64 (``exp``).
+All forms compute the same thing, NaN included: the C and Python forms are written with
+comparisons that let a NaN through where NumPy's ufuncs do (``x < 0 ? 0 : x`` for Relu,
+not ``fmaxf``, which drops it). C functions are written with a ``{f}`` suffix placeholder
+so one template serves float32 (``expf``) and float64 (``exp``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Fusible:
     cuda: str                         # C expression over {a}, {b}, attribute names; {f}: "f" for float
     attrs: tuple[str, ...] = ()       # float attributes the op keeps (LeakyRelu's alpha...)
     onnx: tuple = ()                  # how an export writes it: ONNX nodes, when not the op itself
+    # the same in numba's Python (a compiled CPU chain): {a}, {b}, attribute names, T the float
+    # type. Left out where NumPy's own SIMD loop is faster than numba's scalar libm call (exp,
+    # tanh: 2-8x): a chain with such an op runs as NumPy's in-place ufuncs.
+    py: str = ""
 
 
 def _np_sigmoid(a, b, out, at):
@@ -48,24 +53,29 @@ def _np_clip(a, b, out, at):
 
 
 FUSIBLE: dict[str, Fusible] = {
-    "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})"),
+    "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})",
+        py="(T(0) if {a} < 0 else {a})"),
     "onnx::Sigmoid": Fusible(1, _np_sigmoid, "((T)0.5 * tanh{f}((T)0.5 * {a}) + (T)0.5)"),
     "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})"),
     "onnx::Exp": Fusible(1, lambda a, b, out, at: np.exp(a, out=out), "exp{f}({a})"),
-    "onnx::Neg": Fusible(1, lambda a, b, out, at: np.negative(a, out=out), "(-{a})"),
-    "onnx::Abs": Fusible(1, lambda a, b, out, at: np.abs(a, out=out), "fabs{f}({a})"),
-    "onnx::Sqrt": Fusible(1, lambda a, b, out, at: np.sqrt(a, out=out), "sqrt{f}({a})"),
-    "onnx::Reciprocal": Fusible(1, lambda a, b, out, at: np.reciprocal(a, out=out), "((T)1 / {a})"),
-    "onnx::LeakyRelu": Fusible(1, _np_leaky_relu, "({a} >= 0 ? {a} : {a} * {alpha})", ("alpha",)),
-    "onnx::Clip": Fusible(1, _np_clip, "({a} < {min} ? {min} : ({a} > {max} ? {max} : {a}))", ("min", "max")),
-    "onnx::Add": Fusible(2, lambda a, b, out, at: np.add(a, b, out=out), "({a} + {b})"),
-    "onnx::Sub": Fusible(2, lambda a, b, out, at: np.subtract(a, b, out=out), "({a} - {b})"),
-    "onnx::Mul": Fusible(2, lambda a, b, out, at: np.multiply(a, b, out=out), "({a} * {b})"),
-    "onnx::Div": Fusible(2, lambda a, b, out, at: np.divide(a, b, out=out), "({a} / {b})"),
+    "onnx::Neg": Fusible(1, lambda a, b, out, at: np.negative(a, out=out), "(-{a})", py="(-{a})"),
+    "onnx::Abs": Fusible(1, lambda a, b, out, at: np.abs(a, out=out), "fabs{f}({a})", py="abs({a})"),
+    "onnx::Sqrt": Fusible(1, lambda a, b, out, at: np.sqrt(a, out=out), "sqrt{f}({a})", py="math.sqrt({a})"),
+    "onnx::Reciprocal": Fusible(1, lambda a, b, out, at: np.reciprocal(a, out=out), "((T)1 / {a})",
+        py="(T(1) / {a})"),
+    "onnx::LeakyRelu": Fusible(1, _np_leaky_relu, "({a} >= 0 ? {a} : {a} * {alpha})", ("alpha",),
+        py="({a} if {a} >= 0 else {a} * {alpha})"),
+    "onnx::Clip": Fusible(1, _np_clip, "({a} < {min} ? {min} : ({a} > {max} ? {max} : {a}))", ("min", "max"),
+        py="({min} if {a} < {min} else ({max} if {a} > {max} else {a}))"),
+    "onnx::Add": Fusible(2, lambda a, b, out, at: np.add(a, b, out=out), "({a} + {b})", py="({a} + {b})"),
+    "onnx::Sub": Fusible(2, lambda a, b, out, at: np.subtract(a, b, out=out), "({a} - {b})", py="({a} - {b})"),
+    "onnx::Mul": Fusible(2, lambda a, b, out, at: np.multiply(a, b, out=out), "({a} * {b})", py="({a} * {b})"),
+    "onnx::Div": Fusible(2, lambda a, b, out, at: np.divide(a, b, out=out), "({a} / {b})", py="({a} / {b})"),
     # Where(GreaterOrEqual(c, a), a, c) for a constant c that is not NaN (the Keras converter's
     # min(x, max_value)): fmin, which also gives c where a is NaN, as the Where does
     "gpu_mdf::CapAt": Fusible(2, lambda a, b, out, at: np.fmin(a, b, out=out), "fmin{f}({a}, {b})",
-                              onnx=("GreaterOrEqual(b, a) -> c", "Where(c, a, b)")),
+                              onnx=("GreaterOrEqual(b, a) -> c", "Where(c, a, b)"),
+        py="({b} if ({a} != {a} or {b} < {a}) else {a})"),
 }
 TAILS = ("softmax", "logsoftmax")
 # the float types a fused chain and the generated CUDA kernels are written for ("f" suffix
@@ -99,7 +109,7 @@ def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: Callab
         f = FUSIBLE[ins.op]
         a = prev if isinstance(ins.a, str) else operands[ins.a]
         b = None if ins.b is None else prev if isinstance(ins.b, str) else operands[ins.b]
-        shape = a.shape if b is None or b.shape == a.shape else _broadcast(a.shape, b.shape)
+        shape = a.shape if b is None or b.shape == a.shape else broadcast_shape(a.shape, b.shape)
         if out is None or out.shape != shape:
             out = np.empty(shape, np.result_type(a, b) if b is not None else a.dtype)
         r = f.numpy(a, b, out, dict(ins.attrs))
@@ -116,7 +126,7 @@ def run_numpy(program: tuple[Instr, ...], operands: list, out=None, tail: Callab
 _SHAPES: dict = {}
 
 
-def _broadcast(sa: tuple, sb: tuple) -> tuple:
+def broadcast_shape(sa: tuple, sb: tuple) -> tuple:
     """np.broadcast_shapes, remembered (it costs microseconds a call; a chain runs per batch)."""
     key = (sa, sb)
     shape = _SHAPES.get(key)
@@ -139,6 +149,26 @@ def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: s
     return lines
 
 
+def compiles(program: tuple[Instr, ...]) -> bool:
+    """Whether the chain is worth a compiled CPU kernel: two ops or more (one op is one NumPy
+    ufunc already), every one with a Python form (:func:`py_chain`)."""
+    return len(program) >= 2 and all(FUSIBLE[ins.op].py for ins in program)
+
+
+def py_chain(program: tuple[Instr, ...]) -> str:
+    """The chain as the source of a Python function ``chain(x0, x1, ...)`` of scalars (for
+    numba to compile into a ufunc); ``T`` is the float type, ``math`` the module."""
+    lines = [f"def chain({', '.join(f'x{k}' for k in range(n_operands(program)))}):"]
+    for k, ins in enumerate(program):
+        def ref(r):
+            return r if isinstance(r, str) else f"x{r}"
+        names = {"a": ref(ins.a), "b": ref(ins.b) if ins.b is not None else "",
+                 **{name: f"T({float(v)!r})" for name, v in ins.attrs}}
+        lines.append(f"    r{k} = T({FUSIBLE[ins.op].py.format(**names)})")
+    lines.append(f"    return r{len(program) - 1}")
+    return "\n".join(lines) + "\n"
+
+
 def n_operands(program: tuple[Instr, ...]) -> int:
     return 1 + max((i for ins in program for i in (ins.a, ins.b) if isinstance(i, int)), default=0)
 
@@ -154,4 +184,4 @@ def fusible(spec_name: str, attrs: dict) -> bool:
 
 
 __all__ = ["FUSIBLE", "TAILS", "Fusible", "Instr", "c_chain", "check_program", "fusible", "n_operands",
-           "run_numpy"]
+           "compiles", "py_chain", "broadcast_shape", "run_numpy"]

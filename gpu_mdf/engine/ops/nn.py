@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import FLOAT, INT, INTS, STRING, Attr, OpError, check_alloc, device_const, norm_axis, op, scalar
+from . import FLOAT, INT, INTS, STRING, Attr, OpError, check_alloc, cpu, device_const, norm_axis, op, scalar
 from .elementwise import add_trailing
 
 
@@ -180,32 +180,48 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
         if b is not None:
             yl = add_trailing(xp, yl, b, inplace=True)
         return _to_nchw(xp, yl)
-    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    # compiled CPU kernels (2-D): NumPy's per-offset copies stay faster for one input channel
+    compiled = xp is np and nsp == 2 and cpu.takes(x.dtype) and c > 1
+    if compiled and cg == 1 and fg == 1 and g > 1:
+        return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
     rows = n * int(np.prod(out))
     if cg == 1 and g > 1:
+        xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
         yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
     elif all(k == 1 for k in kernel):
+        xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
         src = xl[(slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))]
         cols = xp.ascontiguousarray(src).reshape(rows, c)
         yl = _grouped_matmul(xp, cols, w.reshape(f, c // g), g, 1)
-    elif g == 1:
-        cols = _im2col(xp, xl, kernel, strides, dil, out).reshape(rows, -1)          # rows of (*k, C)
-        yl = xp.matmul(cols, xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
     else:
-        yl = _grouped_conv(xp, xl, w, kernel, strides, dil, out, g)
+        cols = _columns(xp, x, kernel, strides, dil, pads, out, compiled)      # (N, *out, *k, C)
+        if g == 1:
+            yl = xp.matmul(cols.reshape(rows, -1), xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
+        else:
+            yl = _grouped_conv(xp, cols, w, kernel, g)
     yl = yl.reshape((n,) + tuple(out) + (f,))
     if b is not None:
         yl = add_trailing(xp, yl, b, inplace=True)
     return _to_nchw(xp, yl)
 
 
-def _grouped_conv(xp, xl, w, kernel, strides, dil, out, g):
+def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
+    """A convolution's columns (N, *out, *kernel, C), contiguous, of NCHW ``x``: the compiled
+    CPU kernel (padding read as zeros) where it runs, else a padded copy and its windows."""
+    nsp = len(kernel)
+    if compiled:
+        check_alloc([x.shape[0]] + list(out) + list(kernel) + [x.shape[1]])
+        return cpu.im2col(_channels_last(xp, x), kernel, strides, dil, pads, out)
+    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    return _im2col(xp, xl, kernel, strides, dil, out)
+
+
+def _grouped_conv(xp, cols, w, kernel, g):
     """A grouped convolution (several channels a group) as one batched product: the
-    columns once, regrouped (group, rows, window x channels), against (group, window x
-    channels, filters); no Python loop over the groups."""
-    c, f = xl.shape[-1], w.shape[0]
+    columns (N, *out, *k, C) regrouped (group, rows, window x channels), against (group,
+    window x channels, filters); no Python loop over the groups."""
+    c, f = cols.shape[-1], w.shape[0]
     cg, fg, kk = c // g, f // g, int(np.prod(kernel))
-    cols = _im2col(xp, xl, kernel, strides, dil, out)                               # (N, *out, *k, C)
     rows = cols.size // (kk * c)
     cols = xp.ascontiguousarray(cols.reshape(rows, kk, g, cg).transpose(2, 0, 1, 3)).reshape(g, rows, kk * cg)
     wg = xp.ascontiguousarray(w.reshape(g, fg, cg, kk).transpose(0, 3, 2, 1)).reshape(g, kk * cg, fg)

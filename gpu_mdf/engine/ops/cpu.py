@@ -1,0 +1,219 @@
+"""Compiled CPU kernels for what NumPy has no fast form of, through numba where it is
+installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
+
+* :func:`depthwise`: a 2-D depthwise convolution, channels-last, the padding in the index
+  arithmetic, the bias added at the end: one pass over the input (NumPy's ``einsum`` over
+  the window view runs at about 1 GMAC/s; this at 5-10x that);
+* :func:`im2col`: a 2-D convolution's columns (N, OH, OW, KH, KW, C) with the zeros of the
+  padding written in place (no padded copy of the input), on every core.
+
+Each kernel is one Python function compiled twice: over every core (``prange``) and on
+one thread. Both compute each output element with the same loop, in the same order,
+without ``fastmath``: the bits do not depend on which ran or on the core count. The
+parallel form runs one call at a time (numba's default thread pool takes one caller);
+a call that finds it busy, and every call inside :func:`single_threaded` (the CPU blocks
+that `Program.run` spreads over threads itself), runs the one-thread form.
+
+``GPU_MDF_NUMBA=0`` turns the kernels off (the NumPy forms run), for comparisons and
+for machines where numba misbehaves. Compiled code is cached on disk by numba: the first
+call of a kernel in a fresh environment compiles it (a few seconds), later processes load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import types
+
+import numpy as np
+
+from .fusion import KERNEL_DTYPES
+
+_state = threading.local()
+_parallel_lock = threading.Lock()
+_kernels: dict | None = None
+_why_not: str | None = None
+_ufuncs: dict = {}
+_ufuncs_lock = threading.Lock()
+
+
+def _disabled() -> bool:
+    return os.environ.get("GPU_MDF_NUMBA", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the compiled kernels run here (numba imports and is not turned off)."""
+    return not _disabled() and _load() is not None
+
+
+def describe() -> str:
+    """Which CPU kernels run: 'numba X.Y' or 'numpy (why)'; recorded by the golden corpus."""
+    if _disabled():
+        return "numpy (GPU_MDF_NUMBA=0)"
+    if _load() is None:
+        return f"numpy ({_why_not})"
+    import numba
+    return f"numba {numba.__version__}"
+
+
+def takes(dtype) -> bool:
+    """Whether the compiled kernels run here for values of this type."""
+    return available() and np.dtype(dtype) in KERNEL_DTYPES
+
+
+@contextlib.contextmanager
+def single_threaded(on: bool = True):
+    """Run the kernels on the calling thread only (where the caller spreads work over threads)."""
+    before = getattr(_state, "single", False)
+    _state.single = on or before
+    try:
+        yield
+    finally:
+        _state.single = before
+
+
+def _call(name: str, *args):
+    par, ser = _load()[name]
+    if not getattr(_state, "single", False) and _parallel_lock.acquire(blocking=False):
+        try:
+            return par(*args)
+        finally:
+            _parallel_lock.release()
+    return ser(*args)
+
+
+def _load():
+    global _kernels, _why_not
+    if _kernels is not None or _why_not is not None:
+        return _kernels
+    try:
+        import numba
+    except ModuleNotFoundError:
+        _why_not = "numba is not installed: pip install 'gpu-mdf[cpu]'"
+        return None
+    except Exception as e:  # a numba that does not match this NumPy, say
+        _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
+        return None
+    global _prange
+    _prange = numba.prange
+    _kernels = {}
+    for name, body in (("depthwise", _depthwise), ("im2col", _im2col)):
+        _kernels[name] = (numba.njit(parallel=True, cache=True, nogil=True)(body),
+                          numba.njit(parallel=False, cache=True, nogil=True)(_renamed(body, "_one_thread")))
+    return _kernels
+
+
+def _renamed(fn, suffix: str):
+    """A copy of ``fn`` under another name: numba's disk cache keys a function by its name
+    and line, not by the compile options, so the one-thread form needs a name of its own
+    (else each form would load whichever was compiled first)."""
+    code = fn.__code__.replace(co_name=fn.__name__ + suffix, co_qualname=fn.__qualname__ + suffix)
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    return copy
+
+
+def _prange(n):
+    """``range``; numba's ``prange`` once :func:`_load` has imported numba (the bodies read
+    this global when they are compiled, at their first call)."""
+    return range(n)
+
+
+# --------------------------------------------------------------------------- #
+# Kernel bodies (numba nopython; plain Python semantics otherwise)
+# --------------------------------------------------------------------------- #
+def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
+    """x (N, H, W, C), w (KH, KW, C), b (C,), out (N, OH, OW, C). Each sum starts at the bias
+    and builds in a row of its own (which aliases nothing: the compiler vectorises over C)."""
+    n, h, wd, c = x.shape
+    kh, kw = w.shape[0], w.shape[1]
+    oh, ow = out.shape[1], out.shape[2]
+    for job in _prange(n * oh):
+        i = job // oh
+        y = job - i * oh
+        acc = np.empty(c, dtype=out.dtype)
+        for xo in range(ow):
+            for cc in range(c):
+                acc[cc] = b[cc]
+            for p in range(kh):
+                yi = y * sh - pt + p * dh
+                if yi < 0 or yi >= h:
+                    continue
+                for q in range(kw):
+                    xi = xo * sw - pl + q * dw
+                    if xi < 0 or xi >= wd:
+                        continue
+                    for cc in range(c):
+                        acc[cc] += x[i, yi, xi, cc] * w[p, q, cc]
+            for cc in range(c):
+                out[i, y, xo, cc] = acc[cc]
+    return out
+
+
+def _im2col(x, cols, sh, sw, dh, dw, pt, pl):
+    """x (N, H, W, C) -> cols (N, OH, OW, KH, KW, C), zeros where a window leaves x."""
+    n, h, wd, c = x.shape
+    oh, ow, kh, kw = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
+    for job in _prange(n * oh):
+        i = job // oh
+        y = job - i * oh
+        for xo in range(ow):
+            for p in range(kh):
+                yi = y * sh - pt + p * dh
+                for q in range(kw):
+                    xi = xo * sw - pl + q * dw
+                    if yi < 0 or yi >= h or xi < 0 or xi >= wd:
+                        for cc in range(c):
+                            cols[i, y, xo, p, q, cc] = 0
+                    else:
+                        for cc in range(c):
+                            cols[i, y, xo, p, q, cc] = x[i, yi, xi, cc]
+    return cols
+
+
+# --------------------------------------------------------------------------- #
+# Entry points (2-D, channels-last; callers check :func:`takes` first)
+# --------------------------------------------------------------------------- #
+def depthwise(xl, w, b, kernel, strides, dil, pads, out):
+    """Depthwise conv of channels-last ``xl`` (N, H, W, C) with ONNX weights (C, 1, KH, KW),
+    one output channel per input channel; the bias (or None) added. -> (N, OH, OW, C)."""
+    xl = np.ascontiguousarray(xl)
+    c = xl.shape[-1]
+    wk = np.ascontiguousarray(w.reshape(c, -1).T).reshape(tuple(kernel) + (c,)).astype(xl.dtype, copy=False)
+    bias = np.zeros(c, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
+    y = np.empty((xl.shape[0],) + tuple(out) + (c,), dtype=xl.dtype)
+    return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+
+
+def im2col(xl, kernel, strides, dil, pads, out):
+    """Columns (N, OH, OW, KH, KW, C) of channels-last ``xl`` (N, H, W, C), padding read as zeros."""
+    xl = np.ascontiguousarray(xl)
+    cols = np.empty((xl.shape[0],) + tuple(out) + tuple(kernel) + (xl.shape[-1],), dtype=xl.dtype)
+    return _call("im2col", xl, cols, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+
+
+def fused(program, dtype):
+    """The chain ``program`` over operands of type ``dtype`` as a compiled ufunc (built once)."""
+    key = (program, np.dtype(dtype))
+    u = _ufuncs.get(key)
+    if u is None:
+        with _ufuncs_lock:
+            u = _ufuncs.get(key)
+            if u is None:
+                u = _ufuncs[key] = _compile_chain(program, np.dtype(dtype))
+    return u
+
+
+def _compile_chain(program, dtype):
+    """numba's ufunc of the chain, compiled in memory (0.1-0.2 s a chain; numba's disk cache
+    would need a source file and saves about half of that)."""
+    import math
+
+    import numba
+
+    from .fusion import n_operands, py_chain
+    t = numba.from_dtype(dtype)
+    namespace = {"T": dtype.type, "math": math}
+    exec(py_chain(program), namespace)          # noqa: S102 - generated from the fusion table, no input text
+    return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])

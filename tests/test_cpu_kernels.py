@@ -1,0 +1,213 @@
+"""The compiled CPU kernels (gpu_mdf/engine/ops/cpu.py, numba) against oracles nobody here
+wrote and against the NumPy forms they replace:
+
+* depthwise and grouped/plain convolutions through them match ONNX Runtime on a class of
+  shapes (strides, dilations, asymmetric and SAME pads, 1xK and 5x5 kernels, with and
+  without bias, float32 and float64, every weight random and non-zero);
+* im2col's columns are the NumPy form's, bit for bit; the parallel and the one-thread form
+  of each kernel give the same bits, from any thread;
+* every fused op with a compiled form agrees with NumPy's on NaN, infinities and signed
+  zeros, and a chain broadcasts and writes in place as NumPy's does;
+* every case of the golden corpus gives the same outputs with the kernels on and off
+  (``GPU_MDF_NUMBA=0``), within 1e-5 x max|y|, NaN where NaN.
+
+Skipped, saying so, where numba is not installed (the lowest-versions job runs without it,
+so the NumPy forms are what it tests).
+"""
+
+import threading
+
+import mdf_fixtures as F
+import numpy as np
+import pytest
+from golden_corpus import CASES, load
+
+from gpu_mdf.engine import compile
+from gpu_mdf.engine.ops import cpu, nn
+from gpu_mdf.engine.ops.fusion import FUSIBLE, Instr, compiles, run_numpy
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"compiled CPU kernels off here: {cpu.describe()}")
+
+
+@pytest.fixture
+def numpy_forms(monkeypatch):
+    """Run the NumPy forms (the kernels turned off) inside a ``with`` block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        monkeypatch.setenv("GPU_MDF_NUMBA", "0")
+        try:
+            yield
+        finally:
+            monkeypatch.delenv("GPU_MDF_NUMBA")
+    return off
+
+
+def _ort_conv(x, w, b, **attrs):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    t = TensorProto.FLOAT if x.dtype == np.float32 else TensorProto.DOUBLE
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
+    node = helper.make_node("Conv", ["x", "w"] + (["b"] if b is not None else []), ["y"], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", t, x.shape)],
+                          [helper.make_tensor_value_info("y", t, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+CONV_CASES = {
+    # name: (N, C, H, W, F, kernel, group, attrs)
+    "dw3x3": (2, 8, 9, 11, 8, (3, 3), 8, dict(pads=[1, 1, 1, 1])),
+    "dw3x3-stride2": (2, 8, 9, 11, 8, (3, 3), 8, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "dw5x5-stride2-asym": (1, 6, 13, 10, 6, (5, 5), 6, dict(strides=[2, 1], pads=[2, 1, 1, 2])),
+    "dw3x3-dilated": (2, 5, 12, 12, 5, (3, 3), 5, dict(dilations=[2, 3], pads=[2, 3, 2, 3])),
+    "dw1x3-same": (3, 4, 7, 8, 4, (1, 3), 4, dict(auto_pad="SAME_UPPER")),
+    "dw3x3-valid": (1, 16, 6, 6, 16, (3, 3), 16, {}),
+    "dw-multiplier2": (2, 4, 8, 8, 8, (3, 3), 4, dict(pads=[1, 1, 1, 1])),      # NumPy form (m > 1)
+    "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),
+    "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
+    "conv3x3-dilated-asym": (2, 9, 12, 11, 5, (3, 3), 1, dict(dilations=[2, 1], pads=[0, 2, 3, 1], strides=[1, 2])),
+    "conv1x1-c1": (2, 1, 6, 6, 4, (3, 3), 1, {}),                                  # NumPy form (C = 1)
+    "grouped3x3": (2, 8, 9, 9, 12, (3, 3), 4, dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_forms, monkeypatch):
+    n, c, h, w_, f, k, g, attrs = CONV_CASES[name]
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    x = F.R.standard_normal((n, c, h, w_)).astype(dtype)
+    w = (F.R.standard_normal((f, c // g) + k) + 0.1).astype(dtype)
+    b = (F.R.standard_normal(f) + 0.1).astype(dtype) if bias else None
+    # ONNX Runtime has no float64 Conv: float64 is checked against its float32 result at
+    # float32's tolerance, and against the NumPy forms at float64's
+    f32 = [None if a is None else a.astype(np.float32) for a in (x, w, b)]
+    want = _ort_conv(*f32, group=g, **attrs)
+    got = nn.conv(np, x, w, b, group=g, **attrs)
+    with numpy_forms():
+        plain = nn.conv(np, x, w, b, group=g, **attrs)
+    depthwise = c == g and f == g and g > 1
+    assert ran == (["depthwise"] if depthwise else [] if c == 1 or f > c == g else ["im2col"]), ran
+    scale = float(np.abs(want).max())
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, plain, rtol=0, atol=(1e-5 if dtype == "float32" else 1e-12) * scale)
+
+
+@pytest.mark.parametrize("c", [2, 3, 16])
+@pytest.mark.parametrize("geometry", [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((5, 3), (2, 1), (1, 2), (2, 0, 1, 3)),
+                                      ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0))])
+def test_im2col_is_the_numpy_form_bit_for_bit(c, geometry):
+    kernel, strides, dil, pads = geometry
+    x = F.R.standard_normal((2, c, 10, 9)).astype(np.float32)
+    out, _ = nn._out_sizes(x.shape[2:], kernel, strides, dil, list(pads))
+    got = nn._columns(np, x, kernel, strides, dil, list(pads), out, True)
+    want = nn._columns(np, x, kernel, strides, dil, list(pads), out, False)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_parallel_and_one_thread_forms_give_the_same_bits_from_any_thread():
+    x = np.ascontiguousarray(F.R.standard_normal((4, 23, 19, 24)).astype(np.float32))
+    w = F.R.standard_normal((24, 1, 3, 3)).astype(np.float32)
+    b = F.R.standard_normal(24).astype(np.float32)
+    args = (x, w, b, (3, 3), (2, 1), (1, 2), (1, 2, 1, 2), (12, 17))
+    parallel = cpu.depthwise(*args)
+    with cpu.single_threaded():
+        one = cpu.depthwise(*args)
+    np.testing.assert_array_equal(parallel, one)
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(5):
+                results.append(cpu.depthwise(*args))
+        except Exception as e:          # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20
+    for r in results:
+        np.testing.assert_array_equal(r, parallel)
+
+
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 88.0, -88.0, 1e30, -1e30, 0.5])
+ATTRS = {"onnx::LeakyRelu": (("alpha", 0.1),), "onnx::Clip": (("min", -1.0), ("max", 2.0))}
+COMPILED_OPS = sorted(op for op in FUSIBLE if FUSIBLE[op].py)
+
+
+def test_the_ops_left_to_numpy_are_the_transcendental_ones():
+    assert set(FUSIBLE) - set(COMPILED_OPS) == {"onnx::Exp", "onnx::Tanh", "onnx::Sigmoid"}
+    assert not compiles((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0")))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op", COMPILED_OPS)
+def test_compiled_fused_op_agrees_with_numpy_on_special_values(op, dtype):
+    a = SPECIAL.astype(dtype)
+    b = np.roll(SPECIAL, 3).astype(dtype)
+    b[b == 0] = 2.0
+    if op == "gpu_mdf::CapAt":
+        b = np.full_like(a, 1.5)
+    program = (Instr(op, 0, 1 if FUSIBLE[op].arity == 2 else None, ATTRS.get(op, ())),)
+    operands = [a, b][:FUSIBLE[op].arity]
+    with np.errstate(all="ignore"):
+        want = run_numpy(program, operands)
+        got = cpu.fused(program, dtype)(*operands)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])   # IEEE operations: exact
+
+
+def test_compiled_chain_broadcasts_and_writes_in_place_as_numpy_does():
+    program = (Instr("onnx::Add", 0, 1), Instr("onnx::Relu", "r0"), Instr("onnx::Mul", "r1", 2),
+               Instr("onnx::Clip", "r2", None, (("min", -0.5), ("max", 0.75))))
+    x = np.moveaxis(F.R.standard_normal((3, 5, 6, 4)).astype(np.float32), -1, 1)       # NCHW view, NHWC memory
+    bias, scale = F.R.standard_normal((4, 1, 1)).astype(np.float32), np.float32(1.7) * np.ones((), np.float32)
+    want = run_numpy(program, [x.copy(), bias, scale])
+    u = cpu.fused(program, np.float32)
+    got = u(x, bias, scale)
+    np.testing.assert_array_equal(got, want)
+    assert got.strides == x.strides                     # the input's memory order kept
+    buf = x.copy(order="K")
+    assert u(buf, bias, scale, out=buf) is buf
+    np.testing.assert_array_equal(buf, want)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_corpus_same_with_the_kernels_on_and_off(name, numpy_forms):
+    path, feeds, consts, _ = load(name)
+    on = compile(path, device="cpu", constants=consts).run(feeds or None, check=False)
+    with numpy_forms():
+        off = compile(path, device="cpu", constants=consts).run(feeds or None, check=False)
+    on, off = (v if isinstance(v, dict) else {"y": v} for v in (on, off))
+    assert on.keys() == off.keys()
+    for k in on:
+        a, b = np.asarray(on[k]), np.asarray(off[k])
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, k)
+        if b.dtype.kind != "f":
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}:{k}")
+            continue
+        finite = b[np.isfinite(b)]
+        scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name}:{k}")
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale, equal_nan=True, err_msg=f"{name}:{k}")
+
+
+def test_turned_off_the_numpy_forms_run_and_describe_says_why(numpy_forms, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "_call", lambda *a: calls.append(a[0]))
+    x = F.R.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    w = F.R.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    with numpy_forms():
+        assert not cpu.available() and cpu.describe() == "numpy (GPU_MDF_NUMBA=0)"
+        nn.conv(np, x, w, group=4)
+    assert calls == []
+    assert cpu.describe().startswith("numba ")
