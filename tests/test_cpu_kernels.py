@@ -160,10 +160,15 @@ def test_compiled_fused_op_agrees_with_numpy_on_special_values(op, dtype):
     operands = [a, b][:FUSIBLE[op].arity]
     with np.errstate(all="ignore"):
         want = run_numpy(program, operands)
-        got = cpu.fused(program, dtype)(*operands)
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])   # IEEE operations: exact
+        chain = cpu.fused(program, dtype)
+        by_ufunc = chain.ufunc(*operands)
+        by_rows = np.empty((1, a.size), a.dtype)
+        chain.rows(a.reshape(1, -1), *operands[1:], by_rows)
+    for got in (by_ufunc, by_rows.reshape(-1)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])   # IEEE operations: exact
+        np.testing.assert_array_equal(np.signbit(got[~np.isnan(want)]), np.signbit(want[~np.isnan(want)]))
 
 
 def test_compiled_chain_broadcasts_and_writes_in_place_as_numpy_does():
@@ -172,7 +177,7 @@ def test_compiled_chain_broadcasts_and_writes_in_place_as_numpy_does():
     x = np.moveaxis(F.R.standard_normal((3, 5, 6, 4)).astype(np.float32), -1, 1)       # NCHW view, NHWC memory
     bias, scale = F.R.standard_normal((4, 1, 1)).astype(np.float32), np.float32(1.7) * np.ones((), np.float32)
     want = run_numpy(program, [x.copy(), bias, scale])
-    u = cpu.fused(program, np.float32)
+    u = cpu.fused(program, np.float32).ufunc
     got = u(x, bias, scale)
     np.testing.assert_array_equal(got, want)
     assert got.strides == x.strides                     # the input's memory order kept
@@ -211,3 +216,43 @@ def test_turned_off_the_numpy_forms_run_and_describe_says_why(numpy_forms, monke
         nn.conv(np, x, w, group=4)
     assert calls == []
     assert cpu.describe().startswith("numba ")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_compiled_chain_in_rows_is_numpy_on_any_layout(seed):
+    """Per-channel operands over values laid out in any order (channels-last views, size-1
+    axes, slices that are not one block of memory), in place or not: NumPy's bits."""
+    _chain_case(seed)
+
+
+def test_compiled_chain_in_rows_is_taken_where_it_applies():
+    taken = [_chain_case(seed) for seed in range(12)]
+    assert 4 <= sum(taken) < 12, taken
+
+
+def _chain_case(seed) -> bool:
+    """One layout case checked; whether it ran in rows."""
+    r = np.random.default_rng(seed)
+    program = (Instr("onnx::Add", 0, 1), Instr("onnx::Relu", "r0"), Instr("onnx::Mul", "r1", 2),
+               Instr("onnx::Sub", "r2", 3))
+    shape = [int(v) for v in r.integers(1, 30, size=4)]
+    shape[r.integers(4)] = 1
+    shape[r.integers(4)] = int(r.integers(40, 90))
+    perm = [int(v) for v in r.permutation(4)]
+    base = r.standard_normal(tuple(shape[p] for p in perm)).astype(np.float32)
+    x = np.transpose(base, np.argsort(perm))                 # shape `shape`, memory in `perm` order
+    if seed % 4 == 3:
+        x = x[:, :, ::2]                                      # not one block: the generic call
+    axis = perm[3] if seed % 3 else int(r.integers(4))         # mostly the innermost axis of memory
+    per_axis = [1] * 4
+    per_axis[axis] = x.shape[axis]
+    ops = [x, r.standard_normal(per_axis).astype(np.float32), np.float32(0.5) * np.ones((), np.float32),
+           r.standard_normal(per_axis[1:]).astype(np.float32)]
+    want = run_numpy(program, [x.copy()] + ops[1:])
+    u = cpu.fused(program, np.float32)
+    np.testing.assert_array_equal(cpu.run_chain(u, ops, inplace=False), want)
+    buf = x.copy(order="K")
+    out = cpu.run_chain(u, [buf] + ops[1:], inplace=True)
+    assert out is buf
+    np.testing.assert_array_equal(buf, want)
+    return cpu._rows(x, ops[1:]) is not None

@@ -25,17 +25,18 @@ import contextlib
 import os
 import threading
 import types
+from dataclasses import dataclass
 
 import numpy as np
 
-from .fusion import KERNEL_DTYPES
+from .fusion import KERNEL_DTYPES, broadcast_shape
 
 _state = threading.local()
 _parallel_lock = threading.Lock()
 _kernels: dict | None = None
 _why_not: str | None = None
-_ufuncs: dict = {}
-_ufuncs_lock = threading.Lock()
+_chains: dict = {}
+_chains_lock = threading.RLock()
 
 
 def _disabled() -> bool:
@@ -193,27 +194,118 @@ def im2col(xl, kernel, strides, dil, pads, out):
     return _call("im2col", xl, cols, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
 
 
-def fused(program, dtype):
-    """The chain ``program`` over operands of type ``dtype`` as a compiled ufunc (built once)."""
+@dataclass
+class Chain:
+    """A fused chain compiled two ways, each on first use: a ufunc (any broadcasting and
+    strides) and a loop over rows (contiguous values, per-channel operands as rows)."""
+    program: tuple
+    dtype: np.dtype
+    _ufunc: object = None
+    _rows: object = None
+
+    def ufunc(self, *ops, **kw):
+        if self._ufunc is None:
+            self._ufunc = _compile_chain(self.program, self.dtype, "ufunc")
+        return self._ufunc(*ops, **kw)
+
+    def rows(self, *ops):
+        if self._rows is None:
+            self._rows = _compile_chain(self.program, self.dtype, "rows")
+        return self._rows(*ops)
+
+
+def fused(program, dtype) -> Chain:
+    """The chain ``program`` over operands of type ``dtype``, compiled (once a process)."""
     key = (program, np.dtype(dtype))
-    u = _ufuncs.get(key)
-    if u is None:
-        with _ufuncs_lock:
-            u = _ufuncs.get(key)
-            if u is None:
-                u = _ufuncs[key] = _compile_chain(program, np.dtype(dtype))
-    return u
+    chain = _chains.get(key)
+    if chain is None:
+        with _chains_lock:
+            chain = _chains.setdefault(key, Chain(program, np.dtype(dtype)))
+    return chain
 
 
-def _compile_chain(program, dtype):
-    """numba's ufunc of the chain, compiled in memory (0.1-0.2 s a chain; numba's disk cache
-    would need a source file and saves about half of that)."""
+def _compile_chain(program, dtype, form: str):
+    """numba's compiled form of the chain, in memory (0.1-0.2 s each; numba's disk cache
+    needs a source file and would save about half of that)."""
     import math
 
     import numba
 
-    from .fusion import n_operands, py_chain
-    t = numba.from_dtype(dtype)
-    namespace = {"T": dtype.type, "math": math}
-    exec(py_chain(program), namespace)          # noqa: S102 - generated from the fusion table, no input text
-    return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
+    from .fusion import n_operands, py_chain, py_rows
+    namespace = {"T": dtype.type, "math": math, "np": np}
+    with _chains_lock:
+        if form == "rows":
+            exec(py_rows(program), namespace)       # noqa: S102 - generated from the fusion table, no input text
+            return numba.njit(nogil=True, error_model="numpy")(namespace["rows"])
+        exec(py_chain(program), namespace)          # noqa: S102 - generated from the fusion table, no input text
+        t = numba.from_dtype(dtype)
+        return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
+
+
+_TILE = 4096            # elements an inner loop of a compiled chain runs over, about
+
+
+def run_chain(chain: Chain, ops: list, inplace: bool):
+    """Run a compiled chain on ``ops`` (the chain's input first), into the input where
+    ``inplace`` and the shapes allow. Where the input is one contiguous block of memory
+    whose innermost axis is the only one the other operands vary along (a per-channel bias
+    or scale over channels-last values, or scalars), it runs as rows of about 4,096 values,
+    those operands tiled to a row, through the chain's row loop; otherwise through its ufunc."""
+    x = ops[0]
+    flat = _rows(x, ops[1:])
+    if flat is None:
+        if inplace and all(o.shape == x.shape or broadcast_shape(x.shape, o.shape) == x.shape for o in ops[1:]):
+            return chain.ufunc(*ops, out=x)
+        return chain.ufunc(*ops)
+    rows, c, k, order = flat
+    out = x if inplace else np.empty_like(x)         # empty_like keeps x's memory order
+    tiled = [np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else np.full(k * c, o, x.dtype)
+             for o in ops[1:]]
+    chain.rows(_flat_view(x, order, rows // k, k * c), *tiled, _flat_view(out, order, rows // k, k * c))
+    return out
+
+
+def _rows(x, others):
+    """(rows, C, k, order) where ``x`` is contiguous in its own memory ``order`` (axes, the
+    innermost last), every other operand varies along that innermost axis only (or nowhere),
+    and ``k`` rows of its C values make a tile; None otherwise."""
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or x.size < 2 * _TILE:
+        return None
+    # size-1 axes first (their strides mean nothing), then the others by falling stride
+    order = tuple(sorted(range(x.ndim), key=lambda i: (x.shape[i] != 1, -x.strides[i])))
+    axis = order[-1]
+    c = x.shape[axis]
+    if x.strides[axis] != x.itemsize or not np.transpose(x, order).flags.c_contiguous:
+        return None
+    for o in others:
+        if isinstance(o, np.generic):
+            continue                                           # a NumPy scalar
+        if not isinstance(o, np.ndarray) or o.ndim > x.ndim:
+            return None
+        shape = (1,) * (x.ndim - o.ndim) + o.shape
+        if any(n != 1 for i, n in enumerate(shape) if i != axis) or shape[axis] not in (1, c):
+            return None
+    rows = x.size // c
+    return rows, c, _tile_rows(rows, c), order
+
+
+_TILE_ROWS: dict = {}
+
+
+def _tile_rows(rows: int, c: int) -> int:
+    """The largest divisor of ``rows`` with at most about _TILE values in k rows (remembered)."""
+    key = (rows, c)
+    k = _TILE_ROWS.get(key)
+    if k is None:
+        k = max(1, min(rows, _TILE // c))
+        while rows % k:
+            k -= 1
+        if len(_TILE_ROWS) > 4096:
+            _TILE_ROWS.clear()
+        _TILE_ROWS[key] = k
+    return k
+
+
+def _flat_view(x, order, n: int, width: int):
+    """x's memory as (n, width), through its memory order (a view)."""
+    return np.transpose(x, order).reshape(n, width)

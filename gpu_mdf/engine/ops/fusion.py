@@ -54,7 +54,7 @@ def _np_clip(a, b, out, at):
 
 FUSIBLE: dict[str, Fusible] = {
     "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})",
-        py="(T(0) if {a} < 0 else {a})"),
+        py="(T(0) if {a} <= 0 else {a})"),
     "onnx::Sigmoid": Fusible(1, _np_sigmoid, "((T)0.5 * tanh{f}((T)0.5 * {a}) + (T)0.5)"),
     "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})"),
     "onnx::Exp": Fusible(1, lambda a, b, out, at: np.exp(a, out=out), "exp{f}({a})"),
@@ -75,7 +75,7 @@ FUSIBLE: dict[str, Fusible] = {
     # min(x, max_value)): fmin, which also gives c where a is NaN, as the Where does
     "gpu_mdf::CapAt": Fusible(2, lambda a, b, out, at: np.fmin(a, b, out=out), "fmin{f}({a}, {b})",
                               onnx=("GreaterOrEqual(b, a) -> c", "Where(c, a, b)"),
-        py="({b} if ({a} != {a} or {b} < {a}) else {a})"),
+        py="({b} if (({a} != {a}) | ({b} < {a})) else {a})"),
 }
 TAILS = ("softmax", "logsoftmax")
 # the float types a fused chain and the generated CUDA kernels are written for ("f" suffix
@@ -159,14 +159,38 @@ def py_chain(program: tuple[Instr, ...]) -> str:
     """The chain as the source of a Python function ``chain(x0, x1, ...)`` of scalars (for
     numba to compile into a ufunc); ``T`` is the float type, ``math`` the module."""
     lines = [f"def chain({', '.join(f'x{k}' for k in range(n_operands(program)))}):"]
-    for k, ins in enumerate(program):
-        def ref(r):
-            return r if isinstance(r, str) else f"x{r}"
-        names = {"a": ref(ins.a), "b": ref(ins.b) if ins.b is not None else "",
-                 **{name: f"T({float(v)!r})" for name, v in ins.attrs}}
-        lines.append(f"    r{k} = T({FUSIBLE[ins.op].py.format(**names)})")
+    lines += _py_statements(program, lambda k: f"x{k}", "    ")
     lines.append(f"    return r{len(program) - 1}")
     return "\n".join(lines) + "\n"
+
+
+def py_rows(program: tuple[Instr, ...]) -> str:
+    """The chain as ``rows(x0, x1, ..., out)``: ``x0`` and ``out`` (n, w), every other
+    operand a row of w values; plain loops over contiguous rows, which numba's compiler
+    turns into SIMD code (a ufunc's loop, written for any strides, is not). Each row is
+    computed into a buffer of its own, then copied: ``out`` may be ``x0``, and a loop that
+    writes where it reads is not vectorised (10x slower for a clip)."""
+    n = n_operands(program)
+    lines = [f"def rows({', '.join(f'x{k}' for k in range(n))}, out):",
+             "    row = np.empty(x0.shape[1], out.dtype)",
+             "    for i in range(x0.shape[0]):",
+             "        for j in range(x0.shape[1]):"]
+    lines += _py_statements(program, lambda k: "x0[i, j]" if k == 0 else f"x{k}[j]", " " * 12)
+    lines += [f"            row[j] = r{len(program) - 1}",
+              "        for j in range(x0.shape[1]):",
+              "            out[i, j] = row[j]"]
+    return "\n".join(lines) + "\n"
+
+
+def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], indent: str) -> list[str]:
+    lines = []
+    for k, ins in enumerate(program):
+        def ref(r):
+            return r if isinstance(r, str) else operand(r)
+        names = {"a": ref(ins.a), "b": ref(ins.b) if ins.b is not None else "",
+                 **{name: f"T({float(v)!r})" for name, v in ins.attrs}}
+        lines.append(f"{indent}r{k} = T({FUSIBLE[ins.op].py.format(**names)})")
+    return lines
 
 
 def n_operands(program: tuple[Instr, ...]) -> int:
@@ -184,4 +208,4 @@ def fusible(spec_name: str, attrs: dict) -> bool:
 
 
 __all__ = ["FUSIBLE", "TAILS", "Fusible", "Instr", "c_chain", "check_program", "fusible", "n_operands",
-           "compiles", "py_chain", "broadcast_shape", "run_numpy"]
+           "compiles", "py_chain", "py_rows", "broadcast_shape", "run_numpy"]
