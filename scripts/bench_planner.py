@@ -7,7 +7,8 @@ weights everywhere:
         .venv/bin/python scripts/bench_planner.py [--models mlp cnn mnv2 resnet18 ...] [--repeats 7]
 
 For each model, in alternating blocks (one call of each contender per block), medians:
-gpu-mdf as written (``optimize=False``), gpu-mdf optimised, ONNX Runtime on the original
+gpu-mdf as written (``optimize=False``), gpu-mdf optimised (and optimised with its compiled CPU
+kernels off, ``GPU_MDF_NUMBA=0``: NumPy's forms), ONNX Runtime on the original
 ONNX and, for Keras models, ``tf.function``; the MLP also gets the time of its three GEMMs
 alone in NumPy (OpenBLAS's sgemm: the floor under any NumPy engine). It checks both gpu-mdf
 programs against ONNX Runtime first (1e-4 x max|y|). Then, on the strict CuPy stand-in
@@ -22,6 +23,7 @@ command only (they select slow kernels on this machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,6 +54,7 @@ class Row:
     new_bytes: dict = field(default_factory=dict)   # same -> new device bytes per steady-state batch
     layers: int = 0
     notes: list = field(default_factory=list)
+    cpu_kernels: str = ""
 
 
 def _random_weights(model, seed=0):
@@ -133,10 +136,25 @@ def gemm_floor(doc, x):
     return run
 
 
+@contextlib.contextmanager
+def numpy_forms():
+    """gpu-mdf without its compiled CPU kernels (GPU_MDF_NUMBA=0): NumPy's forms of the ops."""
+    before = os.environ.get("GPU_MDF_NUMBA")
+    os.environ["GPU_MDF_NUMBA"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GPU_MDF_NUMBA"]
+        else:
+            os.environ["GPU_MDF_NUMBA"] = before
+
+
 def measure(name: str, repeats: int) -> Row:
     import onnxruntime as ort
 
     from gpu_mdf.engine import compile
+    from gpu_mdf.engine.ops import cpu
     batch = KERAS.get(name, 32)
     row = Row(name, batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,14 +166,22 @@ def measure(name: str, repeats: int) -> Row:
     feed = {sess.get_inputs()[0].name: x}
     want = sess.run(None, feed)[0]
     plain, opt = compile(doc, device="cpu", optimize=False), compile(doc, device="cpu")
+    with numpy_forms():
+        numpy_only = compile(doc, device="cpu")
+
+    def run_numpy_forms():
+        with numpy_forms():
+            return numpy_only.run(x)
     row.notes = list(opt.plan.notes)
-    for label, prog in (("as written", plain), ("optimised", opt)):
-        got = prog.run(x)
+    row.cpu_kernels = cpu.describe()
+    for label, run in (("as written", lambda: plain.run(x)), ("optimised", lambda: opt.run(x)),
+                       ("optimised, NumPy forms", run_numpy_forms)):
+        got = run()
         err = float(np.abs(got - want).max())
         if err > 1e-4 * float(np.abs(want).max()):
             raise SystemExit(f"{name}: gpu-mdf ({label}) differs from ONNX Runtime by {err:.3g}")
     fns = {"gpu-mdf as written": lambda: plain.run(x), "gpu-mdf optimised": lambda: opt.run(x),
-           "ORT (original ONNX)": lambda: sess.run(None, feed)}
+           "gpu-mdf optimised, NumPy forms": run_numpy_forms, "ORT (original ONNX)": lambda: sess.run(None, feed)}
     if tf_fn is not None:
         fns["tf.function"] = tf_fn
     if name == "mlp":
@@ -168,10 +194,11 @@ def measure(name: str, repeats: int) -> Row:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | batch | as written | optimised | ORT (original ONNX) | optimised / ORT | tf.function "
+    lines = ["| model | batch | as written | optimised | ORT (original ONNX) | optimised / ORT "
+             "| optimised, NumPy forms / ORT | tf.function "
              "| optimised / tf.function | launches per batch (as written → optimised → CUDA graph replay) "
              "| new device bytes per batch |",
-             "|---" * 10 + "|"]
+             "|---" * 11 + "|"]
     for r in rows:
         ms = r.ms
         tf = f"{ms['tf.function']:.2f} ms" if "tf.function" in ms else "—"
@@ -180,7 +207,8 @@ def table(rows: list[Row]) -> str:
         ort = ms["ORT (original ONNX)"]
         lines.append(f"| {r.model} | {r.batch} | {ms['gpu-mdf as written']:.2f} ms | {ms['gpu-mdf optimised']:.2f} ms "
                      f"| {ort:.2f} ms | {ms['gpu-mdf optimised'] / ort:.2f}× "
-                     f"| {tf} | {tf_ratio} | {r.launches['as written']} → {r.launches['optimised']}{per_layer} "
+                     f"| {ms['gpu-mdf optimised, NumPy forms'] / ort:.2f}× | {tf} | {tf_ratio} "
+                     f"| {r.launches['as written']} → {r.launches['optimised']}{per_layer} "
                      f"→ {r.launches['CUDA graphs']} | {r.new_bytes['optimised']:,} |")
     for r in rows:
         if "GEMMs alone (NumPy)" in r.ms:
@@ -203,6 +231,7 @@ def main(argv=None) -> int:
         rows.append(measure(name, args.repeats))
         print(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in rows[-1].ms.items()), file=sys.stderr, flush=True)
     print(table(rows))
+    print(f"\nCPU kernels: {rows[0].cpu_kernels if rows else '?'} (the NumPy-forms column: GPU_MDF_NUMBA=0)")
     for r in rows:
         print(f"{r.model}: " + ("; ".join(r.notes) or "no pass changed anything"))
     if args.json:
