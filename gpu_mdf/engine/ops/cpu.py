@@ -85,7 +85,8 @@ def _call(name: str, *args):
 
 
 def _load():
-    global _kernels, _why_not
+    """The compiled kernels ({name: (parallel, one-thread)}), or None (``_why_not`` says why)."""
+    global _kernels, _why_not, _prange
     if _kernels is not None or _why_not is not None:
         return _kernels
     try:
@@ -96,13 +97,21 @@ def _load():
     except Exception as e:  # a numba that does not match this NumPy, say
         _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
         return None
-    global _prange
     _prange = numba.prange
-    _kernels = {}
+    kernels = {}
     for name, body in (("depthwise", _depthwise), ("im2col", _im2col)):
-        _kernels[name] = (numba.njit(parallel=True, cache=True, nogil=True)(body),
-                          numba.njit(parallel=False, cache=True, nogil=True)(_renamed(body, "_one_thread")))
+        kernels[name] = (_njit(numba, body, parallel=True), _njit(numba, _renamed(body, "_one_thread"), parallel=False))
+    _kernels = kernels
     return _kernels
+
+
+def _njit(numba, body, parallel: bool):
+    """``numba.njit`` with its disk cache (beside this file, or in the user's cache folder),
+    or without one where neither can be written."""
+    try:
+        return numba.njit(parallel=parallel, cache=True, nogil=True)(body)
+    except RuntimeError:                # "cannot cache function ...: no locator available"
+        return numba.njit(parallel=parallel, nogil=True)(body)
 
 
 def _renamed(fn, suffix: str):
