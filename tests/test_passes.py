@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import fake_cupy
+import fused_special
 import mdf_fixtures as F
 import numpy as np
 import pytest
@@ -247,22 +248,11 @@ def test_an_optimised_program_exports_to_onnx_that_onnxruntime_agrees_with():
 # --------------------------------------------------------------------------- #
 # The fused forms: NumPy and the generated C agree, special values included
 # --------------------------------------------------------------------------- #
-SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 88.0, -88.0, 1e30, -1e30, 0.5],
-                   np.float32)
-ATTRS = {"onnx::LeakyRelu": (("alpha", 0.1),), "onnx::Clip": (("min", -1.0), ("max", 2.0))}
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("op", sorted(FUSIBLE))
 def test_fused_op_numpy_and_generated_c_agree_on_special_values(op, dtype, strict_gpu):
     from gpu_mdf.engine.ops.fusion import run_numpy
-    a = SPECIAL.astype(dtype)
-    b = np.roll(SPECIAL, 3).astype(dtype)
-    b[b == 0] = 2.0                                 # CapAt's constant is never NaN; keep b finite there
-    if op == "gpu_mdf::CapAt":
-        b = np.full_like(a, 1.5)
-    program = (Instr(op, 0, 1 if FUSIBLE[op].arity == 2 else None, ATTRS.get(op, ())),)
-    operands = [a, b][:FUSIBLE[op].arity]
+    program, operands = fused_special.case(op, dtype)
     with np.errstate(all="ignore"):
         want = run_numpy(program, operands)
         got = cuda.fused(fake_cupy, program, dtype)(*[fake_cupy.asarray(o) for o in operands]).get()
@@ -421,7 +411,7 @@ def test_every_generated_source_compiles_to_ptx(dtype, strict_gpu, tmp_path, ref
     # the kernels real models make (fused chains, rows, convolutions), and one of every fused op
     compile(reference_mdf, device=strict_gpu).run(np.random.default_rng(0).random((2, 28, 28), np.float32))
     for op, f in FUSIBLE.items():
-        cuda.fused(fake_cupy, (Instr(op, 0, 1 if f.arity == 2 else None, ATTRS.get(op, ())),), np_dtype)
+        cuda.fused(fake_cupy, (Instr(op, 0, 1 if f.arity == 2 else None, fused_special.ATTRS.get(op, ())),), np_dtype)
     for tail in ("softmax", "logsoftmax"):
         cuda.kernel(fake_cupy, "row", *cuda.row_source((Instr("onnx::Relu", 0),), ("full",), tail, np_dtype))
     sources = dict(cuda.SOURCES)
