@@ -144,7 +144,56 @@ COMPILED_OPS = sorted(op for op in FUSIBLE if FUSIBLE[op].py)
 
 def test_the_ops_left_to_numpy_are_the_transcendental_ones():
     assert set(FUSIBLE) - set(COMPILED_OPS) == {"onnx::Exp", "onnx::Tanh", "onnx::Sigmoid"}
-    assert not compiles((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0")))
+    assert not compiles((Instr("onnx::Exp", 0), Instr("onnx::Tanh", "r0")))      # nothing to compile
+    assert compiles((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0")))     # cut around the tanh
+
+
+SEGMENTED = {
+    "silu": ((Instr("onnx::Sigmoid", 0), Instr("onnx::Mul", 0, "r0")), ["x"]),
+    "squeeze-excite": ((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0"), Instr("onnx::Mul", "r1", 2)),
+                       ["x", "channel", "full"]),
+    "exp-first": ((Instr("onnx::Exp", 0), Instr("onnx::Add", "r0", 1)), ["x", "channel"]),
+    "two-tanh": ((Instr("onnx::Add", 0, 1), Instr("onnx::Tanh", "r0"), Instr("onnx::Tanh", "r1")), ["x", "scalar"]),
+    "mixed": ((Instr("onnx::Mul", 0, 1), Instr("onnx::Exp", "r0"), Instr("onnx::Relu", "r1"),
+               Instr("onnx::Sigmoid", "r2"), Instr("onnx::Sub", 2, "r3")), ["x", "scalar", "full"]),
+}
+
+
+# in place only where the planner allows it: the chain's input read by its first op alone
+IN_PLACE = [(name, inplace) for name, (program, _) in sorted(SEGMENTED.items()) for inplace in (False, True)
+            if not inplace or all(0 not in (i.a, i.b) for i in program[1:])]
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous", "small"])
+@pytest.mark.parametrize("name, inplace", IN_PLACE)
+def test_segmented_chains_give_numpys_bits(name, inplace, layout):
+    """A chain with exp, tanh or sigmoid runs cut around them (sigmoid as its NumPy form's own
+    steps): the same IEEE operations as NumPy's forms, so the same bits, NaN and infinities
+    included, on every layout."""
+    from gpu_mdf.engine.ops.fusion import segments
+    program, kinds = SEGMENTED[name]
+    r = np.random.default_rng(0)
+    shape = (2, 24, 6, 3) if layout == "small" else (4, 24, 20, 18)
+    x = (r.standard_normal(shape) * 4).astype(np.float32)
+    x.flat[::97] = np.nan
+    x.flat[1::101] = np.inf
+    x.flat[2::103] = -np.inf
+    if layout == "channels-last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    make = {"x": lambda: x, "channel": lambda: r.standard_normal((24, 1, 1)).astype(np.float32),
+            "scalar": lambda: np.asarray(0.75, np.float32),
+            "full": lambda: np.moveaxis(np.ascontiguousarray(np.moveaxis(r.standard_normal(x.shape), 1, -1)), -1, 1
+                                        ).astype(np.float32) if layout == "channels-last"
+            else r.standard_normal(x.shape).astype(np.float32)}
+    ops = [make[k]() for k in kinds]
+    with np.errstate(all="ignore"):
+        want = run_numpy(program, [o.copy() for o in ops])
+        segs = segments(program)
+        chains = [cpu.fused(seg.program, np.float32) if seg.program else None for seg in segs]
+        work = [ops[0].copy(order="K")] + ops[1:]
+        got = cpu.run_segments(segs, chains, work, inplace, np.float32)
+    assert (got is work[0]) == inplace
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -157,7 +206,7 @@ def test_compiled_fused_op_agrees_with_numpy_on_special_values(op, dtype):
         chain = cpu.fused(program, dtype)
         by_ufunc = chain.ufunc(*operands)
         by_rows = np.empty((1, a.size), a.dtype)
-        chain.rows(a.reshape(1, -1), *operands[1:], by_rows)
+        chain.rows(frozenset(), a.reshape(1, -1), *operands[1:], by_rows)
     for got in (by_ufunc, by_rows.reshape(-1)):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -228,7 +277,7 @@ def _chain_case(seed) -> bool:
     """One layout case checked; whether it ran in rows."""
     r = np.random.default_rng(seed)
     program = (Instr("onnx::Add", 0, 1), Instr("onnx::Relu", "r0"), Instr("onnx::Mul", "r1", 2),
-               Instr("onnx::Sub", "r2", 3))
+               Instr("onnx::Sub", "r2", 3), Instr("onnx::Add", 4, "r3"))
     shape = [int(v) for v in r.integers(1, 30, size=4)]
     shape[r.integers(4)] = 1
     shape[r.integers(4)] = int(r.integers(40, 90))
@@ -240,8 +289,11 @@ def _chain_case(seed) -> bool:
     axis = perm[3] if seed % 3 else int(r.integers(4))         # mostly the innermost axis of memory
     per_axis = [1] * 4
     per_axis[axis] = x.shape[axis]
+    # a residual: a whole tensor laid out as x (or, for some seeds, otherwise: the generic call)
+    residual = np.empty_like(x) if seed % 5 else np.empty(x.shape, np.float32)
+    residual[...] = r.standard_normal(x.shape)
     ops = [x, r.standard_normal(per_axis).astype(np.float32), np.float32(0.5) * np.ones((), np.float32),
-           r.standard_normal(per_axis[1:]).astype(np.float32)]
+           r.standard_normal(per_axis[1:]).astype(np.float32), residual]
     want = run_numpy(program, [x.copy()] + ops[1:])
     u = cpu.fused(program, np.float32)
     np.testing.assert_array_equal(cpu.run_chain(u, ops, inplace=False), want)

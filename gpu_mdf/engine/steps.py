@@ -25,7 +25,7 @@ import numpy as np
 
 from .expr import compile_expr, weak
 from .ops import OpError, OpSpec, cpu
-from .ops.fusion import Instr, check_program, compiles, run_numpy
+from .ops.fusion import Instr, check_program, compiles, run_numpy, segments
 from .ops.nn import log_softmax, softmax
 
 CONST, HOST, DEVICE = "const", "host", "device"
@@ -175,13 +175,14 @@ def _compiled_chain(program, dtype, gets, inplace, tail_kernel):
     """A fused chain on the CPU, compiled (:func:`~gpu_mdf.engine.ops.cpu.fused`); operands of
     another type than the chain's (none where the planner typed it) go through NumPy's
     forms, which cast as the ops one by one would."""
-    chain = cpu.fused(program, dtype)
+    segs = segments(program)
+    chains = [cpu.fused(seg.program, dtype) if seg.program else None for seg in segs]
 
     def run(env):
         ops = [g(env) for g in gets]
         if any(getattr(o, "dtype", None) != dtype for o in ops):
             return run_numpy(program, ops, out=ops[0] if inplace else None, tail=tail_kernel)
-        out = cpu.run_chain(chain, ops, inplace)
+        out = cpu.run_segments(segs, chains, ops, inplace, dtype)
         if not isinstance(out, np.ndarray):          # a ufunc of 0-d operands returns a scalar
             out = np.asarray(out)
         return out if tail_kernel is None else tail_kernel(np, out, -1, inplace=True)

@@ -25,7 +25,7 @@ import contextlib
 import os
 import threading
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -205,22 +205,24 @@ def im2col(xl, kernel, strides, dil, pads, out):
 
 @dataclass
 class Chain:
-    """A fused chain compiled two ways, each on first use: a ufunc (any broadcasting and
-    strides) and a loop over rows (contiguous values, per-channel operands as rows)."""
+    """A fused chain compiled, each form on first use: a ufunc (any broadcasting and
+    strides), and loops over rows of contiguous values, one for each set of operands that
+    are whole tensors (the others are per-channel rows or scalars)."""
     program: tuple
     dtype: np.dtype
     _ufunc: object = None
-    _rows: object = None
+    _rows: dict = field(default_factory=dict)
 
     def ufunc(self, *ops, **kw):
         if self._ufunc is None:
-            self._ufunc = _compile_chain(self.program, self.dtype, "ufunc")
+            self._ufunc = _compile_chain(self.program, self.dtype)
         return self._ufunc(*ops, **kw)
 
-    def rows(self, *ops):
-        if self._rows is None:
-            self._rows = _compile_chain(self.program, self.dtype, "rows")
-        return self._rows(*ops)
+    def rows(self, full: frozenset, *ops):
+        kernel = self._rows.get(full)
+        if kernel is None:
+            kernel = self._rows[full] = _compile_chain(self.program, self.dtype, full)
+        return kernel(*ops)
 
 
 def fused(program, dtype) -> Chain:
@@ -233,9 +235,9 @@ def fused(program, dtype) -> Chain:
     return chain
 
 
-def _compile_chain(program, dtype, form: str):
-    """numba's compiled form of the chain, in memory (0.1-0.2 s each; numba's disk cache
-    needs a source file and would save about half of that)."""
+def _compile_chain(program, dtype, full: frozenset | None = None):
+    """numba's ufunc of the chain or, given ``full``, its row loop; compiled in memory
+    (0.1-0.2 s each; numba's disk cache needs a source file and would save half of that)."""
     import math
 
     import numba
@@ -243,12 +245,32 @@ def _compile_chain(program, dtype, form: str):
     from .fusion import n_operands, py_chain, py_rows
     namespace = {"T": dtype.type, "math": math, "np": np}
     with _chains_lock:
-        if form == "rows":
-            exec(py_rows(program), namespace)       # noqa: S102 - generated from the fusion table, no input text
+        if full is not None:
+            exec(py_rows(program, full), namespace)       # noqa: S102 - generated from the fusion table, no input text
             return numba.njit(nogil=True, error_model="numpy")(namespace["rows"])
         exec(py_chain(program), namespace)          # noqa: S102 - generated from the fusion table, no input text
         t = numba.from_dtype(dtype)
         return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
+
+
+def run_segments(segs: list, chains: list, ops: list, inplace: bool, dtype):
+    """A fused chain cut into segments (:func:`~gpu_mdf.engine.ops.fusion.segments`): each
+    compiled piece through :func:`run_chain`, each op without a compiled form (exp, tanh)
+    by NumPy in place on the value so far. Into ``ops[0]`` where ``inplace`` allows."""
+    from .fusion import FUSIBLE, PREV
+    value = None                                           # the value so far
+    for seg, chain in zip(segs, chains):
+        if seg.op:
+            src = value if value is not None else ops[seg.operands[0]]
+            dest = value if value is not None else src if inplace else np.empty_like(src)
+            r = FUSIBLE[seg.op].numpy(src, None, dest, dict(seg.attrs))
+            if r is not dest:
+                np.copyto(dest, r)
+            value = dest
+            continue
+        sub = [value if r == PREV else ops[r] if isinstance(r, int) else np.asarray(r, dtype) for r in seg.operands]
+        value = run_chain(chain, sub, inplace or value is not None)
+    return value
 
 
 _TILE = 4096            # elements an inner loop of a compiled chain runs over, about
@@ -256,28 +278,32 @@ _TILE = 4096            # elements an inner loop of a compiled chain runs over, 
 
 def run_chain(chain: Chain, ops: list, inplace: bool):
     """Run a compiled chain on ``ops`` (the chain's input first), into the input where
-    ``inplace`` and the shapes allow. Where the input is one contiguous block of memory
-    whose innermost axis is the only one the other operands vary along (a per-channel bias
-    or scale over channels-last values, or scalars), it runs as rows of about 4,096 values,
-    those operands tiled to a row, through the chain's row loop; otherwise through its ufunc."""
+    ``inplace`` and the shapes allow. Where the input is one contiguous block of memory and
+    every other operand is a tensor laid out the same (a residual), a per-channel row over
+    its innermost axis (a bias or scale over channels-last values) or a scalar, it runs as
+    rows of about 4,096 values, rows and scalars tiled to a row, through the chain's row
+    loop; otherwise through its ufunc."""
     x = ops[0]
     flat = _rows(x, ops[1:])
     if flat is None:
         if inplace and all(o.shape == x.shape or broadcast_shape(x.shape, o.shape) == x.shape for o in ops[1:]):
             return chain.ufunc(*ops, out=x)
         return chain.ufunc(*ops)
-    rows, c, k, order = flat
+    rows, c, k, order, full = flat
+    n, width = rows // k, k * c
     out = x if inplace else np.empty_like(x)         # empty_like keeps x's memory order
-    tiled = [np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else np.full(k * c, o, x.dtype)
-             for o in ops[1:]]
-    chain.rows(_flat_view(x, order, rows // k, k * c), *tiled, _flat_view(out, order, rows // k, k * c))
+    tiled = [_flat_view(o, order, n, width) if i in full else
+             np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else np.full(width, o, x.dtype)
+             for i, o in enumerate(ops[1:], start=1)]
+    chain.rows(full, _flat_view(x, order, n, width), *tiled, _flat_view(out, order, n, width))
     return out
 
 
 def _rows(x, others):
-    """(rows, C, k, order) where ``x`` is contiguous in its own memory ``order`` (axes, the
-    innermost last), every other operand varies along that innermost axis only (or nowhere),
-    and ``k`` rows of its C values make a tile; None otherwise."""
+    """(rows, C, k, order, full) where ``x`` is contiguous in its own memory ``order`` (axes,
+    the innermost last), every other operand either a whole tensor laid out as ``x`` (its
+    index in ``full``, counting ``x`` as 0) or varying along that innermost axis only (or
+    nowhere), and ``k`` rows of its C values make a tile; None otherwise."""
     if not isinstance(x, np.ndarray) or x.ndim < 2 or x.size < 2 * _TILE:
         return None
     # size-1 axes first (their strides mean nothing), then the others by falling stride
@@ -286,16 +312,20 @@ def _rows(x, others):
     c = x.shape[axis]
     if x.strides[axis] != x.itemsize or not np.transpose(x, order).flags.c_contiguous:
         return None
-    for o in others:
+    full = set()
+    for k, o in enumerate(others, start=1):
         if isinstance(o, np.generic):
             continue                                           # a NumPy scalar
         if not isinstance(o, np.ndarray) or o.ndim > x.ndim:
             return None
+        if o.shape == x.shape and np.transpose(o, order).flags.c_contiguous:
+            full.add(k)                                        # laid out as x
+            continue
         shape = (1,) * (x.ndim - o.ndim) + o.shape
         if any(n != 1 for i, n in enumerate(shape) if i != axis) or shape[axis] not in (1, c):
             return None
     rows = x.size // c
-    return rows, c, _tile_rows(rows, c), order
+    return rows, c, _tile_rows(rows, c), order, frozenset(full)
 
 
 _TILE_ROWS: dict = {}

@@ -150,9 +150,68 @@ def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: s
 
 
 def compiles(program: tuple[Instr, ...]) -> bool:
-    """Whether the chain is worth a compiled CPU kernel: two ops or more (one op is one NumPy
-    ufunc already), every one with a Python form (:func:`py_chain`)."""
-    return len(program) >= 2 and all(FUSIBLE[ins.op].py for ins in program)
+    """Whether the chain is worth compiling for the CPU: two ops or more (one op is one NumPy
+    ufunc already), some of them with a Python form (:func:`segments`)."""
+    return len(program) >= 2 and any(seg.program for seg in segments(program))
+
+
+# Sigmoid in a compiled chain: its NumPy form's own steps, 0.5 * tanh(0.5 * a) + 0.5, so that
+# only the tanh is left to NumPy (the same operations: the same bits)
+_EXPANSIONS = {"onnx::Sigmoid": (("onnx::Mul", 0.5), ("onnx::Tanh", None), ("onnx::Mul", 0.5), ("onnx::Add", 0.5))}
+PREV = "prev"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a chain on the CPU: a compiled sub-chain (``program`` over ``operands``:
+    PREV, the value so far; an int, the chain's operand; a float, a constant), or one op
+    without a Python form (``op``: exp, tanh) run by NumPy in place on the value so far
+    (or on the chain's operand ``operands[0]`` when it comes first)."""
+    program: tuple[Instr, ...] = ()
+    operands: tuple = ()                # PREV, int (an operand of the chain) or float (a constant)
+    op: str = ""
+    attrs: tuple = ()
+
+
+def segments(program: tuple[Instr, ...]) -> list[Segment]:
+    """The chain cut at its ops without a Python form, Sigmoid expanded around its tanh."""
+    steps = []                          # (op, a, b, attrs); references PREV, an int, or ("const", value)
+    for ins in program:
+        a, b = (PREV if isinstance(r, str) else r for r in (ins.a, ins.b))
+        if ins.op in _EXPANSIONS:
+            steps += [(op, a if j == 0 else PREV, ("const", const), ()) if const is not None else (op, PREV, None, ())
+                      for j, (op, const) in enumerate(_EXPANSIONS[ins.op])]
+        else:
+            steps.append((ins.op, a, b, ins.attrs))
+    out, run = [], []
+    for step in steps + [None]:
+        if step is not None and FUSIBLE[step[0]].py:
+            run.append(step)
+            continue
+        if run:
+            out.append(_sub_chain(run, first=not out))
+            run = []
+        if step is not None:
+            out.append(Segment(operands=(step[1],), op=step[0], attrs=step[3]))
+    return out
+
+
+def _sub_chain(steps: list, first: bool) -> Segment:
+    """Compiled steps as a chain of their own: operand 0 the chain's operand 0 (first) or the
+    value so far (later), then the other operands and constants it reads."""
+    operands = [0 if first else PREV]
+
+    def ref(r, k):
+        if r is None:
+            return None
+        if r == PREV and k:
+            return f"r{k - 1}"
+        if isinstance(r, tuple) or r not in operands:
+            operands.append(r[1] if isinstance(r, tuple) else r)
+            return len(operands) - 1
+        return operands.index(r)
+    instrs = tuple(Instr(op, ref(a, k), ref(b, k), attrs) for k, (op, a, b, attrs) in enumerate(steps))
+    return Segment(program=instrs, operands=tuple(operands))
 
 
 def py_chain(program: tuple[Instr, ...]) -> str:
@@ -164,18 +223,19 @@ def py_chain(program: tuple[Instr, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def py_rows(program: tuple[Instr, ...]) -> str:
-    """The chain as ``rows(x0, x1, ..., out)``: ``x0`` and ``out`` (n, w), every other
-    operand a row of w values; plain loops over contiguous rows, which numba's compiler
-    turns into SIMD code (a ufunc's loop, written for any strides, is not). Each row is
-    computed into a buffer of its own, then copied: ``out`` may be ``x0``, and a loop that
-    writes where it reads is not vectorised (10x slower for a clip)."""
+def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> str:
+    """The chain as ``rows(x0, x1, ..., out)``: ``x0``, ``out`` and the operands numbered in
+    ``full`` (n, w), every other operand a row of w values; plain loops over contiguous
+    rows, which numba's compiler turns into SIMD code (a ufunc's loop, written for any
+    strides, is not). Each row is computed into a buffer of its own, then copied: ``out``
+    may be ``x0``, and a loop that writes where it reads is not vectorised (10x slower for
+    a clip)."""
     n = n_operands(program)
     lines = [f"def rows({', '.join(f'x{k}' for k in range(n))}, out):",
              "    row = np.empty(x0.shape[1], out.dtype)",
              "    for i in range(x0.shape[0]):",
              "        for j in range(x0.shape[1]):"]
-    lines += _py_statements(program, lambda k: "x0[i, j]" if k == 0 else f"x{k}[j]", " " * 12)
+    lines += _py_statements(program, lambda k: f"x{k}[i, j]" if k == 0 or k in full else f"x{k}[j]", " " * 12)
     lines += [f"            row[j] = r{len(program) - 1}",
               "        for j in range(x0.shape[1]):",
               "            out[i, j] = row[j]"]
@@ -208,4 +268,4 @@ def fusible(spec_name: str, attrs: dict) -> bool:
 
 
 __all__ = ["FUSIBLE", "TAILS", "Fusible", "Instr", "c_chain", "check_program", "fusible", "n_operands",
-           "compiles", "py_chain", "py_rows", "broadcast_shape", "run_numpy"]
+           "PREV", "Segment", "compiles", "py_chain", "py_rows", "broadcast_shape", "run_numpy", "segments"]
