@@ -292,7 +292,8 @@ def _chain_case(seed) -> bool:
     # a residual: a whole tensor laid out as x (or, for some seeds, otherwise: the generic call)
     residual = np.empty_like(x) if seed % 5 else np.empty(x.shape, np.float32)
     residual[...] = r.standard_normal(x.shape)
-    ops = [x, r.standard_normal(per_axis).astype(np.float32), np.float32(0.5) * np.ones((), np.float32),
+    scalar = np.float32(0.5) if seed % 2 else np.full((1, 1, 1, 1), 0.5, np.float32)   # of any rank
+    ops = [x, r.standard_normal(per_axis).astype(np.float32), scalar,
            r.standard_normal(per_axis[1:]).astype(np.float32), residual]
     want = run_numpy(program, [x.copy()] + ops[1:])
     u = cpu.fused(program, np.float32)

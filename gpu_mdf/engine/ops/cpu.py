@@ -5,9 +5,14 @@ installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
   arithmetic, the bias added at the end: one pass over the input (NumPy's ``einsum`` over
   the window view runs at about 1 GMAC/s; this at 5-10x that);
 * :func:`im2col`: a 2-D convolution's columns (N, OH, OW, KH, KW, C) with the zeros of the
-  padding written in place (no padded copy of the input), on every core.
+  padding written in place (no padded copy of the input), on every core;
+* :func:`fused` / :func:`run_segments`: a fused elementwise chain
+  (:mod:`~gpu_mdf.engine.ops.fusion`), generated from the ops' Python forms: a loop over
+  rows of about 4,096 contiguous values where the operands allow it (SIMD code; 2-5x
+  NumPy's in-place ufuncs), a ufunc elsewhere; exp and tanh stay NumPy's, the chain cut
+  around them. Chains are compiled once a process (0.1-0.2 s each).
 
-Each kernel is one Python function compiled twice: over every core (``prange``) and on
+Each convolution kernel is one Python function compiled twice: over every core (``prange``) and on
 one thread. Both compute each output element with the same loop, in the same order,
 without ``fastmath``: the bits do not depend on which ran or on the core count. The
 parallel form runs one call at a time (numba's default thread pool takes one caller);
@@ -293,7 +298,8 @@ def run_chain(chain: Chain, ops: list, inplace: bool):
     n, width = rows // k, k * c
     out = x if inplace else np.empty_like(x)         # empty_like keeps x's memory order
     tiled = [_flat_view(o, order, n, width) if i in full else
-             np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else np.full(width, o, x.dtype)
+             np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else
+             np.full(width, np.reshape(o, -1)[0], x.dtype)            # a scalar, of any rank
              for i, o in enumerate(ops[1:], start=1)]
     chain.rows(full, _flat_view(x, order, n, width), *tiled, _flat_view(out, order, n, width))
     return out
