@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .backend import Backend, cpu_threads
+from .backend import Backend, blas_threads, cpu_threads
 from .ops import OpError
 from .plan import InputSpec, OutputSpec, Plan
 from .preprocess import check_finite, fit_layout, normalize
@@ -244,9 +244,6 @@ class Program:
         return int(min(1024, max(1, (32 << 20) // self.bytes_per_item, per_step)))
 
     def _run_blocks(self, batch, threads: int, check: bool):
-        from threadpoolctl import threadpool_limits
-
-        from .ops.cpu import single_threaded
         n = len(batch)
         nb = max(1, round(n / self.block_size))
         bs = -(-n // nb)                                       # equal blocks, from the batch size alone
@@ -256,11 +253,10 @@ class Program:
             part = batch[lo:lo + bs]
             if check and part.dtype.kind == "f":
                 check_finite(part, np, what, offset=lo)        # items numbered in the whole batch
-            with single_threaded(threads > 1):          # where the blocks are the parallelism
-                return self._run_whole(part, check=False)   # never blocked again (a block may be a little larger)
+            return self._run_whole(part, check=False)   # never blocked again (a block may be a little larger)
         starts = range(0, len(batch), bs)
         if threads > 1:
-            with threadpool_limits(1, user_api="blas"):
+            with blas_threads(1):
                 outs = list(_block_pool().map(block, starts))
         else:
             outs = [block(lo) for lo in starts]

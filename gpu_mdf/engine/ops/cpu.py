@@ -5,19 +5,19 @@ installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
   arithmetic, the bias added at the end: one pass over the input (NumPy's ``einsum`` over
   the window view runs at about 1 GMAC/s; this at 5-10x that);
 * :func:`im2col`: a 2-D convolution's columns (N, OH, OW, KH, KW, C) with the zeros of the
-  padding written in place (no padded copy of the input), on every core;
+  padding written in place (no padded copy of the input);
 * :func:`fused` / :func:`run_segments`: a fused elementwise chain
   (:mod:`~gpu_mdf.engine.ops.fusion`), generated from the ops' Python forms: a loop over
   rows of about 4,096 contiguous values where the operands allow it (SIMD code; 2-5x
   NumPy's in-place ufuncs), a ufunc elsewhere; exp and tanh stay NumPy's, the chain cut
   around them. Chains are compiled once a process (0.1-0.2 s each).
 
-Each convolution kernel is one Python function compiled twice: over every core (``prange``) and on
-one thread. Both compute each output element with the same loop, in the same order,
-without ``fastmath``: the bits do not depend on which ran or on the core count. The
-parallel form runs one call at a time (numba's default thread pool takes one caller);
-a call that finds it busy, and every call inside :func:`single_threaded` (the CPU blocks
-that `Program.run` spreads over threads itself), runs the one-thread form.
+Each kernel runs on the calling thread (``nogil``: `Program.run` spreads a large batch's
+blocks over the cores itself). A ``prange`` form over every core was measured and dropped:
+never faster than this one for the batches that run in one block (0.9-1.0x), and 3-6x
+slower beside OpenBLAS's threads under GNU OpenMP's spinning workers (MobileNetV2 at
+batch 1: 102 ms against 18 ms). Without ``fastmath``: each output element is computed by
+the same loop in the same order, whichever thread runs it.
 
 ``GPU_MDF_NUMBA=0`` turns the kernels off (the NumPy forms run), for comparisons and
 for machines where numba misbehaves. Compiled code is cached on disk by numba: the first
@@ -26,18 +26,14 @@ call of a kernel in a fresh environment compiles it (a few seconds), later proce
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import types
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .fusion import KERNEL_DTYPES, broadcast_shape
 
-_state = threading.local()
-_parallel_lock = threading.Lock()
 _kernels: dict | None = None
 _why_not: str | None = None
 _chains: dict = {}
@@ -68,30 +64,13 @@ def takes(dtype) -> bool:
     return available() and np.dtype(dtype) in KERNEL_DTYPES
 
 
-@contextlib.contextmanager
-def single_threaded(on: bool = True):
-    """Run the kernels on the calling thread only (where the caller spreads work over threads)."""
-    before = getattr(_state, "single", False)
-    _state.single = on or before
-    try:
-        yield
-    finally:
-        _state.single = before
-
-
 def _call(name: str, *args):
-    par, ser = _load()[name]
-    if not getattr(_state, "single", False) and _parallel_lock.acquire(blocking=False):
-        try:
-            return par(*args)
-        finally:
-            _parallel_lock.release()
-    return ser(*args)
+    return _load()[name](*args)
 
 
 def _load():
-    """The compiled kernels ({name: (parallel, one-thread)}), or None (``_why_not`` says why)."""
-    global _kernels, _why_not, _prange
+    """The compiled kernels ({name: function}), or None (``_why_not`` says why)."""
+    global _kernels, _why_not
     if _kernels is not None or _why_not is not None:
         return _kernels
     try:
@@ -102,37 +81,17 @@ def _load():
     except Exception as e:  # a numba that does not match this NumPy, say
         _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
         return None
-    _prange = numba.prange
-    kernels = {}
-    for name, body in (("depthwise", _depthwise), ("im2col", _im2col)):
-        kernels[name] = (_njit(numba, body, parallel=True), _njit(numba, _renamed(body, "_one_thread"), parallel=False))
-    _kernels = kernels
+    _kernels = {"depthwise": _njit(numba, _depthwise), "im2col": _njit(numba, _im2col)}
     return _kernels
 
 
-def _njit(numba, body, parallel: bool):
+def _njit(numba, body):
     """``numba.njit`` with its disk cache (beside this file, or in the user's cache folder),
     or without one where neither can be written."""
     try:
-        return numba.njit(parallel=parallel, cache=True, nogil=True)(body)
+        return numba.njit(cache=True, nogil=True)(body)
     except RuntimeError:                # "cannot cache function ...: no locator available"
-        return numba.njit(parallel=parallel, nogil=True)(body)
-
-
-def _renamed(fn, suffix: str):
-    """A copy of ``fn`` under another name: numba's disk cache keys a function by its name
-    and line, not by the compile options, so the one-thread form needs a name of its own
-    (else each form would load whichever was compiled first)."""
-    code = fn.__code__.replace(co_name=fn.__name__ + suffix, co_qualname=fn.__qualname__ + suffix)
-    copy = types.FunctionType(code, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
-    copy.__qualname__ = fn.__qualname__ + suffix
-    return copy
-
-
-def _prange(n):
-    """``range``; numba's ``prange`` once :func:`_load` has imported numba (the bodies read
-    this global when they are compiled, at their first call)."""
-    return range(n)
+        return numba.njit(nogil=True)(body)
 
 
 # --------------------------------------------------------------------------- #
@@ -144,7 +103,7 @@ def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
     n, h, wd, c = x.shape
     kh, kw = w.shape[0], w.shape[1]
     oh, ow = out.shape[1], out.shape[2]
-    for job in _prange(n * oh):
+    for job in range(n * oh):
         i = job // oh
         y = job - i * oh
         acc = np.empty(c, dtype=out.dtype)
@@ -170,7 +129,7 @@ def _im2col(x, cols, sh, sw, dh, dw, pt, pl):
     """x (N, H, W, C) -> cols (N, OH, OW, KH, KW, C), zeros where a window leaves x."""
     n, h, wd, c = x.shape
     oh, ow, kh, kw = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    for job in _prange(n * oh):
+    for job in range(n * oh):
         i = job // oh
         y = job - i * oh
         for xo in range(ow):
