@@ -15,6 +15,12 @@ programs against ONNX Runtime first (1e-4 x max|y|). Then, on the strict CuPy st
 (``gpu_mdf.bench.standin_counts``), the kernel launches and the new device bytes of one
 steady-state batch, as written, optimised, and replayed as a CUDA graph.
 
+Where the time goes: on one CPU block of the optimised program (the items ``Program.run``
+gives one thread; the whole batch for the MLP), on one thread, gpu-mdf, the matrix products
+that run made (every ``matmul``, recorded with its operands and rerun alone: OpenBLAS's
+sgemm, the floor under an engine whose convolutions are im2col and NumPy's matmul), and
+ONNX Runtime with one intra-op thread on the same items.
+
 Prints a Markdown table; ``--json`` writes the rows. Ratios are what to compare: the
 machine's absolute speed moves 2x between runs. Unset OpenBLAS's variables in this
 command only (they select slow kernels on this machine).
@@ -55,6 +61,7 @@ class Row:
     layers: int = 0
     notes: list = field(default_factory=list)
     cpu_kernels: str = ""
+    one_thread: dict = field(default_factory=dict)  # items, and ms of gpu-mdf / its products alone / ORT
 
 
 def _random_weights(model, seed=0):
@@ -150,6 +157,44 @@ def numpy_forms():
             os.environ["GPU_MDF_NUMBA"] = before
 
 
+def recorded_products(prog, x):
+    """Run ``prog`` on ``x`` once, recording every matrix product it makes (operands copied
+    in their memory order, so that BLAS sees the same layouts); returns a function making
+    those products alone, and their count."""
+    calls, real = [], np.matmul
+
+    def record(a, b, *args, **kw):
+        calls.append((np.copy(a, order="K"), np.copy(b, order="K")))
+        return real(a, b, *args, **kw)
+    np.matmul = record
+    try:
+        prog.run(x, threads=1)
+    finally:
+        np.matmul = real
+
+    def run():
+        for a, b in calls:
+            real(a, b)
+    return run, len(calls)
+
+
+def one_thread(prog, x, onnx_bytes, repeats: int) -> dict:
+    """gpu-mdf, its products alone and ONNX Runtime on one block, each on one thread."""
+    import onnxruntime as ort
+
+    from gpu_mdf.engine.backend import blas_threads
+    xb = x[:prog.block_size] if prog.block_size else x
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: xb}
+    with blas_threads(1):
+        products, n = recorded_products(prog, xb)
+        ms = alternating({"gpu-mdf": lambda: prog.run(xb, threads=1), "products alone": products,
+                          "ORT": lambda: sess.run(None, feed)}, repeats)
+    return {"items": len(xb), "products": n, **ms}
+
+
 def measure(name: str, repeats: int) -> Row:
     import onnxruntime as ort
 
@@ -187,6 +232,7 @@ def measure(name: str, repeats: int) -> Row:
     if name == "mlp":
         fns["GEMMs alone (NumPy)"] = gemm_floor(doc, x)
     row.ms = alternating(fns, repeats)
+    row.one_thread = one_thread(opt, x, onnx_bytes, repeats)
     from gpu_mdf.bench import standin_counts
     for label, c in (standin_counts(doc, x[:4]) or {}).items():
         row.launches[label], row.new_bytes[label] = c["launches"], c["new_bytes"]
@@ -210,6 +256,15 @@ def table(rows: list[Row]) -> str:
                      f"| {ms['gpu-mdf optimised, NumPy forms'] / ort:.2f}× | {tf} | {tf_ratio} "
                      f"| {r.launches['as written']} → {r.launches['optimised']}{per_layer} "
                      f"→ {r.launches['CUDA graphs']} | {r.new_bytes['optimised']:,} |")
+    lines += ["", "Where the time goes, one block on one thread (products alone: the matrix products that "
+              "run made, rerun alone with the same operands: OpenBLAS's sgemm):", "",
+              "| model | items | gpu-mdf | its products alone | ORT, one thread | gpu-mdf / ORT "
+              "| products alone / ORT |", "|---" * 7 + "|"]
+    for r in rows:
+        t = r.one_thread
+        lines.append(f"| {r.model} | {t['items']} | {t['gpu-mdf']:.2f} ms | {t['products alone']:.2f} ms "
+                     f"({t['products']} products) | {t['ORT']:.2f} ms | {t['gpu-mdf'] / t['ORT']:.2f}× "
+                     f"| {t['products alone'] / t['ORT']:.2f}× |")
     for r in rows:
         if "GEMMs alone (NumPy)" in r.ms:
             lines.append(f"\n{r.model}: its GEMMs alone (OpenBLAS sgemm) take {r.ms['GEMMs alone (NumPy)']:.2f} ms "
