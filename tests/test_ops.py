@@ -6,6 +6,8 @@ parameters, attributes as function arguments), on NumPy and on the strict CuPy
 stand-in, which also proves that the op makes no device->host round trip.
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -450,3 +452,52 @@ def test_readme_lists_exactly_the_ops_of_the_table():
     onnx_ops = {k.split("::")[1] for k in OPS if k.startswith("onnx::")}
     assert listed == onnx_ops
     assert f"{len(onnx_ops)} ONNX ops" in text
+
+
+def test_weight_forms_are_made_once_for_constants_only():
+    """A kernel's form of its weights (a transposed copy) is kept for read-only arrays (the
+    constants the binder hands to kernels) and made again on every call for any other, so a
+    weight array changed in place never meets an old form of itself."""
+    from gpu_mdf.engine.ops import _WEIGHT_FORMS, weight_form
+    made = []
+
+    def make(w):
+        made.append(1)
+        return w.T.copy()
+    w = np.arange(6.0).reshape(2, 3)
+    ro = w.view()
+    ro.flags.writeable = False
+    first = weight_form(ro, "t", functools.partial(make, ro))
+    assert weight_form(ro, "t", functools.partial(make, ro)) is first and len(made) == 1
+    weight_form(w, "t", functools.partial(make, w))
+    w[0, 0] = 100.0                                   # changed in place: a new form
+    assert weight_form(w, "t", functools.partial(make, w))[0, 0] == 100.0 and len(made) == 3
+    key = (id(ro), "t")
+    assert key in _WEIGHT_FORMS
+    del ro, first
+    assert key not in _WEIGHT_FORMS                   # gone with its array
+
+
+def test_a_compiled_conv_reads_its_weights_read_only_and_agrees_with_onnx_runtime():
+    """A Conv's constant weights reach the kernel read-only (their im2col form kept), and two
+    batches agree with ONNX Runtime on random non-zero weights."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    from gpu_mdf.engine.ops import _WEIGHT_FORMS
+    r = np.random.default_rng(7)
+    w = r.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    b = r.standard_normal(5).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 0, 1, 2], strides=[1, 2])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5, 9, 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prog = compile(onnx_to_mdf_doc(model, model_id="conv"), device="cpu")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed in (1, 2):
+        x = np.random.default_rng(seed).standard_normal((4, 3, 9, 8)).astype(np.float32)
+        want = sess.run(None, {"x": x})[0]
+        np.testing.assert_allclose(prog.run(x), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+        assert any(form == "im2col" for _, form in _WEIGHT_FORMS)     # made from the read-only constant

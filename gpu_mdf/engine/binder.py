@@ -179,6 +179,9 @@ class Binder:
                 c = np.asarray(v).item()
             elif as_ == "host" or xp is np:
                 c = v
+                if isinstance(c, np.ndarray):      # read-only: kernels may keep forms of it (ops.weight_form)
+                    c = c.view()
+                    c.flags.writeable = False
             else:
                 c = self.dev(v)
             return lambda env: c

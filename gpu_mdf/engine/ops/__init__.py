@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,6 +261,25 @@ def check_alloc(shape) -> None:
             from ...errors import CompileError
             raise CompileError(f"a value of shape {tuple(int(s) for s in shape)} ({n:,} elements), computed from "
                                f"far fewer, exceeds the compile-time limit of {budget:,} elements")
+
+
+_WEIGHT_FORMS: dict = {}
+
+
+def weight_form(w, form: str, make: Callable[[], Any]):
+    """``make()``: a form of the weights ``w`` that a kernel wants (a transposed copy, say),
+    made once for a constant and on every call for anything else. Constants reach kernels
+    as read-only NumPy arrays (the binder's views); a writeable array may change between
+    calls, so its form is never kept. A kept form goes when ``w`` does."""
+    if not isinstance(w, np.ndarray) or w.flags.writeable:
+        return make()
+    key = (id(w), form)
+    hit = _WEIGHT_FORMS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    v = make()
+    _WEIGHT_FORMS[key] = (weakref.ref(w, lambda _ref, k=key: _WEIGHT_FORMS.pop(k, None)), v)
+    return v
 
 
 def device_const(xp, key, make: Callable[[], np.ndarray]):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import weight_form
 from .fusion import KERNEL_DTYPES, broadcast_shape
 
 _kernels: dict | None = None
@@ -154,7 +155,8 @@ def depthwise(xl, w, b, kernel, strides, dil, pads, out):
     one output channel per input channel; the bias (or None) added. -> (N, OH, OW, C)."""
     xl = np.ascontiguousarray(xl)
     c = xl.shape[-1]
-    wk = np.ascontiguousarray(w.reshape(c, -1).T).reshape(tuple(kernel) + (c,)).astype(xl.dtype, copy=False)
+    wk = weight_form(w, f"depthwise {xl.dtype}", lambda: np.ascontiguousarray(w.reshape(c, -1).T)
+                     .reshape(tuple(kernel) + (c,)).astype(xl.dtype, copy=False))
     bias = np.zeros(c, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
     y = np.empty((xl.shape[0],) + tuple(out) + (c,), dtype=xl.dtype)
     return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])

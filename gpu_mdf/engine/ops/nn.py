@@ -12,7 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import FLOAT, INT, INTS, STRING, Attr, OpError, check_alloc, cpu, device_const, norm_axis, op, scalar
+from . import (
+    FLOAT,
+    INT,
+    INTS,
+    STRING,
+    Attr,
+    OpError,
+    check_alloc,
+    cpu,
+    device_const,
+    norm_axis,
+    op,
+    scalar,
+    weight_form,
+)
 from .elementwise import add_trailing
 
 
@@ -196,7 +210,8 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     else:
         cols = _columns(xp, x, kernel, strides, dil, pads, out, compiled)      # (N, *out, *k, C)
         if g == 1:
-            yl = xp.matmul(cols.reshape(rows, -1), xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
+            wm = weight_form(w, "im2col", lambda: xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
+            yl = xp.matmul(cols.reshape(rows, -1), wm)
         else:
             yl = _grouped_conv(xp, cols, w, kernel, g)
     yl = yl.reshape((n,) + tuple(out) + (f,))
@@ -224,7 +239,8 @@ def _grouped_conv(xp, cols, w, kernel, g):
     cg, fg, kk = c // g, f // g, int(np.prod(kernel))
     rows = cols.size // (kk * c)
     cols = xp.ascontiguousarray(cols.reshape(rows, kk, g, cg).transpose(2, 0, 1, 3)).reshape(g, rows, kk * cg)
-    wg = xp.ascontiguousarray(w.reshape(g, fg, cg, kk).transpose(0, 3, 2, 1)).reshape(g, kk * cg, fg)
+    wg = weight_form(w, f"grouped {g}", lambda: xp.ascontiguousarray(w.reshape(g, fg, cg, kk).transpose(0, 3, 2, 1))
+                     .reshape(g, kk * cg, fg))
     return xp.ascontiguousarray(xp.matmul(cols, wg).transpose(1, 0, 2)).reshape(rows, f)
 
 
