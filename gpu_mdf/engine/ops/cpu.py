@@ -258,12 +258,18 @@ def run_chain(chain: Chain, ops: list, inplace: bool):
     rows, c, k, order, full = flat
     n, width = rows // k, k * c
     out = x if inplace else np.empty_like(x)         # empty_like keeps x's memory order
-    tiled = [_flat_view(o, order, n, width) if i in full else
-             np.tile(o.reshape(-1), k) if np.ndim(o) and o.size == c else
-             np.full(width, np.reshape(o, -1)[0], x.dtype)            # a scalar, of any rank
+    tiled = [_flat_view(o, order, n, width) if i in full else _tiled(o, c, k, width, x.dtype)
              for i, o in enumerate(ops[1:], start=1)]
     chain.rows(full, _flat_view(x, order, n, width), *tiled, _flat_view(out, order, n, width))
     return out
+
+
+def _tiled(o, c: int, k: int, width: int, dtype):
+    """A per-channel operand (c values) repeated k times, or a scalar of any rank filled, to
+    a row of ``width``; made once for a constant (:func:`~gpu_mdf.engine.ops.weight_form`)."""
+    if np.ndim(o) and o.size == c:
+        return weight_form(o, f"row {k}", lambda: np.tile(o.reshape(-1), k))
+    return weight_form(o, f"row {width} {dtype}", lambda: np.full(width, np.reshape(o, -1)[0], dtype))
 
 
 def _rows(x, others):
