@@ -114,13 +114,21 @@ def torchvision_case(name: str, batch: int, tmp: Path):
     return onnx_to_mdf_doc(onnx.load(str(path)), model_id=name), x, path.read_bytes(), None, None
 
 
+#: Seconds of idle before each timed call: ONNX Runtime's and OpenBLAS's worker threads spin
+#: for 20-50 ms after their last work, and whatever runs then shares the cores with them
+#: (gpu-mdf on the CNN at batch 8: 16 ms 5 ms after an ORT run, 2.8 ms 50 ms after).
+SETTLE = 0.1
+
+
 def alternating(fns: dict, repeats: int) -> dict:
-    """Median ms of each function, timed in alternating blocks after one warm-up each."""
+    """Median ms of each function, timed in alternating blocks after one warm-up each,
+    each call on quiet cores (:data:`SETTLE`)."""
     for f in fns.values():
         f()
     times: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

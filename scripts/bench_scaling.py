@@ -9,7 +9,8 @@ Models (random non-zero weights): the reference MLP and the CNN config (MNIST), 
 MobileNetV2 (alpha 0.35, 96x96) and ResNet50 (64x64, the smallest input it takes times two).
 Batch sizes 1, 8, 64, 512, 4096, 8192; a model stops growing its batch once one run passes
 ``--max-seconds`` (ResNet50 at 8,192 images would take minutes here). Each cell is the
-median of 5 runs after a warm-up, in microseconds per image, for gpu-mdf optimised and for
+median of 5 runs after a warm-up, in alternating blocks on quiet cores
+(``bench_planner.alternating``), in microseconds per image, for gpu-mdf optimised and for
 ONNX Runtime on tf2onnx's export of the same model. Prints a Markdown table.
 """
 
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import onnxruntime as ort
     import tf2onnx
+    from bench_planner import alternating
 
-    from gpu_mdf.bench import timeit
     from gpu_mdf.convert import keras_to_mdf
     from gpu_mdf.engine import compile
     from gpu_mdf.tfquiet import tensorflow
@@ -66,8 +67,9 @@ def main(argv=None) -> int:
         cells = []
         for b in BATCHES:
             x = np.random.default_rng(0).random((b,) + shape, dtype=np.float32)
-            ours = timeit(lambda p=prog, x=x: p.run(x, check=False), RUNS, warmup=1)
-            theirs = timeit(lambda s=sess, x=x: s.run(None, {"x": x}), RUNS, warmup=1)
+            ms = alternating({"ours": lambda p=prog, x=x: p.run(x, check=False),
+                              "ORT": lambda s=sess, x=x: s.run(None, {"x": x})}, RUNS)
+            ours, theirs = ms["ours"] / 1e3, ms["ORT"] / 1e3
             cells.append(f"{ours / b * 1e6:,.1f} µs ({ours / theirs:.2f}× ORT)")
             print(f"{name} batch {b}: {ours * 1e3:.2f} ms, ORT {theirs * 1e3:.2f} ms", file=sys.stderr, flush=True)
             if max(ours, theirs) > args.max_seconds:
