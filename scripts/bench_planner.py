@@ -6,7 +6,7 @@ weights everywhere:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
         .venv/bin/python scripts/bench_planner.py [--models mlp cnn mnv2 resnet18 ...] [--repeats 7]
 
-For each model, in alternating blocks (one call of each contender per block), medians:
+For each model, in alternating blocks (each contender's: idle, a warm-up call, a timed call), medians:
 gpu-mdf as written (``optimize=False``), gpu-mdf optimised (and optimised with its compiled CPU
 kernels off, ``GPU_MDF_NUMBA=0``: NumPy's forms), ONNX Runtime on the original
 ONNX and, for Keras models, ``tf.function``; the MLP also gets the time of its three GEMMs
@@ -114,21 +114,21 @@ def torchvision_case(name: str, batch: int, tmp: Path):
     return onnx_to_mdf_doc(onnx.load(str(path)), model_id=name), x, path.read_bytes(), None, None
 
 
-#: Seconds of idle before each timed call: ONNX Runtime's and OpenBLAS's worker threads spin
-#: for 20-50 ms after their last work, and whatever runs then shares the cores with them
-#: (gpu-mdf on the CNN at batch 8: 16 ms 5 ms after an ORT run, 2.8 ms 50 ms after).
+#: Seconds of idle before each block: ONNX Runtime's and OpenBLAS's worker threads spin for
+#: 20-50 ms after their last work, and whatever runs then shares the cores with them (gpu-mdf
+#: on the CNN at batch 8: 16 ms 5 ms after an ORT run, 2.8 ms 50 ms after).
 SETTLE = 0.1
 
 
 def alternating(fns: dict, repeats: int) -> dict:
-    """Median ms of each function, timed in alternating blocks after one warm-up each,
-    each call on quiet cores (:data:`SETTLE`)."""
-    for f in fns.values():
-        f()
+    """Median ms of each function over ``repeats`` alternating blocks. A block is one
+    function's: idle (:data:`SETTLE`, so the others' threads have stopped spinning), one
+    untimed call (its own threads and caches warm, as in a run of many batches), one timed."""
     times: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             time.sleep(SETTLE)
+            f()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
