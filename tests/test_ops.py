@@ -455,27 +455,51 @@ def test_readme_lists_exactly_the_ops_of_the_table():
 
 
 def test_weight_forms_are_made_once_for_constants_only():
-    """A kernel's form of its weights (a transposed copy) is kept for read-only arrays (the
-    constants the binder hands to kernels) and made again on every call for any other, so a
-    weight array changed in place never meets an old form of itself."""
-    from gpu_mdf.engine.ops import _WEIGHT_FORMS, weight_form
+    """A kernel's form of its weights (a transposed copy) is kept only for the constants the
+    binder froze, and made again on every call for any other array, read-only or not, so
+    an array whose values change never meets an old form of itself."""
+    from gpu_mdf.engine.ops import _WEIGHT_FORMS, frozen, weight_form
     made = []
 
     def make(w):
         made.append(1)
         return w.T.copy()
+    owned = frozen(np.arange(6.0).reshape(2, 3))
+    first = weight_form(owned, "t", functools.partial(make, owned))
+    assert weight_form(owned, "t", functools.partial(make, owned)) is first and len(made) == 1
+    assert not first.flags.writeable                           # a kept form is shared: read-only
     w = np.arange(6.0).reshape(2, 3)
     ro = w.view()
-    ro.flags.writeable = False
-    first = weight_form(ro, "t", functools.partial(make, ro))
-    assert weight_form(ro, "t", functools.partial(make, ro)) is first and len(made) == 1
-    weight_form(w, "t", functools.partial(make, w))
-    w[0, 0] = 100.0                                   # changed in place: a new form
-    assert weight_form(w, "t", functools.partial(make, w))[0, 0] == 100.0 and len(made) == 3
-    key = (id(ro), "t")
+    ro.flags.writeable = False                                 # read-only, but not the program's
+    for value in (1.0, 100.0):
+        w[0, 0] = value
+        assert weight_form(w, "t", functools.partial(make, w))[0, 0] == value
+        assert weight_form(ro, "t", functools.partial(make, ro))[0, 0] == value
+    assert len(made) == 5
+    key = (id(owned), "t")
     assert key in _WEIGHT_FORMS
-    del ro, first
-    assert key not in _WEIGHT_FORMS                   # gone with its array
+    del owned, first
+    assert key not in _WEIGHT_FORMS                            # gone with its array
+
+
+def test_constants_are_what_they_hold_at_compile():
+    """A caller's ``constants=`` array changed after compile changes nothing: the program
+    holds a copy (as it does on a GPU), so no kept form of it can go stale."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    r = np.random.default_rng(3)
+    w = r.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 6, 6]),
+                                            helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 6, 6])])
+    doc = onnx_to_mdf_doc(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_id="c")
+    x = r.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    prog = compile(doc, device="cpu", constants={"w": w})
+    before = prog.run(x)
+    w *= -2.0
+    np.testing.assert_array_equal(prog.run(x), before)
+    again = compile(doc, device="cpu", constants={"w": w}).run(x)     # compiled again: the new weights
+    np.testing.assert_allclose(again, -2.0 * before, rtol=1e-5, atol=1e-5 * float(np.abs(before).max()))
 
 
 def test_a_compiled_conv_reads_its_weights_read_only_and_agrees_with_onnx_runtime():

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import CompileError
 from ..mdf import NORMALIZATIONS, GraphMeta, load_mdf, select_graph
 from .backend import Backend, select_backend
+from .ops import frozen
 from .passes import optimize as run_passes
 from .plan import Plan, plan_graph, plan_inplace
 from .program import Program
@@ -178,10 +179,7 @@ class Binder:
             elif as_ == "expr" and np.ndim(v) == 0:
                 c = np.asarray(v).item()
             elif as_ == "host" or xp is np:
-                c = v
-                if isinstance(c, np.ndarray):      # read-only: kernels may keep forms of it (ops.weight_form)
-                    c = c.view()
-                    c.flags.writeable = False
+                c = frozen(v) if isinstance(v, np.ndarray) else v    # kernels may keep forms of it
             else:
                 c = self.dev(v)
             return lambda env: c

@@ -181,7 +181,8 @@ class Planner:
             raise CompileError(f"{what}: {value!r} is not a number")
         held = _check_literal(value, what) if isinstance(value, (list, tuple)) else None
         try:
-            a = np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
+            # a copy: a constant is what it holds at compile, whatever its caller does with it later
+            a = np.array(value) if dtype is None else np.array(value, dtype=dtype)
         except Exception:
             raise CompileError(f"{what}: not a numeric value" + (f" of type {dtype}" if dtype else "")) from None
         if a.dtype == object or a.dtype.kind in "USVO":

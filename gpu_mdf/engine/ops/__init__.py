@@ -264,20 +264,36 @@ def check_alloc(shape) -> None:
 
 
 _WEIGHT_FORMS: dict = {}
+_FROZEN: dict = {}          # id -> weakref of the read-only views the binder made of constants
+
+
+def frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only view of the constant ``a`` (an array the program owns: the plan copies a
+    caller's constants at compile), registered as one whose kernel forms may be kept
+    (:func:`weight_form`)."""
+    v = a.view()
+    v.flags.writeable = False
+    k = id(v)
+    _FROZEN[k] = weakref.ref(v, lambda _ref, k=k: _FROZEN.pop(k, None))
+    return v
 
 
 def weight_form(w, form: str, make: Callable[[], Any]):
     """``make()``: a form of the weights ``w`` that a kernel wants (a transposed copy, say),
-    made once for a constant and on every call for anything else. Constants reach kernels
-    as read-only NumPy arrays (the binder's views); a writeable array may change between
-    calls, so its form is never kept. A kept form goes when ``w`` does."""
-    if not isinstance(w, np.ndarray) or w.flags.writeable:
+    made once for a constant (:func:`frozen`) and on every call for anything else (an
+    input, a computed value, a caller's read-only array: any may hold other values at the
+    next call). A kept form is read-only and goes when ``w`` does. ``form`` names
+    everything the result depends on besides ``w``."""
+    ref = _FROZEN.get(id(w)) if isinstance(w, np.ndarray) else None
+    if ref is None or ref() is not w:
         return make()
     key = (id(w), form)
     hit = _WEIGHT_FORMS.get(key)
     if hit is not None and hit[0]() is w:
         return hit[1]
     v = make()
+    if isinstance(v, np.ndarray):
+        v.flags.writeable = False
     _WEIGHT_FORMS[key] = (weakref.ref(w, lambda _ref, k=key: _WEIGHT_FORMS.pop(k, None)), v)
     return v
 

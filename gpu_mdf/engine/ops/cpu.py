@@ -266,10 +266,20 @@ def run_chain(chain: Chain, ops: list, inplace: bool):
 
 def _tiled(o, c: int, k: int, width: int, dtype):
     """A per-channel operand (c values) repeated k times, or a scalar of any rank filled, to
-    a row of ``width``; made once for a constant (:func:`~gpu_mdf.engine.ops.weight_form`)."""
+    a row of ``width``: the first ``width`` values of the longest such row, made once for a
+    constant (:func:`~gpu_mdf.engine.ops.weight_form`), whatever the batch size."""
+    longest = max(width, _TILE)
     if np.ndim(o) and o.size == c:
-        return weight_form(o, f"row {k}", lambda: np.tile(o.reshape(-1), k))
-    return weight_form(o, f"row {width} {dtype}", lambda: np.full(width, np.reshape(o, -1)[0], dtype))
+        row = weight_form(o, "row", lambda: np.tile(o.reshape(-1), -(-longest // c)))
+    else:
+        row = weight_form(o, f"row {dtype}", lambda: np.full(longest, np.reshape(o, -1)[0], dtype))
+    return row[:width] if len(row) >= width else _tiled_now(o, c, k, width, dtype)
+
+
+def _tiled_now(o, c: int, k: int, width: int, dtype):
+    if np.ndim(o) and o.size == c:
+        return np.tile(o.reshape(-1), k)
+    return np.full(width, np.reshape(o, -1)[0], dtype)
 
 
 def _rows(x, others):
