@@ -34,8 +34,9 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
 
     * ``constants``: values for unconnected input ports (``{port_id: array}`` or
       ``{"node.port": array}``), e.g. the weights an exporter writes as ports. They are
-      constants: folded, moved to the device once, never batched. The remaining free
-      ports are the inputs of :meth:`Program.run`.
+      constants: copied at compile (changing the caller's arrays later changes nothing),
+      folded, moved to the device once, never batched. The remaining free ports are the
+      inputs of :meth:`Program.run`.
     * ``dtype``: ``None`` follows the file (float32 for ONNX-op graphs and float32
       ports, float64 for MDF expressions and standard functions, as modeci_mdf's
       EvaluableGraph); ``"float32"``/``"float64"`` force one.
