@@ -300,3 +300,24 @@ def _chain_case(seed) -> bool:
     assert out is buf
     np.testing.assert_array_equal(buf, want)
     return cpu._rows(x, ops[1:]) is not None
+
+
+def test_a_chains_source_holds_no_value_of_the_model():
+    """The exec'd source of a compiled chain is the fusion table's templates and names made
+    here: an attribute's value is a namespace constant, never text; a reference that is not
+    an operand number or the previous result is refused. The numbers still match NumPy's."""
+    from gpu_mdf.engine.ops.fusion import py_chain, py_rows
+    alpha, lo, hi = 0.3183098861837907, -1.2345678, 2.7182818
+    program = (Instr("onnx::Add", 0, 1), Instr("onnx::LeakyRelu", "r0", None, (("alpha", alpha),)),
+               Instr("onnx::Clip", "r1", None, (("min", lo), ("max", hi))))
+    for source, consts in (py_chain(program), py_rows(program)):
+        assert not any(repr(v) in source or repr(np.float32(v)) in source for v in (alpha, lo, hi))
+        assert sorted(consts.values()) == sorted([alpha, lo, hi])
+    for bad in ("__import__('os')", "r5", 1.5):
+        with pytest.raises(ValueError):
+            py_rows((Instr("onnx::Add", 0, 1), Instr("onnx::Relu", bad)))
+    b = F.R.standard_normal(8).astype(np.float32)
+    for rows in (64, 4096):                           # the ufunc, and the row loop
+        x = F.R.standard_normal((rows, 8)).astype(np.float32) * 3
+        got = cpu.run_chain(cpu.fused(program, np.float32), [x, b], False)
+        np.testing.assert_array_equal(got, run_numpy(program, [x.copy(), b]))

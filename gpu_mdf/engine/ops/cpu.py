@@ -209,12 +209,17 @@ def _compile_chain(program, dtype, full: frozenset | None = None):
     import numba
 
     from .fusion import n_operands, py_chain, py_rows
-    namespace = {"T": dtype.type, "math": math, "np": np}
     with _chains_lock:
         if full is not None:
-            exec(py_rows(program, full), namespace)       # noqa: S102 - generated from the fusion table, no input text
+            source, consts = py_rows(program, full)
+        else:
+            source, consts = py_chain(program)
+        # the text holds the fusion table's templates and generated names only (attribute
+        # values are the namespace's constants): nothing of a model's files is run
+        namespace = {"T": dtype.type, "math": math, "np": np, **consts}
+        exec(source, namespace)       # noqa: S102
+        if full is not None:
             return numba.njit(nogil=True, error_model="numpy")(namespace["rows"])
-        exec(py_chain(program), namespace)          # noqa: S102 - generated from the fusion table, no input text
         t = numba.from_dtype(dtype)
         return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
 

@@ -214,43 +214,57 @@ def _sub_chain(steps: list, first: bool) -> Segment:
     return Segment(program=instrs, operands=tuple(operands))
 
 
-def py_chain(program: tuple[Instr, ...]) -> str:
+def py_chain(program: tuple[Instr, ...]) -> tuple[str, dict]:
     """The chain as the source of a Python function ``chain(x0, x1, ...)`` of scalars (for
-    numba to compile into a ufunc); ``T`` is the float type, ``math`` the module."""
-    lines = [f"def chain({', '.join(f'x{k}' for k in range(n_operands(program)))}):"]
-    lines += _py_statements(program, lambda k: f"x{k}", "    ")
-    lines.append(f"    return r{len(program) - 1}")
-    return "\n".join(lines) + "\n"
+    numba to compile into a ufunc), and the constants it reads (:func:`_py_statements`);
+    ``T`` is the float type, ``math`` the module."""
+    body, consts = _py_statements(program, lambda k: f"x{k}", "    ")
+    lines = [f"def chain({', '.join(f'x{k}' for k in range(n_operands(program)))}):", *body,
+             f"    return r{len(program) - 1}"]
+    return "\n".join(lines) + "\n", consts
 
 
-def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> str:
-    """The chain as ``rows(x0, x1, ..., out)``: ``x0``, ``out`` and the operands numbered in
-    ``full`` (n, w), every other operand a row of w values; plain loops over contiguous
-    rows, which numba's compiler turns into SIMD code (a ufunc's loop, written for any
-    strides, is not). Each row is computed into a buffer of its own, then copied: ``out``
-    may be ``x0``, and a loop that writes where it reads is not vectorised (10x slower for
-    a clip)."""
+def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> tuple[str, dict]:
+    """The chain as ``rows(x0, x1, ..., out)`` and the constants it reads: ``x0``, ``out``
+    and the operands numbered in ``full`` (n, w), every other operand a row of w values;
+    plain loops over contiguous rows, which numba's compiler turns into SIMD code (a
+    ufunc's loop, written for any strides, is not). Each row is computed into a buffer of
+    its own, then copied: ``out`` may be ``x0``, and a loop that writes where it reads is
+    not vectorised (10x slower for a clip)."""
     n = n_operands(program)
+    body, consts = _py_statements(program, lambda k: f"x{k}[i, j]" if k == 0 or k in full else f"x{k}[j]",
+                                  " " * 12)
     lines = [f"def rows({', '.join(f'x{k}' for k in range(n))}, out):",
              "    row = np.empty(x0.shape[1], out.dtype)",
              "    for i in range(x0.shape[0]):",
-             "        for j in range(x0.shape[1]):"]
-    lines += _py_statements(program, lambda k: f"x{k}[i, j]" if k == 0 or k in full else f"x{k}[j]", " " * 12)
-    lines += [f"            row[j] = r{len(program) - 1}",
-              "        for j in range(x0.shape[1]):",
-              "            out[i, j] = row[j]"]
-    return "\n".join(lines) + "\n"
+             "        for j in range(x0.shape[1]):", *body,
+             f"            row[j] = r{len(program) - 1}",
+             "        for j in range(x0.shape[1]):",
+             "            out[i, j] = row[j]"]
+    return "\n".join(lines) + "\n", consts
 
 
-def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], indent: str) -> list[str]:
-    lines = []
+def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], indent: str) -> tuple[list, dict]:
+    """One statement an instruction. The text is built from the fusion table's templates,
+    operand numbers and names made here, nothing else: an attribute's value is a constant
+    of the namespace (``c<k>_<name>``), never text, and a reference that is not an operand
+    number or the previous result is refused. The source is exec'd (cpu._compile_chain)."""
+    check_program(program)                      # a text reference is the previous result's name
+    lines, consts = [], {}
     for k, ins in enumerate(program):
-        def ref(r):
-            return r if isinstance(r, str) else operand(r)
-        names = {"a": ref(ins.a), "b": ref(ins.b) if ins.b is not None else "",
-                 **{name: f"T({float(v)!r})" for name, v in ins.attrs}}
-        lines.append(f"{indent}r{k} = T({FUSIBLE[ins.op].py.format(**names)})")
-    return lines
+        f = FUSIBLE[ins.op]
+        if not f.py:
+            raise ValueError(f"{ins.op} has no Python form")
+        if any(type(r) not in (int, str) for r in (ins.a, ins.b) if r is not None):
+            raise ValueError(f"instruction {k} of a fused chain reads {ins.a!r}, {ins.b!r}")
+        a, b = (r if isinstance(r, str) else operand(r) for r in (ins.a, ins.b if ins.b is not None else ins.a))
+        given = dict(ins.attrs)
+        names = {"a": a, "b": b if ins.b is not None else ""}
+        for name in f.attrs:
+            consts[f"c{k}_{name}"] = float(given[name])
+            names[name] = f"T(c{k}_{name})"             # in the chain's type, as NumPy's form has it
+        lines.append(f"{indent}r{k} = T({f.py.format(**names)})")
+    return lines, consts
 
 
 def n_operands(program: tuple[Instr, ...]) -> int:
