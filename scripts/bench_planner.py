@@ -135,22 +135,6 @@ def alternating(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def gemm_floor(doc, x):
-    """The MLP's GEMMs alone (NumPy's matmul on the same weights): OpenBLAS's floor."""
-    from gpu_mdf.engine import compile
-    prog = compile(doc, device="cpu", optimize=False)
-    ws = [st.args[1].host_value() for st in prog.plan.steps
-          if getattr(getattr(st, "spec", None), "name", "") == "onnx::Gemm"]
-    a = x.reshape(len(x), -1)
-
-    def run():
-        h = a
-        for w in ws:
-            h = h @ w
-        return h
-    return run
-
-
 @contextlib.contextmanager
 def numpy_forms():
     """gpu-mdf without its compiled CPU kernels (GPU_MDF_NUMBA=0): NumPy's forms of the ops."""
@@ -238,7 +222,7 @@ def measure(name: str, repeats: int) -> Row:
     if tf_fn is not None:
         fns["tf.function"] = tf_fn
     if name == "mlp":
-        fns["GEMMs alone (NumPy)"] = gemm_floor(doc, x)
+        fns["GEMMs alone (NumPy)"] = recorded_products(opt, x)[0]
     row.ms = alternating(fns, repeats)
     row.one_thread = one_thread(opt, x, onnx_bytes, repeats)
     from gpu_mdf.bench import standin_counts

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import weight_form
-from .fusion import KERNEL_DTYPES, broadcast_shape
+from .fusion import FUSIBLE, KERNEL_DTYPES, PREV, broadcast_shape
 
 _kernels: dict | None = None
 _why_not: str | None = None
@@ -228,7 +228,6 @@ def run_segments(segs: list, chains: list, ops: list, inplace: bool, dtype):
     """A fused chain cut into segments (:func:`~gpu_mdf.engine.ops.fusion.segments`): each
     compiled piece through :func:`run_chain`, each op without a compiled form (exp, tanh)
     by NumPy in place on the value so far. Into ``ops[0]`` where ``inplace`` allows."""
-    from .fusion import FUSIBLE, PREV
     value = None                                           # the value so far
     for seg, chain in zip(segs, chains):
         if seg.op:
@@ -263,27 +262,19 @@ def run_chain(chain: Chain, ops: list, inplace: bool):
     rows, c, k, order, full = flat
     n, width = rows // k, k * c
     out = x if inplace else np.empty_like(x)         # empty_like keeps x's memory order
-    tiled = [_flat_view(o, order, n, width) if i in full else _tiled(o, c, k, width, x.dtype)
+    tiled = [_flat_view(o, order, n, width) if i in full else _tiled(o, c, width, x.dtype)
              for i, o in enumerate(ops[1:], start=1)]
     chain.rows(full, _flat_view(x, order, n, width), *tiled, _flat_view(out, order, n, width))
     return out
 
 
-def _tiled(o, c: int, k: int, width: int, dtype):
-    """A per-channel operand (c values) repeated k times, or a scalar of any rank filled, to
-    a row of ``width``: the first ``width`` values of the longest such row, made once for a
-    constant (:func:`~gpu_mdf.engine.ops.weight_form`), whatever the batch size."""
-    longest = max(width, _TILE)
+def _tiled(o, c: int, width: int, dtype):
+    """A per-channel operand (c values) repeated to a row of ``width`` (a multiple of c, at
+    most max(c, _TILE)): the start of one long row made once for a constant
+    (:func:`~gpu_mdf.engine.ops.weight_form`), whatever the batch size; or a scalar of any
+    rank, filled."""
     if np.ndim(o) and o.size == c:
-        row = weight_form(o, "row", lambda: np.tile(o.reshape(-1), -(-longest // c)))
-    else:
-        row = weight_form(o, f"row {dtype}", lambda: np.full(longest, np.reshape(o, -1)[0], dtype))
-    return row[:width] if len(row) >= width else _tiled_now(o, c, k, width, dtype)
-
-
-def _tiled_now(o, c: int, k: int, width: int, dtype):
-    if np.ndim(o) and o.size == c:
-        return np.tile(o.reshape(-1), k)
+        return weight_form(o, "row", lambda: np.tile(o.reshape(-1), -(-max(c, _TILE) // c)))[:width]
     return np.full(width, np.reshape(o, -1)[0], dtype)
 
 

@@ -257,9 +257,9 @@ def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], in
             raise ValueError(f"{ins.op} has no Python form")
         if any(type(r) not in (int, str) for r in (ins.a, ins.b) if r is not None):
             raise ValueError(f"instruction {k} of a fused chain reads {ins.a!r}, {ins.b!r}")
-        a, b = (r if isinstance(r, str) else operand(r) for r in (ins.a, ins.b if ins.b is not None else ins.a))
         given = dict(ins.attrs)
-        names = {"a": a, "b": b if ins.b is not None else ""}
+        names = {"a": ins.a if isinstance(ins.a, str) else operand(ins.a),
+                 "b": "" if ins.b is None else ins.b if isinstance(ins.b, str) else operand(ins.b)}
         for name in f.attrs:
             consts[f"c{k}_{name}"] = float(given[name])
             names[name] = f"T(c{k}_{name})"             # in the chain's type, as NumPy's form has it

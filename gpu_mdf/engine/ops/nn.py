@@ -200,10 +200,10 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
         return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
     rows = n * int(np.prod(out))
     if cg == 1 and g > 1:
-        xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+        xl = _padded_last(xp, x, pads, nsp)
         yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
     elif all(k == 1 for k in kernel):
-        xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+        xl = _padded_last(xp, x, pads, nsp)
         src = xl[(slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))]
         cols = xp.ascontiguousarray(src).reshape(rows, c)
         yl = _grouped_matmul(xp, cols, w.reshape(f, c // g), g, 1)
@@ -220,6 +220,11 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     return _to_nchw(xp, yl)
 
 
+def _padded_last(xp, x, pads, nsp):
+    """NCHW ``x`` channels-last with its zero padding (a copy where there is some)."""
+    return _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+
+
 def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
     """A convolution's columns (N, *out, *kernel, C), contiguous, of NCHW ``x``: the compiled
     CPU kernel (padding read as zeros) where it runs, else a padded copy and its windows."""
@@ -227,7 +232,7 @@ def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
     if compiled:
         check_alloc([x.shape[0]] + list(out) + list(kernel) + [x.shape[1]])
         return cpu.im2col(_channels_last(xp, x), kernel, strides, dil, pads, out)
-    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    xl = _padded_last(xp, x, pads, nsp)
     return _im2col(xp, xl, kernel, strides, dil, out)
 
 
