@@ -14,7 +14,7 @@ installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
 
 Each kernel runs on the calling thread (``nogil``: `Program.run` spreads a large batch's
 blocks over the cores itself). A ``prange`` form over every core was measured and dropped:
-never faster than this one for the batches that run in one block (0.9-1.0x), and 3-6x
+never faster than this one for the batches that run in one block (0.9-1.0x), and 2-6x
 slower beside OpenBLAS's threads under GNU OpenMP's spinning workers (MobileNetV2 at
 batch 1: 102 ms against 18 ms). Without ``fastmath``: each output element is computed by
 the same loop in the same order, whichever thread runs it.
