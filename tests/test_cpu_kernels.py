@@ -6,6 +6,10 @@ wrote and against the NumPy forms they replace:
   without bias, float32 and float64, every weight random and non-zero);
 * im2col's columns are the NumPy form's, bit for bit; a kernel gives the same bits from
   any thread, several at once;
+* max pooling through its kernel matches ONNX Runtime (pads, strides, dilations,
+  ceil_mode, SAME) and the NumPy form (NaN and infinities included); a max or min over
+  short axes (pooling written as reshape + reduce) is NumPy's own reduction, NaN included,
+  and the kernel runs exactly where it applies;
 * every fused op with a compiled form agrees with NumPy's on NaN, infinities and signed
   zeros, and a chain broadcasts and writes in place as NumPy's does;
 * every case of the golden corpus gives the same outputs with the kernels on and off
@@ -110,6 +114,86 @@ def test_im2col_is_the_numpy_form_bit_for_bit(c, geometry):
     got = nn._columns(np, x, kernel, strides, dil, list(pads), out, True)
     want = nn._columns(np, x, kernel, strides, dil, list(pads), out, False)
     np.testing.assert_array_equal(got, want)
+
+
+def _ort_node(op_type, x, **attrs):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    t = TensorProto.FLOAT if x.dtype == np.float32 else TensorProto.DOUBLE
+    node = helper.make_node(op_type, ["x"], ["y"], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", t, x.shape)],
+                          [helper.make_tensor_value_info("y", t, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+POOL_CASES = {
+    "2x2": dict(kernel_shape=[2, 2], strides=[2, 2]),
+    "3x3-stride2-pad1": dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    "3x3-ceil": dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    "3x2-dilated-asym-ceil": dict(kernel_shape=[3, 2], strides=[1, 2], pads=[2, 0, 1, 1], dilations=[2, 1],
+                                  ceil_mode=1),
+    "2x2-same-stride1": dict(kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
+    "1x1-stride2": dict(kernel_shape=[1, 1], strides=[2, 2]),
+}
+
+
+def _max_pool(x, **attrs):
+    a = dict(auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, strides=None, storage_order=0)
+    return nn.max_pool(np, x, **{**a, **attrs})[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_max_pool_through_the_kernel_matches_onnxruntime_and_the_numpy_form(name, dtype, numpy_forms,
+                                                                            monkeypatch):
+    attrs = POOL_CASES[name]
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    x = F.R.standard_normal((2, 12, 11, 9)).astype(dtype)
+    got = _max_pool(x, **attrs)
+    assert ran == ["max_pool"]
+    want = _ort_node("MaxPool", x, **attrs)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, want)
+    # NaN and infinities against the NumPy form (ONNX leaves a NaN's fate in a max open)
+    x.flat[F.R.integers(0, x.size, 40)] = np.nan
+    x.flat[F.R.integers(0, x.size, 40)] = -np.inf
+    x.flat[F.R.integers(0, x.size, 10)] = np.inf
+    got = _max_pool(x, **attrs)
+    with numpy_forms():
+        plain = _max_pool(x, **attrs)
+    np.testing.assert_array_equal(got, plain)          # NaN where NaN
+
+
+SHORT_AXES = [((3, 7, 2, 5, 2, 16), (2, 4), True), ((4, 3, 12), (1,), True), ((2, 3, 2, 3, 9), (0, 1), True),
+              ((5, 2, 6, 3, 10), (1, 3), True), ((3, 2, 2, 2, 16), (1, 2, 3), False),   # three axes
+              ((4, 2, 6, 2, 3), (1, 3), False)]                                      # 3 values a row
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("shape, axes, kernel", SHORT_AXES)
+@pytest.mark.parametrize("name", ["ReduceMax", "ReduceMin"])
+def test_max_and_min_over_short_axes_are_numpys_reduction(name, shape, axes, kernel, keepdims, monkeypatch):
+    from gpu_mdf.engine.ops import OPS
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda k, *a: ran.append(k) or call(k, *a))
+    x = F.R.standard_normal(shape).astype(np.float32)
+    x.flat[F.R.integers(0, x.size, 6)] = np.nan
+    x.flat[F.R.integers(0, x.size, 6)] = -np.inf
+    got = OPS[f"onnx::{name}"].kernel(np, x, axes=list(axes), keepdims=keepdims)
+    reduce = np.max if name == "ReduceMax" else np.min
+    want = reduce(x, axis=axes, keepdims=bool(keepdims))
+    assert ran == (["reduce_tiles"] if kernel else [])
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, want)           # NaN where NaN
+    # a layout the kernel does not take (a transposed view) runs NumPy's fold, same values
+    ran.clear()
+    xt = np.swapaxes(x, 0, -1)
+    got = OPS[f"onnx::{name}"].kernel(np, xt, axes=[1], keepdims=keepdims)
+    assert ran == []
+    np.testing.assert_array_equal(got, reduce(xt, axis=1, keepdims=bool(keepdims)))
 
 
 def test_a_kernel_gives_the_same_bits_from_any_thread():

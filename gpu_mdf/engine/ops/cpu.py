@@ -6,6 +6,10 @@ installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
   the window view runs at about 1 GMAC/s; this at 5-10x that);
 * :func:`im2col`: a 2-D convolution's columns (N, OH, OW, KH, KW, C) with the zeros of the
   padding written in place (no padded copy of the input);
+* :func:`max_pool`: a 2-D max pooling, channels-last, the padding (and ``ceil_mode``'s
+  overhang) skipped in the index arithmetic; :func:`reduce_tiles`: a max or min over
+  one or two short axes of a contiguous array (pooling written as reshape + reduce, as the
+  Keras converter writes it): one pass each, where NumPy makes a pass per window element;
 * :func:`fused` / :func:`run_segments`: a fused elementwise chain
   (:mod:`~gpu_mdf.engine.ops.fusion`), generated from the ops' Python forms: a loop over
   rows of about 4,096 contiguous values where the operands allow it (SIMD code; 2-5x
@@ -82,7 +86,11 @@ def _load():
     except Exception as e:  # a numba that does not match this NumPy, say
         _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
         return None
-    _kernels = {"depthwise": _njit(numba, _depthwise), "im2col": _njit(numba, _im2col)}
+    global _combine
+    _combine = numba.njit(inline="always", nogil=True)(_combine)     # called inside the kernels
+    _kernels = {name: _njit(numba, body) for name, body in
+                (("depthwise", _depthwise), ("im2col", _im2col), ("max_pool", _max_pool),
+                 ("reduce_tiles", _reduce_tiles))}
     return _kernels
 
 
@@ -147,6 +155,62 @@ def _im2col(x, cols, sh, sw, dh, dw, pt, pl):
     return cols
 
 
+def _max_pool(x, out, kh, kw, sh, sw, dh, dw, pt, pl):
+    """x (N, H, W, C) -> out (N, OH, OW, C): the max over each window's elements inside x,
+    taken in the window's row-major order as NumPy's fold of the offsets takes them (the
+    same values, NaN included; which zero a tie of -0.0 and 0.0 keeps is unspecified, as
+    in NumPy, whose SIMD and scalar loops differ there); -inf where a window holds none."""
+    n, h, wd, c = x.shape
+    oh, ow = out.shape[1], out.shape[2]
+    acc = np.empty(c, dtype=out.dtype)
+    for job in range(n * oh):
+        i = job // oh
+        y = job - i * oh
+        for xo in range(ow):
+            for cc in range(c):
+                acc[cc] = -np.inf
+            for p in range(kh):
+                yi = y * sh - pt + p * dh
+                if yi < 0 or yi >= h:
+                    continue
+                for q in range(kw):
+                    xi = xo * sw - pl + q * dw
+                    if xi < 0 or xi >= wd:
+                        continue
+                    for cc in range(c):
+                        acc[cc] = _combine(acc[cc], x[i, yi, xi, cc], 0)
+            for cc in range(c):
+                out[i, y, xo, cc] = acc[cc]
+    return out
+
+
+def _reduce_tiles(x, out, how):
+    """x (A, K1, B, K2, C) -> out (A, B, C): the max (how 0) or min (1) over K1 and K2, one
+    output row (B, C) at a time (its inner loop over C vectorises), NaN kept as
+    np.maximum/np.minimum keep it."""
+    na, k1, nb, k2, c = x.shape
+    for a in range(na):
+        o = out[a]
+        for b in range(nb):
+            for cc in range(c):
+                o[b, cc] = x[a, 0, b, 0, cc]
+        for p in range(k1):
+            for q in range(k2):
+                if p == 0 and q == 0:
+                    continue
+                for b in range(nb):
+                    for cc in range(c):
+                        o[b, cc] = _combine(o[b, cc], x[a, p, b, q, cc], how)
+    return out
+
+
+def _combine(u, v, how):
+    """np.maximum (how 0) or np.minimum (1) of two scalars: NaN from either side."""
+    if how == 0:
+        return u if (u >= v or u != u) else v
+    return u if (u <= v or u != u) else v
+
+
 # --------------------------------------------------------------------------- #
 # Entry points (2-D, channels-last; callers check :func:`takes` first)
 # --------------------------------------------------------------------------- #
@@ -167,6 +231,39 @@ def im2col(xl, kernel, strides, dil, pads, out):
     xl = np.ascontiguousarray(xl)
     cols = np.empty((xl.shape[0],) + tuple(out) + tuple(kernel) + (xl.shape[-1],), dtype=xl.dtype)
     return _call("im2col", xl, cols, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+
+
+def max_pool(xl, kernel, strides, dil, pads, out):
+    """2-D max pooling of channels-last ``xl`` (N, H, W, C), the window's elements outside
+    ``xl`` skipped (ONNX MaxPool's padding and ceil_mode overhang). -> (N, OH, OW, C)."""
+    xl = np.ascontiguousarray(xl)
+    y = np.empty((xl.shape[0],) + tuple(out) + (xl.shape[-1],), dtype=xl.dtype)
+    return _call("max_pool", xl, y, kernel[0], kernel[1], strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+
+
+_HOW = {"max": 0, "min": 1}
+
+
+def reduce_tiles(x, axes, how: str):
+    """``how`` ("max" or "min") of C-contiguous ``x`` over one or two of its axes
+    (sorted), the others kept in order, as a new array without the reduced axes; None where
+    this does not apply (other layouts, more axes, fewer than 8 values a row inside the last
+    reduced axis: NumPy's fold is as fast there)."""
+    if how not in _HOW or not isinstance(x, np.ndarray) or not x.flags.c_contiguous or len(axes) not in (1, 2) \
+            or not takes(x.dtype):
+        return None
+    d = x.shape
+    a1, a2 = axes[0], axes[-1]
+    inner = int(np.prod(d[a2 + 1:]))
+    if inner < 8:
+        return None
+    if len(axes) == 1:
+        shape5 = (int(np.prod(d[:a1])), d[a1], 1, 1, inner)
+    else:
+        shape5 = (int(np.prod(d[:a1])), d[a1], int(np.prod(d[a1 + 1:a2])), d[a2], inner)
+    out = np.empty((shape5[0], shape5[2], inner), dtype=x.dtype)
+    _call("reduce_tiles", x.reshape(shape5), out, _HOW[how])
+    return out.reshape(tuple(n for i, n in enumerate(d) if i not in axes))
 
 
 @dataclass

@@ -409,6 +409,8 @@ def max_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides,
     kernel, strides, dil, pads, out, extra = _pool_setup(x, kernel_shape, strides, pads, dilations, auto_pad,
                                                          ceil_mode, "MaxPool")
     nsp = len(kernel)
+    if xp is np and nsp == 2 and n_outputs == 1 and cpu.takes(x.dtype):
+        return (_to_nchw(xp, cpu.max_pool(_channels_last(xp, x), kernel, strides, dil, pads, out)),)
     low = _lowest(x.dtype)
     xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], [p + e for p, e in zip(pads[nsp:], extra)], low)
     y = idx = None
