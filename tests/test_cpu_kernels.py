@@ -116,6 +116,26 @@ def test_im2col_is_the_numpy_form_bit_for_bit(c, geometry):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("strides, dil", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 2), (2, 1))])
+def test_depthwise_3x3_inside_windows_add_the_terms_of_the_general_loop(strides, dil):
+    """The depthwise kernel's 3x3 windows inside the input run as one expression, the others
+    (here: every window, the input zero-padded beforehand) as the general loop: the same
+    sums, bit for bit (a zero term changes nothing but the sign of a zero)."""
+    c = 37
+    x = F.R.standard_normal((2, 9, 10, c)).astype(np.float32)
+    w = F.R.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b = F.R.standard_normal(c).astype(np.float32)
+    pads = (dil[0], dil[1], dil[0], dil[1])
+    out, _ = nn._out_sizes(x.shape[1:3], (3, 3), strides, dil, list(pads))
+    implicit = cpu.depthwise(x, w, b, (3, 3), strides, dil, pads, out)            # border windows: the loop
+    xp = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    explicit = cpu.depthwise(xp, w, b, (3, 3), strides, dil, (0, 0, 0, 0), out)  # every window inside
+    border = np.ones(out, bool)
+    border[1:-1, 1:-1] = False
+    assert border.any() and (~border).any()
+    np.testing.assert_array_equal(implicit, explicit)
+
+
 def _ort_node(op_type, x, **attrs):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
