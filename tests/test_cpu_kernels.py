@@ -104,7 +104,7 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     np.testing.assert_allclose(got, plain, rtol=0, atol=(1e-5 if dtype == "float32" else 1e-12) * scale)
 
 
-@pytest.mark.parametrize("c", [2, 3, 16])
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 16])
 @pytest.mark.parametrize("geometry", [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((5, 3), (2, 1), (1, 2), (2, 0, 1, 3)),
                                       ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0))])
 def test_im2col_is_the_numpy_form_bit_for_bit(c, geometry):

@@ -86,12 +86,19 @@ def _load():
     except Exception as e:  # a numba that does not match this NumPy, say
         _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
         return None
-    global _combine
-    _combine = numba.njit(inline="always", nogil=True)(_combine)     # called inside the kernels
+    global _combine, _im2col
+    # called inside the kernels (inlined: a constant argument is a constant there)
+    _combine = numba.njit(inline="always", nogil=True)(_combine)
+    _im2col = numba.njit(inline="always", nogil=True)(_im2col)
     _kernels = {name: _njit(numba, body) for name, body in
-                (("depthwise", _depthwise), ("im2col", _im2col), ("max_pool", _max_pool),
-                 ("reduce_tiles", _reduce_tiles))}
+                (("depthwise", _depthwise), ("max_pool", _max_pool), ("reduce_tiles", _reduce_tiles),
+                 ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
+                 ("im2col any C", _im2col_any))}
+    _kernels["im2col"] = lambda x, *args: _kernels[_IM2COL.get(x.shape[-1], "im2col any C")](x, *args)
     return _kernels
+
+
+_IM2COL = {2: "im2col 2", 3: "im2col 3", 4: "im2col 4"}
 
 
 def _njit(numba, body):
@@ -149,9 +156,10 @@ def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
     return out
 
 
-def _im2col(x, cols, sh, sw, dh, dw, pt, pl):
-    """x (N, H, W, C) -> cols (N, OH, OW, KH, KW, C), zeros where a window leaves x."""
-    n, h, wd, c = x.shape
+def _im2col(x, cols, c, sh, sw, dh, dw, pt, pl):
+    """x (N, H, W, C) -> cols (N, OH, OW, KH, KW, C), zeros where a window leaves x; ``c`` is
+    C, a constant where a caller below inlines this (its inner loop unrolled)."""
+    n, h, wd = x.shape[0], x.shape[1], x.shape[2]
     oh, ow, kh, kw = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
     for job in range(n * oh):
         i = job // oh
@@ -168,6 +176,23 @@ def _im2col(x, cols, sh, sw, dh, dw, pt, pl):
                         for cc in range(c):
                             cols[i, y, xo, p, q, cc] = x[i, yi, xi, cc]
     return cols
+
+
+# im2col for 2, 3 (an image's channels: 1.6-1.9x faster than for any C) and 4 channels
+def _im2col_2(x, cols, sh, sw, dh, dw, pt, pl):
+    return _im2col(x, cols, 2, sh, sw, dh, dw, pt, pl)
+
+
+def _im2col_3(x, cols, sh, sw, dh, dw, pt, pl):
+    return _im2col(x, cols, 3, sh, sw, dh, dw, pt, pl)
+
+
+def _im2col_4(x, cols, sh, sw, dh, dw, pt, pl):
+    return _im2col(x, cols, 4, sh, sw, dh, dw, pt, pl)
+
+
+def _im2col_any(x, cols, sh, sw, dh, dw, pt, pl):
+    return _im2col(x, cols, x.shape[3], sh, sw, dh, dw, pt, pl)
 
 
 def _max_pool(x, out, kh, kw, sh, sw, dh, dw, pt, pl):
