@@ -30,6 +30,7 @@ call of a kernel in a fresh environment compiles it (a few seconds), later proce
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -294,13 +295,13 @@ def reduce_tiles(x, axes, how: str):
         return None
     d = x.shape
     a1, a2 = axes[0], axes[-1]
-    inner = int(np.prod(d[a2 + 1:]))
+    inner = math.prod(d[a2 + 1:])
     if inner < 8:
         return None
     if len(axes) == 1:
-        shape5 = (int(np.prod(d[:a1])), d[a1], 1, 1, inner)
+        shape5 = (math.prod(d[:a1]), d[a1], 1, 1, inner)
     else:
-        shape5 = (int(np.prod(d[:a1])), d[a1], int(np.prod(d[a1 + 1:a2])), d[a2], inner)
+        shape5 = (math.prod(d[:a1]), d[a1], math.prod(d[a1 + 1:a2]), d[a2], inner)
     out = np.empty((shape5[0], shape5[2], inner), dtype=x.dtype)
     _call("reduce_tiles", x.reshape(shape5), out, _HOW[how])
     return out.reshape(tuple(n for i, n in enumerate(d) if i not in axes))

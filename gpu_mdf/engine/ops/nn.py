@@ -10,6 +10,8 @@ pooling is a max or sum over kernel-many strided slices.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import (
@@ -200,7 +202,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     compiled = xp is np and nsp == 2 and cpu.takes(x.dtype) and c > 1
     if compiled and cg == 1 and fg == 1 and g > 1:
         return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
-    rows = n * int(np.prod(out))
+    rows = n * math.prod(out)
     if cg == 1 and g > 1:
         xl = _padded_last(xp, x, pads, nsp)
         yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
@@ -243,7 +245,7 @@ def _grouped_conv(xp, cols, w, kernel, g):
     columns (N, *out, *k, C) regrouped (group, rows, window x channels), against (group,
     window x channels, filters); no Python loop over the groups."""
     c, f = cols.shape[-1], w.shape[0]
-    cg, fg, kk = c // g, f // g, int(np.prod(kernel))
+    cg, fg, kk = c // g, f // g, math.prod(kernel)
     rows = cols.size // (kk * c)
     cols = xp.ascontiguousarray(cols.reshape(rows, kk, g, cg).transpose(2, 0, 1, 3)).reshape(g, rows, kk * cg)
     wg = weight_form(w, f"grouped {g}", lambda: xp.ascontiguousarray(w.reshape(g, fg, cg, kk).transpose(0, 3, 2, 1))

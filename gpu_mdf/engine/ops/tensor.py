@@ -7,6 +7,8 @@ and touch the device only to move or view data.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import FLOAT, INT, INTS, STRING, TENSOR, Attr, OpError, check_alloc, cpu, ints, norm_axis, op, scalar
@@ -219,7 +221,7 @@ def flatten(xp, x, axis):
     axis = axis + x.ndim if axis < 0 else axis
     if not 0 <= axis <= x.ndim:
         raise OpError(f"Flatten axis out of range for rank {x.ndim}")
-    return x.reshape((int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
+    return x.reshape((math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
 
 
 @op("onnx::Transpose", ("data",), outputs=("transposed",), attrs={"perm": Attr(INTS)}, alias=True)
@@ -405,7 +407,7 @@ def _fold_small_axes(xp, x, axes, keepdims, combine):
     long contiguous rows (NumPy's reduction over short interleaved axes is 2-4x slower)."""
     if xp is not np or not axes:
         return None
-    count = int(np.prod([x.shape[a] for a in axes]))
+    count = math.prod(x.shape[a] for a in axes)
     if count > 16 or any(x.shape[a] < 2 for a in axes) or len(axes) == x.ndim:
         return None
     out = cpu.reduce_tiles(x, axes, _COMBINED[combine])       # one pass, where it runs
