@@ -240,6 +240,62 @@ def test_a_kernel_gives_the_same_bits_from_any_thread():
         np.testing.assert_array_equal(r, first)
 
 
+def test_two_threads_first_use_of_the_kernels_both_succeed():
+    """The kernels load once under a lock: two threads reaching them first in a fresh process
+    (two compiles at once, say) both get them (a race once jitted a jitted function twice)."""
+    import subprocess
+    import sys
+    code = """
+import threading, numpy as np
+from gpu_mdf.engine.ops import nn
+x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+w = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)
+bar, res = threading.Barrier(4), {}
+def work(i):
+    bar.wait()
+    try:
+        if i % 2:
+            res[i] = nn.max_pool(np, x, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=[2, 2],
+                                 pads=None, strides=[2, 2], storage_order=0)[0].shape
+        else:
+            res[i] = nn.conv(np, x, w).shape
+    except Exception as e:
+        res[i] = repr(e)
+ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(sorted(res.items()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[(0, (1, 4, 6, 6)), (1, (1, 3, 4, 4)), (2, (1, 4, 6, 6)), (3, (1, 3, 4, 4))]", r.stdout
+
+
+def test_kernel_outputs_are_held_to_the_compile_time_budget():
+    """A tiny input with huge pads: the kernels refuse the output before allocating it, as
+    the NumPy forms (their padded copy) do."""
+    from gpu_mdf.engine.ops import folding
+    from gpu_mdf.errors import CompileError
+    x = np.ones((1, 2, 1, 1), np.float32)
+    with folding(1 << 20), pytest.raises(CompileError, match="exceeds the compile-time limit"):
+        _max_pool(x, kernel_shape=[1, 1], pads=[1500] * 4)
+    with folding(1 << 20), pytest.raises(CompileError, match="exceeds the compile-time limit"):
+        nn.conv(np, x, np.ones((2, 1, 1, 1), np.float32), group=2, pads=[1500] * 4)
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_negative_pads_are_refused(kernels, numpy_forms):
+    import contextlib
+
+    from gpu_mdf.engine.ops import OpError
+    x = F.R.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    with numpy_forms() if kernels == "off" else contextlib.nullcontext():
+        with pytest.raises(OpError, match="negative pads"):
+            _max_pool(x, kernel_shape=[2, 2], pads=[-1, 0, 0, 0])
+        with pytest.raises(OpError, match="negative pads"):
+            nn.conv(np, x, F.R.standard_normal((4, 1, 3, 3)).astype(np.float32), group=4, pads=[0, 0, 0, -1])
+
+
 COMPILED_OPS = sorted(op for op in FUSIBLE if FUSIBLE[op].py)
 
 

@@ -75,27 +75,31 @@ def _call(name: str, *args):
 
 
 def _load():
-    """The compiled kernels ({name: function}), or None (``_why_not`` says why)."""
-    global _kernels, _why_not
+    """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
+    under a lock (two threads' first compiles meet here), and published whole."""
+    global _kernels, _why_not, _combine, _im2col
     if _kernels is not None or _why_not is not None:
         return _kernels
-    try:
-        import numba
-    except ModuleNotFoundError:
-        _why_not = "numba is not installed: pip install 'gpu-mdf[cpu]'"
-        return None
-    except Exception as e:  # a numba that does not match this NumPy, say
-        _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
-        return None
-    global _combine, _im2col
-    # called inside the kernels (inlined: a constant argument is a constant there)
-    _combine = numba.njit(inline="always", nogil=True)(_combine)
-    _im2col = numba.njit(inline="always", nogil=True)(_im2col)
-    _kernels = {name: _njit(numba, body) for name, body in
-                (("depthwise", _depthwise), ("max_pool", _max_pool), ("reduce_tiles", _reduce_tiles),
-                 ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
-                 ("im2col any C", _im2col_any))}
-    _kernels["im2col"] = lambda x, *args: _kernels[_IM2COL.get(x.shape[-1], "im2col any C")](x, *args)
+    with _chains_lock:
+        if _kernels is not None or _why_not is not None:
+            return _kernels
+        try:
+            import numba
+        except ModuleNotFoundError:
+            _why_not = "numba is not installed: pip install 'gpu-mdf[cpu]'"
+            return None
+        except Exception as e:  # a numba that does not match this NumPy, say
+            _why_not = f"numba is not usable: {type(e).__name__}: {e}".split("\n")[0]
+            return None
+        # called inside the kernels (inlined: a constant argument is a constant there)
+        _combine = numba.njit(inline="always", nogil=True)(_combine)
+        _im2col = numba.njit(inline="always", nogil=True)(_im2col)
+        kernels = {name: _njit(numba, body) for name, body in
+                   (("depthwise", _depthwise), ("max_pool", _max_pool), ("reduce_tiles", _reduce_tiles),
+                    ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
+                    ("im2col any C", _im2col_any))}
+        kernels["im2col"] = lambda x, *args: kernels[_IM2COL.get(x.shape[-1], "im2col any C")](x, *args)
+        _kernels = kernels
     return _kernels
 
 

@@ -94,6 +94,8 @@ def _window_params(in_sp, kernel, strides, dilations, pads, auto_pad, what):
     pads = tuple(pads)
     if len(pads) != 2 * nsp:
         raise OpError(f"{what}: {len(pads)} pads for {nsp} spatial axes")
+    if any(p < 0 for p in pads):
+        raise OpError(f"{what}: negative pads {list(pads)} (ONNX's pads are 0 or more)")
     return kernel, strides, dilations, pads
 
 
@@ -201,6 +203,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     # compiled CPU kernels (2-D): NumPy's per-offset copies stay faster for one input channel
     compiled = xp is np and nsp == 2 and cpu.takes(x.dtype) and c > 1
     if compiled and cg == 1 and fg == 1 and g > 1:
+        check_alloc([n] + list(out) + [f])
         return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
     rows = n * math.prod(out)
     if cg == 1 and g > 1:
@@ -414,6 +417,7 @@ def max_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides,
                                                          ceil_mode, "MaxPool")
     nsp = len(kernel)
     if xp is np and nsp == 2 and n_outputs == 1 and cpu.takes(x.dtype):
+        check_alloc([x.shape[0]] + list(out) + [x.shape[1]])
         return (_to_nchw(xp, cpu.max_pool(_channels_last(xp, x), kernel, strides, dil, pads, out)),)
     low = _lowest(x.dtype)
     xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], [p + e for p, e in zip(pads[nsp:], extra)], low)
