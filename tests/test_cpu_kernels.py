@@ -476,6 +476,14 @@ def test_a_chains_source_holds_no_value_of_the_model():
     for bad in ("__import__('os')", "r5", 1.5):
         with pytest.raises(ValueError):
             py_rows((Instr("onnx::Add", 0, 1), Instr("onnx::Relu", bad)))
+    # at the exec itself: text the generator does not write is refused, whatever made it
+    for text in ("__import__('os').getcwd()", "open({a}).read()", "{a}.__class__", "'{a}'", "eval('{a}')"):
+        with pytest.raises(ValueError, match="refused"):
+            cpu._generated_only(f"def chain(x0):\n    r0 = T({text.format(a='x0')})\n    return r0\n", {})
+    with pytest.raises(ValueError, match="refused"):
+        cpu._generated_only("def chain(x0):\n    return x0\n", {"c0_alpha": "os"})
+    for source, consts in (py_chain(program), py_rows(program, frozenset({1}))):
+        cpu._generated_only(source, consts)               # what the generator writes passes
     b = F.R.standard_normal(8).astype(np.float32)
     for rows in (64, 4096):                           # the ufunc, and the row loop
         x = F.R.standard_normal((rows, 8)).astype(np.float32) * 3

@@ -30,8 +30,10 @@ call of a kernel in a fresh environment compiles it (a few seconds), later proce
 
 from __future__ import annotations
 
+import ast
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -294,7 +296,7 @@ def reduce_tiles(x, axes, how: str):
     (sorted), the others kept in order, as a new array without the reduced axes; None where
     this does not apply (other layouts, more axes, fewer than 8 values a row inside the last
     reduced axis: NumPy's fold is as fast there)."""
-    if how not in _HOW or not isinstance(x, np.ndarray) or not x.flags.c_contiguous or len(axes) not in (1, 2) \
+    if not isinstance(x, np.ndarray) or not x.flags.c_contiguous or len(axes) not in (1, 2) \
             or not takes(x.dtype):
         return None
     d = x.shape
@@ -357,13 +359,38 @@ def _compile_chain(program, dtype, full: frozenset | None = None):
         else:
             source, consts = py_chain(program)
         # the text holds the fusion table's templates and generated names only (attribute
-        # values are the namespace's constants): nothing of a model's files is run
+        # values are the namespace's constants): nothing of a model's files is run, and
+        # _generated_only refuses any other text before it is
+        _generated_only(source, consts)
         namespace = {"T": dtype.type, "math": math, "np": np, **consts}
         exec(source, namespace)       # noqa: S102
         if full is not None:
             return numba.njit(nogil=True, error_model="numpy")(namespace["rows"])
         t = numba.from_dtype(dtype)
         return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
+
+
+_GENERATED_NAME = re.compile(r"(x|r)\d+|c\d+_[a-z]+|T|math|np|out|row|i|j|range|abs|chain|rows")
+_ATTRIBUTES = frozenset({"sqrt", "empty", "shape", "dtype"})
+_SYNTAX = (ast.Module, ast.FunctionDef, ast.arguments, ast.arg, ast.Assign, ast.Return, ast.For, ast.Name,
+           ast.Load, ast.Store, ast.Attribute, ast.Subscript, ast.Tuple, ast.Call, ast.Constant, ast.BinOp,
+           ast.UnaryOp, ast.Compare, ast.IfExp, ast.operator, ast.unaryop, ast.cmpop)
+
+
+def _generated_only(source: str, consts: dict) -> None:
+    """Refuse (ValueError) a chain's source unless it is what the generator writes: names it
+    makes (operands, results, attribute constants, loop indices), ``T``/``math``/``np``,
+    numbers, arithmetic, comparisons and loops; no string, no other name or attribute."""
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, _SYNTAX) or (
+                isinstance(node, ast.Constant) and type(node.value) not in (int, float)) or (
+                isinstance(node, ast.Attribute) and node.attr not in _ATTRIBUTES) or (
+                isinstance(node, (ast.Name, ast.arg)) and not _GENERATED_NAME.fullmatch(
+                    node.id if isinstance(node, ast.Name) else node.arg)) or (
+                isinstance(node, ast.FunctionDef) and node.name not in ("chain", "rows")):
+            raise ValueError(f"a fused chain's generated source holds {ast.dump(node)[:80]}: refused")
+    if not all(_GENERATED_NAME.fullmatch(k) and isinstance(v, float) for k, v in consts.items()):
+        raise ValueError("a fused chain's constants are not the generator's: refused")
 
 
 def run_segments(segs: list, chains: list, ops: list, inplace: bool, dtype):

@@ -398,7 +398,7 @@ def cumsum(xp, x, axis, exclusive, reverse):
 _REDUCE_ATTRS = {"keepdims": Attr(INT, 1), "noop_with_empty_axes": Attr(INT, 0), "axes": Attr(INTS)}
 
 
-_COMBINED = {np.maximum: "max", np.minimum: "min", np.add: "sum"}     # cpu.reduce_tiles: max and min
+_EXTREMES = {np.maximum: "max", np.minimum: "min"}      # the folds cpu.reduce_tiles runs in one pass
 
 
 def _fold_small_axes(xp, x, axes, keepdims, combine):
@@ -410,7 +410,7 @@ def _fold_small_axes(xp, x, axes, keepdims, combine):
     count = math.prod(x.shape[a] for a in axes)
     if count > 16 or any(x.shape[a] < 2 for a in axes) or len(axes) == x.ndim:
         return None
-    out = cpu.reduce_tiles(x, axes, _COMBINED[combine])       # one pass, where it runs
+    out = cpu.reduce_tiles(x, axes, _EXTREMES[combine]) if combine in _EXTREMES else None
     if out is not None:
         return (np.expand_dims(out, tuple(axes)) if keepdims else out), count
     out = x
