@@ -70,6 +70,8 @@ CONV_CASES = {
     "dw3x3-dilated": (2, 5, 12, 12, 5, (3, 3), 5, dict(dilations=[2, 3], pads=[2, 3, 2, 3])),
     "dw1x3-same": (3, 4, 7, 8, 4, (1, 3), 4, dict(auto_pad="SAME_UPPER")),
     "dw3x3-valid": (1, 16, 6, 6, 16, (3, 3), 16, {}),
+    "dw3x3-c24": (2, 24, 7, 9, 24, (3, 3), 24, dict(pads=[1, 0, 2, 1])),           # per-pixel kernel (C > 16)
+    "dw5x5-c40": (1, 40, 9, 8, 40, (5, 5), 40, dict(pads=[2, 2, 2, 2])),           # per-pixel kernel (C > 32)
     "dw-multiplier2": (2, 4, 8, 8, 8, (3, 3), 4, dict(pads=[1, 1, 1, 1])),      # NumPy form (m > 1)
     "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),
     "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
@@ -77,6 +79,10 @@ CONV_CASES = {
     "conv1x1-c1": (2, 1, 6, 6, 4, (3, 3), 1, {}),                                  # NumPy form (C = 1)
     "grouped3x3": (2, 8, 9, 9, 12, (3, 3), 4, dict(pads=[1, 1, 1, 1], strides=[2, 2])),
 }
+
+
+# depthwise cases run as whole rows (a horizontal stride of 1, few channels); the others per pixel
+DEPTHWISE_ROWS = {"dw3x3", "dw5x5-stride2-asym", "dw3x3-dilated", "dw1x3-same", "dw3x3-valid"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -96,8 +102,8 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     got = nn.conv(np, x, w, b, group=g, **attrs)
     with numpy_forms():
         plain = nn.conv(np, x, w, b, group=g, **attrs)
-    depthwise = c == g and f == g and g > 1
-    assert ran == (["depthwise"] if depthwise else [] if c == 1 or f > c == g else ["im2col"]), ran
+    depthwise = ["depthwise rows" if name in DEPTHWISE_ROWS else "depthwise"] if c == g and f == g and g > 1 else None
+    assert ran == (depthwise or ([] if c == 1 or f > c == g else ["im2col"])), ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
@@ -134,6 +140,42 @@ def test_depthwise_3x3_inside_windows_add_the_terms_of_the_general_loop(strides,
     border[1:-1, 1:-1] = False
     assert border.any() and (~border).any()
     np.testing.assert_array_equal(implicit, explicit)
+
+
+DEPTHWISE_GEOMETRIES = [
+    # (C, H, W, kernel, vertical stride, dilations, pads (top, left, bottom, right))
+    (8, 9, 11, (3, 3), 1, (1, 1), (1, 1, 1, 1)),
+    (16, 6, 5, (3, 3), 2, (1, 1), (1, 1, 1, 1)),
+    (1, 7, 7, (5, 5), 1, (1, 1), (2, 2, 2, 2)),
+    (3, 8, 6, (5, 5), 1, (2, 1), (3, 1, 0, 4)),
+    (32, 5, 9, (1, 3), 3, (1, 2), (0, 2, 0, 2)),
+    (5, 6, 3, (7, 7), 1, (1, 1), (3, 5, 3, 5)),       # windows wholly in the padding: the bias alone
+    (12, 4, 4, (3, 1), 1, (1, 1), (0, 0, 0, 0)),
+    (7, 10, 10, (3, 3), 1, (3, 2), (3, 2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("geometry", DEPTHWISE_GEOMETRIES)
+def test_depthwise_by_rows_is_the_per_pixel_kernel_bit_for_bit(geometry, dtype):
+    """The rows form adds the same terms in the same order as the per-pixel kernel (its 3x3
+    one-expression windows and its loop): the same bits, borders, dilations and windows
+    lying wholly in the padding included."""
+    c, h, w_, kernel, sh, dil, pads = geometry
+    x = F.R.standard_normal((2, h, w_, c)).astype(dtype)
+    w = F.R.standard_normal((c, 1) + kernel).astype(dtype)
+    b = F.R.standard_normal(c).astype(dtype)
+    out, _ = nn._out_sizes((h, w_), kernel, (sh, 1), dil, list(pads))
+    assert min(out) > 0
+    wk = np.ascontiguousarray(w.reshape(c, -1).T).reshape(kernel + (c,))
+    per_pixel = cpu._call("depthwise", x, wk, b, np.empty((2,) + tuple(out) + (c,), dtype), sh, 1, *dil, *pads[:2])
+    wt = np.tile(wk, (1, 1, out[1]))
+    rows = cpu._call("depthwise rows", x, wt, b, np.full((2,) + tuple(out) + (c,), np.nan, dtype), sh, *dil,
+                     *pads[:2])
+    np.testing.assert_array_equal(rows, per_pixel)
+    assert cpu.depthwise_by_rows(c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 32))
+    assert not cpu.depthwise_by_rows(c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel
+    assert not cpu.depthwise_by_rows(c, kernel, (sh, 1), cpu._ROW_RUN // c + 1)   # a row past the weights' tile
 
 
 def _ort_node(op_type, x, **attrs):
