@@ -273,6 +273,9 @@ def main(argv=None) -> int:
     if os.environ.get("OPENBLAS_CORETYPE") or os.environ.get("OPENBLAS_L2_SIZE"):
         print("note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set: NumPy's figures are slow kernels' "
               "(run under env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)", file=sys.stderr)
+    if os.environ.get("GPU_MDF_BENCH_TUNE", "1") == "1":
+        from gpu_mdf.engine import tune_host_allocator
+        tune_host_allocator()      # as gpu-mdf bench and infer do: large temporaries stay in the heap
     rows = []
     for name in args.models:
         rows.append(measure(name, args.repeats))
