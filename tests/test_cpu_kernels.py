@@ -71,8 +71,11 @@ CONV_CASES = {
     "dw1x3-same": (3, 4, 7, 8, 4, (1, 3), 4, dict(auto_pad="SAME_UPPER")),
     "dw3x3-valid": (1, 16, 6, 6, 16, (3, 3), 16, {}),
     "dw3x3-c24": (2, 24, 7, 9, 24, (3, 3), 24, dict(pads=[1, 0, 2, 1])),           # per-pixel kernel (C > 16)
-    "dw5x5-c40": (1, 40, 9, 8, 40, (5, 5), 40, dict(pads=[2, 2, 2, 2])),           # per-pixel kernel (C > 32)
-    "dw-multiplier2": (2, 4, 8, 8, 8, (3, 3), 4, dict(pads=[1, 1, 1, 1])),      # NumPy form (m > 1)
+    "dw5x5-c56": (1, 56, 9, 8, 56, (5, 5), 56, dict(pads=[2, 2, 2, 2])),           # per-pixel kernel (C > 48)
+    "dw-multiplier2": (2, 4, 8, 8, 8, (3, 3), 4, dict(pads=[1, 1, 1, 1])),
+    "dw5x5-multiplier3-asym": (2, 5, 11, 9, 15, (5, 5), 5, dict(strides=[2, 1], pads=[2, 0, 1, 3])),
+    "dw3x3-multiplier2-dilated": (1, 3, 10, 12, 6, (3, 3), 3, dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
+    "dw3x3-multiplier2-stride1x2": (2, 4, 8, 9, 8, (3, 3), 4, dict(strides=[1, 2], pads=[1, 1, 1, 1])),  # NumPy form
     "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),
     "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
     "conv3x3-dilated-asym": (2, 9, 12, 11, 5, (3, 3), 1, dict(dilations=[2, 1], pads=[0, 2, 3, 1], strides=[1, 2])),
@@ -82,7 +85,8 @@ CONV_CASES = {
 
 
 # depthwise cases run as whole rows (a horizontal stride of 1, few channels); the others per pixel
-DEPTHWISE_ROWS = {"dw3x3", "dw5x5-stride2-asym", "dw3x3-dilated", "dw1x3-same", "dw3x3-valid"}
+DEPTHWISE_ROWS = {"dw3x3", "dw5x5-stride2-asym", "dw3x3-dilated", "dw1x3-same", "dw3x3-valid", "dw-multiplier2",
+                  "dw5x5-multiplier3-asym", "dw3x3-multiplier2-dilated"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -102,8 +106,13 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     got = nn.conv(np, x, w, b, group=g, **attrs)
     with numpy_forms():
         plain = nn.conv(np, x, w, b, group=g, **attrs)
-    depthwise = ["depthwise rows" if name in DEPTHWISE_ROWS else "depthwise"] if c == g and f == g and g > 1 else None
-    assert ran == (depthwise or ([] if c == 1 or f > c == g else ["im2col"])), ran
+    if name in DEPTHWISE_ROWS:
+        expected = ["depthwise rows"]
+    elif c == g and g > 1:
+        expected = ["depthwise"] if f == g else []        # a multiplier with a horizontal stride: NumPy's form
+    else:
+        expected = [] if c == 1 else ["im2col"]
+    assert ran == expected, ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
@@ -173,9 +182,9 @@ def test_depthwise_by_rows_is_the_per_pixel_kernel_bit_for_bit(geometry, dtype):
     rows = cpu._call("depthwise rows", x, wt, b, np.full((2,) + tuple(out) + (c,), np.nan, dtype), sh, *dil,
                      *pads[:2])
     np.testing.assert_array_equal(rows, per_pixel)
-    assert cpu.depthwise_by_rows(c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 32))
-    assert not cpu.depthwise_by_rows(c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel
-    assert not cpu.depthwise_by_rows(c, kernel, (sh, 1), cpu._ROW_RUN // c + 1)   # a row past the weights' tile
+    assert cpu.depthwise_by_rows(c, c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 48))
+    assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel
+    assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 1), cpu._ROW_RUN // c + 1)   # a row past the weights' tile
 
 
 def _ort_node(op_type, x, **attrs):

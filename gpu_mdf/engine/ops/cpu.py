@@ -79,7 +79,7 @@ def _call(name: str, *args):
 def _load():
     """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
     under a lock (two threads' first compiles meet here), and published whole."""
-    global _kernels, _why_not, _combine, _im2col
+    global _kernels, _why_not, _combine, _im2col, _row_taps
     if _kernels is not None or _why_not is not None:
         return _kernels
     with _chains_lock:
@@ -96,6 +96,7 @@ def _load():
         # called inside the kernels (inlined: a constant argument is a constant there)
         _combine = numba.njit(inline="always", nogil=True)(_combine)
         _im2col = numba.njit(inline="always", nogil=True)(_im2col)
+        _row_taps = numba.njit(inline="always", nogil=True)(_row_taps)
         kernels = {name: _njit(numba, body) for name, body in
                    (("depthwise", _depthwise), ("depthwise rows", _depthwise_rows), ("max_pool", _max_pool),
                     ("reduce_tiles", _reduce_tiles),
@@ -165,45 +166,62 @@ def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
 
 
 def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl):
-    """:func:`_depthwise` with a horizontal stride of 1, for few channels: an output row
-    (OW x C values, contiguous) builds in a row of its own from the bias, and each kernel
-    offset adds one contiguous run of the input row times ``wt`` (KH, KW, T x C: the
-    weights repeated for T >= OW columns). The same terms in the same order as :func:`_depthwise`
-    (an offset whose input lies outside x adds nothing), bit for bit; one long loop, where
-    the loop over C of a few channels is too short to vectorise."""
+    """:func:`_depthwise` with a horizontal stride of 1, for few channels, and M output
+    channels per input channel (M = out's C / x's C: ONNX's order, output o reads input
+    o // M): an output row (OW x CM
+    values, contiguous) builds in a row of its own from the bias, and each kernel offset
+    adds one contiguous run of the input row (each value repeated M times where M > 1)
+    times ``wt`` (KH, KW, T x CM: the weights repeated for T >= OW columns). For M = 1 the
+    same terms in the same order as :func:`_depthwise` (an offset whose input lies outside
+    x adds nothing), bit for bit; one long loop, where the loop over a few channels is too
+    short to vectorise."""
     n, h, wd, c = x.shape
-    kh, kw = wt.shape[0], wt.shape[1]
-    oh, ow = out.shape[1], out.shape[2]
-    m = ow * c
+    kh = wt.shape[0]
+    oh, ow, co = out.shape[1], out.shape[2], out.shape[3]
+    mult = co // c
+    m = ow * co
     acc = np.empty(m, dtype=out.dtype)
+    xe = np.empty(wd * co if mult > 1 else 0, dtype=x.dtype)     # an input row, each value M times
     for job in range(n * oh):
         i = job // oh
         y = job - i * oh
         for xo in range(ow):
-            for cc in range(c):
-                acc[xo * c + cc] = b[cc]
+            for cc in range(co):
+                acc[xo * co + cc] = b[cc]
         for p in range(kh):
             yi = y * sh - pt + p * dh
             if yi < 0 or yi >= h:
                 continue
-            xr = x[i, yi].reshape(wd * c)
-            for q in range(kw):
-                off = q * dw - pl                       # the input column of output column xo: xo + off
-                lo = max(0, -off)
-                hi = min(ow, wd - off)
-                if hi <= lo:
-                    continue
-                # slices, not computed indices: numba checks a computed index for wraparound,
-                # which stops the loop's vectorisation
-                xs = xr[(lo + off) * c:(hi + off) * c]
-                ws = wt[p, q][lo * c:hi * c]
-                a = acc[lo * c:hi * c]
-                for j in range(a.shape[0]):
-                    a[j] += xs[j] * ws[j]
+            if mult == 1:
+                _row_taps(acc, x[i, yi].reshape(wd * c), wt[p], dw, pl, ow, co, wd)
+            else:
+                xr = x[i, yi].reshape(wd * c)
+                for e in range(wd * c):
+                    v = xr[e]
+                    for k in range(mult):
+                        xe[e * mult + k] = v
+                _row_taps(acc, xe, wt[p], dw, pl, ow, co, wd)
         o = out[i, y].reshape(m)
         for j in range(m):
             o[j] = acc[j]
     return out
+
+
+def _row_taps(acc, xr, wp, dw, pl, ow, co, wd):
+    """acc (OW x CM) += each offset q's run of the input row ``xr`` (W x CM) times wp[q]."""
+    for q in range(wp.shape[0]):
+        off = q * dw - pl                       # the input column of output column xo: xo + off
+        lo = max(0, -off)
+        hi = min(ow, wd - off)
+        if hi <= lo:
+            continue
+        # slices, not computed indices: numba checks a computed index for wraparound,
+        # which stops the loop's vectorisation
+        xs = xr[(lo + off) * co:(hi + off) * co]
+        ws = wp[q][lo * co:hi * co]
+        a = acc[lo * co:hi * co]
+        for j in range(a.shape[0]):
+            a[j] += xs[j] * ws[j]
 
 
 def _im2col(x, cols, c, sh, sw, dh, dw, pt, pl):
@@ -305,30 +323,36 @@ def _combine(u, v, how):
 # Entry points (2-D, channels-last; callers check :func:`takes` first)
 # --------------------------------------------------------------------------- #
 def depthwise(xl, w, b, kernel, strides, dil, pads, out):
-    """Depthwise conv of channels-last ``xl`` (N, H, W, C) with ONNX weights (C, 1, KH, KW),
-    one output channel per input channel; the bias (or None) added. -> (N, OH, OW, C)."""
+    """Depthwise conv of channels-last ``xl`` (N, H, W, C) with ONNX weights (C x M, 1, KH,
+    KW): M output channels per input channel (M > 1, a channel multiplier, only where
+    :func:`depthwise_by_rows` says so); the bias (or None) added. -> (N, OH, OW, C x M)."""
     xl = np.ascontiguousarray(xl)
-    c = xl.shape[-1]
-    wk = weight_form(w, f"depthwise {xl.dtype}", lambda: np.ascontiguousarray(w.reshape(c, -1).T)
-                     .reshape(tuple(kernel) + (c,)).astype(xl.dtype, copy=False))
-    bias = np.zeros(c, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
-    y = np.empty((xl.shape[0],) + tuple(out) + (c,), dtype=xl.dtype)
-    if depthwise_by_rows(c, kernel, strides, out[1]):
-        wt = weight_form(w, f"depthwise rows {xl.dtype}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // c))))
+    c, co = xl.shape[-1], w.shape[0]
+    wk = weight_form(w, f"depthwise {xl.dtype}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
+                     .reshape(tuple(kernel) + (co,)).astype(xl.dtype, copy=False))
+    bias = np.zeros(co, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
+    y = np.empty((xl.shape[0],) + tuple(out) + (co,), dtype=xl.dtype)
+    if depthwise_by_rows(c, co, kernel, strides, out[1]):
+        wt = weight_form(w, f"depthwise rows {xl.dtype}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
         return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1])
+    if co != c:
+        raise ValueError(f"a depthwise conv of {c} channels to {co} runs by rows only")
     return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
 
 
 _ROW_RUN = 8192        # values of an output row the rows form takes at most (its weights' tile)
 
 
-def depthwise_by_rows(c: int, kernel, strides, ow: int) -> bool:
-    """Whether a depthwise conv runs as whole output rows (:func:`_depthwise_rows`): a
-    horizontal stride of 1, few channels (measured, one thread: 3x3 at 4-16 channels 2.8-3.3x
-    faster; at 24 and more the one-expression path is as fast or faster; 5x5 1.05-1.6x up to
-    32 channels, even at 48, slower at 64) and a
-    row of at most :data:`_ROW_RUN` values (the weights' tile, one per dtype, not per width)."""
-    return strides[1] == 1 and c <= (16 if tuple(kernel) == (3, 3) else 32) and ow * c <= _ROW_RUN
+def depthwise_by_rows(c: int, co: int, kernel, strides, ow: int) -> bool:
+    """Whether a depthwise conv of ``c`` channels to ``co`` (a multiple) runs as whole output
+    rows (:func:`_depthwise_rows`): a horizontal stride of 1, a row of at most
+    :data:`_ROW_RUN` values (the weights' tile, one per dtype, not per width), and few
+    channels where the per-pixel kernel is the other choice (measured, one thread: 3x3 at
+    4-16 channels 2-3x faster; at 24 and more the one-expression path is as fast or faster;
+    other windows 1.1-1.5x up to 48 channels, slower at 64)."""
+    if strides[1] != 1 or ow * co > _ROW_RUN:
+        return False
+    return co != c or c <= (16 if tuple(kernel) == (3, 3) else 48)
 
 
 def im2col(xl, kernel, strides, dil, pads, out):
