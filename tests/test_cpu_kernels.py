@@ -185,6 +185,7 @@ def test_depthwise_by_rows_is_the_per_pixel_kernel_bit_for_bit(geometry, dtype):
     assert cpu.depthwise_by_rows(c, c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 48))
     assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel
     assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 1), cpu._ROW_RUN // c + 1)   # a row past the weights' tile
+    assert not cpu.depthwise_by_rows(c, c, (8, 7), (sh, 1), 4)     # over 49 offsets: the tile would be large
 
 
 def _ort_node(op_type, x, **attrs):

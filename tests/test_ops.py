@@ -525,3 +525,58 @@ def test_a_compiled_conv_reads_its_weights_read_only_and_agrees_with_onnx_runtim
         want = sess.run(None, {"x": x})[0]
         np.testing.assert_allclose(prog.run(x), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
         assert any(form == "im2col" for _, form in _WEIGHT_FORMS)     # made from the read-only constant
+
+
+# A Conv's bias of another length than its output channels, and strides, dilations or kernel
+# sizes under 1, are refused with one line on every path (the compiled kernels read the bias
+# without bounds checks: a short one read past its end, a long one lost its tail)
+CONV_PATHS = {
+    # name: (x shape, w shape, group, attrs)
+    "depthwise 3x3 (rows)": ((1, 4, 6, 6), (4, 1, 3, 3), 4, dict(pads=[1, 1, 1, 1])),
+    "depthwise 3x3 (per pixel)": ((1, 32, 6, 6), (32, 1, 3, 3), 32, dict(pads=[1, 1, 1, 1])),
+    "depthwise multiplier 2": ((1, 4, 6, 6), (8, 1, 3, 3), 4, dict(pads=[1, 1, 1, 1])),
+    "im2col": ((1, 3, 6, 6), (5, 3, 3, 3), 1, {}),
+    "1x1": ((1, 3, 6, 6), (5, 3, 1, 1), 1, {}),
+    "one channel": ((1, 1, 6, 6), (5, 1, 3, 3), 1, {}),
+    "grouped": ((1, 4, 6, 6), (6, 2, 3, 3), 2, {}),
+}
+
+
+@pytest.mark.parametrize("bias_len", [1, "F-1", "F+1"])
+@pytest.mark.parametrize("name", sorted(CONV_PATHS))
+def test_a_conv_bias_of_another_length_is_refused(name, bias_len):
+    from gpu_mdf.engine.ops import OpError, nn
+    xs, ws, g, attrs = CONV_PATHS[name]
+    f = ws[0]
+    n = {1: 1, "F-1": f - 1, "F+1": f + 1}[bias_len]
+    r = np.random.default_rng(0)
+    x, w = r.standard_normal(xs).astype(np.float32), r.standard_normal(ws).astype(np.float32)
+    with pytest.raises(OpError, match=rf"bias of shape \({n},\) for {f} output channels"):
+        nn.conv(np, x, w, r.standard_normal(n).astype(np.float32), group=g, **attrs)
+    with pytest.raises(OpError, match="bias of shape"):
+        nn.conv(np, x, w, r.standard_normal((f, 1)).astype(np.float32), group=g, **attrs)
+    y = nn.conv(np, x, w, r.standard_normal(f).astype(np.float32), group=g, **attrs)     # the right one runs
+    assert y.shape[1] == f
+
+
+def test_a_conv_transpose_bias_of_another_length_is_refused():
+    from gpu_mdf.engine.ops import OpError, nn
+    r = np.random.default_rng(0)
+    x, w = r.standard_normal((1, 3, 4, 4)).astype(np.float32), r.standard_normal((3, 5, 3, 3)).astype(np.float32)
+    with pytest.raises(OpError, match=r"ConvTranspose: bias of shape \(1,\) for 5 output channels"):
+        nn.conv_transpose(np, x, w, np.ones(1, np.float32))
+
+
+@pytest.mark.parametrize("attrs, word", [(dict(strides=[0, 1]), "strides"), (dict(strides=[1, -2]), "strides"),
+                                         (dict(dilations=[0, 1]), "dilations"), (dict(dilations=[-1, 1]), "dilations")])
+def test_strides_and_dilations_under_one_are_refused(attrs, word):
+    from gpu_mdf.engine.ops import OpError, nn
+    r = np.random.default_rng(0)
+    x = r.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with pytest.raises(OpError, match=rf"Conv: {word} \[.*\] \(each must be 1 or more\)"):
+        nn.conv(np, x, r.standard_normal((4, 1, 3, 3)).astype(np.float32), group=4, **attrs)
+    with pytest.raises(OpError, match=rf"MaxPool: {word} .*each must be 1 or more"):
+        nn.max_pool(np, x, auto_pad="NOTSET", ceil_mode=0, kernel_shape=[2, 2], pads=None, storage_order=0,
+                    **{"strides": None, "dilations": None, **attrs})
+    with pytest.raises(OpError, match=rf"ConvTranspose: {word} .*each must be 1 or more"):
+        nn.conv_transpose(np, x, r.standard_normal((4, 2, 3, 3)).astype(np.float32), **attrs)

@@ -346,11 +346,12 @@ _ROW_RUN = 8192        # values of an output row the rows form takes at most (it
 def depthwise_by_rows(c: int, co: int, kernel, strides, ow: int) -> bool:
     """Whether a depthwise conv of ``c`` channels to ``co`` (a multiple) runs as whole output
     rows (:func:`_depthwise_rows`): a horizontal stride of 1, a row of at most
-    :data:`_ROW_RUN` values (the weights' tile, one per dtype, not per width), and few
+    :data:`_ROW_RUN` values (the weights' tile, one per dtype, not per width: KH x KW x
+    _ROW_RUN values, so windows of at most 7x7's 49 offsets), and few
     channels where the per-pixel kernel is the other choice (measured, one thread: 3x3 at
     4-16 channels 2-3x faster; at 24 and more the one-expression path is as fast or faster;
     other windows 1.1-1.5x up to 48 channels, slower at 64)."""
-    if strides[1] != 1 or ow * co > _ROW_RUN:
+    if strides[1] != 1 or ow * co > _ROW_RUN or math.prod(kernel) > 49:
         return False
     return co != c or c <= (16 if tuple(kernel) == (3, 3) else 48)
 

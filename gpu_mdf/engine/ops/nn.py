@@ -74,6 +74,19 @@ def _check_window_attrs(a):
         raise OpError(f"ceil_mode {a['ceil_mode']} (expected 0 or 1)")
 
 
+def _check_positive(what, **sizes) -> None:
+    """Kernel sizes, strides and dilations are 1 or more (ONNX's); anything else is refused."""
+    for name, values in sizes.items():
+        if any(int(v) < 1 for v in values):
+            raise OpError(f"{what}: {name} {list(values)} (each must be 1 or more)")
+
+
+def _check_bias(what, b, f) -> None:
+    """A Conv's or ConvTranspose's bias is one value per output channel (F,), as ONNX says."""
+    if b is not None and tuple(b.shape) != (f,):
+        raise OpError(f"{what}: bias of shape {tuple(b.shape)} for {f} output channels (expected ({f},))")
+
+
 def _window_params(in_sp, kernel, strides, dilations, pads, auto_pad, what):
     nsp = len(in_sp)
     kernel = tuple(kernel)
@@ -81,6 +94,7 @@ def _window_params(in_sp, kernel, strides, dilations, pads, auto_pad, what):
     dilations = tuple(dilations or (1,) * nsp)
     if len(kernel) != nsp or len(strides) != nsp or len(dilations) != nsp:
         raise OpError(f"{what}: kernel_shape/strides/dilations do not match {nsp} spatial axes")
+    _check_positive(what, kernel=kernel, strides=strides, dilations=dilations)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         before, after = [], []
         for n, k, s, d in zip(in_sp, kernel, strides, dilations):
@@ -190,6 +204,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     c, f, g = x.shape[1], w.shape[0], int(group)
     if g < 1 or c % g or f % g or w.shape[1] != c // g:
         raise OpError(f"Conv: {c} input channels, weights {w.shape}, group {g} do not fit")
+    _check_bias("Conv", b, f)
     kernel, strides, dil, pads = _window_params(x.shape[2:], w.shape[2:], strides, dilations, pads, auto_pad,
                                                 "Conv")
     out, _ = _out_sizes(x.shape[2:], kernel, strides, dil, pads)
@@ -347,8 +362,12 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
         raise OpError(f"ConvTranspose kernel_shape {kernel_shape} does not match the weights {kernel}")
     fg = w.shape[1]
     f = fg * g
+    _check_bias("ConvTranspose", b, f)
     strides = tuple(strides or (1,) * nsp)
     dil = tuple(dilations or (1,) * nsp)
+    if len(strides) != nsp or len(dil) != nsp:
+        raise OpError(f"ConvTranspose: strides/dilations do not match {nsp} spatial axes")
+    _check_positive("ConvTranspose", kernel=kernel, strides=strides, dilations=dil)
     opad = tuple(output_padding or (0,) * nsp)
     in_sp = x.shape[2:]
     full = [s * (n - 1) + op_ + (k - 1) * d + 1 for n, s, op_, k, d in zip(in_sp, strides, opad, kernel, dil)]
