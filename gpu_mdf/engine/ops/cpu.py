@@ -168,13 +168,12 @@ def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
 def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl):
     """:func:`_depthwise` with a horizontal stride of 1, for few channels, and M output
     channels per input channel (M = out's C / x's C: ONNX's order, output o reads input
-    o // M): an output row (OW x CM
-    values, contiguous) builds in a row of its own from the bias, and each kernel offset
-    adds one contiguous run of the input row (each value repeated M times where M > 1)
-    times ``wt`` (KH, KW, T x CM: the weights repeated for T >= OW columns). For M = 1 the
-    same terms in the same order as :func:`_depthwise` (an offset whose input lies outside
-    x adds nothing), bit for bit; one long loop, where the loop over a few channels is too
-    short to vectorise."""
+    o // M): an output row (OW x CM values, contiguous) builds in a row of its own from the
+    bias, and each kernel offset adds one contiguous run of the input row (each value
+    repeated M times where M > 1) times ``wt`` (KH, KW, T x CM: the weights repeated for
+    T >= OW columns). For M = 1 the same terms in the same order as :func:`_depthwise` (an
+    offset whose input lies outside x adds nothing), bit for bit; one long loop, where the
+    loop over a few channels is too short to vectorise."""
     n, h, wd, c = x.shape
     kh = wt.shape[0]
     oh, ow, co = out.shape[1], out.shape[2], out.shape[3]
@@ -496,6 +495,8 @@ def run_segments(segs: list, chains: list, ops: list, inplace: bool, dtype):
 
 
 _TILE = 4096            # elements an inner loop of a compiled chain runs over, about
+
+
 def run_chain(chain: Chain, ops: list, inplace: bool):
     """Run a compiled chain on ``ops`` (the chain's input first), into the input where
     ``inplace`` and the shapes allow. Where the input is one contiguous block of memory and

@@ -218,11 +218,11 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     # compiled CPU kernels (2-D): a depthwise conv, and one with a channel multiplier where it
     # runs by rows (5-8x NumPy's einsum). A conv of one input channel is one too, but im2col and
     # a GEMM are faster there (1.3-1.9x, measured)
-    compiled = xp is np and nsp == 2 and cpu.takes(x.dtype)
-    if compiled and cg == 1 and g > 1 and (fg == 1 or cpu.depthwise_by_rows(c, f, kernel, strides, out[1])):
+    kernels = xp is np and nsp == 2 and cpu.takes(x.dtype)
+    if kernels and cg == 1 and g > 1 and (fg == 1 or cpu.depthwise_by_rows(c, f, kernel, strides, out[1])):
         check_alloc([n] + list(out) + [f])
         return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
-    compiled = compiled and c > 1         # im2col: NumPy's per-offset copies stay faster for one input channel
+    compiled = kernels and c > 1          # im2col: NumPy's per-offset copies stay faster for one input channel
     rows = n * math.prod(out)
     if cg == 1 and g > 1:
         xl = _padded_last(xp, x, pads, nsp)
