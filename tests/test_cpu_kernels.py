@@ -119,6 +119,69 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     np.testing.assert_allclose(got, plain, rtol=0, atol=(1e-5 if dtype == "float32" else 1e-12) * scale)
 
 
+WINOGRAD_CASES = {
+    # name: (N, C, H, W, F, attrs): odd and even output sizes (a last tile cut), pads on one
+    # side, SAME and VALID, an output of one pixel, the channel counts the pass picks
+    "pads1-even": (2, 5, 8, 10, 4, dict(pads=[1, 1, 1, 1])),
+    "pads1-odd": (1, 3, 7, 9, 6, dict(pads=[1, 1, 1, 1])),
+    "valid-odd-even": (2, 4, 9, 6, 3, {}),
+    "asymmetric": (1, 6, 8, 7, 5, dict(pads=[0, 2, 3, 1])),
+    "same-upper": (2, 3, 6, 5, 4, dict(auto_pad="SAME_UPPER")),
+    "same-lower": (1, 4, 5, 8, 2, dict(auto_pad="SAME_LOWER")),
+    "one-pixel": (3, 2, 3, 3, 2, {}),
+    "wide": (2, 130, 6, 7, 70, dict(pads=[1, 1, 1, 1])),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", sorted(WINOGRAD_CASES))
+def test_winograd_conv_matches_onnxruntime(name, bias, dtype, monkeypatch):
+    n, c, h, w_, f, attrs = WINOGRAD_CASES[name]
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    x = F.R.standard_normal((n, c, h, w_)).astype(dtype)
+    w = (F.R.standard_normal((f, c, 3, 3)) / np.sqrt(9 * c) + 0.05).astype(dtype)
+    b = (F.R.standard_normal(f) + 0.1).astype(dtype) if bias else None
+    want = _ort_conv(*[None if a is None else a.astype(np.float32) for a in (x, w, b)], **attrs)
+    got = nn.conv(np, x, w, b, winograd=True, **attrs)
+    direct = nn.conv(np, x, w, b, **attrs)
+    assert ran == ["winograd tiles", "winograd untiles", "im2col"], ran
+    scale = float(np.abs(want).max())
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, direct, rtol=0, atol=(1e-5 if dtype == "float32" else 1e-12) * scale)
+
+
+@pytest.mark.parametrize("attrs", [dict(strides=[2, 2], pads=[1, 1, 1, 1]), dict(dilations=[2, 1]), dict(group=2),
+                                   dict(kernel=(5, 5)), dict(kernel=(1, 3))])
+def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
+    """Any other geometry runs its usual form, the same bits as without the request."""
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    attrs = dict(attrs)
+    kernel, g = attrs.pop("kernel", (3, 3)), attrs.get("group", 1)
+    x = F.R.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    w = F.w(6, 4 // g, *kernel)
+    for b in (F.w(6), None):
+        np.testing.assert_array_equal(nn.conv(np, x, w, b, winograd=True, **attrs), nn.conv(np, x, w, b, **attrs))
+    assert not any(k.startswith("winograd") for k in ran), ran
+
+
+def test_winograd_puts_nan_and_infinity_where_the_direct_form_does():
+    """The transforms spread a non-finite value over its whole 4x4 tile (0 x inf is NaN):
+    such a result is computed again by the direct form, which puts it only in the windows
+    that hold it."""
+    x = F.R.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x[0, 1, 2, 5] = np.inf
+    x[0, 3, 6, 1] = np.nan
+    w, b = F.w(5, 4, 3, 3) + 0.05, F.w(5)
+    got = nn.conv(np, x, w, b, winograd=True, pads=[1, 1, 1, 1])
+    want = nn.conv(np, x, w, b, pads=[1, 1, 1, 1])
+    assert np.isfinite(want).sum() > 0 and not np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 16])
 @pytest.mark.parametrize("geometry", [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((5, 3), (2, 1), (1, 2), (2, 0, 1, 3)),
                                       ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0))])

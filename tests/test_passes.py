@@ -221,6 +221,37 @@ def test_softmax_over_another_axis_is_not_a_tail():
     _close(got, want)
 
 
+def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):
+    from gpu_mdf.engine import passes
+    from gpu_mdf.engine.ops import cpu
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
+    c = passes.WINOGRAD_MIN_IN
+
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w1", F.w(64, c, 3, 3, scale=0.05)), b.init("b1", F.w(64))], pads=[1, 1, 1, 1])
+        y = b.op("Relu", [y])
+        y = b.op("Conv", [y, b.init("w2", F.w(c, 64, 3, 3, scale=0.1))], pads=[0, 1, 1, 0])      # too few inputs
+        return b.op("Conv", [y, b.init("w3", F.w(64, c, 3, 3, scale=0.05))], strides=[2, 2])   # a stride of 2
+    model, doc = _onnx(build, (2, c, 9, 10))
+    x = F.R.standard_normal((2, c, 9, 10)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    chosen = [st.what for st in opt.plan.steps if isinstance(st, OpStep) and st.tuning.get("winograd")]
+    assert len(chosen) == 1 and "Winograd" in chosen[0], chosen
+    assert "winograd_convs: 1 3x3 convolutions run as Winograd F(2x2, 3x3)" in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    from gpu_mdf.engine.onnx_export import to_onnx
+    exported = to_onnx(opt)             # the choice of algorithm is not the op's: a plain Conv
+    assert [n.op_type for n in exported.graph.node].count("Conv") == 3
+    assert not any(a.name == "winograd" for n in exported.graph.node for a in n.attribute)
+    np.testing.assert_allclose(F.run_ort(exported, x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    on_gpu = compile(doc, device=strict_gpu)
+    assert "winograd" not in on_gpu.describe() and not any(getattr(st, "tuning", None) for st in on_gpu.plan.steps)
+    monkeypatch.setenv("GPU_MDF_NUMBA", "0")
+    assert "winograd" not in compile(doc, device="cpu").describe()
+
+
 def test_optimize_false_runs_the_graph_as_written(reference_mdf):
     plain = compile(reference_mdf, device="cpu", optimize=False)
     opt = compile(reference_mdf, device="cpu")

@@ -74,7 +74,7 @@ def compile(model, device: str | Backend = "auto", dtype: str | None = None,
     if precision == "fp16":
         _check_all_half(plan, found)
     if optimize:
-        plan.notes = run_passes(plan, found.values if found else None)
+        plan.notes = run_passes(plan, found.values if found else None, gpu=backend.is_gpu)
     plan_inplace(plan.steps, plan.outputs)
     prog = bind(plan, backend)
     prog.tf32 = tf32

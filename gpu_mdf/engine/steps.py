@@ -91,9 +91,10 @@ class OpStep(Step):
     n_outputs: int = 0              # multi-output ops: how many outputs are read
     static: tuple[bool, ...] = ()   # which args the kernel takes as host values
     inplace: bool = False           # set by the planner: may overwrite its first argument
+    tuning: dict = field(default_factory=dict)   # a pass's choice of algorithm (kernel keywords, never exported)
 
     def bind(self, b, xp):
-        kw = dict(self.attrs)
+        kw = {**self.attrs, **self.tuning}
         if self.inplace:
             kw["inplace"] = True
         static = tuple(self.static) + (False,) * (len(self.args) - len(self.static))

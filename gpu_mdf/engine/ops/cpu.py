@@ -101,7 +101,8 @@ def _load():
                    (("depthwise", _depthwise), ("depthwise rows", _depthwise_rows), ("max_pool", _max_pool),
                     ("reduce_tiles", _reduce_tiles),
                     ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
-                    ("im2col any C", _im2col_any))}
+                    ("im2col any C", _im2col_any), ("winograd tiles", _winograd_tiles),
+                    ("winograd untiles", _winograd_untiles))}
         kernels["im2col"] = lambda x, *args: kernels[_IM2COL.get(x.shape[-1], "im2col any C")](x, *args)
         _kernels = kernels
     return _kernels
@@ -262,6 +263,82 @@ def _im2col_any(x, cols, sh, sw, dh, dw, pt, pl):
     return _im2col(x, cols, x.shape[3], sh, sw, dh, dw, pt, pl)
 
 
+def _winograd_tiles(p, v, th, tw):
+    """Winograd F(2x2, 3x3)'s input transform: the 4x4 tile d of the padded channels-last
+    input ``p`` (N, 2TH + 2, 2TW + 2, C) at every even row and column becomes B^T d B, its
+    16 values written to ``v`` (N x TH x TW, 16, C): tile-major, a tile's 16 rows of C
+    contiguous (16 rows a whole matrix apart fell into the same cache sets: 3-4x slower).
+    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: additions only."""
+    n, c = p.shape[0], p.shape[3]
+    for i in range(n):
+        for ty in range(th):
+            r0, r1, r2, r3 = p[i, 2 * ty], p[i, 2 * ty + 1], p[i, 2 * ty + 2], p[i, 2 * ty + 3]
+            for tx in range(tw):
+                vt = v[(i * th + ty) * tw + tx]
+                x = 2 * tx
+                # rows, not computed indices: numba checks those for wraparound (no SIMD)
+                d00, d01, d02, d03 = r0[x], r0[x + 1], r0[x + 2], r0[x + 3]
+                d10, d11, d12, d13 = r1[x], r1[x + 1], r1[x + 2], r1[x + 3]
+                d20, d21, d22, d23 = r2[x], r2[x + 1], r2[x + 2], r2[x + 3]
+                d30, d31, d32, d33 = r3[x], r3[x + 1], r3[x + 2], r3[x + 3]
+                v0, v1, v2, v3, v4, v5, v6, v7 = vt[0], vt[1], vt[2], vt[3], vt[4], vt[5], vt[6], vt[7]
+                v8, v9, v10, v11, v12, v13, v14, v15 = vt[8], vt[9], vt[10], vt[11], vt[12], vt[13], vt[14], vt[15]
+                for cc in range(c):
+                    a0, a1, a2, a3 = d00[cc] - d20[cc], d01[cc] - d21[cc], d02[cc] - d22[cc], d03[cc] - d23[cc]
+                    b0, b1, b2, b3 = d10[cc] + d20[cc], d11[cc] + d21[cc], d12[cc] + d22[cc], d13[cc] + d23[cc]
+                    e0, e1, e2, e3 = d20[cc] - d10[cc], d21[cc] - d11[cc], d22[cc] - d12[cc], d23[cc] - d13[cc]
+                    f0, f1, f2, f3 = d10[cc] - d30[cc], d11[cc] - d31[cc], d12[cc] - d32[cc], d13[cc] - d33[cc]
+                    v0[cc], v1[cc], v2[cc], v3[cc] = a0 - a2, a1 + a2, a2 - a1, a1 - a3
+                    v4[cc], v5[cc], v6[cc], v7[cc] = b0 - b2, b1 + b2, b2 - b1, b1 - b3
+                    v8[cc], v9[cc], v10[cc], v11[cc] = e0 - e2, e1 + e2, e2 - e1, e1 - e3
+                    v12[cc], v13[cc], v14[cc], v15[cc] = f0 - f2, f1 + f2, f2 - f1, f1 - f3
+    return v
+
+
+def _winograd_untiles(m, b, y, th, tw):
+    """Winograd F(2x2, 3x3)'s output transform: each tile's 16 products ``m`` (N x TH x TW,
+    16, F; tile-major as :func:`_winograd_tiles` writes) become its 2x2 outputs A^T m A plus
+    the bias ``b`` (F,), written to channels-last ``y`` (N, OH, OW, F) where they fall inside
+    it (an odd OH or OW: the last tiles' second row or column is dropped).
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
+    n, oh, ow, f = y.shape
+    s0, s1, s2, s3 = np.empty(f, dtype=y.dtype), np.empty(f, dtype=y.dtype), np.empty(f, dtype=y.dtype), \
+        np.empty(f, dtype=y.dtype)         # the outputs of a tile at the edge
+    for i in range(n):
+        for ty in range(th):
+            yy = 2 * ty
+            for tx in range(tw):
+                mt = m[(i * th + ty) * tw + tx]
+                xx = 2 * tx
+                m0, m1, m2, m3, m4, m5, m6, m7 = mt[0], mt[1], mt[2], mt[3], mt[4], mt[5], mt[6], mt[7]
+                m8, m9, m10, m11, m12, m13, m14, m15 = mt[8], mt[9], mt[10], mt[11], mt[12], mt[13], mt[14], mt[15]
+                whole = yy + 1 < oh and xx + 1 < ow
+                o0 = y[i, yy, xx] if whole else s0
+                o1 = y[i, yy, xx + 1] if whole else s1
+                o2 = y[i, yy + 1, xx] if whole else s2
+                o3 = y[i, yy + 1, xx + 1] if whole else s3
+                for k in range(f):
+                    t0 = m0[k] + m4[k] + m8[k]
+                    t1 = m1[k] + m5[k] + m9[k]
+                    t2 = m2[k] + m6[k] + m10[k]
+                    t3 = m3[k] + m7[k] + m11[k]
+                    u0 = m4[k] - m8[k] - m12[k]
+                    u1 = m5[k] - m9[k] - m13[k]
+                    u2 = m6[k] - m10[k] - m14[k]
+                    u3 = m7[k] - m11[k] - m15[k]
+                    o0[k] = t0 + t1 + t2 + b[k]
+                    o1[k] = t1 - t2 - t3 + b[k]
+                    o2[k] = u0 + u1 + u2 + b[k]
+                    o3[k] = u1 - u2 - u3 + b[k]
+                if not whole:
+                    y[i, yy, xx] = s0
+                    if xx + 1 < ow:
+                        y[i, yy, xx + 1] = s1
+                    if yy + 1 < oh:
+                        y[i, yy + 1, xx] = s2
+    return y
+
+
 def _max_pool(x, out, kh, kw, sh, sw, dh, dw, pt, pl):
     """x (N, H, W, C) -> out (N, OH, OW, C): the max over each window's elements inside x,
     taken in the window's row-major order as NumPy's fold of the offsets takes them (the
@@ -360,6 +437,39 @@ def im2col(xl, kernel, strides, dil, pads, out):
     xl = np.ascontiguousarray(xl)
     cols = np.empty((xl.shape[0],) + tuple(out) + tuple(kernel) + (xl.shape[-1],), dtype=xl.dtype)
     return _call("im2col", xl, cols, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+
+
+#: Winograd's F(2x2, 3x3) weight transform G (4 x 3): the filter g becomes G g G^T
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def winograd(xl, w, b, pads, out):
+    """A 3x3 convolution of stride and dilation 1 in one group of channels-last ``xl`` (N,
+    H, W, C) with ONNX weights ``w`` (F, C, 3, 3), the bias (or None) added, as Winograd's
+    F(2x2, 3x3) (Lavin and Gray, 2016): each 2x2 block of outputs from a 4x4 tile of the
+    input (a zero-padded copy) by 16 products of C values where the direct form makes 36,
+    the 16 made as 16 GEMMs (tiles x C) x (C x F) by BLAS. Exact arithmetic gives the
+    convolution; in floating point the transforms add a few roundings (measured against
+    ONNX Runtime: 5e-7 x max|y| in float32, as im2col's). -> (N, OH, OW, F)."""
+    n, h, wd, c = xl.shape
+    f = w.shape[0]
+    pt, pl = pads[0], pads[1]
+    th, tw = -(-out[0] // 2), -(-out[1] // 2)
+    u = weight_form(w, f"winograd {xl.dtype}", lambda: np.ascontiguousarray(
+        np.einsum("ak,fckl,bl->abcf", _WINOGRAD_G, w.astype(np.float64), _WINOGRAD_G)
+        .reshape(16, c, f).astype(xl.dtype)))
+    p = np.zeros((n, 2 * th + 2, 2 * tw + 2, c), dtype=xl.dtype)   # OH + 2 >= H + pads: x fits
+    p[:, pt:pt + h, pl:pl + wd] = xl
+    v = _call("winograd tiles", p, np.empty((n * th * tw, 16, c), dtype=xl.dtype), th, tw)
+    del p
+    m = np.empty((n * th * tw, 16, f), dtype=xl.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):      # a NaN or inf: nn.conv takes the direct form then
+        np.matmul(v.transpose(1, 0, 2), u, out=m.transpose(1, 0, 2))
+    del v
+    # no bias: -0.0, which adds nothing (x + -0.0 is x, a zero's sign too)
+    bias = np.full(f, -0.0, dtype=xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
+    y = np.empty((n,) + tuple(out) + (f,), dtype=xl.dtype)
+    return _call("winograd untiles", m, bias, y, th, tw)
 
 
 def max_pool(xl, kernel, strides, dil, pads, out):
