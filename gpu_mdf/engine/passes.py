@@ -546,7 +546,8 @@ def winograd_convs(plan, info) -> str | None:
         w = st.args[1].host_value()
         if shape is None or np.dtype(dtype) not in KERNEL_DTYPES or w.ndim != 4 or w.shape[2:] != (3, 3):
             continue
-        if st.attrs.get("group", 1) != 1 or any(v != 1 for k in ("strides", "dilations") for v in st.attrs.get(k) or ()):
+        unit = all(v == 1 for k in ("strides", "dilations") for v in st.attrs.get(k) or ())
+        if st.attrs.get("group", 1) != 1 or not unit:
             continue
         if w.shape[1] < WINOGRAD_MIN_IN or w.shape[0] < WINOGRAD_MIN_OUT:
             continue
@@ -574,5 +575,5 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
     return notes
 
 
-__all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise",
-           "optimize", "recognise_caps", "winograd_convs"]
+__all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "fold_batchnorm", "fold_channel_affine", "fold_pad",
+           "fuse_elementwise", "optimize", "recognise_caps", "winograd_convs"]
