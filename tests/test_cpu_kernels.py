@@ -138,6 +138,7 @@ WINOGRAD_CASES = {
 @pytest.mark.parametrize("name", sorted(WINOGRAD_CASES))
 def test_winograd_conv_matches_onnxruntime(name, bias, dtype, monkeypatch):
     n, c, h, w_, f, attrs = WINOGRAD_CASES[name]
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_TILES", 0)        # these batches are smaller
     ran, call = [], cpu._call
     monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
     x = F.R.standard_normal((n, c, h, w_)).astype(dtype)
@@ -157,6 +158,7 @@ def test_winograd_conv_matches_onnxruntime(name, bias, dtype, monkeypatch):
                                    dict(kernel=(5, 5)), dict(kernel=(1, 3))])
 def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
     """Any other geometry runs its usual form, the same bits as without the request."""
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_TILES", 0)
     ran, call = [], cpu._call
     monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
     attrs = dict(attrs)
@@ -168,10 +170,29 @@ def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
     assert not any(k.startswith("winograd") for k in ran), ran
 
 
-def test_winograd_puts_nan_and_infinity_where_the_direct_form_does():
+def test_winograd_only_for_a_batch_of_enough_tiles(monkeypatch):
+    """Below cpu.WINOGRAD_MIN_TILES 4x4 tiles (2x2 outputs each) a batch runs im2col and
+    one GEMM, the same bits as without the request; at that count, Winograd."""
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    w, b = F.w(8, 3, 3, 3), F.w(8)
+    per_item = 4 * 4                                       # 8x8 outputs
+    few = F.R.standard_normal((cpu.WINOGRAD_MIN_TILES // per_item - 1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(nn.conv(np, few, w, b, winograd=True, pads=[1, 1, 1, 1]),
+                                  nn.conv(np, few, w, b, pads=[1, 1, 1, 1]))
+    assert not any(k.startswith("winograd") for k in ran), ran
+    enough = F.R.standard_normal((-(-cpu.WINOGRAD_MIN_TILES // per_item), 3, 8, 8)).astype(np.float32)
+    got = nn.conv(np, enough, w, b, winograd=True, pads=[1, 1, 1, 1])
+    assert "winograd tiles" in ran
+    want = nn.conv(np, enough, w, b, pads=[1, 1, 1, 1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_winograd_puts_nan_and_infinity_where_the_direct_form_does(monkeypatch):
     """The transforms spread a non-finite value over its whole 4x4 tile (0 x inf is NaN):
     such a result is computed again by the direct form, which puts it only in the windows
     that hold it."""
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_TILES", 0)
     x = F.R.standard_normal((1, 4, 8, 8)).astype(np.float32)
     x[0, 1, 2, 5] = np.inf
     x[0, 3, 6, 1] = np.nan

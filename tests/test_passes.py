@@ -226,6 +226,9 @@ def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):
     from gpu_mdf.engine.ops import cpu
     if not cpu.available():
         pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_TILES", 0)        # a batch of 2 9x10 images: 50 tiles
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
     c = passes.WINOGRAD_MIN_IN
 
     def build(b):
@@ -239,6 +242,7 @@ def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):
     chosen = [st.what for st in opt.plan.steps if isinstance(st, OpStep) and st.tuning.get("winograd")]
     assert len(chosen) == 1 and "Winograd" in chosen[0], chosen
     assert "winograd_convs: 1 3x3 convolutions run as Winograd F(2x2, 3x3)" in opt.describe()
+    assert ran.count("winograd tiles") == 1
     _close(got, want)
     np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
     from gpu_mdf.engine.onnx_export import to_onnx

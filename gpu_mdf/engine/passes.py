@@ -524,8 +524,9 @@ def _replace_by_fused(plan, chain: list, info, tail_step) -> bool:
 
 
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one
-#: thread, blocks of 1-13 images): from 128 input channels 1.4-2.5x (the 16 GEMMs have C
-#: as their inner size; at 64 channels OpenBLAS runs them too slowly: 0.9-1.3x, at 32 0.5x)
+#: thread, blocks of 2-13 images, with at least cpu.WINOGRAD_MIN_TILES tiles): from 128
+#: input channels 1.15-1.45x (the 16 GEMMs have C as their inner size; at 64 channels
+#: OpenBLAS runs them too slowly: 0.85-1.3x, at 32 0.5x)
 WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 64
 
 

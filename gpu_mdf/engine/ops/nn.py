@@ -196,8 +196,9 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
          strides=None, winograd=False):
     """ONNX Conv (NCHW in and out), computed channels-last; the result is an NCHW view
     of channels-last memory. ``winograd``: a 3x3 conv of stride and dilation 1 in one group
-    runs as Winograd's F(2x2, 3x3) where the compiled CPU kernels run (the optimising pass
-    :func:`~gpu_mdf.engine.passes.winograd_convs` asks for it; never a file)."""
+    runs as Winograd's F(2x2, 3x3) where the compiled CPU kernels run, on a batch of enough
+    tiles (the optimising pass :func:`~gpu_mdf.engine.passes.winograd_convs` asks for it;
+    never a file)."""
     nsp = x.ndim - 2
     if nsp < 1 or w.ndim != x.ndim:
         raise OpError(f"Conv of a rank-{x.ndim} input with a rank-{w.ndim} kernel")
@@ -221,7 +222,8 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     # runs by rows (5-8x NumPy's einsum). A conv of one input channel is one too, but im2col and
     # a GEMM are faster there (1.3-1.9x, measured)
     kernels = xp is np and nsp == 2 and cpu.takes(x.dtype)
-    if winograd and kernels and g == 1 and kernel == (3, 3) and strides == (1, 1) and dil == (1, 1):
+    if winograd and kernels and g == 1 and kernel == (3, 3) and strides == (1, 1) and dil == (1, 1) \
+            and n * -(-out[0] // 2) * -(-out[1] // 2) >= cpu.WINOGRAD_MIN_TILES:
         check_alloc([n, out[0] + 2, out[1] + 2, max(c, f), 4])      # its tiles' values: 4x the input's and output's
         yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
         if np.isfinite(yl).all():
