@@ -221,6 +221,82 @@ def test_softmax_over_another_axis_is_not_a_tail():
     _close(got, want)
 
 
+def _pool_after(chain, pool="MaxPool", scale=None, **pool_attrs):
+    """Conv -> ``chain`` (Relu, a per-channel Mul, Sigmoid...) -> a max pooling."""
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(6, 3, 3, 3)), b.init("b", F.w(6))], pads=[1, 1, 1, 1])
+        for op in chain:
+            if op == "Mul":
+                y = b.op("Mul", [y, b.init(f"s{len(b.nodes)}", scale.reshape(6, 1, 1))])
+            elif op == "AddPerColumn":                    # a constant along W: not the same across a window
+                y = b.op("Add", [y, b.init(f"c{len(b.nodes)}", F.w(9))])
+            else:
+                y = b.op(op, [y])
+        return b.op(pool, [y], **pool_attrs)
+    return _onnx(build, (2, 3, 9, 9))
+
+
+@pytest.mark.parametrize("pool_attrs", [dict(kernel_shape=[2, 2], strides=[2, 2]),
+                                        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                                        dict(kernel_shape=[3, 2], strides=[1, 2], pads=[0, 1, 2, 0], dilations=[1, 2])])
+def test_max_pool_runs_before_a_non_decreasing_chain_the_same_bits(pool_attrs):
+    model, doc = _pool_after(["Relu", "Mul"], scale=np.abs(F.w(6)) + 0.1, **pool_attrs)
+    x = F.R.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    x[0, 1, 4, 4], x[1, 2, 0, 7], x[1, 0, 8, 8] = np.nan, np.inf, -np.inf
+    plain, opt, want, got = _both(doc, x)
+    assert "max_pool_first: 1 max poolings run before" in opt.describe()
+    names = [st.spec.name if isinstance(st, OpStep) else "fused" for st in opt.plan.steps]
+    assert names.index("onnx::MaxPool") < names.index("fused")
+    np.testing.assert_array_equal(got, want)                     # NaN where NaN, the same bits elsewhere
+    finite = F.R.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(opt.run(finite), F.run_ort(model, finite), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["negative scale", "sigmoid", "constant along W", "ceil_mode", "indices read"])
+def test_max_pool_stays_after_a_chain_it_does_not_commute_with(case):
+    scale = np.abs(F.w(6)) + 0.1
+    pool_attrs = dict(kernel_shape=[2, 2], strides=[2, 2])
+    chain = ["Relu", "Mul"]
+    if case == "negative scale":
+        scale[3] = -scale[3]                                     # max(-x) is -min(x)
+    elif case == "sigmoid":
+        chain = ["Sigmoid", "Relu"]                              # a library function: monotone, not promised
+    elif case == "constant along W":
+        chain = ["Relu", "AddPerColumn"]
+    elif case == "ceil_mode":
+        pool_attrs["ceil_mode"] = 1
+    model, doc = _pool_after(chain, scale=scale, **pool_attrs)
+    if case == "indices read":                                   # MaxPool's Indices are an output too
+        import onnx
+
+        from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+        node = model.graph.node[-1]
+        node.output.append("indices")
+        model.graph.output.append(onnx.helper.make_tensor_value_info("indices", onnx.TensorProto.INT64, [2, 6, 4, 4]))
+        doc = onnx_to_mdf_doc(model)
+    x = F.R.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    assert "max_pool_first" not in opt.describe()
+    for a, b in zip(*(v.values() if isinstance(v, dict) else [v] for v in (got, want))):
+        _close(a, b)
+
+
+def test_keras_pooling_as_reshape_and_reducemax_runs_before_the_chain():
+    """The Keras converter's form: channels last, Reshape to 2x2 tiles, ReduceMax over them."""
+    def build(b, axes):
+        y = b.op("Add", ["x", b.init("bias", F.w(4))])
+        y = b.op("Relu", [b.op("Mul", [y, b.init("s", np.abs(F.w(4)) + 0.2)])])
+        t = b.op("Reshape", [y, b.init("shape", np.array([-1, 3, 2, 4, 2, 4], np.int64))])
+        return b.op("ReduceMax", [t], axes=axes, keepdims=0)
+    x = F.R.standard_normal((2, 6, 8, 4)).astype(np.float32)
+    for axes, fires in (([2, 4], True), ([4, 5], False)):        # over the channels: not a pooling
+        model, doc = _onnx(lambda b, axes=axes: build(b, axes), (2, 6, 8, 4), opset=13)
+        plain, opt, want, got = _both(doc, x)
+        assert ("max_pool_first: 1" in opt.describe()) == fires
+        np.testing.assert_array_equal(got, want) if fires else _close(got, want)
+        np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):
     from gpu_mdf.engine import passes
     from gpu_mdf.engine.ops import cpu

@@ -13,6 +13,8 @@ case to 1e-5 x max|y| against ``optimize=False``):
   (also across Transposes: the Keras converter's BatchNormalization algebra) is folded the same way;
 * :func:`fuse_elementwise`: a chain of elementwise ops whose intermediate values nothing
   else reads becomes one step: one pass over memory on NumPy, one generated kernel on CuPy;
+* :func:`max_pool_first`: a max pooling after such a chain, when the chain is non-decreasing
+  (bias, ReLU, a positive scale), runs first: the chain then runs on the pooled values;
 * :func:`winograd_convs` (a program on the CPU only): a 3x3 convolution with many channels
   runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36.
 """
@@ -523,6 +525,113 @@ def _replace_by_fused(plan, chain: list, info, tail_step) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- #
+# Pooling before a monotone chain
+# --------------------------------------------------------------------------- #
+def max_pool_first(plan, info) -> str | None:
+    """A fused chain f that only a max pooling reads (MaxPool, or the Keras converter's
+    Reshape + ReduceMax), f non-decreasing and keeping every value that is not NaN so (a
+    bias, ReLU, a positive scale: Conv + bias + ReLU + BatchNormalization's algebra), its
+    constants the same across each window: the pooling first, then f on its result, a
+    quarter (2x2 pools) of the values. The same bits: f(max x) = max f(x) for such an f,
+    rounding included (each op is a correctly rounded non-decreasing function), NaN where
+    NaN (f(x) is NaN only where x is), and every window holds at least one value (checked:
+    an empty window's -inf would not be f's)."""
+    if info is None:
+        return None
+    moved = 0
+    for c in [s for s in plan.steps if isinstance(s, FusedStep)]:
+        shape = info.get(c.key, (None,))[0]
+        if c.tail is not None or shape is None or _uses(plan)[c.key] != 1 or len(_readers(plan, c.key)) != 1:
+            continue
+        pool = _max_pool_of(plan, _readers(plan, c.key)[0], shape, info)
+        if pool is None or not _monotone_chain(c, pool[1]):
+            continue
+        steps, _, pooled_shape = pool
+        first, last = steps[0], steps[-1]
+        old = next(iter([r.val for st in _readers(plan, last.key) for r in st.args if r is not None
+                         and r.val.key == last.key] + [o.ref.val for o in plan.outputs if o.ref.val.key == last.key]),
+                   None)
+        if old is None or pooled_shape is None:
+            continue
+        plan.steps.remove(c)
+        first.args = [c.args[0] if r is not None and r.val.key == c.key else r for r in first.args]
+        out = Val(("after pooling", c.key), DEVICE, what=c.what)
+        _redirect(plan, old, Ref(out))                 # every reader of the pooling reads the chain
+        info[out.key] = (pooled_shape, info[c.key][1])
+        c.key, c.inplace = out.key, False
+        c.args = [Ref(old, 0 if old.multi else None)] + c.args[1:]
+        plan.steps.insert(plan.steps.index(last) + 1, c)
+        _changed(plan)
+        moved += 1
+    return f"{moved} max poolings run before the elementwise chain feeding them" if moved else None
+
+
+def _max_pool_of(plan, r, shape, info):
+    """(the pooling steps, a test of a chain constant, the pooled shape) where ``r`` starts a
+    max pooling of the chain value of ``shape`` whose windows each hold a value; None otherwise."""
+    rank = len(shape)
+    if not isinstance(r, OpStep) or r.place != DEVICE:
+        return None
+    if r.spec.name == "onnx::MaxPool" and r.n_outputs <= 1 and len(r.args) == 1 and rank >= 3:
+        a = r.attrs
+        k = tuple(a.get("kernel_shape") or ())
+        nsp = rank - 2
+        pads = tuple(a.get("pads") or (0,) * (2 * nsp))
+        dil = tuple(a.get("dilations") or (1,) * nsp)
+        if len(k) != nsp or a.get("ceil_mode") or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") \
+                or len(pads) != 2 * nsp or any(p > (k[i % nsp] - 1) * dil[i % nsp] for i, p in enumerate(pads)):
+            return None
+        from .ops.nn import _out_sizes
+        out, _ = _out_sizes(shape[2:], k, tuple(a.get("strides") or (1,) * nsp), dil, pads)
+        # a constant per channel (axis 1) or a scalar
+        return [r], lambda v: all(n == 1 for i, n in enumerate((1,) * (rank - v.ndim) + v.shape) if i != 1), \
+            tuple(shape[:2]) + tuple(out)
+    if r.spec.name != "onnx::Reshape" or _uses(plan)[r.key] != 1 or len(_readers(plan, r.key)) != 1:
+        return None
+    red = _readers(plan, r.key)[0]
+    tiles = info.get(r.key, (None,))[0]
+    if not (isinstance(red, OpStep) and red.spec.name == "onnx::ReduceMax" and red.place == DEVICE) \
+            or tiles is None or not tiles or tiles[-1] != shape[-1] or 0 in tiles:
+        return None
+    axes = red.attrs.get("axes")
+    if axes is None and len(red.args) > 1 and _is_const(red.args[1]):
+        axes = red.args[1].host_value().reshape(-1).tolist()
+    if not axes or any(int(ax) % len(tiles) == len(tiles) - 1 for ax in axes) or red.args[0].val.key != r.key:
+        return None
+    # the reshape keeps the last axis: a constant along it (or a scalar) stays one
+    return [r, red], lambda v: all(n == 1 for n in v.shape[:-1]), info.get(red.key, (None,))[0]
+
+
+def _monotone_chain(c: FusedStep, const_ok) -> bool:
+    """Whether ``c`` computes f(operand 0) with f non-decreasing, every other operand a
+    finite constant ``const_ok`` accepts (positive for Mul and Div: 0 x inf is NaN), and
+    f(x) NaN only where x is."""
+    for k, ins in enumerate(c.program):
+        run = 0 if k == 0 else f"r{k - 1}"
+        at = dict(ins.attrs)
+        if ins.op == "onnx::Relu" or (ins.op == "onnx::Clip" and not any(np.isnan(v) for v in at.values())):
+            if ins.a != run:
+                return False
+            continue
+        if ins.op == "onnx::LeakyRelu":
+            if ins.a != run or not 0 < at.get("alpha", 0.01) < np.inf:
+                return False
+            continue
+        if ins.op in ("onnx::Add", "onnx::Mul", "gpu_mdf::CapAt"):
+            other = ins.b if ins.a == run else ins.a if ins.b == run else None
+        elif ins.op in ("onnx::Sub", "onnx::Div"):
+            other = ins.b if ins.a == run else None
+        else:
+            return False
+        if not isinstance(other, int) or other == 0 or not _is_const(c.args[other]):
+            return False
+        v = c.args[other].host_value()
+        if not (np.isfinite(v).all() and const_ok(v)) or (ins.op in ("onnx::Mul", "onnx::Div") and not (v > 0).all()):
+            return False
+    return True
+
+
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one
 #: thread, blocks of 2-13 images, with at least cpu.WINOGRAD_MIN_TILES tiles): from 128
 #: input channels 1.15-1.45x (the 16 GEMMs have C as their inner size; at 64 channels
@@ -558,7 +667,8 @@ def winograd_convs(plan, info) -> str | None:
     return f"{done} 3x3 convolutions run as Winograd F(2x2, 3x3)" if done else None
 
 
-PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise)
+PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise,
+          max_pool_first)
 #: passes for a program on the CPU only (a choice of CPU kernel)
 CPU_PASSES = (winograd_convs,)
 
@@ -577,4 +687,4 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
 
 
 __all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "fold_batchnorm", "fold_channel_affine", "fold_pad",
-           "fuse_elementwise", "optimize", "recognise_caps", "winograd_convs"]
+           "fuse_elementwise", "max_pool_first", "optimize", "recognise_caps", "winograd_convs"]
