@@ -170,6 +170,32 @@ def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
     assert not any(k.startswith("winograd") for k in ran), ran
 
 
+EPILOGUES = [(("onnx::Relu",),), (("onnx::Clip", 0.0, 6.0),), (("onnx::Relu",), ("gpu_mdf::CapAt", 6.0)),
+             (("onnx::Clip", -np.inf, 0.5), ("onnx::Relu",))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(op.split("::")[1] for op, *_ in e))
+@pytest.mark.parametrize("c, mult, strides", [(8, 1, (1, 1)), (32, 1, (1, 1)), (24, 1, (2, 2)), (4, 2, (1, 1))])
+def test_depthwise_epilogue_is_its_ops_after_the_kernel_bit_for_bit(c, mult, strides, epilogue, dtype, numpy_forms):
+    """Inside the compiled kernel (by rows, or per pixel) the activations give the bits of
+    their NumPy forms run after it, NaN and zeros' signs included; with the kernels off
+    the NumPy forms run after the NumPy conv."""
+    x = (F.R.standard_normal((2, c, 9, 10)) * 4).astype(dtype)
+    x[0, 1, 3, 3], x[1, 0, 5, 6] = np.nan, -np.inf
+    w, b = F.w(c * mult, 1, 3, 3).astype(dtype), F.w(c * mult).astype(dtype)
+    attrs = dict(group=c, strides=list(strides), pads=[1, 1, 1, 1])
+    got = nn.conv(np, x, w, b, epilogue=epilogue, **attrs)
+    want = nn._activations(np, nn.conv(np, x, w, b, **attrs), epilogue)
+    assert (want == 0).any()                                   # and NaN or infinities, but where capped
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    with numpy_forms():
+        off = nn.conv(np, x, w, b, epilogue=epilogue, **attrs)
+        np.testing.assert_array_equal(off, nn._activations(np, nn.conv(np, x, w, b, **attrs), epilogue))
+    np.testing.assert_allclose(off, got, rtol=0, atol=1e-5 * float(np.abs(got[np.isfinite(got)]).max()))
+
+
 def test_winograd_only_for_a_batch_of_enough_tiles(monkeypatch):
     """Below cpu.WINOGRAD_MIN_TILES 4x4 tiles (2x2 outputs each) a batch runs im2col and
     one GEMM, the same bits as without the request; at that count, Winograd."""
@@ -261,10 +287,12 @@ def test_depthwise_by_rows_is_the_per_pixel_kernel_bit_for_bit(geometry, dtype):
     out, _ = nn._out_sizes((h, w_), kernel, (sh, 1), dil, list(pads))
     assert min(out) > 0
     wk = np.ascontiguousarray(w.reshape(c, -1).T).reshape(kernel + (c,))
-    per_pixel = cpu._call("depthwise", x, wk, b, np.empty((2,) + tuple(out) + (c,), dtype), sh, 1, *dil, *pads[:2])
+    none = cpu.epilogue_codes((), dtype)
+    per_pixel = cpu._call("depthwise", x, wk, b, np.empty((2,) + tuple(out) + (c,), dtype), sh, 1, *dil, *pads[:2],
+                          none)
     wt = np.tile(wk, (1, 1, out[1]))
     rows = cpu._call("depthwise rows", x, wt, b, np.full((2,) + tuple(out) + (c,), np.nan, dtype), sh, *dil,
-                     *pads[:2])
+                     *pads[:2], none)
     np.testing.assert_array_equal(rows, per_pixel)
     assert cpu.depthwise_by_rows(c, c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 48))
     assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel

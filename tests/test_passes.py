@@ -297,6 +297,42 @@ def test_keras_pooling_as_reshape_and_reducemax_runs_before_the_chain():
         np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
+def test_depthwise_epilogue_runs_relu6_inside_the_kernel(act, strict_gpu):
+    """torchvision's Clip(0, 6) and the Keras converter's Relu + Where(6 >= x, x, 6) after a
+    depthwise conv (its bias in the chain after it) move into the kernel; a Sigmoid does
+    not (not an epilogue op). The numbers: as written, ONNX Runtime, and the optimised
+    program exported to ONNX (the activations are written out again)."""
+    from gpu_mdf.engine.onnx_export import to_onnx
+    from gpu_mdf.engine.ops import cpu
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
+
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(8, 1, 3, 3)), b.init("b", F.w(8))], group=8, pads=[1, 1, 1, 1])
+        if act == "Clip":
+            return b.op("Clip", [y, b.init("lo", np.float32(0)), b.init("hi", np.float32(6))])
+        if act == "Sigmoid":
+            return b.op("Sigmoid", [y])
+        y = b.op("Relu", [y])
+        if act == "Relu":
+            return y
+        six = b.init("six", np.float32(6))
+        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
+    model, doc = _onnx(build, (2, 8, 7, 9))
+    x = (F.R.standard_normal((2, 8, 7, 9)) * 8).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    fires = act != "Sigmoid"
+    assert ("depthwise_epilogue: 1 depthwise convolutions" in opt.describe()) == fires
+    assert any(isinstance(st, FusedStep) for st in opt.plan.steps) != fires
+    _close(got, want)
+    if act in ("Clip", "Relu+Where"):
+        assert (want == 6).any()
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    assert "depthwise_epilogue" not in compile(doc, device=strict_gpu).describe()
+
+
 def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):
     from gpu_mdf.engine import passes
     from gpu_mdf.engine.ops import cpu

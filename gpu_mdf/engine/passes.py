@@ -15,6 +15,8 @@ case to 1e-5 x max|y| against ``optimize=False``):
   else reads becomes one step: one pass over memory on NumPy, one generated kernel on CuPy;
 * :func:`max_pool_first`: a max pooling after such a chain, when the chain is non-decreasing
   (bias, ReLU, a positive scale), runs first: the chain then runs on the pooled values;
+* :func:`depthwise_epilogue` (a program on the CPU only): a depthwise convolution's bias
+  and ReLU/ReLU6 after it run inside its compiled kernel;
 * :func:`winograd_convs` (a program on the CPU only): a 3x3 convolution with many channels
   runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36.
 """
@@ -87,6 +89,15 @@ def _redirect(plan, old: Val, new: Ref) -> None:
         if o.ref.val is old:
             o.ref = new
     _changed(plan)
+
+
+def _val_of(plan, key) -> Val | None:
+    """The value ``key`` as its readers (or the graph's outputs) refer to it; None if none does."""
+    for st in _readers(plan, key):
+        for r in st.args:
+            if r is not None and r.val.key == key:
+                return r.val
+    return next((o.ref.val for o in plan.outputs if o.ref.val.key == key), None)
 
 
 def _const(value: np.ndarray, basis: int, what: str) -> Ref:
@@ -549,9 +560,7 @@ def max_pool_first(plan, info) -> str | None:
             continue
         steps, _, pooled_shape = pool
         first, last = steps[0], steps[-1]
-        old = next(iter([r.val for st in _readers(plan, last.key) for r in st.args if r is not None
-                         and r.val.key == last.key] + [o.ref.val for o in plan.outputs if o.ref.val.key == last.key]),
-                   None)
+        old = _val_of(plan, last.key)
         if old is None or pooled_shape is None:
             continue
         plan.steps.remove(c)
@@ -632,6 +641,72 @@ def _monotone_chain(c: FusedStep, const_ok) -> bool:
     return True
 
 
+def depthwise_epilogue(plan, info) -> str | None:
+    """CPU: a depthwise Conv (one input channel a group) whose value only a fused chain of
+    its bias and at most two activations (Relu, Clip, min with a constant: ReLU6 in either
+    converter's form) reads, through Transposes: the bias back in the conv and the
+    activations inside the compiled kernel, as each value is stored (no pass of its own over
+    memory). The same ops on the same values, except that the sum starts at the bias."""
+    from .ops import cpu
+    if info is None or not cpu.available():
+        return None
+    done = 0
+    for conv in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
+        x_shape, dtype = info.get(conv.args[0].val.key, (None, None)) if conv.args[0] else (None, None)
+        if conv.place != DEVICE or len(conv.args) != 2 or not _is_const(conv.args[1]) or x_shape is None \
+                or len(x_shape) != 4 or conv.epilogue or np.dtype(dtype) not in KERNEL_DTYPES:
+            continue
+        w = conv.args[1].host_value()
+        g = conv.attrs.get("group", 1)
+        if not (g > 1 and g == x_shape[1] and w.ndim == 4 and w.shape[1] == 1 and w.shape[0] % g == 0):
+            continue
+        key, (axis,), chain = _follow_transposes(plan, conv.key, [1], 4)
+        epi = _bias_and_activations(chain, key, axis, w.shape[0]) if isinstance(chain, FusedStep) else None
+        chain_val = _val_of(plan, chain.key) if epi else None
+        if chain_val is None:
+            continue
+        bias, ops = epi
+        plan.steps.remove(chain)
+        _redirect(plan, chain_val, chain.args[0])
+        conv.args = conv.args + [_const(bias, chain.args[1].val.basis, f"{conv.what}: bias")]
+        conv.epilogue = ops
+        conv.what = f"{conv.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
+        done += 1
+    return f"{done} depthwise convolutions apply their bias and activation as they store" if done else None
+
+
+def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
+    """(bias (F,), activations) of a chain reading ``key`` (a conv's value, its channels on
+    ``axis``): Add(x, a constant along that axis) and then at most two Relu, Clip or
+    min-with-a-constant; None for any other chain."""
+    prog = chain.program
+    if chain.tail or chain.args[0].val.key != key or chain.args[0].index is not None or not 2 <= len(prog) <= 3:
+        return None
+    add = prog[0]
+    other = add.b if add.a == 0 else add.a if add.b == 0 else None
+    if add.op != "onnx::Add" or not isinstance(other, int) or other == 0 or not _is_const(chain.args[other]):
+        return None
+    bias = chain.args[other].host_value()
+    shape = (1,) * (4 - bias.ndim) + bias.shape
+    if bias.ndim > 4 or bias.size != f or shape[axis] != f:
+        return None
+    ops = []
+    for k, ins in enumerate(prog[1:], start=1):
+        at = dict(ins.attrs)
+        if ins.a != f"r{k - 1}":
+            return None
+        if ins.op == "onnx::Relu":
+            ops.append((ins.op,))
+        elif ins.op == "onnx::Clip" and not any(np.isnan(v) for v in at.values()):
+            ops.append((ins.op, at.get("min", -np.inf), at.get("max", np.inf)))
+        elif ins.op == "gpu_mdf::CapAt" and isinstance(ins.b, int) and _is_const(chain.args[ins.b]) \
+                and chain.args[ins.b].host_value().size == 1:
+            ops.append((ins.op, float(chain.args[ins.b].host_value().reshape(-1)[0])))
+        else:
+            return None
+    return bias.reshape(-1), tuple(ops)
+
+
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one
 #: thread, blocks of 2-13 images, with at least cpu.WINOGRAD_MIN_TILES tiles): from 128
 #: input channels 1.15-1.45x (the 16 GEMMs have C as their inner size; at 64 channels
@@ -670,7 +745,7 @@ def winograd_convs(plan, info) -> str | None:
 PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise,
           max_pool_first)
 #: passes for a program on the CPU only (a choice of CPU kernel)
-CPU_PASSES = (winograd_convs,)
+CPU_PASSES = (depthwise_epilogue, winograd_convs)
 
 
 def optimize(plan, info, gpu: bool = False) -> list[str]:
@@ -686,5 +761,5 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
     return notes
 
 
-__all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "fold_batchnorm", "fold_channel_affine", "fold_pad",
-           "fuse_elementwise", "max_pool_first", "optimize", "recognise_caps", "winograd_convs"]
+__all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "depthwise_epilogue", "fold_batchnorm", "fold_channel_affine",
+           "fold_pad", "fuse_elementwise", "max_pool_first", "optimize", "recognise_caps", "winograd_convs"]

@@ -92,9 +92,12 @@ class OpStep(Step):
     static: tuple[bool, ...] = ()   # which args the kernel takes as host values
     inplace: bool = False           # set by the planner: may overwrite its first argument
     tuning: dict = field(default_factory=dict)   # a pass's choice of algorithm (kernel keywords, never exported)
+    epilogue: tuple = ()            # activations a pass moved into the kernel: (op, constants...) each
 
     def bind(self, b, xp):
         kw = {**self.attrs, **self.tuning}
+        if self.epilogue:
+            kw["epilogue"] = self.epilogue
         if self.inplace:
             kw["inplace"] = True
         static = tuple(self.static) + (False,) * (len(self.args) - len(self.static))
@@ -107,6 +110,16 @@ class OpStep(Step):
 
     def export(self, e) -> None:
         e.op_step(self)
+        for op, *consts in self.epilogue:               # as a FusedStep writes each
+            v = e.names[self.key]
+            if op == "onnx::Relu":
+                v = e.node("Relu", [v])
+            elif op == "onnx::Clip":
+                v = e.node("Clip", [v, e.const(np.asarray(consts[0])), e.const(np.asarray(consts[1]))])
+            else:                                       # gpu_mdf::CapAt: Where(GreaterOrEqual(c, v), v, c)
+                c = e.const(np.asarray(consts[0]))
+                v = e.node("Where", [e.node("GreaterOrEqual", [c, v]), v, c])
+            e.names[self.key] = v
 
 
 @dataclass

@@ -79,7 +79,7 @@ def _call(name: str, *args):
 def _load():
     """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
     under a lock (two threads' first compiles meet here), and published whole."""
-    global _kernels, _why_not, _combine, _im2col, _row_taps
+    global _kernels, _why_not, _combine, _im2col, _row_taps, _activate
     if _kernels is not None or _why_not is not None:
         return _kernels
     with _chains_lock:
@@ -97,6 +97,7 @@ def _load():
         _combine = numba.njit(inline="always", nogil=True)(_combine)
         _im2col = numba.njit(inline="always", nogil=True)(_im2col)
         _row_taps = numba.njit(inline="always", nogil=True)(_row_taps)
+        _activate = numba.njit(inline="always", nogil=True)(_activate)
         kernels = {name: _njit(numba, body) for name, body in
                    (("depthwise", _depthwise), ("depthwise rows", _depthwise_rows), ("max_pool", _max_pool),
                     ("reduce_tiles", _reduce_tiles),
@@ -123,7 +124,32 @@ def _njit(numba, body):
 # --------------------------------------------------------------------------- #
 # Kernel bodies (numba nopython; plain Python semantics otherwise)
 # --------------------------------------------------------------------------- #
-def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
+#: an activation epilogue's ops (:func:`epilogue_codes`): none, Relu, Clip(lo, hi), min(x, c)
+_EPILOGUE_OPS = {"onnx::Relu": 1, "onnx::Clip": 2, "gpu_mdf::CapAt": 3}
+
+
+def _activate(o, act):
+    """The epilogue ``act`` (two (code, lo, hi) ops, :func:`epilogue_codes`) on the row ``o``
+    in place, just written (in cache): each op as its fused form's Python text writes it
+    (fusion.FUSIBLE), NaN and signed zeros alike; one loop an op (a branch per value
+    stopped the kernels' vectorisation: 2x slower)."""
+    for k in range(2):
+        code, lo, hi = act[3 * k], act[3 * k + 1], act[3 * k + 2]
+        if code == 1:                          # Relu (lo: a zero of the type)
+            for j in range(o.shape[0]):
+                v = o[j]
+                o[j] = lo if v <= 0 else v
+        elif code == 2:                        # Clip
+            for j in range(o.shape[0]):
+                v = o[j]
+                o[j] = lo if v < lo else (hi if v > hi else v)
+        elif code == 3:                        # min(x, lo), lo where x is NaN
+            for j in range(o.shape[0]):
+                v = o[j]
+                o[j] = lo if (v != v) or lo < v else v
+
+
+def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl, act):
     """x (N, H, W, C), w (KH, KW, C), b (C,), out (N, OH, OW, C). Each sum starts at the bias
     and adds the window's terms in row-major order. A 3x3 window inside x (most of them) is
     one expression per channel, its sum in a register (1.1-1.4x the loop below); elsewhere
@@ -163,10 +189,11 @@ def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl):
                         acc[cc] += x[i, yi, xi, cc] * w[p, q, cc]
             for cc in range(c):
                 out[i, y, xo, cc] = acc[cc]
+        _activate(out[i, y].reshape(ow * c), act)
     return out
 
 
-def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl):
+def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl, act):
     """:func:`_depthwise` with a horizontal stride of 1, for few channels, and M output
     channels per input channel (M = out's C / x's C: ONNX's order, output o reads input
     o // M): an output row (OW x CM values, contiguous) builds in a row of its own from the
@@ -204,6 +231,7 @@ def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl):
         o = out[i, y].reshape(m)
         for j in range(m):
             o[j] = acc[j]
+        _activate(o, act)
     return out
 
 
@@ -398,22 +426,35 @@ def _combine(u, v, how):
 # --------------------------------------------------------------------------- #
 # Entry points (2-D, channels-last; callers check :func:`takes` first)
 # --------------------------------------------------------------------------- #
-def depthwise(xl, w, b, kernel, strides, dil, pads, out):
+def epilogue_codes(epilogue, dtype) -> np.ndarray:
+    """The kernels' form of an activation epilogue: up to two (op, lo, hi) of
+    :data:`_EPILOGUE_OPS` (Relu; Clip's bounds; CapAt's constant as lo), as six numbers."""
+    e = np.zeros(6, dtype=dtype)
+    for k, (op, *bounds) in enumerate(epilogue):
+        e[3 * k] = _EPILOGUE_OPS[op]
+        e[3 * k + 1:3 * k + 1 + len(bounds)] = bounds
+    return e
+
+
+def depthwise(xl, w, b, kernel, strides, dil, pads, out, epilogue=()):
     """Depthwise conv of channels-last ``xl`` (N, H, W, C) with ONNX weights (C x M, 1, KH,
     KW): M output channels per input channel (M > 1, a channel multiplier, only where
-    :func:`depthwise_by_rows` says so); the bias (or None) added. -> (N, OH, OW, C x M)."""
+    :func:`depthwise_by_rows` says so); the bias (or None) added, then the ``epilogue``
+    (at most two ops of :data:`_EPILOGUE_OPS` with their constants, as each value is
+    stored: a fused ReLU6 costs no pass of its own). -> (N, OH, OW, C x M)."""
     xl = np.ascontiguousarray(xl)
     c, co = xl.shape[-1], w.shape[0]
     wk = weight_form(w, f"depthwise {xl.dtype}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
                      .reshape(tuple(kernel) + (co,)).astype(xl.dtype, copy=False))
     bias = np.zeros(co, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
     y = np.empty((xl.shape[0],) + tuple(out) + (co,), dtype=xl.dtype)
+    e = epilogue_codes(epilogue, xl.dtype)
     if depthwise_by_rows(c, co, kernel, strides, out[1]):
         wt = weight_form(w, f"depthwise rows {xl.dtype}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
-        return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1])
+        return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1], e)
     if co != c:
         raise ValueError(f"a depthwise conv of {c} channels to {co} runs by rows only")
-    return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1])
+    return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1], e)
 
 
 _ROW_RUN = 8192        # values of an output row the rows form takes at most (its weights' tile)

@@ -193,12 +193,32 @@ _CONV_ATTRS = {"auto_pad": Attr(STRING, "NOTSET"), "dilations": Attr(INTS), "gro
 
 @op("onnx::Conv", ("X", "W"), optional=("B",), fresh=True, attrs=dict(_CONV_ATTRS), check=_check_window_attrs)
 def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
-         strides=None, winograd=False):
+         strides=None, winograd=False, epilogue=()):
     """ONNX Conv (NCHW in and out), computed channels-last; the result is an NCHW view
     of channels-last memory. ``winograd``: a 3x3 conv of stride and dilation 1 in one group
     runs as Winograd's F(2x2, 3x3) where the compiled CPU kernels run, on a batch of enough
     tiles (the optimising pass :func:`~gpu_mdf.engine.passes.winograd_convs` asks for it;
-    never a file)."""
+    never a file). ``epilogue``: activations after the bias, (op, constants...) each
+    (:func:`~gpu_mdf.engine.passes.depthwise_epilogue`): inside the compiled depthwise
+    kernel, by their NumPy forms elsewhere."""
+    y, activated = _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue)
+    return _activations(xp, y, epilogue) if epilogue and not activated else y
+
+
+def _activations(xp, y, epilogue):
+    """The ``epilogue`` on ``y`` in place, each op by its fused form's NumPy (or CuPy) form."""
+    from .fusion import FUSIBLE
+    for name, *consts in epilogue:
+        at = {"min": consts[0], "max": consts[1]} if name == "onnx::Clip" else {}
+        other = xp.asarray(consts[0], dtype=y.dtype) if name == "gpu_mdf::CapAt" else None
+        r = FUSIBLE[name].numpy(y, other, y, at)
+        if r is not y:
+            y[...] = r
+    return y
+
+
+def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue):
+    """(the conv, whether its ``epilogue`` ran too)"""
     nsp = x.ndim - 2
     if nsp < 1 or w.ndim != x.ndim:
         raise OpError(f"Conv of a rank-{x.ndim} input with a rank-{w.ndim} kernel")
@@ -217,7 +237,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
         yl = _conv_generated(xp, _channels_last(xp, x), w, kernel, strides, dil, pads, out, g, fg)
         if b is not None:
             yl = add_trailing(xp, yl, b, inplace=True)
-        return _to_nchw(xp, yl)
+        return _to_nchw(xp, yl), False
     # compiled CPU kernels (2-D): a depthwise conv, and one with a channel multiplier where it
     # runs by rows (5-8x NumPy's einsum). A conv of one input channel is one too, but im2col and
     # a GEMM are faster there (1.3-1.9x, measured)
@@ -227,12 +247,13 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
         check_alloc([n, out[0] + 2, out[1] + 2, max(c, f), 4])      # its tiles' values: 4x the input's and output's
         yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
         if np.isfinite(yl).all():
-            return _to_nchw(xp, yl)
+            return _to_nchw(xp, yl), False
         # a NaN or an infinity: the transforms spread one over its whole 4x4 tile (0 x inf is
         # NaN), where the direct form below puts it only in the windows that hold it
     if kernels and cg == 1 and g > 1 and (fg == 1 or cpu.depthwise_by_rows(c, f, kernel, strides, out[1])):
         check_alloc([n] + list(out) + [f])
-        return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out))
+        yl = cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out, epilogue)
+        return _to_nchw(xp, yl), True
     rows = n * math.prod(out)
     if cg == 1 and g > 1:
         xl = _padded_last(xp, x, pads, nsp)
@@ -254,7 +275,7 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     yl = yl.reshape((n,) + tuple(out) + (f,))
     if b is not None:
         yl = add_trailing(xp, yl, b, inplace=True)
-    return _to_nchw(xp, yl)
+    return _to_nchw(xp, yl), False
 
 
 def _padded_last(xp, x, pads, nsp):
