@@ -281,6 +281,24 @@ def test_max_pool_stays_after_a_chain_it_does_not_commute_with(case):
         _close(a, b)
 
 
+def test_max_pool_stays_where_a_window_could_be_empty_or_the_chain_broadcasts():
+    """A dilated window can step over a small input (its max is -inf, not f(-inf)); a chain
+    whose constant broadcasts its input to a larger shape cannot hand the pooling its input."""
+    def empty_window(b):
+        y = b.op("Relu", [b.op("Add", ["x", b.init("c", F.w(3, 1, 1))])])
+        return b.op("MaxPool", [y], kernel_shape=[2, 2], dilations=[2, 2], pads=[1, 1, 1, 1])
+
+    def broadcast(b):
+        y = b.op("Relu", [b.op("Add", ["x", b.init("c", F.w(1, 3, 1, 1))])])
+        return b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    for build, shape in ((empty_window, (1, 3, 1, 1)), (broadcast, (2, 1, 6, 6))):
+        model, doc = _onnx(build, shape)
+        x = F.R.standard_normal(shape).astype(np.float32)
+        plain, opt, want, got = _both(doc, x)
+        assert "max_pool_first" not in opt.describe()
+        np.testing.assert_array_equal(got, want)
+
+
 def test_keras_pooling_as_reshape_and_reducemax_runs_before_the_chain():
     """The Keras converter's form: channels last, Reshape to 2x2 tiles, ReduceMax over them."""
     def build(b, axes):
@@ -331,6 +349,25 @@ def test_depthwise_epilogue_runs_relu6_inside_the_kernel(act, strict_gpu):
     np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
     np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
     assert "depthwise_epilogue" not in compile(doc, device=strict_gpu).describe()
+
+
+@pytest.mark.parametrize("form", ["epilogue", "chain"])
+def test_a_clip_whose_min_exceeds_its_max_gives_the_max_as_onnxruntime(form, strict_gpu):
+    """min(max(x, lo), hi): hi everywhere when lo > hi, in a depthwise kernel's epilogue, a
+    fused chain on the CPU, and as generated C on the stand-in."""
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(4, 1, 3, 3)), b.init("b", F.w(4))], group=4, pads=[1, 1, 1, 1])
+        if form == "chain":
+            y = b.op("Mul", [b.op("Relu", [y]), b.init("k", np.float32(3))])
+        return b.op("Clip", [y, b.init("lo", np.float32(0.5)), b.init("hi", np.float32(-0.25))])
+    model, doc = _onnx(build, (2, 4, 6, 6))
+    x = F.R.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    want = F.run_ort(model, x)
+    assert np.all(want == np.float32(-0.25))
+    for device in ("cpu", strict_gpu):
+        prog = compile(doc, device=device)
+        np.testing.assert_array_equal(np.asarray(prog.run(x)), want)
+    assert ("depthwise_epilogue: 1" in compile(doc, device="cpu").describe()) == (form == "epilogue")
 
 
 def test_winograd_for_wide_3x3_convs_on_the_cpu_only(monkeypatch, strict_gpu):

@@ -544,9 +544,10 @@ def max_pool_first(plan, info) -> str | None:
     Reshape + ReduceMax), f non-decreasing and keeping every value that is not NaN so (a
     bias, ReLU, a positive scale: Conv + bias + ReLU + BatchNormalization's algebra), its
     constants the same across each window: the pooling first, then f on its result, a
-    quarter (2x2 pools) of the values. The same bits: f(max x) = max f(x) for such an f,
-    rounding included (each op is a correctly rounded non-decreasing function), NaN where
-    NaN (f(x) is NaN only where x is), and every window holds at least one value (checked:
+    quarter (2x2 pools) of the values. The same values: f(max x) = max f(x) for such an f,
+    rounding included (each op is a correctly rounded non-decreasing function; only a
+    zero's sign may differ, where a window's values round to both zeros), NaN where NaN
+    (f(x) is NaN only where x is), and every window holds at least one value (checked:
     an empty window's -inf would not be f's)."""
     if info is None:
         return None
@@ -555,6 +556,8 @@ def max_pool_first(plan, info) -> str | None:
         shape = info.get(c.key, (None,))[0]
         if c.tail is not None or shape is None or _uses(plan)[c.key] != 1 or len(_readers(plan, c.key)) != 1:
             continue
+        if info.get(c.args[0].val.key, (None,))[0] != shape or c.args[0].index is not None:
+            continue                      # the chain broadcasts its input: the pooling would read another shape
         pool = _max_pool_of(plan, _readers(plan, c.key)[0], shape, info)
         if pool is None or not _monotone_chain(c, pool[1]):
             continue
@@ -588,11 +591,14 @@ def _max_pool_of(plan, r, shape, info):
         nsp = rank - 2
         pads = tuple(a.get("pads") or (0,) * (2 * nsp))
         dil = tuple(a.get("dilations") or (1,) * nsp)
+        strides = tuple(a.get("strides") or (1,) * nsp)
         if len(k) != nsp or a.get("ceil_mode") or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") \
-                or len(pads) != 2 * nsp or any(p > (k[i % nsp] - 1) * dil[i % nsp] for i, p in enumerate(pads)):
+                or len(pads) != 2 * nsp or len(strides) != nsp or len(dil) != nsp:
             return None
         from .ops.nn import _out_sizes
-        out, _ = _out_sizes(shape[2:], k, tuple(a.get("strides") or (1,) * nsp), dil, pads)
+        out, _ = _out_sizes(shape[2:], k, strides, dil, pads)
+        if not all(_windows_hold_a_value(shape[2 + i], k[i], strides[i], dil[i], pads[i], out[i]) for i in range(nsp)):
+            return None
         # a constant per channel (axis 1) or a scalar
         return [r], lambda v: all(n == 1 for i, n in enumerate((1,) * (rank - v.ndim) + v.shape) if i != 1), \
             tuple(shape[:2]) + tuple(out)
@@ -610,6 +616,12 @@ def _max_pool_of(plan, r, shape, info):
         return None
     # the reshape keeps the last axis: a constant along it (or a scalar) stays one
     return [r, red], lambda v: all(n == 1 for n in v.shape[:-1]), info.get(red.key, (None,))[0]
+
+
+def _windows_hold_a_value(n: int, k: int, s: int, d: int, pad: int, out: int) -> bool:
+    """Whether every pooling window along one axis (``out`` of them) has a tap inside
+    [0, n): a dilated window can step over a small input."""
+    return all(any(0 <= o * s - pad + j * d < n for j in range(k)) for o in range(out))
 
 
 def _monotone_chain(c: FusedStep, const_ok) -> bool:
@@ -665,10 +677,10 @@ def depthwise_epilogue(plan, info) -> str | None:
         chain_val = _val_of(plan, chain.key) if epi else None
         if chain_val is None:
             continue
-        bias, ops = epi
+        bias, basis, ops = epi
         plan.steps.remove(chain)
         _redirect(plan, chain_val, chain.args[0])
-        conv.args = conv.args + [_const(bias, chain.args[1].val.basis, f"{conv.what}: bias")]
+        conv.args = conv.args + [_const(bias, basis, f"{conv.what}: bias")]
         conv.epilogue = ops
         conv.what = f"{conv.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
         done += 1
@@ -676,7 +688,7 @@ def depthwise_epilogue(plan, info) -> str | None:
 
 
 def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
-    """(bias (F,), activations) of a chain reading ``key`` (a conv's value, its channels on
+    """(bias (F,), its basis, activations) of a chain reading ``key`` (a conv's value, its channels on
     ``axis``): Add(x, a constant along that axis) and then at most two Relu, Clip or
     min-with-a-constant; None for any other chain."""
     prog = chain.program
@@ -704,7 +716,7 @@ def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
             ops.append((ins.op, float(chain.args[ins.b].host_value().reshape(-1)[0])))
         else:
             return None
-    return bias.reshape(-1), tuple(ops)
+    return bias.reshape(-1), chain.args[other].val.basis, tuple(ops)
 
 
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one

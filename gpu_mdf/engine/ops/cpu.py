@@ -139,10 +139,11 @@ def _activate(o, act):
             for j in range(o.shape[0]):
                 v = o[j]
                 o[j] = lo if v <= 0 else v
-        elif code == 2:                        # Clip
+        elif code == 2:                        # Clip: min(max(v, lo), hi), hi where lo > hi
             for j in range(o.shape[0]):
                 v = o[j]
-                o[j] = lo if v < lo else (hi if v > hi else v)
+                v = lo if v < lo else v
+                o[j] = hi if v > hi else v
         elif code == 3:                        # min(x, lo), lo where x is NaN
             for j in range(o.shape[0]):
                 v = o[j]

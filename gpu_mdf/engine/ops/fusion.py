@@ -65,8 +65,9 @@ FUSIBLE: dict[str, Fusible] = {
         py="(T(1) / {a})"),
     "onnx::LeakyRelu": Fusible(1, _np_leaky_relu, "({a} >= 0 ? {a} : {a} * {alpha})", ("alpha",),
         py="({a} if {a} >= 0 else {a} * {alpha})"),
-    "onnx::Clip": Fusible(1, _np_clip, "({a} < {min} ? {min} : ({a} > {max} ? {max} : {a}))", ("min", "max"),
-        py="({min} if {a} < {min} else ({max} if {a} > {max} else {a}))"),
+    # min(max(a, min), max), as np.clip and ONNX Runtime: max where min > max
+    "onnx::Clip": Fusible(1, _np_clip, "(({a} < {min} ? {min} : {a}) > {max} ? {max} : ({a} < {min} ? {min} : {a}))",
+        ("min", "max"), py="({max} if ({min} if {a} < {min} else {a}) > {max} else ({min} if {a} < {min} else {a}))"),
     "onnx::Add": Fusible(2, lambda a, b, out, at: np.add(a, b, out=out), "({a} + {b})", py="({a} + {b})"),
     "onnx::Sub": Fusible(2, lambda a, b, out, at: np.subtract(a, b, out=out), "({a} - {b})", py="({a} - {b})"),
     "onnx::Mul": Fusible(2, lambda a, b, out, at: np.multiply(a, b, out=out), "({a} * {b})", py="({a} * {b})"),
