@@ -559,9 +559,11 @@ def max_pool_first(plan, info) -> str | None:
         if info.get(c.args[0].val.key, (None,))[0] != shape or c.args[0].index is not None:
             continue                      # the chain broadcasts its input: the pooling would read another shape
         pool = _max_pool_of(plan, _readers(plan, c.key)[0], shape, info)
-        if pool is None or not _monotone_chain(c, pool[1]):
+        if pool is None:
             continue
-        steps, _, pooled_shape = pool
+        steps, const_ok, pooled_shape = pool
+        if not _monotone_chain(c, const_ok):
+            continue
         first, last = steps[0], steps[-1]
         old = _val_of(plan, last.key)
         if old is None or pooled_shape is None:
@@ -571,7 +573,7 @@ def max_pool_first(plan, info) -> str | None:
         out = Val(("after pooling", c.key), DEVICE, what=c.what)
         _redirect(plan, old, Ref(out))                 # every reader of the pooling reads the chain
         info[out.key] = (pooled_shape, info[c.key][1])
-        c.key, c.inplace = out.key, False
+        c.key = out.key
         c.args = [Ref(old, 0 if old.multi else None)] + c.args[1:]
         plan.steps.insert(plan.steps.index(last) + 1, c)
         _changed(plan)

@@ -111,15 +111,9 @@ class OpStep(Step):
     def export(self, e) -> None:
         e.op_step(self)
         for op, *consts in self.epilogue:               # as a FusedStep writes each
-            v = e.names[self.key]
-            if op == "onnx::Relu":
-                v = e.node("Relu", [v])
-            elif op == "onnx::Clip":
-                v = e.node("Clip", [v, e.const(np.asarray(consts[0])), e.const(np.asarray(consts[1]))])
-            else:                                       # gpu_mdf::CapAt: Where(GreaterOrEqual(c, v), v, c)
-                c = e.const(np.asarray(consts[0]))
-                v = e.node("Where", [e.node("GreaterOrEqual", [c, v]), v, c])
-            e.names[self.key] = v
+            at = {"min": consts[0], "max": consts[1]} if op == "onnx::Clip" else {}
+            b = e.const(np.asarray(consts[0])) if op == "gpu_mdf::CapAt" else None
+            e.names[self.key] = _export_fused_op(e, op, e.names[self.key], b, at)
 
 
 @dataclass
@@ -203,6 +197,15 @@ def _compiled_chain(program, dtype, gets, inplace, tail_kernel):
     return run
 
 
+def _export_fused_op(e, op: str, a: str, b: str | None, at: dict) -> str:
+    """One op of a fused chain (or an epilogue) as ONNX nodes on ``a`` (and ``b``)."""
+    if op == "gpu_mdf::CapAt":                          # Where(GreaterOrEqual(b, a), a, b)
+        return e.node("Where", [e.node("GreaterOrEqual", [b, a]), a, b])
+    if op == "onnx::Clip":                              # bounds are inputs since opset 11
+        return e.node("Clip", [a, e.const(np.asarray(at["min"])), e.const(np.asarray(at["max"]))])
+    return e.node(op.split("::")[1], [a] + ([b] if b is not None else []), **at)
+
+
 @dataclass
 class FusedStep(Step):
     """A chain of elementwise ops (the ``fuse_elementwise`` pass), possibly ending in a
@@ -255,13 +258,7 @@ class FusedStep(Step):
         for ins in self.program:
             a, b = (prev if isinstance(o, str) else e.ref(self.args[o]) if o is not None else None
                     for o in (ins.a, ins.b))
-            at = dict(ins.attrs)
-            if ins.op == "gpu_mdf::CapAt":             # Where(GreaterOrEqual(b, a), a, b)
-                prev = e.node("Where", [e.node("GreaterOrEqual", [b, a]), a, b])
-            elif ins.op == "onnx::Clip":                # bounds are inputs since opset 11
-                prev = e.node("Clip", [a, e.const(np.asarray(at["min"])), e.const(np.asarray(at["max"]))])
-            else:
-                prev = e.node(ins.op.split("::")[1], [a] + ([b] if b is not None else []), **at)
+            prev = _export_fused_op(e, ins.op, a, b, dict(ins.attrs))
         if not self.program:
             prev = e.ref(self.args[0])
         if self.tail:

@@ -31,6 +31,7 @@ call of a kernel in a fresh environment compiles it (a few seconds), later proce
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import os
 import re
@@ -427,13 +428,16 @@ def _combine(u, v, how):
 # --------------------------------------------------------------------------- #
 # Entry points (2-D, channels-last; callers check :func:`takes` first)
 # --------------------------------------------------------------------------- #
+@functools.lru_cache(maxsize=256)
 def epilogue_codes(epilogue, dtype) -> np.ndarray:
     """The kernels' form of an activation epilogue: up to two (op, lo, hi) of
-    :data:`_EPILOGUE_OPS` (Relu; Clip's bounds; CapAt's constant as lo), as six numbers."""
+    :data:`_EPILOGUE_OPS` (Relu; Clip's bounds; CapAt's constant as lo), as six numbers
+    (read-only, made once per epilogue and type, not per batch)."""
     e = np.zeros(6, dtype=dtype)
     for k, (op, *bounds) in enumerate(epilogue):
         e[3 * k] = _EPILOGUE_OPS[op]
         e[3 * k + 1:3 * k + 1 + len(bounds)] = bounds
+    e.flags.writeable = False
     return e
 
 
@@ -449,7 +453,7 @@ def depthwise(xl, w, b, kernel, strides, dil, pads, out, epilogue=()):
                      .reshape(tuple(kernel) + (co,)).astype(xl.dtype, copy=False))
     bias = np.zeros(co, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
     y = np.empty((xl.shape[0],) + tuple(out) + (co,), dtype=xl.dtype)
-    e = epilogue_codes(epilogue, xl.dtype)
+    e = epilogue_codes(tuple(epilogue), xl.dtype)
     if depthwise_by_rows(c, co, kernel, strides, out[1]):
         wt = weight_form(w, f"depthwise rows {xl.dtype}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
         return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1], e)
