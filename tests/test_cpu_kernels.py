@@ -19,6 +19,7 @@ Skipped, saying so, where numba is not installed (the lowest-versions job runs w
 so the NumPy forms are what it tests).
 """
 
+import math
 import threading
 
 import fused_special
@@ -79,7 +80,10 @@ CONV_CASES = {
     "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),
     "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
     "conv3x3-dilated-asym": (2, 9, 12, 11, 5, (3, 3), 1, dict(dilations=[2, 1], pads=[0, 2, 3, 1], strides=[1, 2])),
-    "conv1x1-c1": (2, 1, 6, 6, 4, (3, 3), 1, {}),                                  # NumPy form (C = 1)
+    "conv1x1-c1": (2, 1, 6, 6, 4, (3, 3), 1, {}),                                  # planes (C = 1)
+    "conv3x2-c2-dilated": (2, 2, 11, 9, 5, (3, 2), 1, dict(dilations=[2, 1], pads=[2, 0, 1, 1])),   # planes
+    "conv3x3-c4-stride2": (3, 4, 12, 11, 6, (3, 3), 1, dict(strides=[2, 2], pads=[0, 0, 1, 1])),     # planes
+    "conv3x3-c5": (2, 5, 9, 8, 4, (3, 3), 1, dict(pads=[1, 1, 1, 1])),                               # im2col
     "grouped3x3": (2, 8, 9, 9, 12, (3, 3), 4, dict(pads=[1, 1, 1, 1], strides=[2, 2])),
 }
 
@@ -111,7 +115,7 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     elif c == g and g > 1:
         expected = ["depthwise"] if f == g else []        # a multiplier with a horizontal stride: NumPy's form
     else:
-        expected = [] if c == 1 else ["im2col"]
+        expected = [] if c == 1 or (c <= nn.PLANES_UP_TO and math.prod(k) <= 9) else ["im2col"]   # planes
     assert ran == expected, ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
@@ -147,7 +151,7 @@ def test_winograd_conv_matches_onnxruntime(name, bias, dtype, monkeypatch):
     want = _ort_conv(*[None if a is None else a.astype(np.float32) for a in (x, w, b)], **attrs)
     got = nn.conv(np, x, w, b, winograd=True, **attrs)
     direct = nn.conv(np, x, w, b, **attrs)
-    assert ran == ["winograd tiles", "winograd untiles", "im2col"], ran
+    assert ran == ["winograd tiles", "winograd untiles"] + ([] if c <= nn.PLANES_UP_TO else ["im2col"]), ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
@@ -168,6 +172,76 @@ def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
     for b in (F.w(6), None):
         np.testing.assert_array_equal(nn.conv(np, x, w, b, winograd=True, **attrs), nn.conv(np, x, w, b, **attrs))
     assert not any(k.startswith("winograd") for k in ran), ran
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("c, k, attrs", [(3, (3, 3), dict(pads=[1, 1, 1, 1])), (3, (3, 3), dict(strides=[2, 2], pads=[0, 0, 1, 1])),
+                                         (2, (3, 2), dict(dilations=[2, 1], pads=[2, 0, 1, 1])), (4, (1, 3), {})])
+def test_planes_are_the_columns_through_a_transposed_view_bit_for_bit(c, k, attrs, dtype, monkeypatch):
+    """A conv of 2-4 channels reads its columns as planes, one per window offset and
+    channel: the same products as the columns (OpenBLAS packs either), bit for bit."""
+    x = F.R.standard_normal((3, c, 13, 12)).astype(dtype)
+    w, b = F.w(7, c, *k).astype(dtype), F.w(7).astype(dtype)
+    got = nn.conv(np, x, w, b, **attrs)
+    monkeypatch.setattr(nn, "_planes", lambda *a: pytest.fail("planes"))
+    monkeypatch.setattr(nn, "PLANES_UP_TO", 0)                 # the columns (C > 1)
+    np.testing.assert_array_equal(got, nn.conv(np, x, w, b, **attrs))
+
+
+BLOCK_CASES = {
+    # name: (N, C, H, W, F, kernel, attrs, output rows a block): blocks of one row, blocks
+    # that straddle the padding above and below, a last block cut short, strides,
+    # dilations and asymmetric pads (a block's input rows begin inside the top padding)
+    "3x3-pads1-rows1": (2, 8, 13, 11, 5, (3, 3), dict(pads=[1, 1, 1, 1]), 1),
+    "5x3-stride2x1-asym": (1, 9, 17, 12, 7, (5, 3), dict(strides=[2, 1], pads=[2, 0, 1, 1]), 3),
+    "3x3-valid-rows4": (2, 16, 14, 14, 32, (3, 3), {}, 4),
+    "3x3-dilated-asym": (1, 8, 12, 11, 4, (3, 3), dict(dilations=[2, 3], pads=[3, 1, 0, 2]), 2),
+    "2x2-stride2x3": (3, 12, 9, 30, 6, (2, 2), dict(strides=[2, 3]), 3),
+    "7x7-pads3-rows5": (1, 8, 20, 9, 3, (7, 7), dict(pads=[3, 3, 3, 3], strides=[1, 2]), 5),
+    # whole images a block: two, and a last block of one
+    "3x3-images2": (5, 8, 6, 7, 4, (3, 3), dict(pads=[1, 1, 1, 1]), 12),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(BLOCK_CASES))
+def test_conv_by_blocks_matches_onnxruntime_and_the_whole_columns(name, dtype, monkeypatch):
+    """A conv whose columns are written and multiplied a block of output rows at a time
+    gives the products of one GEMM over all its columns (to rounding: OpenBLAS picks its
+    kernel by a product's size) and ONNX Runtime's conv."""
+    n, c, h, w_, f, k, attrs, rows = BLOCK_CASES[name]
+    x = F.R.standard_normal((n, c, h, w_)).astype(dtype)
+    w = (F.R.standard_normal((f, c) + k) + 0.1).astype(dtype)
+    b = (F.R.standard_normal(f) + 0.1).astype(dtype)
+    monkeypatch.setattr(cpu, "conv_by_blocks", lambda *a: False)
+    whole = nn.conv(np, x, w, b, **attrs)
+    oh, ow = whole.shape[2:]
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+    monkeypatch.setattr(cpu, "conv_by_blocks", lambda *a: True)
+    monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 1)
+    monkeypatch.setattr(cpu, "CONV_BLOCK_BYTES", rows * ow * math.prod(k) * c * x.itemsize)
+    got = nn.conv(np, x, w, b, **attrs)
+    blocks = -(-n // (rows // oh)) if rows >= oh else n * -(-oh // rows)
+    assert ran == ["im2col"] * blocks, ran
+    want = _ort_conv(*[a.astype(np.float32) for a in (x, w, b)], **attrs)
+    scale = float(np.abs(want).max())
+    assert got.shape == want.shape and got.dtype == x.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=(1e-6 if dtype == "float32" else 1e-14) * scale)
+
+
+@pytest.mark.parametrize("n, c, hw, kernel, f, stride, blocks", [
+    (3, 64, 56, 3, 64, 1, True),       # ResNet's first stage, in Program.run's blocks of 3 images
+    (3, 32, 112, 3, 32, 1, True),
+    (79, 16, 14, 3, 32, 1, False),     # MNIST's second conv, a block of 79 images: 6.5 MB stay in cache
+    (3, 3, 224, 7, 64, 2, False),      # a 3-channel stem: its im2col is slow by its stores, not by memory
+    (3, 512, 7, 3, 512, 1, False),     # 9.4 MB of weights, packed again for every block
+    (2, 64, 8, 3, 64, 1, False),       # columns of under 4 blocks
+])
+def test_conv_runs_by_blocks_where_measured_to_pay(n, c, hw, kernel, f, stride, blocks):
+    out = (hw + 2 * (kernel // 2) - kernel) // stride + 1
+    assert cpu.conv_by_blocks(c, kernel * kernel, f, n * out * out, 4) is blocks
 
 
 EPILOGUES = [(("onnx::Relu",),), (("onnx::Clip", 0.0, 6.0),), (("onnx::Relu",), ("gpu_mdf::CapAt", 6.0)),

@@ -267,11 +267,14 @@ def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, 
         yl = _grouped_conv(xp, _columns(xp, x, kernel, strides, dil, pads, out, kernels), w, kernel, g)
     else:
         wm = weight_form(w, "im2col", lambda: xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
-        if c == 1:           # (rows, window) through a transposed view of the planes
-            cols = _planes(xp, x, kernel, strides, dil, pads, out).T
+        if c == 1 or (xp is np and c <= PLANES_UP_TO and math.prod(kernel) <= 9):   # (rows, window), transposed
+            yl = xp.matmul(_planes(xp, x, kernel, strides, dil, pads, out).T, wm)
+        elif kernels and w.dtype == x.dtype and cpu.conv_by_blocks(c, math.prod(kernel), f, rows, x.dtype.itemsize):
+            check_alloc([n] + list(out) + [f])      # columns a block at a time, in cache
+            yl = cpu.conv_blocks(_channels_last(xp, x), wm, kernel, strides, dil, pads, out)
         else:
             cols = _columns(xp, x, kernel, strides, dil, pads, out, kernels).reshape(rows, -1)  # (N, *out, *k, C)
-        yl = xp.matmul(cols, wm)
+            yl = xp.matmul(cols, wm)
     yl = yl.reshape((n,) + tuple(out) + (f,))
     if b is not None:
         yl = add_trailing(xp, yl, b, inplace=True)
@@ -295,18 +298,34 @@ def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
 
 
 def _planes(xp, x, kernel, strides, dil, pads, out):
-    """The columns of a conv of one input channel, transposed: (window offsets, N x out), one
-    contiguous plane per offset (each a strided slice of the padded input). A GEMM reads
-    them as the columns through a transposed view, the same products (OpenBLAS's packing
-    reads either); 5x faster to write than columns (N, *out, *k), whose rows are a window's
-    few values (MNIST's 3x3 stem on 79 images: 1.4 -> 0.27 ms)."""
+    """The columns of a conv of a few input channels, transposed: (window offsets x C, N x
+    out), one contiguous plane per offset and channel (each a strided slice of the padded
+    NCHW input). A GEMM reads them as the columns through a transposed view, the same
+    products (OpenBLAS's packing reads either); 5x faster to write than columns (N, *out,
+    *k, C), whose rows are a window's few values (MNIST's 3x3 stem on 79 images: 1.4 ->
+    0.27 ms; a 3-channel 3x3 stem of stride 2, in Program.run's blocks: 1.3-1.55x the conv)."""
     nsp = len(kernel)
-    xl = _padded_last(xp, x, pads, nsp)[..., 0]                            # (N, *padded)
-    check_alloc((math.prod(kernel), x.shape[0]) + tuple(out))
-    planes = xp.empty(tuple(kernel) + (x.shape[0],) + tuple(out), dtype=x.dtype)
+    n, c = x.shape[:2]
+    if any(pads):
+        shape = (n, c) + tuple(s + b + a for s, b, a in zip(x.shape[2:], pads[:nsp], pads[nsp:]))
+        check_alloc(shape)
+        xpd = xp.zeros(shape, dtype=x.dtype)
+        xpd[(slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(pads[:nsp], x.shape[2:]))] = x
+    else:
+        xpd = x
+    check_alloc((math.prod(kernel) * c, n) + tuple(out))
+    planes = xp.empty(tuple(kernel) + (c, n) + tuple(out), dtype=x.dtype)
     for offset in np.ndindex(*kernel):
-        planes[offset] = xl[(slice(None),) + _offset_slices(offset, dil, strides, out)]
-    return planes.reshape(math.prod(kernel), -1)
+        window = _offset_slices(offset, dil, strides, out)
+        for ch in range(c):
+            planes[offset + (ch,)] = xpd[(slice(None), ch) + window]
+    return planes.reshape(math.prod(kernel) * c, -1)
+
+
+#: a conv of this many input channels or fewer, and a window of at most 3x3, writes its
+#: columns as planes on the CPU (:func:`_planes`); a 7x7 stem's GEMM reads its 147 planes
+#: slower (0.98x)
+PLANES_UP_TO = 4
 
 
 def _grouped_conv(xp, cols, w, kernel, g):
