@@ -300,10 +300,12 @@ def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
 def _planes(xp, x, kernel, strides, dil, pads, out):
     """The columns of a conv of a few input channels, transposed: (window offsets x C, N x
     out), one contiguous plane per offset and channel (each a strided slice of the padded
-    NCHW input). A GEMM reads them as the columns through a transposed view, the same
-    products (OpenBLAS's packing reads either); 5x faster to write than columns (N, *out,
-    *k, C), whose rows are a window's few values (MNIST's 3x3 stem on 79 images: 1.4 ->
-    0.27 ms; a 3-channel 3x3 stem of stride 2, in Program.run's blocks: 1.3-1.55x the conv)."""
+    NCHW input). A GEMM reads them as the columns through a transposed view: the same
+    products to rounding (mostly the same bits; OpenBLAS picks another kernel for a
+    transposed operand in some shapes, a single filter's matrix-vector product always);
+    5x faster to write than columns (N, *out, *k, C), whose rows are a window's few values
+    (MNIST's 3x3 stem on 79 images: 1.4 -> 0.27 ms; a 3-channel 3x3 stem of stride 2, in
+    Program.run's blocks: 1.3-1.55x the conv)."""
     nsp = len(kernel)
     n, c = x.shape[:2]
     if any(pads):
@@ -322,9 +324,9 @@ def _planes(xp, x, kernel, strides, dil, pads, out):
     return planes.reshape(math.prod(kernel) * c, -1)
 
 
-#: a conv of this many input channels or fewer, and a window of at most 3x3, writes its
-#: columns as planes on the CPU (:func:`_planes`); a 7x7 stem's GEMM reads its 147 planes
-#: slower (0.98x)
+#: a conv of this many input channels or fewer, and a window of at most 9 offsets (3x3),
+#: writes its columns as planes on the CPU (:func:`_planes`); a 7x7 stem's GEMM reads its
+#: 147 planes slower (0.98x)
 PLANES_UP_TO = 4
 
 
