@@ -192,7 +192,8 @@ def test_planes_are_the_columns_through_a_transposed_view(c, k, f, attrs, dtype,
     monkeypatch.setattr(nn, "PLANES_UP_TO", 0)                 # the columns (C > 1)
     want = nn.conv(np, x, w, b, **attrs)
     assert len(took) == 1
-    np.testing.assert_allclose(got, want, rtol=0, atol=(1e-6 if dtype == "float32" else 1e-14) * float(np.abs(want).max()))
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=(1e-6 if dtype == "float32" else 1e-14) * scale)
 
 
 BLOCK_CASES = {
