@@ -132,14 +132,17 @@ def _out_sizes(in_sp, kernel, strides, dilations, pads, ceil_mode=0):
     return out, extra
 
 
-def _pad_last(xp, xl, before, after, value):
-    """Pad the spatial axes of channels-last (N, *S, C) with a constant (sync-free)."""
+def _pad_spatial(xp, x, before, after, value, first=1):
+    """Pad the spatial axes of ``x`` with a constant (sync-free): those of channels-last
+    (N, *S, C), or with ``first=2`` those of NCHW (N, C, *S)."""
     if not any(before) and not any(after):
-        return xl
-    shape = (xl.shape[0],) + tuple(n + b + a for n, b, a in zip(xl.shape[1:-1], before, after)) + (xl.shape[-1],)
+        return x
+    axes = range(first, first + len(before))
+    sizes = [x.shape[i] for i in axes]
+    shape = x.shape[:first] + tuple(n + b + a for n, b, a in zip(sizes, before, after)) + x.shape[axes.stop:]
     check_alloc(shape)                       # pads are attributes: a file may make them huge
-    out = xp.full(shape, value, dtype=xl.dtype)
-    out[(slice(None),) + tuple(slice(b, b + n) for b, n in zip(before, xl.shape[1:-1])) + (slice(None),)] = xl
+    out = xp.full(shape, value, dtype=x.dtype)
+    out[(slice(None),) * first + tuple(slice(b, b + n) for b, n in zip(before, sizes))] = x
     return out
 
 
@@ -283,7 +286,7 @@ def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, 
 
 def _padded_last(xp, x, pads, nsp):
     """NCHW ``x`` channels-last with its zero padding (a copy where there is some)."""
-    return _pad_last(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
+    return _pad_spatial(xp, _channels_last(xp, x), pads[:nsp], pads[nsp:], x.dtype.type(0))
 
 
 def _columns(xp, x, kernel, strides, dil, pads, out, compiled):
@@ -308,13 +311,7 @@ def _planes(xp, x, kernel, strides, dil, pads, out):
     Program.run's blocks: 1.3-1.55x the conv)."""
     nsp = len(kernel)
     n, c = x.shape[:2]
-    if any(pads):
-        shape = (n, c) + tuple(s + b + a for s, b, a in zip(x.shape[2:], pads[:nsp], pads[nsp:]))
-        check_alloc(shape)
-        xpd = xp.zeros(shape, dtype=x.dtype)
-        xpd[(slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(pads[:nsp], x.shape[2:]))] = x
-    else:
-        xpd = x
+    xpd = _pad_spatial(xp, x, pads[:nsp], pads[nsp:], x.dtype.type(0), first=2)      # NCHW: no transpose
     check_alloc((math.prod(kernel) * c, n) + tuple(out))
     planes = xp.empty(tuple(kernel) + (c, n) + tuple(out), dtype=x.dtype)
     for offset in np.ndindex(*kernel):
@@ -467,7 +464,7 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
         yl[index] += contrib.reshape((n,) + tuple(in_sp) + (f,))
     yl = yl[(slice(None),) + tuple(slice(max(pads[i], 0), full[i] - max(pads[i + nsp], 0)) for i in range(nsp))
             + (slice(None),)]
-    yl = _pad_last(xp, yl, [max(-p, 0) for p in pads[:nsp]], [max(-p, 0) for p in pads[nsp:]], x.dtype.type(0))
+    yl = _pad_spatial(xp, yl, [max(-p, 0) for p in pads[:nsp]], [max(-p, 0) for p in pads[nsp:]], x.dtype.type(0))
     if b is not None:
         yl = yl + b
     return _to_nchw(xp, yl)
@@ -511,7 +508,7 @@ def max_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides,
         check_alloc([x.shape[0]] + list(out) + [x.shape[1]])
         return (_to_nchw(xp, cpu.max_pool(_channels_last(xp, x), kernel, strides, dil, pads, out)),)
     low = _lowest(x.dtype)
-    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], [p + e for p, e in zip(pads[nsp:], extra)], low)
+    xl = _pad_spatial(xp, _channels_last(xp, x), pads[:nsp], [p + e for p, e in zip(pads[nsp:], extra)], low)
     y = idx = None
     for offset in np.ndindex(*kernel):
         v = xl[(slice(None),) + _offset_slices(offset, dil, strides, out) + (slice(None),)]
@@ -568,7 +565,7 @@ def average_pool(xp, x, auto_pad, ceil_mode, dilations, kernel_shape, pads, stri
                                                          ceil_mode, "AveragePool")
     nsp = len(kernel)
     after = [p + e for p, e in zip(pads[nsp:], extra)]
-    xl = _pad_last(xp, _channels_last(xp, x), pads[:nsp], after, x.dtype.type(0))
+    xl = _pad_spatial(xp, _channels_last(xp, x), pads[:nsp], after, x.dtype.type(0))
     total = None
     for offset in np.ndindex(*kernel):
         v = xl[(slice(None),) + _offset_slices(offset, dil, strides, out) + (slice(None),)]
