@@ -11,7 +11,8 @@ wrote and against the NumPy forms they replace:
   short axes (pooling written as reshape + reduce) is NumPy's own reduction, NaN included,
   and the kernel runs exactly where it applies;
 * every fused op with a compiled form agrees with NumPy's on NaN, infinities and signed
-  zeros, and a chain broadcasts and writes in place as NumPy's does;
+  zeros, and a chain broadcasts and writes in place as NumPy's does; float32 chains' tanh
+  (``cpu.tanh32``) is within 7 ulp of float64's tanh over 14 million float32 values;
 * every case of the golden corpus gives the same outputs with the kernels on and off
   (``GPU_MDF_NUMBA=0``), within 1e-5 x max|y|, NaN where NaN.
 
@@ -396,6 +397,28 @@ def _ort_node(op_type, x, **attrs):
     return s.run(None, {"x": x})[0]
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last", "strided", "3-D", "1-D"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_global_average_pool_as_a_product_with_ones_matches_onnx_runtime(layout, dtype):
+    """GlobalAveragePool on the CPU sums through BLAS (a product with ones) for NCHW and
+    channels-last memory, NumPy's mean otherwise: ONNX Runtime's values (NumPy's mean in
+    float64, which ONNX Runtime does not take), NaN and infinities in the channels that hold them."""
+    shape = {"3-D": (2, 5, 8, 9, 10), "1-D": (2, 6, 900)}.get(layout, (3, 12, 30, 31))
+    x = F.R.standard_normal(shape).astype(dtype)
+    if layout == "channels-last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    elif layout == "strided":
+        x = np.concatenate([x, x], axis=-1)[..., ::2]
+    x[0, 1].flat[7], x[1, 2].flat[3], x[2 % len(x), 3].flat[0] = np.nan, np.inf, -np.inf
+    want = _ort_node("GlobalAveragePool", np.ascontiguousarray(x)) if dtype == np.float32 \
+        else x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+    got = nn.global_average_pool(np, x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (nn._spatial_sums(x) is None) == (layout == "strided")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 POOL_CASES = {
     "2x2": dict(kernel_shape=[2, 2], strides=[2, 2]),
     "3x3-stride2-pad1": dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -551,6 +574,46 @@ def test_the_ops_left_to_numpy_are_the_transcendental_ones():
     assert set(FUSIBLE) - set(COMPILED_OPS) == {"onnx::Exp", "onnx::Tanh", "onnx::Sigmoid"}
     assert not compiles((Instr("onnx::Exp", 0), Instr("onnx::Tanh", "r0")))      # nothing to compile
     assert compiles((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0")))     # cut around the tanh
+    # float32 chains compile tanh (cpu.tanh32; sigmoid is expanded around it): only exp is
+    # left to NumPy there; float64 as before
+    assert [op for op in FUSIBLE if not FUSIBLE[op].py_form(np.float32)] == ["onnx::Sigmoid", "onnx::Exp"]
+    assert [op for op in FUSIBLE if not FUSIBLE[op].py_form(np.float64)] == ["onnx::Sigmoid", "onnx::Tanh",
+                                                                          "onnx::Exp"]
+    assert compiles((Instr("onnx::Tanh", 0), Instr("onnx::Tanh", "r0")), np.float32)
+    assert not compiles((Instr("onnx::Tanh", 0), Instr("onnx::Tanh", "r0")), np.float64)
+
+
+def _tanh32_values(a):
+    import numba
+    tanh32 = cpu._chain_functions(numba)["tanh32"]
+
+    @numba.njit
+    def apply(a, out):
+        for i in range(a.size):
+            out[i] = tanh32(a[i])
+    out = np.empty_like(a)
+    apply(a, out)
+    return out
+
+
+def test_tanh32_is_within_7_ulp_of_tanh_odd_and_keeps_nan_and_infinities():
+    """The float32 chains' compiled tanh (Eigen's and ONNX Runtime's rational function)
+    against float64's tanh: every 61st float32 of magnitude 1e-30 to 20 (14 million of them),
+    both signs; exactly odd; +-1 at +-inf and beyond the clamp; NaN stays NaN; signed zeros."""
+    lo, hi = np.array([1e-30, 20.0], np.float32).view(np.int32)
+    pos = np.arange(lo, hi, 61, dtype=np.int32).view(np.float32)
+    a = np.concatenate([pos, -pos])
+    got = _tanh32_values(a)
+    ref = np.tanh(a.astype(np.float64))
+    ulps = np.abs(got - ref) / np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 7, f"{ulps.max():.2f} ulp at {a[ulps.argmax()]!r}"
+    assert np.abs(got - ref).max() <= 4.2e-7
+    np.testing.assert_array_equal(got[:pos.size], -got[pos.size:])
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 9.5, -3.4e38], np.float32)
+    got = _tanh32_values(special)
+    assert np.isnan(got[0])
+    np.testing.assert_array_equal(got[1:], [1, -1, 0, -0.0, 1, -1, 1, -1])
+    assert np.signbit(got[4]) and not np.signbit(got[3])
 
 
 SEGMENTED = {
@@ -569,13 +632,7 @@ IN_PLACE = [(name, inplace) for name, (program, _) in sorted(SEGMENTED.items()) 
             if not inplace or all(0 not in (i.a, i.b) for i in program[1:])]
 
 
-@pytest.mark.parametrize("layout", ["channels-last", "contiguous", "small"])
-@pytest.mark.parametrize("name, inplace", IN_PLACE)
-def test_segmented_chains_give_numpys_bits(name, inplace, layout):
-    """A chain with exp, tanh or sigmoid runs cut around them (sigmoid as its NumPy form's own
-    steps): the same IEEE operations as NumPy's forms, so the same bits, NaN and infinities
-    included, on every layout."""
-    from gpu_mdf.engine.ops.fusion import segments
+def _segmented_case(name, layout):
     program, kinds = SEGMENTED[name]
     r = np.random.default_rng(0)
     shape = (2, 24, 6, 3) if layout == "small" else (4, 24, 20, 18)
@@ -590,15 +647,66 @@ def test_segmented_chains_give_numpys_bits(name, inplace, layout):
             "full": lambda: np.moveaxis(np.ascontiguousarray(np.moveaxis(r.standard_normal(x.shape), 1, -1)), -1, 1
                                         ).astype(np.float32) if layout == "channels-last"
             else r.standard_normal(x.shape).astype(np.float32)}
-    ops = [make[k]() for k in kinds]
+    return program, [make[k]() for k in kinds]
+
+
+def _run_segmented(program, ops, inplace, dtype):
+    from gpu_mdf.engine.ops.fusion import segments
     with np.errstate(all="ignore"):
         want = run_numpy(program, [o.copy() for o in ops])
-        segs = segments(program)
+        segs = segments(program, dtype)
         chains = [cpu.fused(seg.program, np.float32) if seg.program else None for seg in segs]
         work = [ops[0].copy(order="K")] + ops[1:]
         got = cpu.run_segments(segs, chains, work, inplace, np.float32)
     assert (got is work[0]) == inplace
+    return segs, got, want
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous", "small"])
+@pytest.mark.parametrize("name, inplace", IN_PLACE)
+def test_segmented_chains_give_numpys_bits(name, inplace, layout):
+    """A chain with exp, tanh or sigmoid runs cut around them (sigmoid as its NumPy form's own
+    steps): the same IEEE operations as NumPy's forms, so the same bits, NaN and infinities
+    included, on every layout."""
+    program, ops = _segmented_case(name, layout)
+    _, got, want = _run_segmented(program, ops, inplace, None)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous", "small"])
+@pytest.mark.parametrize("name, inplace", IN_PLACE)
+def test_float32_chains_run_tanh_compiled_within_its_error(name, inplace, layout):
+    """Cut for float32 only around exp: tanh and sigmoid run inside the compiled loop
+    (cpu.tanh32). NaN and infinities where NumPy's forms have them; the rest within tanh32's
+    4.1e-7 carried through the chain (values up to 16 here)."""
+    program, ops = _segmented_case(name, layout)
+    segs, got, want = _run_segmented(program, ops, inplace, np.float32)
+    assert not {seg.op for seg in segs} & {"onnx::Tanh", "onnx::Sigmoid"}
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert not np.array_equal(got, want, equal_nan=True) or name == "exp-first"   # tanh32 did run
+
+
+@pytest.mark.parametrize("first", ["per channel", "whole"])
+def test_a_float32_gate_broadcast_larger_runs_numpys_tanh_on_the_small_value(first, monkeypatch):
+    """sigmoid(s) * x: with s one value a channel, the chain is cut so that NumPy's tanh runs
+    on s alone (NumPy's bits); with s as large as the result, tanh32 runs in the loop."""
+    from gpu_mdf.engine.steps import _compiled_chain
+    program = (Instr("onnx::Sigmoid", 0), Instr("onnx::Mul", "r0", 1))
+    small = F.R.standard_normal((2, 24, 1, 1)).astype(np.float32)
+    full = F.R.standard_normal((2, 24, 10, 10)).astype(np.float32)
+    ops = [small, full] if first == "per channel" else [full, small]
+    ran = []
+    real = cpu.run_segments
+    monkeypatch.setattr(cpu, "run_segments", lambda segs, *a: ran.append(segs) or real(segs, *a))
+    got = _compiled_chain(program, np.dtype(np.float32), [lambda env, o=o: o for o in ops], False, None)({})
+    want = run_numpy(program, ops)
+    assert any(seg.op == "onnx::Tanh" for seg in ran[0]) == (first == "per channel")
+    if first == "per channel":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -25,7 +25,7 @@ import numpy as np
 
 from .expr import compile_expr, weak
 from .ops import OpError, OpSpec, cpu
-from .ops.fusion import Instr, check_program, compiles, run_numpy, segments
+from .ops.fusion import Instr, broadcast_shape, check_program, compiles, run_numpy, segments
 from .ops.nn import log_softmax, softmax
 
 CONST, HOST, DEVICE = "const", "host", "device"
@@ -182,15 +182,27 @@ class MoveStep(Step):
 def _compiled_chain(program, dtype, gets, inplace, tail_kernel):
     """A fused chain on the CPU, compiled (:func:`~gpu_mdf.engine.ops.cpu.fused`); operands of
     another type than the chain's (none where the planner typed it) go through NumPy's
-    forms, which cast as the ops one by one would."""
-    segs = segments(program)
-    chains = [cpu.fused(seg.program, dtype) if seg.program else None for seg in segs]
+    forms, which cast as the ops one by one would.
+
+    A float32 chain whose tanh (or sigmoid) runs compiled (``cpu.tanh32``) does so only
+    where its first operand has the result's shape: where another operand broadcasts it
+    larger (a squeeze-excite gate, sigmoid(s) * x with s one value a channel), the chain is
+    cut around NumPy's tanh, which then runs on the small value once, not per element."""
+    cuts = [segments(program, dtype), segments(program)]
+    cuts = cuts[:1] if cuts[0] == cuts[1] else cuts
+    chains = [[cpu.fused(seg.program, dtype) if seg.program else None for seg in segs] for segs in cuts]
 
     def run(env):
         ops = [g(env) for g in gets]
         if any(getattr(o, "dtype", None) != dtype for o in ops):
             return run_numpy(program, ops, out=ops[0] if inplace else None, tail=tail_kernel)
-        out = cpu.run_segments(segs, chains, ops, inplace, dtype)
+        k = 0
+        if len(cuts) > 1:
+            shape = ops[0].shape
+            for o in ops[1:]:
+                shape = broadcast_shape(shape, o.shape)
+            k = shape != ops[0].shape
+        out = cpu.run_segments(cuts[k], chains[k], ops, inplace, dtype)
         if not isinstance(out, np.ndarray):          # a ufunc of 0-d operands returns a scalar
             out = np.asarray(out)
         return out if tail_kernel is None else tail_kernel(np, out, -1, inplace=True)
@@ -226,7 +238,7 @@ class FusedStep(Step):
         program, inplace, tail = self.program, self.inplace, self.tail
         if xp is np:
             tail_kernel = {"softmax": softmax, "logsoftmax": log_softmax, None: None}[tail]
-            if compiles(program) and cpu.takes(self.dtype):
+            if compiles(program, self.dtype) and cpu.takes(self.dtype):
                 return _compiled_chain(program, np.dtype(self.dtype), gets, inplace, tail_kernel)
             return lambda env: run_numpy(program, [g(env) for g in gets],
                                          out=gets[0](env) if inplace else None, tail=tail_kernel)

@@ -33,6 +33,13 @@ class Fusible:
     # type. Left out where NumPy's own SIMD loop is faster than numba's scalar libm call (exp,
     # tanh: 2-8x): a chain with such an op runs as NumPy's in-place ufuncs.
     py: str = ""
+    # a Python form for float32 chains only, where ``py`` is left out: a function of the
+    # compiled kernels that vectorises, accurate to float32 but not NumPy's bits (tanh32)
+    py32: str = ""
+
+    def py_form(self, dtype) -> str:
+        """The Python form a compiled chain of ``dtype`` values writes ("" where none)."""
+        return self.py or (self.py32 if dtype is not None and np.dtype(dtype) == np.float32 else "")
 
 
 def _np_sigmoid(a, b, out, at):
@@ -56,7 +63,8 @@ FUSIBLE: dict[str, Fusible] = {
     "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})",
         py="(T(0) if {a} <= 0 else {a})"),
     "onnx::Sigmoid": Fusible(1, _np_sigmoid, "((T)0.5 * tanh{f}((T)0.5 * {a}) + (T)0.5)"),
-    "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})"),
+    # float32 chains: Eigen's and ONNX Runtime's rational tanh (cpu.tanh32, within 7 ulp)
+    "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})", py32="tanh32({a})"),
     "onnx::Exp": Fusible(1, lambda a, b, out, at: np.exp(a, out=out), "exp{f}({a})"),
     "onnx::Neg": Fusible(1, lambda a, b, out, at: np.negative(a, out=out), "(-{a})", py="(-{a})"),
     "onnx::Abs": Fusible(1, lambda a, b, out, at: np.abs(a, out=out), "fabs{f}({a})", py="abs({a})"),
@@ -150,14 +158,14 @@ def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: s
     return lines
 
 
-def compiles(program: tuple[Instr, ...]) -> bool:
+def compiles(program: tuple[Instr, ...], dtype=None) -> bool:
     """Whether the chain is worth compiling for the CPU: two ops or more (one op is one NumPy
-    ufunc already), some of them with a Python form (:func:`segments`)."""
-    return len(program) >= 2 and any(seg.program for seg in segments(program))
+    ufunc already), some of them with a Python form for ``dtype`` (:func:`segments`)."""
+    return len(program) >= 2 and any(seg.program for seg in segments(program, dtype))
 
 
 # Sigmoid in a compiled chain: its NumPy form's own steps, 0.5 * tanh(0.5 * a) + 0.5, so that
-# only the tanh is left to NumPy (the same operations: the same bits)
+# only the tanh differs: NumPy's (the same bits) or, in float32, the compiled tanh32
 _EXPANSIONS = {"onnx::Sigmoid": (("onnx::Mul", 0.5), ("onnx::Tanh", None), ("onnx::Mul", 0.5), ("onnx::Add", 0.5))}
 PREV = "prev"
 
@@ -174,8 +182,9 @@ class Segment:
     attrs: tuple = ()
 
 
-def segments(program: tuple[Instr, ...]) -> list[Segment]:
-    """The chain cut at its ops without a Python form, Sigmoid expanded around its tanh."""
+def segments(program: tuple[Instr, ...], dtype=None) -> list[Segment]:
+    """The chain cut at its ops without a Python form for ``dtype`` (None: the forms of
+    every type), Sigmoid expanded around its tanh."""
     steps = []                          # (op, a, b, attrs); references PREV, an int, or ("const", value)
     for ins in program:
         a, b = (PREV if isinstance(r, str) else r for r in (ins.a, ins.b))
@@ -186,7 +195,7 @@ def segments(program: tuple[Instr, ...]) -> list[Segment]:
             steps.append((ins.op, a, b, ins.attrs))
     out, run = [], []
     for step in steps + [None]:
-        if step is not None and FUSIBLE[step[0]].py:
+        if step is not None and FUSIBLE[step[0]].py_form(dtype):
             run.append(step)
             continue
         if run:
@@ -215,17 +224,17 @@ def _sub_chain(steps: list, first: bool) -> Segment:
     return Segment(program=instrs, operands=tuple(operands))
 
 
-def py_chain(program: tuple[Instr, ...]) -> tuple[str, dict]:
+def py_chain(program: tuple[Instr, ...], dtype=None) -> tuple[str, dict]:
     """The chain as the source of a Python function ``chain(x0, x1, ...)`` of scalars (for
     numba to compile into a ufunc), and the constants it reads (:func:`_py_statements`);
     ``T`` is the float type, ``math`` the module."""
-    body, consts = _py_statements(program, lambda k: f"x{k}", "    ")
+    body, consts = _py_statements(program, lambda k: f"x{k}", "    ", dtype)
     lines = [f"def chain({', '.join(f'x{k}' for k in range(n_operands(program)))}):", *body,
              f"    return r{len(program) - 1}"]
     return "\n".join(lines) + "\n", consts
 
 
-def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> tuple[str, dict]:
+def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset(), dtype=None) -> tuple[str, dict]:
     """The chain as ``rows(x0, x1, ..., out)`` and the constants it reads: ``x0``, ``out``
     and the operands numbered in ``full`` (n, w), every other operand a row of w values;
     plain loops over contiguous rows, which numba's compiler turns into SIMD code (a
@@ -234,7 +243,7 @@ def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> tuple[
     not vectorised (10x slower for a clip)."""
     n = n_operands(program)
     body, consts = _py_statements(program, lambda k: f"x{k}[i, j]" if k == 0 or k in full else f"x{k}[j]",
-                                  " " * 12)
+                                  " " * 12, dtype)
     lines = [f"def rows({', '.join(f'x{k}' for k in range(n))}, out):",
              "    row = np.empty(x0.shape[1], out.dtype)",
              "    for i in range(x0.shape[0]):",
@@ -245,7 +254,8 @@ def py_rows(program: tuple[Instr, ...], full: frozenset = frozenset()) -> tuple[
     return "\n".join(lines) + "\n", consts
 
 
-def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], indent: str) -> tuple[list, dict]:
+def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], indent: str,
+                   dtype=None) -> tuple[list, dict]:
     """One statement an instruction. The text is built from the fusion table's templates,
     operand numbers and names made here, nothing else: an attribute's value is a constant
     of the namespace (``c<k>_<name>``), never text, and a reference that is not an operand
@@ -254,8 +264,9 @@ def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], in
     lines, consts = [], {}
     for k, ins in enumerate(program):
         f = FUSIBLE[ins.op]
-        if not f.py:
-            raise ValueError(f"{ins.op} has no Python form")
+        form = f.py_form(dtype)
+        if not form:
+            raise ValueError(f"{ins.op} has no Python form" + (f" for {np.dtype(dtype)}" if dtype else ""))
         if any(type(r) not in (int, str) for r in (ins.a, ins.b) if r is not None):
             raise ValueError(f"instruction {k} of a fused chain reads {ins.a!r}, {ins.b!r}")
         given = dict(ins.attrs)
@@ -264,7 +275,7 @@ def _py_statements(program: tuple[Instr, ...], operand: Callable[[int], str], in
         for name in f.attrs:
             consts[f"c{k}_{name}"] = float(given[name])
             names[name] = f"T(c{k}_{name})"             # in the chain's type, as NumPy's form has it
-        lines.append(f"{indent}r{k} = T({f.py.format(**names)})")
+        lines.append(f"{indent}r{k} = T({form.format(**names)})")
     return lines, consts
 
 

