@@ -51,7 +51,8 @@ _chains_lock = threading.RLock()
 
 
 def _disabled() -> bool:
-    return os.environ.get("GPU_MDF_NUMBA", "1").strip().lower() in ("0", "false", "no", "off")
+    v = os.environ.get("GPU_MDF_NUMBA")             # read per call: a test or a user may set it any time
+    return v is not None and v.strip().lower() in ("0", "false", "no", "off")
 
 
 def available() -> bool:
@@ -483,13 +484,13 @@ def depthwise(xl, w, b, kernel, strides, dil, pads, out, epilogue=()):
     stored: a fused ReLU6 costs no pass of its own). -> (N, OH, OW, C x M)."""
     xl = np.ascontiguousarray(xl)
     c, co = xl.shape[-1], w.shape[0]
-    wk = weight_form(w, f"depthwise {xl.dtype}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
+    wk = weight_form(w, f"depthwise {xl.dtype.str}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
                      .reshape(tuple(kernel) + (co,)).astype(xl.dtype, copy=False))
     bias = np.zeros(co, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
     y = np.empty((xl.shape[0],) + tuple(out) + (co,), dtype=xl.dtype)
     e = epilogue_codes(tuple(epilogue), xl.dtype)
     if depthwise_by_rows(c, co, kernel, strides, out[1]):
-        wt = weight_form(w, f"depthwise rows {xl.dtype}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
+        wt = weight_form(w, f"depthwise rows {xl.dtype.str}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
         return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1], e)
     if co != c:
         raise ValueError(f"a depthwise conv of {c} channels to {co} runs by rows only")

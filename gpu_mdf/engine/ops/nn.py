@@ -220,20 +220,46 @@ def _activations(xp, y, epilogue):
     return y
 
 
+def _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape, pads, strides):
+    """A Conv's checked geometry (kernel, strides, dilations, pads, out), each a tuple:
+    ONNX's rules, every attribute checked; an OpError for a conv that does not fit."""
+    nsp = len(x_shape) - 2
+    if nsp < 1 or len(w_shape) != len(x_shape):
+        raise OpError(f"Conv of a rank-{len(x_shape)} input with a rank-{len(w_shape)} kernel")
+    if kernel_shape is not None and tuple(kernel_shape) != tuple(w_shape[2:]):
+        raise OpError(f"Conv kernel_shape {kernel_shape} does not match the weights {w_shape[2:]}")
+    c, f, g = x_shape[1], w_shape[0], int(group)
+    if g < 1 or c % g or f % g or w_shape[1] != c // g:
+        raise OpError(f"Conv: {c} input channels, weights {w_shape}, group {g} do not fit")
+    kernel, strides, dil, pads = _window_params(x_shape[2:], w_shape[2:], strides, dilations, pads, auto_pad,
+                                                "Conv")
+    out, _ = _out_sizes(x_shape[2:], kernel, strides, dil, pads)
+    return kernel, strides, dil, pads, tuple(out)
+
+
+#: checked conv geometries by shapes and attributes: a batch's conv reruns none of the
+#: checks and arithmetic above (their Python was a third of a small conv's fixed cost,
+#: all of it holding the GIL that Program.run's block threads share)
+_GEOMETRIES: dict = {}
+
+
+def _tuple(v):
+    return v if v is None or isinstance(v, (str, int)) else tuple(v)
+
+
 def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue):
     """(the conv, whether its ``epilogue`` ran too)"""
+    key = (x.shape, w.shape, auto_pad, _tuple(dilations), group, _tuple(kernel_shape), _tuple(pads), _tuple(strides))
+    geometry = _GEOMETRIES.get(key)
+    if geometry is None:
+        geometry = _conv_geometry(*key)
+        if len(_GEOMETRIES) > 4096:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geometry
+    kernel, strides, dil, pads, out = geometry
     nsp = x.ndim - 2
-    if nsp < 1 or w.ndim != x.ndim:
-        raise OpError(f"Conv of a rank-{x.ndim} input with a rank-{w.ndim} kernel")
-    if kernel_shape is not None and tuple(kernel_shape) != tuple(w.shape[2:]):
-        raise OpError(f"Conv kernel_shape {kernel_shape} does not match the weights {w.shape[2:]}")
     c, f, g = x.shape[1], w.shape[0], int(group)
-    if g < 1 or c % g or f % g or w.shape[1] != c // g:
-        raise OpError(f"Conv: {c} input channels, weights {w.shape}, group {g} do not fit")
     _check_bias("Conv", b, f)
-    kernel, strides, dil, pads = _window_params(x.shape[2:], w.shape[2:], strides, dilations, pads, auto_pad,
-                                                "Conv")
-    out, _ = _out_sizes(x.shape[2:], kernel, strides, dil, pads)
     n = x.shape[0]
     cg, fg = c // g, f // g
     if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g, x.dtype):

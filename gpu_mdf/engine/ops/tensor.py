@@ -226,7 +226,7 @@ def flatten(xp, x, axis):
 
 @op("onnx::Transpose", ("data",), outputs=("transposed",), attrs={"perm": Attr(INTS)}, alias=True)
 def transpose(xp, x, perm):
-    return xp.transpose(x, None if perm is None else [int(p) for p in perm])
+    return x.transpose() if perm is None else x.transpose(tuple(perm))     # the method: no wrapper (a view)
 
 
 @op("onnx::Concat", ("inputs",), outputs=("concat_result",), variadic=True, attrs={"axis": Attr(INT, 0)}, since=4,
