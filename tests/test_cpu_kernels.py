@@ -554,6 +554,27 @@ def test_kernel_outputs_are_held_to_the_compile_time_budget():
         nn.conv(np, x, np.ones((2, 1, 1, 1), np.float32), group=2, pads=[1500] * 4)
 
 
+def test_a_conv_geometry_is_kept_per_shape_and_attributes_and_a_bad_one_refused_every_time():
+    """nn._conv keeps each checked geometry by shapes and attributes: the same conv with
+    other pads, strides or dilations, or another batch, gets its own (ONNX Runtime's values
+    each time, asked in turns); a conv that does not fit is refused on every call."""
+    from gpu_mdf.engine.ops import OpError
+    x = F.R.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    w = F.R.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    attrs = [dict(pads=[1, 1, 1, 1]), dict(pads=[0, 1, 2, 0]), dict(strides=[2, 2]), dict(dilations=[2, 1]),
+             dict(auto_pad="SAME_UPPER", strides=[2, 1])]
+    for _ in range(2):
+        for a in attrs:
+            for xs in (x, x[:1]):
+                np.testing.assert_allclose(nn.conv(np, xs, w, **a), _ort_conv(xs, w, None, **a), rtol=1e-5, atol=1e-5)
+    assert sum(k[:2] == (x.shape, w.shape) for k in nn._GEOMETRIES) >= len(attrs)
+    for _ in range(2):
+        with pytest.raises(OpError, match="does not fit an axis"):
+            nn.conv(np, x[..., :2, :2], w)
+        with pytest.raises(OpError, match="group 3 do not fit"):
+            nn.conv(np, x, w, group=3)
+
+
 @pytest.mark.parametrize("kernels", ["on", "off"])
 def test_negative_pads_are_refused(kernels, numpy_forms):
     import contextlib
