@@ -782,13 +782,29 @@ def _tiled(o, c: int, width: int, dtype):
     return weight_form(o, f"filled {n} {np.dtype(dtype).str}", lambda: np.full(n, np.reshape(o, -1)[0], dtype))[:width]
 
 
+_ROWS: dict = {}
+
+
 def _rows(x, others):
     """(rows, C, k, order, full) where ``x`` is contiguous in its own memory ``order`` (axes,
     the innermost last), every other operand either a whole tensor laid out as ``x`` (its
     index in ``full``, counting ``x`` as 0) or varying along that innermost axis only (or
-    nowhere), and ``k`` rows of its C values make a tile; None otherwise."""
+    nowhere), and ``k`` rows of its C values make a tile; None otherwise. Kept by the
+    operands' shapes, strides and kinds (it is theirs alone): a batch's chain works it out once."""
     if not isinstance(x, np.ndarray) or x.ndim < 2 or x.size < 2 * _TILE:
         return None
+    key = (x.shape, x.strides, x.itemsize) + tuple(
+        (o.shape, o.strides, o.itemsize) if isinstance(o, np.ndarray) else
+        np.generic if isinstance(o, np.generic) else type(o) for o in others)
+    if key in _ROWS:
+        return _ROWS[key]
+    if len(_ROWS) > 4096:
+        _ROWS.clear()
+    found = _ROWS[key] = _find_rows(x, others)
+    return found
+
+
+def _find_rows(x, others):
     # size-1 axes first (their strides mean nothing), then the others by falling stride
     order = tuple(sorted(range(x.ndim), key=lambda i: (x.shape[i] != 1, -x.strides[i])))
     axis = order[-1]
@@ -830,4 +846,4 @@ def _tile_rows(rows: int, c: int) -> int:
 
 def _flat_view(x, order, n: int, width: int):
     """x's memory as (n, width), through its memory order (a view)."""
-    return np.transpose(x, order).reshape(n, width)
+    return x.transpose(order).reshape(n, width)
