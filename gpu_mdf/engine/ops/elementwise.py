@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..expr import erf
-from . import FLOAT, INT, STRING, Attr, OpError, op, scalar
+from . import FLOAT, INT, STRING, Attr, OpError, op, scalar, weight_form
 
 # --------------------------------------------------------------------------- #
 # Unary, no attributes: ONNX name -> (input name, function of (xp, x))
@@ -156,8 +156,8 @@ def _tiled_trailing(xp, a, b):
     """NumPy broadcasting a short vector along the last axis of ``a`` (a bias, a
     per-channel scale with few channels) runs an inner loop per row of that length: 4x
     slow for 16 channels. The same operation on ``a`` seen as rows of ``k * len(b)``
-    values and ``b`` tiled ``k`` times runs at memory speed. Returns (a view, tiled b)
-    or None where it does not apply."""
+    values and ``b`` tiled ``k`` times runs at memory speed. Returns (a view, tiled b: made
+    once for a constant ``b``) or None where it does not apply."""
     if xp is not np or b.ndim == 0 or a.ndim < 2 or not a.flags.c_contiguous:
         return None
     c = a.shape[-1]
@@ -169,7 +169,7 @@ def _tiled_trailing(xp, a, b):
         k //= 2
     if k < 4:
         return None
-    return a.reshape(-1, k * c), np.tile(b.reshape(-1), k)
+    return a.reshape(-1, k * c), weight_form(b, f"tiled {k}", lambda: np.tile(b.reshape(-1), k))
 
 
 def add_trailing(xp, a, b, inplace=False):
