@@ -96,6 +96,56 @@ def test_fold_batchnorm_into_conv_weights():
     np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-4, atol=1e-5)
 
 
+def _transposes_and_reshapes(b, shared):
+    """x (2, 3, 4, 5): a pair of Transposes that undo each other, a pair that composes to
+    one, four Reshapes in a row (each reads the first one's input in turn) but the last,
+    whose shape holds a 0 (a dimension copied from the value before it: left alone); with ``shared``, the first
+    Transpose's value is read by another op too (so it stays)."""
+    t1 = b.op("Transpose", ["x"], perm=[0, 2, 3, 1])
+    y = b.op("Relu", [b.op("Transpose", [t1], perm=[0, 3, 1, 2])])                       # NCHW again
+    y = b.op("Transpose", [b.op("Transpose", [y], perm=[0, 2, 3, 1])], perm=[1, 0, 2, 3])  # one perm
+    y = b.op("Reshape", [b.op("Reshape", [y, b.init("s1", np.array([-1, 20]))]), b.init("s2", np.array([6, -1]))])
+    y = b.op("Reshape", [b.op("Reshape", [y, b.init("s3", np.array([24, 5]))]), b.init("s4", np.array([0, -1]))])
+    outs = [b.op("Sigmoid", [y])]
+    if shared:
+        outs.append(b.op("Neg", [t1]))
+    return outs
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cancel_transposes_removes_pairs_composes_the_rest_and_skips_reshape_pairs_with_0(shared):
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    outs = _transposes_and_reshapes(b, shared)
+    model = b.model("x", [2, 3, 4, 5], outs)
+    doc = onnx_to_mdf_doc(model)
+    x = F.R.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    note = "cancel_transposes: 1 Transpose pairs that undo each other removed; 1 Transposes of a Transpose made " \
+           "one; 2 Reshapes of a Reshape read its input"
+    assert note in opt.describe()
+    assert _ops(plain).count("onnx::Transpose") == 4
+    assert _ops(opt).count("onnx::Transpose") == (2 if shared else 1)      # the shared first one stays
+    assert _ops(opt).count("onnx::Reshape") == 2            # s1, then s2, gone; s3 -> s4 (a 0) kept
+    wants = F.run_ort_all(model, {"x": x})
+    for g, w, ort_w in zip(*((v if isinstance(v, dict) else {"y": v}).values() for v in (got, want)), wants):
+        _close(g, w)
+        np.testing.assert_allclose(g, ort_w, rtol=1e-6, atol=1e-6)
+
+
+def test_a_transpose_pair_whose_value_is_a_graph_output_stays_its_own_value():
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    y = b.op("Transpose", [b.op("Relu", ["x"])], perm=[0, 2, 1])
+    y = b.op("Transpose", [y], perm=[0, 2, 1])
+    model = b.model("x", [2, 3, 4], [y])
+    x = F.R.standard_normal((2, 3, 4)).astype(np.float32)
+    plain, opt, want, got = _both(onnx_to_mdf_doc(model), x)
+    assert "cancel_transposes" not in opt.describe()
+    np.testing.assert_array_equal(got, np.maximum(x, 0))
+    _close(got, want)
+
+
 def test_fold_channel_affine_through_a_transpose_into_gemm_and_conv():
     def build(b):
         y = b.op("Conv", ["x", b.init("w", F.w(4, 2, 3, 3))])                      # no bias: one is made

@@ -18,7 +18,9 @@ case to 1e-5 x max|y| against ``optimize=False``):
 * :func:`depthwise_epilogue` (a program on the CPU only): a depthwise convolution's bias
   and ReLU/ReLU6 after it run inside its compiled kernel;
 * :func:`winograd_convs` (a program on the CPU only): a 3x3 convolution with many channels
-  runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36.
+  runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36;
+* :func:`cancel_transposes` (last): Transposes of Transposes composed (none where they undo
+  each other), Reshapes of Reshapes read the first one's input.
 """
 
 from __future__ import annotations
@@ -721,6 +723,71 @@ def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
     return bias.reshape(-1), chain.args[other].val.basis, tuple(ops)
 
 
+def cancel_transposes(plan, info) -> str | None:
+    """A Transpose of a Transpose's value reads the first one's input through the two
+    permutations composed: none where they undo each other (the Keras converter's NCHW ->
+    NHWC -> NCHW around every layer, left adjacent once the chains between them moved into
+    the convs), one Transpose otherwise; the first goes where nothing else reads it. A
+    Reshape of a Reshape's value with a constant shape of no 0 (which would copy a dimension
+    of the value between) reads the first one's input: C order both, the same values. The
+    same arrays as views: nothing is computed."""
+    cancelled = merged = reshapes = 0
+    changed = True
+    while changed:
+        changed = False
+        for st in list(plan.steps):
+            if not isinstance(st, OpStep) or st.spec.name not in ("onnx::Transpose", "onnx::Reshape") \
+                    or not st.args or st.args[0] is None or st.args[0].index is not None:
+                continue
+            first = _producer(plan, st.args[0].val.key)
+            if not isinstance(first, OpStep) or first.spec.name != st.spec.name or not first.args \
+                    or first.args[0] is None or first.place != st.place:
+                continue
+            if st.spec.name == "onnx::Reshape":
+                shape = st.args[1].host_value() if len(st.args) > 1 and _is_const(st.args[1]) else None
+                if shape is None or np.any(np.asarray(shape) == 0):
+                    continue
+                st.args = [first.args[0]] + list(st.args[1:])
+                reshapes += 1
+            else:
+                rank = _rank(info, first.args[0].val.key, first, st)
+                if rank is None:
+                    continue
+                p1 = list(first.attrs.get("perm") or reversed(range(rank)))
+                p2 = list(st.attrs.get("perm") or reversed(range(rank)))
+                perm = [p1[j] for j in p2]
+                if perm == list(range(rank)):
+                    if any(o.ref.val.key == st.key for o in plan.outputs):
+                        continue                  # a graph output stays a value of its own
+                    val = _val_of(plan, st.key)
+                    plan.steps.remove(st)
+                    if val is not None:
+                        _redirect(plan, val, first.args[0])
+                    cancelled += 1
+                else:
+                    st.args = [first.args[0]]
+                    st.attrs = {**st.attrs, "perm": perm}
+                    merged += 1
+            _changed(plan)
+            if _uses(plan)[first.key] == 0:
+                plan.steps.remove(first)
+            _changed(plan)
+            changed = True
+    notes = [f"{cancelled} Transpose pairs that undo each other removed" if cancelled else "",
+             f"{merged} Transposes of a Transpose made one" if merged else "",
+             f"{reshapes} Reshapes of a Reshape read its input" if reshapes else ""]
+    return "; ".join(n for n in notes if n) or None
+
+
+def _rank(info, key, *steps) -> int | None:
+    """The rank of the value ``key`` (the compile-time probe's shape, or the steps' perms)."""
+    shape = info.get(key, (None, None))[0] if info else None
+    if shape is not None:
+        return len(shape)
+    perms = [st.attrs.get("perm") for st in steps if st.attrs.get("perm") is not None]
+    return len(perms[0]) if perms else None
+
+
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one
 #: thread, blocks of 2-13 images, with at least cpu.WINOGRAD_MIN_TILES tiles): from 128
 #: input channels 1.15-1.45x (the 16 GEMMs have C as their inner size; at 64 channels
@@ -762,11 +829,15 @@ PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to
 CPU_PASSES = (depthwise_epilogue, winograd_convs)
 
 
+#: last, on every backend: what the passes before left adjacent
+LAST_PASSES = (cancel_transposes,)
+
+
 def optimize(plan, info, gpu: bool = False) -> list[str]:
     """Run every pass (those of :data:`CPU_PASSES` for a CPU program only); the notes of
     those that changed something."""
     notes = []
-    for p in PASSES + (() if gpu else CPU_PASSES):
+    for p in PASSES + (() if gpu else CPU_PASSES) + LAST_PASSES:
         _changed(plan)
         note = p(plan, info)
         if note:
@@ -775,5 +846,6 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
     return notes
 
 
-__all__ = ["CPU_PASSES", "PASSES", "bias_to_epilogue", "depthwise_epilogue", "fold_batchnorm", "fold_channel_affine",
-           "fold_pad", "fuse_elementwise", "max_pool_first", "optimize", "recognise_caps", "winograd_convs"]
+__all__ = ["CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes", "depthwise_epilogue",
+           "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise", "max_pool_first", "optimize",
+           "recognise_caps", "winograd_convs"]
