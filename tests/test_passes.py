@@ -133,6 +133,49 @@ def test_cancel_transposes_removes_pairs_composes_the_rest_and_skips_reshape_pai
         np.testing.assert_allclose(g, ort_w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_move_transposes_runs_nhwc_chains_in_the_convs_layout_and_the_pairs_cancel(device, strict_gpu):
+    """The Keras converter's form: Conv -> Transpose to NHWC -> bias, ReLU (and a residual
+    Add of another NHWC value, and a scalar) -> Transpose to NCHW -> Conv. The chains move
+    inside the Transposes (their per-channel constants permuted), the pairs then cancel:
+    no Transpose left but the input's; ONNX Runtime's values, on the CPU and the GPU stand-in."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    to_nhwc, to_nchw = [0, 2, 3, 1], [0, 3, 1, 2]
+    y = b.op("Conv", [b.op("Transpose", ["x"], perm=to_nchw), b.init("w1", F.w(6, 3, 3, 3))], pads=[1, 1, 1, 1])
+    a = b.op("Relu", [b.op("Add", [b.op("Transpose", [y], perm=to_nhwc), b.init("b1", F.w(6))])])   # NHWC
+    y = b.op("Conv", [b.op("Transpose", [a], perm=to_nchw), b.init("w2", F.w(6, 6, 1, 1))])
+    r = b.op("Add", [b.op("Add", [b.op("Transpose", [y], perm=to_nhwc), b.init("b2", F.w(6))]), a])  # residual
+    r = b.op("Mul", [r, b.init("half", np.float32(0.5))])
+    y = b.op("Conv", [b.op("Transpose", [r], perm=to_nchw), b.init("w3", F.w(4, 6, 1, 1)), b.init("b3", F.w(4))])
+    model = b.model("x", [2, 7, 7, 3], [y])
+    doc = onnx_to_mdf_doc(model)
+    x = F.R.standard_normal((2, 7, 7, 3)).astype(np.float32)
+    plain = compile(doc, device="cpu", optimize=False)
+    opt = compile(doc, device="cpu" if device == "cpu" else strict_gpu)
+    assert "move_transposes: 2 Transposes moved after the elementwise chain" in opt.describe()
+    assert "cancel_transposes: 2 Transpose pairs that undo each other removed" in opt.describe()   # (a third: unread)
+    assert _ops(plain).count("onnx::Transpose") == 5 and _ops(opt).count("onnx::Transpose") == 1
+    got = opt.run(x, check=False)
+    _close(got, plain.run(x, check=False))
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_move_transposes_leaves_a_chain_with_an_operand_in_another_layout():
+    """A chain adding a value that is not the same Transpose of another (here the NHWC
+    input itself) stays where it is: nothing moves, the values are ONNX Runtime's."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    y = b.op("Conv", [b.op("Transpose", ["x"], perm=[0, 3, 1, 2]), b.init("w", F.w(3, 3, 1, 1))])
+    y = b.op("Add", [b.op("Transpose", [y], perm=[0, 2, 3, 1]), "x"])
+    model = b.model("x", [2, 5, 5, 3], [b.op("Relu", [y])])
+    x = F.R.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    plain, opt, want, got = _both(onnx_to_mdf_doc(model), x)
+    assert "move_transposes" not in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_transpose_pair_whose_value_is_a_graph_output_stays_its_own_value():
     from gpu_mdf.convert.onnx import onnx_to_mdf_doc
     b = F.Builder()

@@ -19,8 +19,9 @@ case to 1e-5 x max|y| against ``optimize=False``):
   and ReLU/ReLU6 after it run inside its compiled kernel;
 * :func:`winograd_convs` (a program on the CPU only): a 3x3 convolution with many channels
   runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36;
-* :func:`cancel_transposes` (last): Transposes of Transposes composed (none where they undo
-  each other), Reshapes of Reshapes read the first one's input.
+* :func:`move_transposes` and :func:`cancel_transposes` (last): a Transpose before an
+  elementwise chain moves after it; Transposes of Transposes composed (none where they
+  undo each other), Reshapes of Reshapes read the first one's input.
 """
 
 from __future__ import annotations
@@ -723,6 +724,62 @@ def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
     return bias.reshape(-1), chain.args[other].val.basis, tuple(ops)
 
 
+def move_transposes(plan, info) -> str | None:
+    """A Transpose whose value only an elementwise chain reads (no softmax tail) moves after
+    the chain: the chain reads the Transpose's input, its constants permuted the inverse
+    way (a bias along NHWC's last axis becomes one along NCHW's channels), an operand that
+    is the same Transpose of another value reads that value; the Transpose then reads the
+    chain's result, for the chain's readers. Elementwise ops commute with a permutation of
+    all their operands: the same values. Run before :func:`cancel_transposes`, which then
+    removes the pair the moved Transpose makes with the one after the chain (the Keras
+    converter's NHWC chain between two convs)."""
+    done = 0
+    for chain in [s for s in plan.steps if isinstance(s, FusedStep) and not s.tail and s.place == DEVICE]:
+        first = chain.args[0]
+        t = _producer(plan, first.val.key) if first is not None and first.index is None else None
+        if not _is_transpose(t) or _readers(plan, t.key) != [chain] \
+                or any(o.ref.val.key == t.key for o in plan.outputs) or _val_of(plan, chain.key) is None:
+            continue
+        rank = _rank(info, t.args[0].val.key, t)
+        if rank is None:
+            continue
+        perm = list(t.attrs.get("perm") or reversed(range(rank)))
+        inverse = [perm.index(i) for i in range(rank)]
+        args = []
+        for r in chain.args:
+            if r is not None and r.val.key == t.key:
+                args.append(t.args[0])
+            elif _is_const(r):
+                c = np.asarray(r.host_value())
+                if c.ndim > rank:
+                    break
+                c = c if c.ndim == 0 else c.reshape((1,) * (rank - c.ndim) + c.shape).transpose(inverse)
+                args.append(_const(np.ascontiguousarray(c), r.val.basis, r.val.what))
+            else:
+                other = _producer(plan, r.val.key) if r is not None and r.index is None else None
+                if not (_is_transpose(other) and list(other.attrs.get("perm") or reversed(range(rank))) == perm):
+                    break
+                args.append(other.args[0])
+        else:
+            chain_val, t_val = _val_of(plan, chain.key), _val_of(plan, t.key)
+            _redirect(plan, chain_val, Ref(t_val))              # the chain's readers read the Transpose
+            chain.args = args
+            t.args = [Ref(chain_val)]
+            plan.steps.remove(t)
+            plan.steps.insert(plan.steps.index(chain) + 1, t)
+            _changed(plan)
+            for st in [s for s in plan.steps if _is_transpose(s) and _uses(plan)[s.key] == 0]:
+                plan.steps.remove(st)                           # an operand's Transpose nothing reads now
+            _changed(plan)
+            done += 1
+    return f"{done} Transposes moved after the elementwise chain reading them" if done else None
+
+
+def _is_transpose(st) -> bool:
+    return isinstance(st, OpStep) and st.spec.name == "onnx::Transpose" and st.place == DEVICE and bool(st.args) \
+        and st.args[0] is not None and st.args[0].index is None
+
+
 def cancel_transposes(plan, info) -> str | None:
     """A Transpose of a Transpose's value reads the first one's input through the two
     permutations composed: none where they undo each other (the Keras converter's NCHW ->
@@ -830,7 +887,7 @@ CPU_PASSES = (depthwise_epilogue, winograd_convs)
 
 
 #: last, on every backend: what the passes before left adjacent
-LAST_PASSES = (cancel_transposes,)
+LAST_PASSES = (move_transposes, cancel_transposes)
 
 
 def optimize(plan, info, gpu: bool = False) -> list[str]:
@@ -847,5 +904,6 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
 
 
 __all__ = ["CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes", "depthwise_epilogue",
-           "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise", "max_pool_first", "optimize",
+           "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise", "max_pool_first", "move_transposes",
+           "optimize",
            "recognise_caps", "winograd_convs"]
