@@ -11,8 +11,9 @@ wrote and against the NumPy forms they replace:
   short axes (pooling written as reshape + reduce) is NumPy's own reduction, NaN included,
   and the kernel runs exactly where it applies;
 * every fused op with a compiled form agrees with NumPy's on NaN, infinities and signed
-  zeros, and a chain broadcasts and writes in place as NumPy's does; float32 chains' tanh
-  (``cpu.tanh32``) is within 7 ulp of float64's tanh over 14 million float32 values;
+  zeros, and a chain broadcasts and writes in place as NumPy's does; float32 chains' tanh,
+  exp and sigmoid (``cpu.tanh32``, exp32, sigmoid32) are within 7, 1 and 2.5 ulp of
+  float64's over millions of float32 values;
 * every case of the golden corpus gives the same outputs with the kernels on and off
   (``GPU_MDF_NUMBA=0``), within 1e-5 x max|y|, NaN where NaN.
 
@@ -595,26 +596,62 @@ def test_the_ops_left_to_numpy_are_the_transcendental_ones():
     assert set(FUSIBLE) - set(COMPILED_OPS) == {"onnx::Exp", "onnx::Tanh", "onnx::Sigmoid"}
     assert not compiles((Instr("onnx::Exp", 0), Instr("onnx::Tanh", "r0")))      # nothing to compile
     assert compiles((Instr("onnx::Add", 0, 1), Instr("onnx::Sigmoid", "r0")))     # cut around the tanh
-    # float32 chains compile tanh (cpu.tanh32; sigmoid is expanded around it): only exp is
+    # float32 chains compile tanh, sigmoid and exp too (cpu.tanh32, sigmoid32, exp32): none
     # left to NumPy there; float64 as before
-    assert [op for op in FUSIBLE if not FUSIBLE[op].py_form(np.float32)] == ["onnx::Sigmoid", "onnx::Exp"]
+    assert [op for op in FUSIBLE if not FUSIBLE[op].py_form(np.float32)] == []
     assert [op for op in FUSIBLE if not FUSIBLE[op].py_form(np.float64)] == ["onnx::Sigmoid", "onnx::Tanh",
                                                                           "onnx::Exp"]
     assert compiles((Instr("onnx::Tanh", 0), Instr("onnx::Tanh", "r0")), np.float32)
     assert not compiles((Instr("onnx::Tanh", 0), Instr("onnx::Tanh", "r0")), np.float64)
 
 
-def _tanh32_values(a):
+def _chain_fn_values(name, a):
     import numba
-    tanh32 = cpu._chain_functions(numba)["tanh32"]
+    fn = cpu._chain_functions(numba)[name]
 
-    @numba.njit
+    @numba.njit(error_model="numpy")
     def apply(a, out):
         for i in range(a.size):
-            out[i] = tanh32(a[i])
+            out[i] = fn(a[i])
     out = np.empty_like(a)
     apply(a, out)
     return out
+
+
+def _tanh32_values(a):
+    return _chain_fn_values("tanh32", a)
+
+
+def _ulps(got, ref):
+    """|got - ref| in units of the float32 spacing at ref (at least the smallest subnormal)."""
+    with np.errstate(over="ignore"):
+        spacing = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    return np.abs(got.astype(np.float64) - ref) / np.maximum(spacing, float(np.finfo(np.float32).smallest_subnormal))
+
+
+def test_exp32_and_sigmoid32_are_within_1_and_2_5_ulp_and_keep_nan_and_infinities():
+    """Float32 chains' compiled exp and sigmoid against float64's: every 61st float32 of -104
+    to 89 (23 million values: exp where its result is a normal float32, the sigmoid
+    everywhere it is one, the tails included, where 0.5 tanh(x/2) + 0.5 loses all relative
+    accuracy); overflow to inf, underflow to 0, NaN kept."""
+    pos = np.arange(0, np.float32(89.0).view(np.int32), 61, dtype=np.int32).view(np.float32)
+    neg = -np.arange(1, np.float32(104.0).view(np.int32), 61, dtype=np.int32).view(np.float32)
+    a = np.concatenate([pos, neg])
+    e = _chain_fn_values("exp32", a)
+    ref = np.exp(a.astype(np.float64))
+    normal = (ref >= np.finfo(np.float32).tiny) & (ref <= np.finfo(np.float32).max)
+    assert _ulps(e, ref)[normal].max() <= 1.0
+    sig = _chain_fn_values("sigmoid32", a)
+    ref = 1 / (1 + np.exp(-a.astype(np.float64)))
+    assert _ulps(sig, ref)[ref >= np.finfo(np.float32).tiny].max() <= 2.5
+    assert (sig >= 0).all() and (sig <= 1).all()
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 88.8, -110.0], np.float32)
+    got = _chain_fn_values("exp32", special)
+    assert np.isnan(got[0])
+    np.testing.assert_array_equal(got[1:], [np.inf, 0, 1, 1, np.inf, 0])
+    got = _chain_fn_values("sigmoid32", special)
+    assert np.isnan(got[0])
+    np.testing.assert_array_equal(got[1:], [1, 0, 0.5, 0.5, 1, 0])
 
 
 def test_tanh32_is_within_7_ulp_of_tanh_odd_and_keeps_nan_and_infinities():
@@ -697,16 +734,15 @@ def test_segmented_chains_give_numpys_bits(name, inplace, layout):
 @pytest.mark.parametrize("layout", ["channels-last", "contiguous", "small"])
 @pytest.mark.parametrize("name, inplace", IN_PLACE)
 def test_float32_chains_run_tanh_compiled_within_its_error(name, inplace, layout):
-    """Cut for float32 only around exp: tanh and sigmoid run inside the compiled loop
-    (cpu.tanh32). NaN and infinities where NumPy's forms have them; the rest within tanh32's
-    4.1e-7 carried through the chain (values up to 16 here)."""
+    """Not cut in float32: tanh, sigmoid and exp run inside the compiled loop (cpu.tanh32,
+    sigmoid32, exp32). NaN and infinities where NumPy's forms have them; the rest within
+    their few ulp carried through the chain (values up to 16 here)."""
     program, ops = _segmented_case(name, layout)
     segs, got, want = _run_segmented(program, ops, inplace, np.float32)
-    assert not {seg.op for seg in segs} & {"onnx::Tanh", "onnx::Sigmoid"}
+    assert len(segs) == 1 and not segs[0].op
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, equal_nan=True)
-    assert not np.array_equal(got, want, equal_nan=True) or name == "exp-first"   # tanh32 did run
 
 
 @pytest.mark.parametrize("first", ["per channel", "whole"])

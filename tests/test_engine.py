@@ -333,13 +333,33 @@ def test_cpu_blocks_a_little_larger_than_block_size_do_not_deadlock(monkeypatch)
     prog = compile(Path(__file__).resolve().parents[1] / "examples" / "mnist_softmax.mdf.json", device="cpu")
     x = np.random.default_rng(0).integers(0, 256, (97, 28, 28)).astype(np.uint8)
     whole = prog.run(x)
-    monkeypatch.setattr(Program, "block_size", property(lambda self: 4))   # 97 items: 24 blocks of 5
+    monkeypatch.setattr(Program, "block_size", property(lambda self: 4))   # 97 items: 24 blocks, one of 5
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("y", prog.run(x, threads=2)), daemon=True)
     t.start()
     t.join(30)
     assert "y" in out, "blocked run did not finish (nested blocking on the pool)"
     np.testing.assert_allclose(out["y"], whole, atol=1e-5, rtol=1e-5)   # BLAS may block a GEMM differently
+
+
+@pytest.mark.parametrize("n, block, sizes", [(9, 2, [2, 2, 2, 3]), (97, 4, [4] * 23 + [5]), (32, 11, [16, 16]),
+                                              (10, 3, [2, 3, 2, 3])])
+def test_cpu_blocks_are_an_even_number_of_near_equal_parts(n, block, sizes, monkeypatch):
+    """A batch runs as an even number of blocks (from its size alone), sizes differing by one
+    at most, in order; the values are the whole batch's."""
+    from pathlib import Path
+
+    from gpu_mdf.engine.program import Program
+    prog = compile(Path(__file__).resolve().parents[1] / "examples" / "mnist_softmax.mdf.json", device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (n, 28, 28)).astype(np.uint8)
+    whole = prog.run(x)
+    monkeypatch.setattr(Program, "block_size", property(lambda self: block))
+    seen, real = [], Program._run_whole
+    monkeypatch.setattr(Program, "_run_whole",
+                        lambda self, part, **kw: seen.append(len(part)) or real(self, part, **kw))
+    got = prog.run(x, threads=1)
+    assert seen == sizes
+    np.testing.assert_allclose(got, whole, atol=1e-5, rtol=1e-5)
 
 
 def _yaml_bomb(levels: int = 9) -> str:

@@ -176,6 +176,42 @@ def test_move_transposes_leaves_a_chain_with_an_operand_in_another_layout():
     np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_move_transposes_tells_perm_less_transposes_of_other_ranks_apart():
+    """Two Transposes without a perm (each reverses its own axes) of a rank-4 and a rank-2
+    value are not the same permutation: the chain stays (review: it moved and broadcast
+    the 2-D value along the wrong axes)."""
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    y = b.op("ReduceMax", ["x"], axes=[0, 1], keepdims=0)                  # (2, 2)
+    model = b.model("x", [2, 2, 2, 2], [b.op("Relu", [b.op("Add", [b.op("Transpose", ["x"]),
+                                                                  b.op("Transpose", [y])])])])
+    x = F.R.standard_normal((2, 2, 2, 2)).astype(np.float32)
+    plain, opt, want, got = _both(onnx_to_mdf_doc(model), x)
+    assert "move_transposes" not in opt.describe()
+    _close(got, want)
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["Sqrt", "Log"])
+def test_a_float32_sigmoid_keeps_its_relative_accuracy_in_the_tail(op):
+    """Sigmoid(-16) is 1e-7, not 0 and never negative: a Sqrt in the chain, or a Log after
+    it (the sigmoid then a chain of one op), gives float64's value to float32 precision on
+    the CPU's compiled kernels (review: the chain's tanh form gave NaN and -inf there).
+    NumPy's and CUDA's fused forms keep 0.5 tanh(x/2) + 0.5: absolute accuracy only."""
+    from gpu_mdf.engine.ops import cpu
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels off here ({cpu.describe()}): the fused sigmoid is NumPy's tanh form")
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    b = F.Builder()
+    model = b.model("x", [2, 8192], [b.op(op, [b.op("Sigmoid", ["x"])])])
+    x = np.linspace(-30, 30, 2 * 8192, dtype=np.float32).reshape(2, 8192)
+    got = compile(onnx_to_mdf_doc(model), device="cpu").run(x, check=False)
+    sig = 1 / (1 + np.exp(-x.astype(np.float64)))
+    want = np.sqrt(sig) if op == "Sqrt" else np.log(sig)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)        # (atol: log near 1, float32's ulp)
+
+
 def test_a_transpose_pair_whose_value_is_a_graph_output_stays_its_own_value():
     from gpu_mdf.convert.onnx import onnx_to_mdf_doc
     b = F.Builder()

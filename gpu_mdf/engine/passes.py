@@ -757,8 +757,9 @@ def move_transposes(plan, info) -> str | None:
                 args.append(_const(np.ascontiguousarray(c), r.val.basis, r.val.what))
             else:
                 other = _producer(plan, r.val.key) if r is not None and r.index is None else None
-                if not (_is_transpose(other) and list(other.attrs.get("perm") or reversed(range(rank))) == perm):
-                    break
+                if not _is_transpose(other) or _rank(info, other.args[0].val.key, other) != rank \
+                        or list(other.attrs.get("perm") or reversed(range(rank))) != perm:
+                    break                                       # (a perm-less Transpose's perm is its rank's)
                 args.append(other.args[0])
         else:
             chain_val, t_val = _val_of(plan, chain.key), _val_of(plan, t.key)

@@ -250,16 +250,17 @@ class Program:
         n = len(batch)
         # an even number of blocks (two cores are common; three blocks on two is a round
         # of one), from the batch size alone
-        nb = max(1, 2 * round(n / self.block_size / 2))
-        bs = -(-n // nb)                                       # equal blocks, from the batch size alone
+        nb = min(n, max(1, 2 * round(n / self.block_size / 2)))
+        bounds = [i * n // nb for i in range(nb + 1)]         # nb blocks whose sizes differ by one at most
         what = f"input {self.primary_input.name}"
 
-        def block(lo):
-            part = batch[lo:lo + bs]
+        def block(k):
+            lo = bounds[k]
+            part = batch[lo:bounds[k + 1]]
             if check and part.dtype.kind == "f":
                 check_finite(part, np, what, offset=lo)        # items numbered in the whole batch
             return self._run_whole(part, check=False)   # never blocked again (a block may be a little larger)
-        starts = range(0, len(batch), bs)
+        starts = range(nb)
         if threads > 1:
             with blas_threads(1):
                 outs = list(_block_pool().map(block, starts))

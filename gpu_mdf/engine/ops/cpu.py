@@ -13,9 +13,9 @@ installed (``pip install 'gpu-mdf[cpu]'``); NumPy's forms otherwise (`nn.py`).
 * :func:`fused` / :func:`run_segments`: a fused elementwise chain
   (:mod:`~gpu_mdf.engine.ops.fusion`), generated from the ops' Python forms: a loop over
   rows of about 4,096 contiguous values where the operands allow it (SIMD code; 2-5x
-  NumPy's in-place ufuncs), a ufunc elsewhere; exp stays NumPy's, the chain cut around it,
-  and so does tanh (and sigmoid's tanh) except in float32, where :func:`tanh32` runs inside
-  the loop. Chains are compiled once a process (0.1-0.2 s each).
+  NumPy's in-place ufuncs), a ufunc elsewhere. In float32, tanh, sigmoid and exp run inside
+  the loop (:func:`tanh32`, and exp32 and sigmoid32 of :func:`_chain_functions`); in float64
+  they stay NumPy's, the chain cut around them. Chains are compiled once a process (0.1-0.2 s each).
 
 Each kernel runs on the calling thread (``nogil``: `Program.run` spreads a large batch's
 blocks over the cores itself). A ``prange`` form over every core was measured and dropped:
@@ -132,8 +132,9 @@ def tanh32(x):
     rational function of degree 13/6 on x clamped to [-9, 9], no libm call, so numba
     vectorises a chain around it (EfficientNet's SiLU in one pass: 1.6-1.8x NumPy's five
     in-place passes, tanh among them). Within 6.9 ulp of tanh (4.1e-7 absolute), measured
-    on every float32 of magnitude 1e-30 to 20 (NumPy's own float32 tanh: 1.4 ulp); odd, and
-    +-1 at +-inf; NaN stays NaN (the clamps compare so that NaN passes through them)."""
+    on every float32 of magnitude 1e-30 to 20 (NumPy's own float32 tanh: 1.4 ulp); odd, within
+    [-1, 1] (the rational function alone reaches 1.0000001 near 8.5, which made a sigmoid of
+    -16 negative), +-1 at +-inf; NaN stays NaN (the clamps compare so that NaN passes)."""
     x = np.float32(9.0) if x > np.float32(9.0) else x
     x = np.float32(-9.0) if x < np.float32(-9.0) else x
     x2 = x * x
@@ -146,18 +147,64 @@ def tanh32(x):
     q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
     q = x2 * q + np.float32(2.26843463243900e-03)
     q = x2 * q + np.float32(4.89352518554385e-03)
-    return x * p / q
+    t = x * p / q
+    t = np.float32(1.0) if t > np.float32(1.0) else t           # the rational function passes 1 by an ulp
+    return np.float32(-1.0) if t < np.float32(-1.0) else t      # near +-8.5: a sigmoid of it would be < 0
 
 
-_tanh32_jit = None
+_chain_fns: dict | None = None
 
 
 def _chain_functions(numba) -> dict:
-    """The functions a chain's generated source may call (compiled once, inlined there)."""
-    global _tanh32_jit
-    if _tanh32_jit is None:
-        _tanh32_jit = numba.njit(inline="always", nogil=True)(tanh32)
-    return {"tanh32": _tanh32_jit}
+    """The functions a chain's generated source may call (compiled once, inlined there):
+    :func:`tanh32`, and ``exp32`` and ``sigmoid32``: exp of a float32 in float32 operations,
+    vectorisable (Cody and Waite's reduction by ln 2, Cephes' degree-7 polynomial, the power
+    of two made from its bits, in two halves so that 2^-150..2^128 stay in range): within
+    1 ulp of exp wherever exp is a normal float32, inf above 88.72, 0 below -104, NaN kept;
+    and 1 / (1 + exp32(-x)): within 2.5 ulp of the sigmoid everywhere (its NumPy form,
+    0.5 tanh(x/2) + 0.5, loses all relative accuracy below -17: 0 where it is 1e-8).
+    Measured on every 7th float32 of -104 to 89."""
+    global _chain_fns
+    if _chain_fns is not None:
+        return _chain_fns
+    import llvmlite.ir as lir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f32_from_bits(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], lir.FloatType())
+        return types.float32(types.int32), codegen
+
+    f = np.float32
+    jit = numba.njit(inline="always", nogil=True, error_model="numpy")
+
+    @jit
+    def exp32(x):
+        c = f(89.0) if x > f(89.0) else x
+        c = f(-104.0) if c < f(-104.0) else c
+        c = c if c == c else f(0.0)                          # (NaN: from r below)
+        n = (c * f(1.44269504088896341) + f(12582912.0)) - f(12582912.0)    # round(c / ln 2)
+        r = c - n * f(0.693359375)
+        r = r - n * f(-2.12194440e-4)
+        r = r if x == x else x
+        p = f(1.9875691500e-4) * r + f(1.3981999507e-3)
+        p = p * r + f(8.3334519073e-3)
+        p = p * r + f(4.1665795894e-2)
+        p = p * r + f(1.6666665459e-1)
+        p = p * r + f(5.0000001201e-1)
+        p = p * (r * r) + r + f(1.0)
+        k = np.int32(n)
+        h = k >> 1
+        return p * f32_from_bits((h + 127) << 23) * f32_from_bits((k - h + 127) << 23)
+
+    @jit
+    def sigmoid32(x):
+        return f(1.0) / (f(1.0) + exp32(-x))
+
+    _chain_fns = {"tanh32": jit(tanh32), "exp32": exp32, "sigmoid32": sigmoid32}
+    return _chain_fns
 
 
 #: an activation epilogue's ops (:func:`epilogue_codes`): none, Relu, Clip(lo, hi), min(x, c)
@@ -704,7 +751,7 @@ def _compile_chain(program, dtype, full: frozenset | None = None):
         return numba.vectorize([t(*([t] * n_operands(program)))], nopython=True)(namespace["chain"])
 
 
-_GENERATED_NAME = re.compile(r"(x|r)\d+|c\d+_[a-z]+|T|math|np|out|row|i|j|range|abs|chain|rows|tanh32")
+_GENERATED_NAME = re.compile(r"(x|r)\d+|c\d+_[a-z]+|T|math|np|out|row|i|j|range|abs|chain|rows|tanh32|exp32|sigmoid32")
 _ATTRIBUTES = frozenset({"sqrt", "empty", "shape", "dtype"})
 _SYNTAX = (ast.Module, ast.FunctionDef, ast.arguments, ast.arg, ast.Assign, ast.Return, ast.For, ast.Name,
            ast.Load, ast.Store, ast.Attribute, ast.Subscript, ast.Tuple, ast.Call, ast.Constant, ast.BinOp,
@@ -796,8 +843,9 @@ def _rows(x, others):
     key = (x.shape, x.strides, x.itemsize) + tuple(
         (o.shape, o.strides, o.itemsize) if isinstance(o, np.ndarray) else
         np.generic if isinstance(o, np.generic) else type(o) for o in others)
-    if key in _ROWS:
-        return _ROWS[key]
+    found = _ROWS.get(key, _ROWS)                     # (_ROWS itself: not there; None is a kept answer)
+    if found is not _ROWS:
+        return found
     if len(_ROWS) > 4096:
         _ROWS.clear()
     found = _ROWS[key] = _find_rows(x, others)

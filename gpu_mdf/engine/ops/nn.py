@@ -249,7 +249,8 @@ def _tuple(v):
 
 def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue):
     """(the conv, whether its ``epilogue`` ran too)"""
-    key = (x.shape, w.shape, auto_pad, _tuple(dilations), group, _tuple(kernel_shape), _tuple(pads), _tuple(strides))
+    key = (x.shape, w.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
+           _tuple(strides))
     geometry = _GEOMETRIES.get(key)
     if geometry is None:
         geometry = _conv_geometry(*key)

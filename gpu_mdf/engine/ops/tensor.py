@@ -226,6 +226,8 @@ def flatten(xp, x, axis):
 
 @op("onnx::Transpose", ("data",), outputs=("transposed",), attrs={"perm": Attr(INTS)}, alias=True)
 def transpose(xp, x, perm):
+    if not hasattr(x, "transpose"):
+        return xp.transpose(x, None if perm is None else [int(p) for p in perm])   # a host list, say
     return x.transpose() if perm is None else x.transpose(tuple(perm))     # the method: no wrapper (a view)
 
 
