@@ -747,7 +747,7 @@ def test_float32_chains_run_tanh_compiled_within_its_error(name, inplace, layout
 
 @pytest.mark.parametrize("first", ["per channel", "whole"])
 def test_a_float32_gate_broadcast_larger_runs_numpys_tanh_on_the_small_value(first, monkeypatch):
-    """sigmoid(s) * x: with s one value a channel, the chain is cut so that NumPy's tanh runs
+    """sigmoid(s) * x: with s one value a channel, the chain is cut so that NumPy's sigmoid runs
     on s alone (NumPy's bits); with s as large as the result, tanh32 runs in the loop."""
     from gpu_mdf.engine.steps import _compiled_chain
     program = (Instr("onnx::Sigmoid", 0), Instr("onnx::Mul", "r0", 1))
@@ -759,7 +759,7 @@ def test_a_float32_gate_broadcast_larger_runs_numpys_tanh_on_the_small_value(fir
     monkeypatch.setattr(cpu, "run_segments", lambda segs, *a: ran.append(segs) or real(segs, *a))
     got = _compiled_chain(program, np.dtype(np.float32), [lambda env, o=o: o for o in ops], False, None)({})
     want = run_numpy(program, ops)
-    assert any(seg.op == "onnx::Tanh" for seg in ran[0]) == (first == "per channel")
+    assert any(seg.op == "onnx::Sigmoid" for seg in ran[0]) == (first == "per channel")
     if first == "per channel":
         np.testing.assert_array_equal(got, want)
     else:

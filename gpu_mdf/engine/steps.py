@@ -187,7 +187,7 @@ def _compiled_chain(program, dtype, gets, inplace, tail_kernel):
     A float32 chain whose tanh (or sigmoid) runs compiled (``cpu.tanh32``) does so only
     where its first operand has the result's shape: where another operand broadcasts it
     larger (a squeeze-excite gate, sigmoid(s) * x with s one value a channel), the chain is
-    cut around NumPy's tanh, which then runs on the small value once, not per element."""
+    cut around NumPy's form of the op, which then runs on the small value once, not per element."""
     cuts = [segments(program, dtype), segments(program)]
     cuts = cuts[:1] if cuts[0] == cuts[1] else cuts
     chains = [[cpu.fused(seg.program, dtype) if seg.program else None for seg in segs] for segs in cuts]

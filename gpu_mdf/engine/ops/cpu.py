@@ -161,8 +161,8 @@ def _chain_functions(numba) -> dict:
     vectorisable (Cody and Waite's reduction by ln 2, Cephes' degree-7 polynomial, the power
     of two made from its bits, in two halves so that 2^-150..2^128 stay in range): within
     1 ulp of exp wherever exp is a normal float32, inf above 88.72, 0 below -104, NaN kept;
-    and 1 / (1 + exp32(-x)): within 2.5 ulp of the sigmoid everywhere (its NumPy form,
-    0.5 tanh(x/2) + 0.5, loses all relative accuracy below -17: 0 where it is 1e-8).
+    and 1 / (1 + exp32(-x)): within 2.5 ulp of the sigmoid everywhere (0.5 tanh(x/2) + 0.5,
+    the fused form before, lost all relative accuracy below -17: 0 where it is 1e-8).
     Measured on every 7th float32 of -104 to 89."""
     global _chain_fns
     if _chain_fns is not None:
@@ -776,7 +776,7 @@ def _generated_only(source: str, consts: dict) -> None:
 
 def run_segments(segs: list, chains: list, ops: list, inplace: bool, dtype):
     """A fused chain cut into segments (:func:`~gpu_mdf.engine.ops.fusion.segments`): each
-    compiled piece through :func:`run_chain`, each op without a compiled form (exp, tanh)
+    compiled piece through :func:`run_chain`, each op without a compiled form (exp, tanh, sigmoid)
     by NumPy in place on the value so far. Into ``ops[0]`` where ``inplace`` allows."""
     value = None                                           # the value so far
     for seg, chain in zip(segs, chains):

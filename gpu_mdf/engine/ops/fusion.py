@@ -44,12 +44,16 @@ class Fusible:
 
 
 def _np_sigmoid(a, b, out, at):
-    """0.5 * tanh(a / 2) + 0.5: stable for any a, and in place (``out`` may be ``a``)."""
-    half = out.dtype.type(0.5)
-    np.multiply(a, half, out=out)
-    np.tanh(out, out=out)
-    np.multiply(out, half, out=out)
-    return np.add(out, half, out=out)
+    """1 / (1 + e) where a >= 0 and e / (1 + e) below, e = exp(-|a|): the op's own form
+    (elementwise.sigmoid, the same bits), accurate in both tails (0.5 tanh(a/2) + 0.5, the
+    form before, gave 0 for 1e-8), in place (``out`` may be ``a``)."""
+    below = a < 0                                    # read before out, which may be a, is written
+    np.abs(a, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)                             # e
+    den = out + out.dtype.type(1)
+    np.copyto(out, out.dtype.type(1), where=~below)  # the numerator: 1, or e below 0 (NaN: e)
+    return np.divide(out, den, out=out)
 
 
 def _np_leaky_relu(a, b, out, at):
@@ -64,7 +68,9 @@ FUSIBLE: dict[str, Fusible] = {
     "onnx::Relu": Fusible(1, lambda a, b, out, at: np.maximum(a, 0, out=out), "({a} < 0 ? (T)0 : {a})",
         py="(T(0) if {a} <= 0 else {a})"),
     # float32 chains: 1 / (1 + exp32(-a)), within 2.5 ulp everywhere (cpu._chain_functions)
-    "onnx::Sigmoid": Fusible(1, _np_sigmoid, "((T)0.5 * tanh{f}((T)0.5 * {a}) + (T)0.5)", py32="sigmoid32({a})"),
+    "onnx::Sigmoid": Fusible(1, _np_sigmoid,
+                             "({a} >= (T)0 ? (T)1 / ((T)1 + exp{f}(-{a})) : exp{f}({a}) / ((T)1 + exp{f}({a})))",
+                             py32="sigmoid32({a})"),
     # float32 chains: Eigen's and ONNX Runtime's rational tanh (cpu.tanh32, within 7 ulp)
     "onnx::Tanh": Fusible(1, lambda a, b, out, at: np.tanh(a, out=out), "tanh{f}({a})", py32="tanh32({a})"),
     "onnx::Exp": Fusible(1, lambda a, b, out, at: np.exp(a, out=out), "exp{f}({a})", py32="exp32({a})"),
@@ -170,9 +176,6 @@ def compiles(program: tuple[Instr, ...], dtype=None) -> bool:
     return len(program) >= 2 and any(seg.program for seg in segments(program, dtype))
 
 
-# Sigmoid in a compiled chain without a form of its own (float64): its NumPy form's own steps,
-# 0.5 * tanh(0.5 * a) + 0.5, around NumPy's tanh (the same operations: the same bits)
-_EXPANSIONS = {"onnx::Sigmoid": (("onnx::Mul", 0.5), ("onnx::Tanh", None), ("onnx::Mul", 0.5), ("onnx::Add", 0.5))}
 PREV = "prev"
 
 
@@ -180,7 +183,7 @@ PREV = "prev"
 class Segment:
     """A piece of a chain on the CPU: a compiled sub-chain (``program`` over ``operands``:
     PREV, the value so far; an int, the chain's operand; a float, a constant), or one op
-    without a Python form (``op``: exp, tanh) run by NumPy in place on the value so far
+    without a Python form (``op``: exp, tanh, sigmoid) run by NumPy in place on the value so far
     (or on the chain's operand ``operands[0]`` when it comes first)."""
     program: tuple[Instr, ...] = ()
     operands: tuple = ()                # PREV, int (an operand of the chain) or float (a constant)
@@ -190,15 +193,11 @@ class Segment:
 
 def segments(program: tuple[Instr, ...], dtype=None) -> list[Segment]:
     """The chain cut at its ops without a Python form for ``dtype`` (None: the forms of
-    every type), Sigmoid without a form of its own expanded around its tanh."""
+    every type): each of those runs as its NumPy form on the value so far."""
     steps = []                          # (op, a, b, attrs); references PREV, an int, or ("const", value)
     for ins in program:
         a, b = (PREV if isinstance(r, str) else r for r in (ins.a, ins.b))
-        if ins.op in _EXPANSIONS and not FUSIBLE[ins.op].py_form(dtype):
-            steps += [(op, a if j == 0 else PREV, ("const", const), ()) if const is not None else (op, PREV, None, ())
-                      for j, (op, const) in enumerate(_EXPANSIONS[ins.op])]
-        else:
-            steps.append((ins.op, a, b, ins.attrs))
+        steps.append((ins.op, a, b, ins.attrs))
     out, run = [], []
     for step in steps + [None]:
         if step is not None and FUSIBLE[step[0]].py_form(dtype):
