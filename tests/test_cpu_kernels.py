@@ -897,6 +897,14 @@ def test_a_chains_source_holds_no_value_of_the_model():
         cpu._generated_only("def chain(x0):\n    return x0\n", {"c0_alpha": "os"})
     for source, consts in (py_chain(program), py_rows(program, frozenset({1}))):
         cpu._generated_only(source, consts)               # what the generator writes passes
+    # float32's own forms add calls of the kernels' functions only, by fixed names
+    import ast
+    transcendental = (Instr("onnx::Sigmoid", 0), Instr("onnx::Tanh", "r0"), Instr("onnx::Exp", "r1"))
+    for source, consts in (py_chain(transcendental, np.float32), py_rows(transcendental, frozenset(), np.float32)):
+        cpu._generated_only(source, consts)
+        called = {n.func.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Name)}
+        assert called <= {"T", "range", "sigmoid32", "tanh32", "exp32"} and not consts
     b = F.R.standard_normal(8).astype(np.float32)
     for rows in (64, 4096):                           # the ufunc, and the row loop
         x = F.R.standard_normal((rows, 8)).astype(np.float32) * 3

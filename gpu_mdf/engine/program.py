@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -242,9 +243,13 @@ class Program:
         not pay (under 64 KB of values per item)."""
         if self.bytes_per_item < (64 << 10):
             return 0
-        computing = sum(1 for st in self.plan.steps if not getattr(getattr(st, "spec", None), "alias", False))
-        per_step = -(-computing * (2 << 20) // self.bytes_per_item)
+        per_step = -(-self._computing_steps * (2 << 20) // self.bytes_per_item)
         return int(min(1024, max(1, (32 << 20) // self.bytes_per_item, per_step)))
+
+    @cached_property
+    def _computing_steps(self) -> int:
+        """The steps that compute (not views: Transpose, Reshape...), counted once."""
+        return sum(1 for st in self.plan.steps if not getattr(getattr(st, "spec", None), "alias", False))
 
     def _run_blocks(self, batch, threads: int, check: bool):
         n = len(batch)

@@ -278,6 +278,22 @@ def frozen(a: np.ndarray) -> np.ndarray:
     return v
 
 
+_MISSING = object()
+
+
+def remembered(table: dict, key, make: Callable[[], Any], limit: int = 4096):
+    """``table[key]``, made by ``make()`` where it is not there yet (None is an answer too):
+    what a per-batch step works out from shapes alone (a conv's geometry, a chain's row
+    layout, a broadcast shape), worked out once. The table empties past ``limit`` entries;
+    one lookup a read, so a clear by another thread costs a recompute, never an error."""
+    value = table.get(key, _MISSING)
+    if value is _MISSING:
+        if len(table) > limit:
+            table.clear()
+        value = table[key] = make()
+    return value
+
+
 def weight_form(w, form: str, make: Callable[[], Any]):
     """``make()``: a form of the weights ``w`` that a kernel wants (a transposed copy, say),
     made once for a constant (:func:`frozen`) and on every call for anything else (an

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import weight_form
+from . import remembered, weight_form
 from .fusion import FUSIBLE, KERNEL_DTYPES, PREV, broadcast_shape
 
 _kernels: dict | None = None
@@ -843,13 +843,7 @@ def _rows(x, others):
     key = (x.shape, x.strides, x.itemsize) + tuple(
         (o.shape, o.strides, o.itemsize) if isinstance(o, np.ndarray) else
         np.generic if isinstance(o, np.generic) else type(o) for o in others)
-    found = _ROWS.get(key, _ROWS)                     # (_ROWS itself: not there; None is a kept answer)
-    if found is not _ROWS:
-        return found
-    if len(_ROWS) > 4096:
-        _ROWS.clear()
-    found = _ROWS[key] = _find_rows(x, others)
-    return found
+    return remembered(_ROWS, key, lambda: _find_rows(x, others))
 
 
 def _find_rows(x, others):
@@ -880,16 +874,12 @@ _TILE_ROWS: dict = {}
 
 def _tile_rows(rows: int, c: int) -> int:
     """The largest divisor of ``rows`` with at most about _TILE values in k rows (remembered)."""
-    key = (rows, c)
-    k = _TILE_ROWS.get(key)
-    if k is None:
+    def largest():
         k = max(1, min(rows, _TILE // c))
         while rows % k:
             k -= 1
-        if len(_TILE_ROWS) > 4096:
-            _TILE_ROWS.clear()
-        _TILE_ROWS[key] = k
-    return k
+        return k
+    return remembered(_TILE_ROWS, (rows, c), largest)
 
 
 def _flat_view(x, order, n: int, width: int):

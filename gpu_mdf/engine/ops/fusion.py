@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import remembered
+
 
 @dataclass(frozen=True)
 class Fusible:
@@ -145,13 +147,7 @@ _SHAPES: dict = {}
 
 def broadcast_shape(sa: tuple, sb: tuple) -> tuple:
     """np.broadcast_shapes, remembered (it costs microseconds a call; a chain runs per batch)."""
-    key = (sa, sb)
-    shape = _SHAPES.get(key)
-    if shape is None:
-        if len(_SHAPES) > 4096:
-            _SHAPES.clear()
-        shape = _SHAPES[key] = np.broadcast_shapes(sa, sb)
-    return shape
+    return remembered(_SHAPES, (sa, sb), lambda: np.broadcast_shapes(sa, sb))
 
 
 def c_chain(program: tuple[Instr, ...], operand: Callable[[int], str], suffix: str) -> list[str]:

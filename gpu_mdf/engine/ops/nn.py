@@ -26,6 +26,7 @@ from . import (
     device_const,
     norm_axis,
     op,
+    remembered,
     scalar,
     weight_form,
 )
@@ -251,13 +252,7 @@ def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, 
     """(the conv, whether its ``epilogue`` ran too)"""
     key = (x.shape, w.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
            _tuple(strides))
-    geometry = _GEOMETRIES.get(key)
-    if geometry is None:
-        geometry = _conv_geometry(*key)
-        if len(_GEOMETRIES) > 4096:
-            _GEOMETRIES.clear()
-        _GEOMETRIES[key] = geometry
-    kernel, strides, dil, pads, out = geometry
+    kernel, strides, dil, pads, out = remembered(_GEOMETRIES, key, lambda: _conv_geometry(*key))
     nsp = x.ndim - 2
     c, f, g = x.shape[1], w.shape[0], int(group)
     _check_bias("Conv", b, f)
