@@ -72,8 +72,9 @@ CONV_CASES = {
     "dw5x5-stride2-asym": (1, 6, 13, 10, 6, (5, 5), 6, dict(strides=[2, 1], pads=[2, 1, 1, 2])),
     "dw3x3-dilated": (2, 5, 12, 12, 5, (3, 3), 5, dict(dilations=[2, 3], pads=[2, 3, 2, 3])),
     "dw1x3-same": (3, 4, 7, 8, 4, (1, 3), 4, dict(auto_pad="SAME_UPPER")),
-    "dw3x3-valid": (1, 16, 6, 6, 16, (3, 3), 16, {}),
-    "dw3x3-c24": (2, 24, 7, 9, 24, (3, 3), 24, dict(pads=[1, 0, 2, 1])),           # per-pixel kernel (C > 16)
+    "dw3x3-valid": (1, 12, 6, 6, 12, (3, 3), 12, {}),
+    "dw3x3-valid-c16": (1, 16, 6, 6, 16, (3, 3), 16, {}),                          # per-pixel kernel (C >= 16)
+    "dw3x3-c24": (2, 24, 7, 9, 24, (3, 3), 24, dict(pads=[1, 0, 2, 1])),           # per-pixel kernel
     "dw5x5-c56": (1, 56, 9, 8, 56, (5, 5), 56, dict(pads=[2, 2, 2, 2])),           # per-pixel kernel (C > 48)
     "dw-multiplier2": (2, 4, 8, 8, 8, (3, 3), 4, dict(pads=[1, 1, 1, 1])),
     "dw5x5-multiplier3-asym": (2, 5, 11, 9, 15, (5, 5), 5, dict(strides=[2, 1], pads=[2, 0, 1, 3])),
@@ -327,13 +328,14 @@ def test_im2col_is_the_numpy_form_bit_for_bit(c, geometry):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("c, width", [(37, 10), (16, 10), (48, 7), (3, 10), (16, 2)])
 @pytest.mark.parametrize("strides, dil", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 2), (2, 1))])
-def test_depthwise_3x3_inside_windows_add_the_terms_of_the_general_loop(strides, dil):
+def test_depthwise_3x3_inside_windows_add_the_terms_of_the_general_loop(strides, dil, c, width):
     """The depthwise kernel's 3x3 windows inside the input run as one expression, the others
     (here: every window, the input zero-padded beforehand) as the general loop: the same
-    sums, bit for bit (a zero term changes nothing but the sign of a zero)."""
-    c = 37
-    x = F.R.standard_normal((2, 9, 10, c)).astype(np.float32)
+    sums, bit for bit (a zero term changes nothing but the sign of a zero), whole vectors
+    of channels or not, and rows with no inner window (width 2) too."""
+    x = F.R.standard_normal((2, 9, width, c)).astype(np.float32)
     w = F.R.standard_normal((c, 1, 3, 3)).astype(np.float32)
     b = F.R.standard_normal(c).astype(np.float32)
     pads = (dil[0], dil[1], dil[0], dil[1])
@@ -343,7 +345,7 @@ def test_depthwise_3x3_inside_windows_add_the_terms_of_the_general_loop(strides,
     explicit = cpu.depthwise(xp, w, b, (3, 3), strides, dil, (0, 0, 0, 0), out)  # every window inside
     border = np.ones(out, bool)
     border[1:-1, 1:-1] = False
-    assert border.any() and (~border).any()
+    assert border.any() and ((~border).any() or width == 2)
     np.testing.assert_array_equal(implicit, explicit)
 
 
@@ -380,7 +382,7 @@ def test_depthwise_by_rows_is_the_per_pixel_kernel_bit_for_bit(geometry, dtype):
     rows = cpu._call("depthwise rows", x, wt, b, np.full((2,) + tuple(out) + (c,), np.nan, dtype), sh, *dil,
                      *pads[:2], none)
     np.testing.assert_array_equal(rows, per_pixel)
-    assert cpu.depthwise_by_rows(c, c, kernel, (sh, 1), out[1]) == (c <= (16 if kernel == (3, 3) else 48))
+    assert cpu.depthwise_by_rows(c, c, kernel, (sh, 1), out[1]) == (c < (16 if kernel == (3, 3) else 49))
     assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 2), out[1])           # a horizontal stride: per pixel
     assert not cpu.depthwise_by_rows(c, c, kernel, (sh, 1), cpu._ROW_RUN // c + 1)   # a row past the weights' tile
     assert not cpu.depthwise_by_rows(c, c, (8, 7), (sh, 1), 4)     # over 49 offsets: the tile would be large
