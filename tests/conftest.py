@@ -15,6 +15,16 @@ import pytest
 from gpu_mdf.data import load_mnist, normalize
 
 
+@pytest.fixture(autouse=True)
+def _fresh_conv_runners():
+    """Conv runners are chosen once by shapes (nn._RUNNERS); a test that patches a choice's
+    knob (PLANES_UP_TO, WINOGRAD_MIN_TILES...) starts and leaves without any."""
+    from gpu_mdf.engine.ops import nn
+    nn._RUNNERS.clear()
+    yield
+    nn._RUNNERS.clear()
+
+
 @pytest.fixture(scope="session")
 def mnist():
     return load_mnist()

@@ -193,6 +193,7 @@ def test_planes_are_the_columns_through_a_transposed_view(c, k, f, attrs, dtype,
     got = nn.conv(np, x, w, b, **attrs)
     assert took
     monkeypatch.setattr(nn, "PLANES_UP_TO", 0)                 # the columns (C > 1)
+    nn._RUNNERS.clear()                                        # chosen again
     want = nn.conv(np, x, w, b, **attrs)
     assert len(took) == 1
     scale = float(np.abs(want).max())
@@ -234,6 +235,7 @@ def test_conv_by_blocks_matches_onnxruntime_and_the_whole_columns(name, dtype, m
     monkeypatch.setattr(cpu, "conv_by_blocks", lambda *a: True)
     monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 1)
     monkeypatch.setattr(cpu, "CONV_BLOCK_BYTES", rows * ow * math.prod(k) * c * x.itemsize)
+    nn._RUNNERS.clear()                                        # chosen again
     got = nn.conv(np, x, w, b, **attrs)
     blocks = -(-n // (rows // oh)) if rows >= oh else n * -(-oh // rows)
     assert ran == ["im2col"] * blocks, ran
@@ -557,10 +559,11 @@ def test_kernel_outputs_are_held_to_the_compile_time_budget():
         nn.conv(np, x, np.ones((2, 1, 1, 1), np.float32), group=2, pads=[1500] * 4)
 
 
-def test_a_conv_geometry_is_kept_per_shape_and_attributes_and_a_bad_one_refused_every_time():
-    """nn._conv keeps each checked geometry by shapes and attributes: the same conv with
-    other pads, strides or dilations, or another batch, gets its own (ONNX Runtime's values
-    each time, asked in turns); a conv that does not fit is refused on every call."""
+def test_a_conv_runner_is_kept_per_shape_and_attributes_and_a_bad_one_refused_every_time():
+    """nn._conv keeps each conv's runner (its checked geometry and chosen algorithm) by
+    shapes and attributes: the same conv with other pads, strides or dilations, or another
+    batch, gets its own (ONNX Runtime's values each time, asked in turns); a conv that does
+    not fit is refused on every call."""
     from gpu_mdf.engine.ops import OpError
     x = F.R.standard_normal((2, 4, 9, 9)).astype(np.float32)
     w = F.R.standard_normal((6, 4, 3, 3)).astype(np.float32)
@@ -570,7 +573,7 @@ def test_a_conv_geometry_is_kept_per_shape_and_attributes_and_a_bad_one_refused_
         for a in attrs:
             for xs in (x, x[:1]):
                 np.testing.assert_allclose(nn.conv(np, xs, w, **a), _ort_conv(xs, w, None, **a), rtol=1e-5, atol=1e-5)
-    assert sum(k[:2] == (x.shape, w.shape) for k in nn._GEOMETRIES) >= len(attrs)
+    assert sum(k[1] == x.shape and k[3] == w.shape for k in nn._RUNNERS) == len(attrs)
     for _ in range(2):
         with pytest.raises(OpError, match="does not fit an axis"):
             nn.conv(np, x[..., :2, :2], w)

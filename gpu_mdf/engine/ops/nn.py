@@ -82,10 +82,11 @@ def _check_positive(what, **sizes) -> None:
             raise OpError(f"{what}: {name} {list(values)} (each must be 1 or more)")
 
 
-def _check_bias(what, b, f) -> None:
-    """A Conv's or ConvTranspose's bias is one value per output channel (F,), as ONNX says."""
-    if b is not None and tuple(b.shape) != (f,):
-        raise OpError(f"{what}: bias of shape {tuple(b.shape)} for {f} output channels (expected ({f},))")
+def _check_bias(what, b_shape, f) -> None:
+    """A Conv's or ConvTranspose's bias (its shape, None for none) is one value per output
+    channel (F,), as ONNX says."""
+    if b_shape is not None and tuple(b_shape) != (f,):
+        raise OpError(f"{what}: bias of shape {tuple(b_shape)} for {f} output channels (expected ({f},))")
 
 
 def _window_params(in_sp, kernel, strides, dilations, pads, auto_pad, what):
@@ -238,10 +239,11 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape, p
     return kernel, strides, dil, pads, tuple(out)
 
 
-#: checked conv geometries by shapes and attributes: a batch's conv reruns none of the
-#: checks and arithmetic above (their Python was a third of a small conv's fixed cost,
-#: all of it holding the GIL that Program.run's block threads share)
-_GEOMETRIES: dict = {}
+#: conv runners (:func:`_conv_runner`) by shapes, types and attributes: a batch's conv reruns
+#: none of the checks, the arithmetic or the choice of algorithm (their Python was most of a
+#: small conv's fixed cost, 10-17 us, all of it holding the GIL that Program.run's block
+#: threads share)
+_RUNNERS: dict = {}
 
 
 def _tuple(v):
@@ -250,60 +252,85 @@ def _tuple(v):
 
 def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue):
     """(the conv, whether its ``epilogue`` ran too)"""
-    key = (x.shape, w.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
-           _tuple(strides))
-    kernel, strides, dil, pads, out = remembered(_GEOMETRIES, key, lambda: _conv_geometry(*key))
-    nsp = x.ndim - 2
-    c, f, g = x.shape[1], w.shape[0], int(group)
-    _check_bias("Conv", b, f)
-    n = x.shape[0]
+    kernels = xp is np and cpu.takes(x.dtype)
+    key = (xp, x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape, auto_pad, _tuple(dilations),
+           int(group), _tuple(kernel_shape), _tuple(pads), _tuple(strides), bool(winograd), tuple(epilogue), kernels)
+    return remembered(_RUNNERS, key, lambda: _conv_runner(*key))(x, w, b)
+
+
+def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilations, group, kernel_shape, pads,
+                 strides, winograd, epilogue, kernels):
+    """The conv of these shapes and attributes as a function of its arrays ``(x, w, b)`` ->
+    (y, whether the epilogue ran): the geometry checked, the algorithm chosen, once.
+    ``kernels``: whether the compiled CPU kernels run (read per call by :func:`_conv`)."""
+    kernel, strides, dil, pads, out = _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape,
+                                                     pads, strides)
+    nsp = len(x_shape) - 2
+    n, c, f, g = x_shape[0], x_shape[1], w_shape[0], group
+    _check_bias("Conv", b_shape, f)
     cg, fg = c // g, f // g
-    if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g, x.dtype):
-        yl = _conv_generated(xp, _channels_last(xp, x), w, kernel, strides, dil, pads, out, g, fg)
+    rows = n * math.prod(out)
+    y_shape = (n,) + tuple(out) + (f,)
+    kernels = kernels and nsp == 2
+
+    def finish(yl, b):
+        yl = yl.reshape(y_shape)
         if b is not None:
             yl = add_trailing(xp, yl, b, inplace=True)
         return _to_nchw(xp, yl), False
+
+    if xp is not np and nsp == 2 and _gpu_conv_kernel(kernel, cg, g, dtype):
+        return lambda x, w, b: finish(_conv_generated(xp, _channels_last(xp, x), w, kernel, strides, dil, pads, out,
+                                                      g, fg), b)
     # compiled CPU kernels (2-D): a depthwise conv, and one with a channel multiplier where it
     # runs by rows (5-8x NumPy's einsum). A conv of one input channel is one too, but im2col and
     # a GEMM are faster there (1.3-1.9x, measured)
-    kernels = xp is np and nsp == 2 and cpu.takes(x.dtype)
-    if winograd and kernels and g == 1 and kernel == (3, 3) and strides == (1, 1) and dil == (1, 1) \
-            and n * -(-out[0] // 2) * -(-out[1] // 2) >= cpu.WINOGRAD_MIN_TILES:
-        check_alloc([n, out[0] + 2, out[1] + 2, max(c, f), 4])      # its tiles' values: 4x the input's and output's
-        yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
-        if np.isfinite(yl).all():
-            return _to_nchw(xp, yl), False
-        # a NaN or an infinity: the transforms spread one over its whole 4x4 tile (0 x inf is
-        # NaN), where the direct form below puts it only in the windows that hold it
     if kernels and cg == 1 and g > 1 and (fg == 1 or cpu.depthwise_by_rows(c, f, kernel, strides, out[1])):
-        check_alloc([n] + list(out) + [f])
-        yl = cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out, epilogue)
-        return _to_nchw(xp, yl), True
-    rows = n * math.prod(out)
+        def depthwise(x, w, b):
+            check_alloc(y_shape)
+            return _to_nchw(xp, cpu.depthwise(_channels_last(xp, x), w, b, kernel, strides, dil, pads, out,
+                                              epilogue)), True
+        return depthwise
     if cg == 1 and g > 1:
-        xl = _padded_last(xp, x, pads, nsp)
-        yl = _depthwise(xp, xl, w, kernel, strides, dil, out, g, fg)
-    elif all(k == 1 for k in kernel):
-        xl = _padded_last(xp, x, pads, nsp)
-        src = xl[(slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))]
-        cols = xp.ascontiguousarray(src).reshape(rows, c)
-        yl = _grouped_matmul(xp, cols, w.reshape(f, c // g), g, 1)
-    elif g > 1:
-        yl = _grouped_conv(xp, _columns(xp, x, kernel, strides, dil, pads, out, kernels), w, kernel, g)
+        return lambda x, w, b: finish(_depthwise(xp, _padded_last(xp, x, pads, nsp), w, kernel, strides, dil, out,
+                                                 g, fg), b)
+    if all(k == 1 for k in kernel):
+        strided = (slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))
+
+        def pointwise(x, w, b):
+            cols = xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
+            return finish(_grouped_matmul(xp, cols, w.reshape(f, cg), g, 1), b)
+        return pointwise
+    if g > 1:
+        return lambda x, w, b: finish(_grouped_conv(xp, _columns(xp, x, kernel, strides, dil, pads, out, kernels), w,
+                                                    kernel, g), b)
+
+    def im2col_weights(w):
+        return weight_form(w, "im2col", lambda: xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
+    if c == 1 or (xp is np and c <= PLANES_UP_TO and math.prod(kernel) <= 9):   # (rows, window), transposed
+        general = lambda x, w, b: finish(  # noqa: E731
+            xp.matmul(_planes(xp, x, kernel, strides, dil, pads, out).T, im2col_weights(w)), b)
+    elif kernels and w_dtype == dtype and cpu.conv_by_blocks(c, math.prod(kernel), f, rows, dtype.itemsize):
+        def general(x, w, b):
+            check_alloc(y_shape)      # columns a block at a time, in cache
+            return finish(cpu.conv_blocks(_channels_last(xp, x), im2col_weights(w), kernel, strides, dil, pads, out),
+                          b)
     else:
-        wm = weight_form(w, "im2col", lambda: xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
-        if c == 1 or (xp is np and c <= PLANES_UP_TO and math.prod(kernel) <= 9):   # (rows, window), transposed
-            yl = xp.matmul(_planes(xp, x, kernel, strides, dil, pads, out).T, wm)
-        elif kernels and w.dtype == x.dtype and cpu.conv_by_blocks(c, math.prod(kernel), f, rows, x.dtype.itemsize):
-            check_alloc([n] + list(out) + [f])      # columns a block at a time, in cache
-            yl = cpu.conv_blocks(_channels_last(xp, x), wm, kernel, strides, dil, pads, out)
-        else:
-            cols = _columns(xp, x, kernel, strides, dil, pads, out, kernels).reshape(rows, -1)  # (N, *out, *k, C)
-            yl = xp.matmul(cols, wm)
-    yl = yl.reshape((n,) + tuple(out) + (f,))
-    if b is not None:
-        yl = add_trailing(xp, yl, b, inplace=True)
-    return _to_nchw(xp, yl), False
+        general = lambda x, w, b: finish(  # noqa: E731
+            xp.matmul(_columns(xp, x, kernel, strides, dil, pads, out, kernels).reshape(rows, -1),
+                      im2col_weights(w)), b)   # columns (N, *out, *k, C)
+    if winograd and kernels and kernel == (3, 3) and strides == (1, 1) and dil == (1, 1) \
+            and n * -(-out[0] // 2) * -(-out[1] // 2) >= cpu.WINOGRAD_MIN_TILES:
+        def winograd_or_general(x, w, b):
+            check_alloc([n, out[0] + 2, out[1] + 2, max(c, f), 4])      # its tiles' values: 4x the input's and output's
+            yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
+            if np.isfinite(yl).all():
+                return _to_nchw(xp, yl), False
+            # a NaN or an infinity: the transforms spread one over its whole 4x4 tile (0 x inf
+            # is NaN), where the direct form puts it only in the windows that hold it
+            return general(x, w, b)
+        return winograd_or_general
+    return general
 
 
 def _padded_last(xp, x, pads, nsp):
@@ -450,7 +477,7 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
         raise OpError(f"ConvTranspose kernel_shape {kernel_shape} does not match the weights {kernel}")
     fg = w.shape[1]
     f = fg * g
-    _check_bias("ConvTranspose", b, f)
+    _check_bias("ConvTranspose", None if b is None else b.shape, f)
     strides = tuple(strides or (1,) * nsp)
     dil = tuple(dilations or (1,) * nsp)
     if len(strides) != nsp or len(dil) != nsp:
