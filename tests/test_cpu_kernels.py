@@ -285,6 +285,39 @@ def test_depthwise_epilogue_is_its_ops_after_the_kernel_bit_for_bit(c, mult, str
     np.testing.assert_allclose(off, got, rtol=0, atol=1e-5 * float(np.abs(got[np.isfinite(got)]).max()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(op.split("::")[1] for op, *_ in e))
+@pytest.mark.parametrize("n, c, hw, f, block_bytes", [(3, 8, 20, 48, 4096), (2, 24, 9, 10, 1 << 20),
+                                                       (1, 5, 7, 3, 64), (2, 16, 12, 1000, 8192)])
+def test_a_1x1_conv_epilogue_by_blocks_is_the_product_then_its_ops(n, c, hw, f, block_bytes, epilogue, dtype,
+                                                                   numpy_forms, monkeypatch):
+    """A 1x1 conv with an epilogue runs its product, bias and activations a block of output
+    rows at a time (cpu.product_epilogue): blocks of one row to all rows, a last block cut
+    short, rows of the epilogue's loop holding several outputs (a bias tiled) or part of
+    one (1,000 channels). The activations give their NumPy forms' bits on each product
+    (NaN and infinities included); the products those of one GEMM to rounding; ONNX
+    Runtime's conv and activation too."""
+    monkeypatch.setattr(cpu, "CONV_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu, "_CONV_BLOCK_ROWS", 1)
+    ran, real = [], cpu.product_epilogue
+    monkeypatch.setattr(cpu, "product_epilogue", lambda *a: ran.append(1) or real(*a))
+    x = (F.R.standard_normal((n, c, hw, hw)) * 4).astype(dtype)
+    x[0, 1, 3, 3], x[-1, 0, 5, 6] = np.nan, -np.inf
+    w, b = F.w(f, c, 1, 1).astype(dtype), F.w(f).astype(dtype)
+    got = nn.conv(np, x, w, b, epilogue=epilogue)
+    assert ran == [1]
+    assert got.shape == (n, f, hw, hw) and got.dtype == x.dtype
+    want = nn._activations(np, nn.conv(np, x, w, b), epilogue)
+    finite = np.isfinite(want)
+    assert (want == 0).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0,
+                               atol=(1e-5 if dtype == "float32" else 1e-12) * float(np.abs(want[finite]).max()))
+    with numpy_forms():
+        off = nn.conv(np, x, w, b, epilogue=epilogue)
+    np.testing.assert_array_equal(np.isnan(off), np.isnan(got))
+
+
 def test_winograd_only_for_a_batch_of_enough_tiles(monkeypatch):
     """Below cpu.WINOGRAD_MIN_TILES 4x4 tiles (2x2 outputs each) a batch runs im2col and
     one GEMM, the same bits as without the request; at that count, Winograd."""

@@ -480,6 +480,45 @@ def test_depthwise_epilogue_runs_relu6_inside_the_kernel(act, strict_gpu):
     assert "depthwise_epilogue" not in compile(doc, device=strict_gpu).describe()
 
 
+@pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
+def test_pointwise_epilogue_runs_a_1x1_convs_relu6_by_blocks(act, strict_gpu):
+    """The same chains after a 1x1 conv (a MobileNet expansion) run on each block of its
+    output rows (cpu.product_epilogue); after a 3x3 conv or a Sigmoid they stay a chain.
+    The numbers: as written, ONNX Runtime, and the optimised program exported to ONNX."""
+    from gpu_mdf.engine.onnx_export import to_onnx
+    from gpu_mdf.engine.ops import cpu
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
+
+    def build(b):
+        y = b.op("Conv", ["x", b.init("w", F.w(24, 8, 1, 1)), b.init("b", F.w(24))])
+        y = b.op("Conv", [y, b.init("w3", F.w(8, 24, 3, 3)), b.init("b3", F.w(8))], pads=[1, 1, 1, 1])
+        y = b.op("Relu", [y])                                  # after a 3x3 conv: a chain still
+        y = b.op("Conv", [y, b.init("w2", F.w(16, 8, 1, 1)), b.init("b2", F.w(16))])
+        if act == "Clip":
+            return b.op("Clip", [y, b.init("lo", np.float32(0)), b.init("hi", np.float32(6))])
+        if act == "Sigmoid":
+            return b.op("Sigmoid", [y])
+        y = b.op("Relu", [y])
+        if act == "Relu":
+            return y
+        six = b.init("six", np.float32(6))
+        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
+    model, doc = _onnx(build, (2, 8, 7, 9))
+    x = (F.R.standard_normal((2, 8, 7, 9)) * 8).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    fires = act != "Sigmoid"
+    assert ("pointwise_epilogue: 1 1x1 convolutions" in opt.describe()) == fires
+    epilogues = [st for st in opt.plan.steps if getattr(st, "epilogue", ())]
+    assert len(epilogues) == fires and sum(isinstance(st, FusedStep) for st in opt.plan.steps) == 2 - fires
+    _close(got, want)
+    if act in ("Clip", "Relu+Where"):
+        assert (want == 6).any() and (want == 0).any()
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    assert "pointwise_epilogue" not in compile(doc, device=strict_gpu).describe()
+
+
 @pytest.mark.parametrize("form", ["epilogue", "chain"])
 def test_a_clip_whose_min_exceeds_its_max_gives_the_max_as_onnxruntime(form, strict_gpu):
     """min(max(x, lo), hi): hi everywhere when lo > hi, in a depthwise kernel's epilogue, a

@@ -16,7 +16,8 @@ case to 1e-5 x max|y| against ``optimize=False``):
 * :func:`max_pool_first`: a max pooling after such a chain, when the chain is non-decreasing
   (bias, ReLU, a positive scale), runs first: the chain then runs on the pooled values;
 * :func:`depthwise_epilogue` (a program on the CPU only): a depthwise convolution's bias
-  and ReLU/ReLU6 after it run inside its compiled kernel;
+  and ReLU/ReLU6 after it run inside its compiled kernel; :func:`pointwise_epilogue`: a 1x1
+  convolution's, on each block of its output rows while the block is in cache;
 * :func:`winograd_convs` (a program on the CPU only): a 3x3 convolution with many channels
   runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36;
 * :func:`move_transposes` and :func:`cancel_transposes` (last): a Transpose before an
@@ -664,9 +665,26 @@ def depthwise_epilogue(plan, info) -> str | None:
     converter's form) reads, through Transposes: the bias back in the conv and the
     activations inside the compiled kernel, as each value is stored (no pass of its own over
     memory). The same ops on the same values, except that the sum starts at the bias."""
+    done = _conv_epilogues(plan, info, lambda w, g, c: g > 1 and g == c and w.shape[1] == 1 and w.shape[0] % g == 0)
+    return f"{done} depthwise convolutions apply their bias and activation as they store" if done else None
+
+
+def pointwise_epilogue(plan, info) -> str | None:
+    """CPU: the same for a 1x1 Conv in one group (MobileNet's expansions and projections):
+    its product, bias and activations run a block of output rows at a time
+    (``cpu.product_epilogue``), the bias and activations while the block is in cache, where
+    the product and the chain after it made three passes over memory. The chain's
+    operations on each value; the products to rounding."""
+    done = _conv_epilogues(plan, info, lambda w, g, c: g == 1 and w.shape[2:] == (1, 1))
+    return f"{done} 1x1 convolutions apply their bias and activation a block of rows at a time" if done else None
+
+
+def _conv_epilogues(plan, info, takes) -> int:
+    """Move the bias-and-activations chain after each 4-D Conv whose weights ``w``, group
+    and input channels ``takes(w, group, channels)`` into the conv (its ``epilogue``)."""
     from .ops import cpu
     if info is None or not cpu.available():
-        return None
+        return 0
     done = 0
     for conv in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
         x_shape, dtype = info.get(conv.args[0].val.key, (None, None)) if conv.args[0] else (None, None)
@@ -674,8 +692,7 @@ def depthwise_epilogue(plan, info) -> str | None:
                 or len(x_shape) != 4 or conv.epilogue or np.dtype(dtype) not in KERNEL_DTYPES:
             continue
         w = conv.args[1].host_value()
-        g = conv.attrs.get("group", 1)
-        if not (g > 1 and g == x_shape[1] and w.ndim == 4 and w.shape[1] == 1 and w.shape[0] % g == 0):
+        if w.ndim != 4 or not takes(w, conv.attrs.get("group", 1), x_shape[1]):
             continue
         key, (axis,), chain = _follow_transposes(plan, conv.key, [1], 4)
         epi = _bias_and_activations(chain, key, axis, w.shape[0]) if isinstance(chain, FusedStep) else None
@@ -689,7 +706,7 @@ def depthwise_epilogue(plan, info) -> str | None:
         conv.epilogue = ops
         conv.what = f"{conv.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
         done += 1
-    return f"{done} depthwise convolutions apply their bias and activation as they store" if done else None
+    return done
 
 
 def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
@@ -884,7 +901,7 @@ def winograd_convs(plan, info) -> str | None:
 PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise,
           max_pool_first)
 #: passes for a program on the CPU only (a choice of CPU kernel)
-CPU_PASSES = (depthwise_epilogue, winograd_convs)
+CPU_PASSES = (depthwise_epilogue, pointwise_epilogue, winograd_convs)
 
 
 #: last, on every backend: what the passes before left adjacent
@@ -906,5 +923,4 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
 
 __all__ = ["CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes", "depthwise_epilogue",
            "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise", "max_pool_first", "move_transposes",
-           "optimize",
-           "recognise_caps", "winograd_convs"]
+           "optimize", "pointwise_epilogue", "recognise_caps", "winograd_convs"]

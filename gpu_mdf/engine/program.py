@@ -234,16 +234,18 @@ class Program:
     @property
     def block_size(self) -> int:
         """Items per CPU block: a working set of about 32 MB (a last-level cache), or more
-        where the graph has many small steps: at least about 2 MB of values per step that
+        where the graph has many small steps: at least about 2.5 MB of values per step that
         computes (a Transpose or Reshape is a view) per block, so that a step's fixed cost
-        (10-40 microseconds of Python) stays small against its work. 224x224 ImageNet
-        models (20-90 MB per item) get blocks of 2 to 5, which two threads take 1.3-2.5x
-        faster than one block of 32 (2 to 5 measured alike); Keras MobileNetV2 at 96x96 (83
-        such steps, 16 MB) blocks of 11 (6 measured 1.4x slower than 16). 0 where blocks do
-        not pay (under 64 KB of values per item)."""
+        (10-40 microseconds of Python; a block of Keras MobileNetV2's 66 steps costs 1-1.5
+        ms more than its work, and two threads' blocks take turns at the GIL for it) stays
+        small against its work. 224x224 ImageNet models (20-90 MB per item) get blocks of 3
+        to 6, which two threads take 1.3-2.5x faster than one block of 32 (2 to 5 measured
+        alike); Keras MobileNetV2 at 96x96 (66 such steps, 15 MB) blocks of 11, two of 16 at
+        batch 32 (four of 8 measured 1.3-1.4x slower on two threads, 1.2x on one). 0 where
+        blocks do not pay (under 64 KB of values per item)."""
         if self.bytes_per_item < (64 << 10):
             return 0
-        per_step = -(-self._computing_steps * (2 << 20) // self.bytes_per_item)
+        per_step = -(-self._computing_steps * (5 << 19) // self.bytes_per_item)
         return int(min(1024, max(1, (32 << 20) // self.bytes_per_item, per_step)))
 
     @cached_property

@@ -104,7 +104,7 @@ def _load():
         _depthwise_pixel = numba.njit(nogil=True)(_depthwise_pixel)
         kernels = {name: _njit(numba, body) for name, body in
                    (("depthwise", _depthwise), ("depthwise rows", _depthwise_rows), ("max_pool", _max_pool),
-                    ("reduce_tiles", _reduce_tiles),
+                    ("reduce_tiles", _reduce_tiles), ("bias act", _bias_act),
                     ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
                     ("im2col any C", _im2col_any), ("winograd tiles", _winograd_tiles),
                     ("winograd untiles", _winograd_untiles))}
@@ -232,6 +232,18 @@ def _activate(o, act):
             for j in range(o.shape[0]):
                 v = o[j]
                 o[j] = lo if (v != v) or lo < v else v
+
+
+def _bias_act(y, b, act):
+    """y (rows, W) in place: each row plus ``b`` (W,: the bias tiled to a row of several
+    outputs' channels), then the epilogue ``act`` (:func:`_activate`): the fused chain's Add
+    and activations, the same operations."""
+    for i in range(y.shape[0]):
+        o = y[i]
+        for j in range(o.shape[0]):
+            o[j] = o[j] + b[j]
+        _activate(o, act)
+    return y
 
 
 def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl, act):
@@ -605,6 +617,30 @@ CONV_BLOCK_BYTES = 1 << 20
 _CONV_BLOCK_ROWS = 256
 #: columns smaller than this stay in the last-level cache whole: blocks do not pay
 _CONV_BLOCKS_FROM = 12 << 20
+
+
+def product_epilogue(cols, wt, b, epilogue):
+    """``cols`` (rows, K) @ ``wt`` (K, F), plus the bias ``b`` (F,), then the ``epilogue``
+    (:data:`_EPILOGUE_OPS`), a block of about :data:`CONV_BLOCK_BYTES` of output rows at a
+    time, the bias and activations while the block is in cache: one pass over the output
+    in memory where the product and a fused chain after it made three (a 1x1 conv's
+    ReLU6). The chain's operations on each value; the products to rounding (OpenBLAS picks
+    its kernel by a product's size). -> (rows, F)"""
+    rows, f = cols.shape[0], wt.shape[1]
+    y = np.empty((rows, f), dtype=np.result_type(cols.dtype, wt.dtype))
+    k = max(1, _TILE // f)                        # output rows a row of the epilogue's loop
+    row = _tiled(b, f, k * f, y.dtype)            # the bias tiled (kept for a constant)
+    act = epilogue_codes(tuple(epilogue), y.dtype)
+    step = -(-max(_CONV_BLOCK_ROWS, CONV_BLOCK_BYTES // (f * y.itemsize)) // k) * k
+    kernel = _load()["bias act"]
+    for lo in range(0, rows, step):
+        block = y[lo:lo + step]
+        np.matmul(cols[lo:lo + step], wt, out=block)
+        whole = len(block) // k * k
+        kernel(block[:whole].reshape(-1, k * f), row, act)
+        if whole < len(block):
+            kernel(block[whole:], row[:f], act)
+    return y
 
 
 def conv_by_blocks(c: int, window: int, f: int, rows: int, itemsize: int) -> bool:

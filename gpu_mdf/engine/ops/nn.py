@@ -204,8 +204,9 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     runs as Winograd's F(2x2, 3x3) where the compiled CPU kernels run, on a batch of enough
     tiles (the optimising pass :func:`~gpu_mdf.engine.passes.winograd_convs` asks for it;
     never a file). ``epilogue``: activations after the bias, (op, constants...) each
-    (:func:`~gpu_mdf.engine.passes.depthwise_epilogue`): inside the compiled depthwise
-    kernel, by their NumPy forms elsewhere."""
+    (:func:`~gpu_mdf.engine.passes.depthwise_epilogue`, ``pointwise_epilogue``): inside the
+    compiled depthwise kernel, on each block of a 1x1 conv's output rows
+    (``cpu.product_epilogue``), by their NumPy forms elsewhere."""
     y, activated = _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, winograd, epilogue)
     return _activations(xp, y, epilogue) if epilogue and not activated else y
 
@@ -300,7 +301,14 @@ def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilati
         def pointwise(x, w, b):
             cols = xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
             return finish(_grouped_matmul(xp, cols, w.reshape(f, cg), g, 1), b)
-        return pointwise
+        if not (kernels and epilogue and g == 1 and b_shape is not None and w_dtype == dtype):
+            return pointwise
+
+        def pointwise_epilogue(x, w, b):      # the bias and activations a block of rows at a time
+            cols = xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
+            yl = cpu.product_epilogue(cols, w.reshape(f, c).T, b, epilogue)
+            return _to_nchw(xp, yl.reshape(y_shape)), True
+        return pointwise_epilogue
     if g > 1:
         return lambda x, w, b: finish(_grouped_conv(xp, _columns(xp, x, kernel, strides, dil, pads, out, kernels), w,
                                                     kernel, g), b)
