@@ -519,6 +519,66 @@ def test_pointwise_epilogue_runs_a_1x1_convs_relu6_by_blocks(act, strict_gpu):
     assert "pointwise_epilogue" not in compile(doc, device=strict_gpu).describe()
 
 
+@pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act"])
+def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, strict_gpu, monkeypatch):
+    """A 1x1 expansion with its ReLU6 and the depthwise conv reading it alone become one
+    step (strides, pads, dilations; a depthwise conv of few channels runs by rows); an
+    expansion whose value is also an output, or without an activation, stays two steps.
+    The numbers: as written, ONNX Runtime, the optimised program exported to ONNX, and the
+    kernels turned off after the program was made (the two convs, as written)."""
+    from gpu_mdf.engine.onnx_export import to_onnx
+    from gpu_mdf.engine.ops import cpu
+    from gpu_mdf.engine.steps import ExpandDepthwiseStep
+    if not cpu.expand_depthwise_available():
+        pytest.skip(f"compiled CPU kernels or SciPy's BLAS off here: {cpu.describe()}")
+    cm = 12 if case == "relu-dilated-12ch" else 24
+    dw_attrs = {"relu6-stride1": dict(pads=[1, 1, 1, 1]), "clip-stride2": dict(pads=[0, 0, 1, 1], strides=[2, 2]),
+                "relu-dilated-12ch": dict(pads=[2, 2, 2, 2], dilations=[2, 2])}.get(case, dict(pads=[1, 1, 1, 1]))
+
+    def act(b, y, kind):
+        if kind == "clip":
+            return b.op("Clip", [y, b.init(f"lo{id(y)}", np.float32(0)), b.init(f"hi{id(y)}", np.float32(6))])
+        y = b.op("Relu", [y])
+        if kind == "relu":
+            return y
+        six = b.init(f"six{id(y)}", np.float32(6))
+        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
+
+    def build(b):
+        kind = {"clip-stride2": "clip", "relu-dilated-12ch": "relu"}.get(case, "relu6")
+        e = b.op("Conv", ["x", b.init("we", F.w(cm, 8, 1, 1)), b.init("be", F.w(cm))])
+        if case != "no-act":
+            e = act(b, e, kind)
+        d = b.op("Conv", [e, b.init("wd", F.w(cm, 1, 3, 3)), b.init("bd", F.w(cm))], group=cm, **dw_attrs)
+        d = act(b, d, kind)
+        y = b.op("Conv", [d, b.init("wp", F.w(8, cm, 1, 1)), b.init("bp", F.w(8))])
+        return [y, e] if case == "read-twice" else y
+    shape = (3, 8, 9, 11)
+    from gpu_mdf.convert.onnx import onnx_to_mdf_doc
+    bld = F.Builder()
+    outs = build(bld)
+    model = bld.model("x", list(shape), outs if isinstance(outs, list) else [outs], opset=17)
+    doc = onnx_to_mdf_doc(model)
+    x = (F.R.standard_normal(shape) * 3).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    fires = case not in ("read-twice", "no-act")
+    assert ("expand_depthwise: 1 expansions" in opt.describe()) == fires
+    assert sum(isinstance(st, ExpandDepthwiseStep) for st in opt.plan.steps) == fires
+    ort = F.run_ort(model, x)
+    for g, w in zip(*(([v[n] for n in sorted(v)] if isinstance(v, dict) else [v]) for v in (got, want))):
+        _close(g, w)
+    if fires:
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, ort, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * scale)
+        monkeypatch.setenv("GPU_MDF_NUMBA", "0")                # after compile: the two convs as written
+        np.testing.assert_allclose(opt.run(x), got, rtol=0, atol=1e-5 * scale)
+        monkeypatch.delenv("GPU_MDF_NUMBA")
+    assert "expand_depthwise" not in compile(doc, device=strict_gpu).describe()
+    monkeypatch.setattr(cpu, "expand_depthwise_available", lambda: False)     # no SciPy: two steps
+    assert "expand_depthwise" not in compile(doc, device="cpu").describe()
+
+
 @pytest.mark.parametrize("form", ["epilogue", "chain"])
 def test_a_clip_whose_min_exceeds_its_max_gives_the_max_as_onnxruntime(form, strict_gpu):
     """min(max(x, lo), hi): hi everywhere when lo > hi, in a depthwise kernel's epilogue, a

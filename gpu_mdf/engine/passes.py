@@ -22,7 +22,9 @@ case to 1e-5 x max|y| against ``optimize=False``):
   runs as Winograd's F(2x2, 3x3), 16 products a 2x2 block of outputs where im2col makes 36;
 * :func:`move_transposes` and :func:`cancel_transposes` (last): a Transpose before an
   elementwise chain moves after it; Transposes of Transposes composed (none where they
-  undo each other), Reshapes of Reshapes read the first one's input.
+  undo each other), Reshapes of Reshapes read the first one's input;
+* :func:`expand_depthwise` (a program on the CPU only, after those): a 1x1 convolution
+  with its activations and the depthwise convolution reading it run one image at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections import Counter
 import numpy as np
 
 from .ops.fusion import FUSIBLE, KERNEL_DTYPES, Instr, fusible
-from .steps import CONST, DEVICE, FusedStep, OpStep, Ref, Val
+from .steps import CONST, DEVICE, ExpandDepthwiseStep, FusedStep, OpStep, Ref, Val
 
 
 # --------------------------------------------------------------------------- #
@@ -863,6 +865,42 @@ def _rank(info, key, *steps) -> int | None:
     return len(perms[0]) if perms else None
 
 
+def expand_depthwise(plan, info) -> str | None:
+    """CPU, after every other pass: a 1x1 Conv in one group, stride 1, no pads, whose bias
+    and activations already run with it (:func:`pointwise_epilogue`), and the depthwise
+    Conv (a multiplier of 1, its own bias and activations inside its kernel) that alone
+    reads its value become one step (:class:`~gpu_mdf.engine.steps.ExpandDepthwiseStep`):
+    one image at a time, the expanded image in cache between them (an inverted residual's
+    expansion holds 6x the values of its input, which the two convs wrote to memory and
+    read back whole). The same operations on the same values."""
+    from .ops import cpu
+    if info is None or not cpu.expand_depthwise_available():
+        return None
+    done = 0
+    for dw in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
+        ex = _producer(plan, dw.args[0].val.key) if dw.args[0] is not None and dw.args[0].index is None else None
+        if not (isinstance(ex, OpStep) and ex.spec.name == "onnx::Conv" and ex.epilogue and dw.epilogue
+                and len(ex.args) == 3 and len(dw.args) == 3 and ex.place == dw.place == DEVICE
+                and all(_is_const(r) for r in ex.args[1:] + dw.args[1:]) and _uses(plan)[ex.key] == 1):
+            continue
+        shape, dtype = info.get(ex.key, (None, None))
+        we, wd = ex.args[1].host_value(), dw.args[1].host_value()
+        cm = we.shape[0]
+        if shape is None or len(shape) != 4 or np.dtype(dtype) not in KERNEL_DTYPES or we.shape[2:] != (1, 1) \
+                or ex.attrs.get("group", 1) != 1 or any(ex.attrs.get("pads") or ()) \
+                or any(v != 1 for v in ex.attrs.get("strides") or ()) \
+                or ex.attrs.get("auto_pad", "NOTSET") != "NOTSET" \
+                or wd.ndim != 4 or wd.shape[:2] != (cm, 1) or dw.attrs.get("group", 1) != cm:
+            continue
+        fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]), f"{ex.what} -> {dw.what}",
+                                    expand=ex, depthwise=dw)
+        plan.steps[plan.steps.index(dw)] = fused
+        plan.steps.remove(ex)
+        _changed(plan)
+        done += 1
+    return f"{done} expansions and the depthwise convolutions after them run an image at a time" if done else None
+
+
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one
 #: thread, blocks of 2-13 images, with at least cpu.WINOGRAD_MIN_TILES tiles): from 128
 #: input channels 1.15-1.45x (the 16 GEMMs have C as their inner size; at 64 channels
@@ -906,13 +944,15 @@ CPU_PASSES = (depthwise_epilogue, pointwise_epilogue, winograd_convs)
 
 #: last, on every backend: what the passes before left adjacent
 LAST_PASSES = (move_transposes, cancel_transposes)
+#: after those, for a program on the CPU only: fusions of steps they made adjacent
+FINAL_CPU_PASSES = (expand_depthwise,)
 
 
 def optimize(plan, info, gpu: bool = False) -> list[str]:
-    """Run every pass (those of :data:`CPU_PASSES` for a CPU program only); the notes of
-    those that changed something."""
+    """Run every pass (those of :data:`CPU_PASSES` and :data:`FINAL_CPU_PASSES` for a CPU
+    program only); the notes of those that changed something."""
     notes = []
-    for p in PASSES + (() if gpu else CPU_PASSES) + LAST_PASSES:
+    for p in PASSES + (() if gpu else CPU_PASSES) + LAST_PASSES + (() if gpu else FINAL_CPU_PASSES):
         _changed(plan)
         note = p(plan, info)
         if note:
@@ -921,6 +961,7 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
     return notes
 
 
-__all__ = ["CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes", "depthwise_epilogue",
-           "fold_batchnorm", "fold_channel_affine", "fold_pad", "fuse_elementwise", "max_pool_first", "move_transposes",
-           "optimize", "pointwise_epilogue", "recognise_caps", "winograd_convs"]
+__all__ = ["CPU_PASSES", "FINAL_CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes",
+           "depthwise_epilogue", "expand_depthwise", "fold_batchnorm", "fold_channel_affine", "fold_pad",
+           "fuse_elementwise", "max_pool_first", "move_transposes", "optimize", "pointwise_epilogue", "recognise_caps",
+           "winograd_convs"]

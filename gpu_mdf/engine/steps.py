@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .expr import compile_expr, weak
-from .ops import OpError, OpSpec, cpu
+from .ops import OpError, OpSpec, cpu, nn
 from .ops.fusion import Instr, broadcast_shape, check_program, compiles, run_numpy, segments
 from .ops.nn import log_softmax, softmax
 
@@ -114,6 +114,32 @@ class OpStep(Step):
             at = {"min": consts[0], "max": consts[1]} if op == "onnx::Clip" else {}
             b = e.const(np.asarray(consts[0])) if op == "gpu_mdf::CapAt" else None
             e.names[self.key] = _export_fused_op(e, op, e.names[self.key], b, at)
+
+
+@dataclass
+class ExpandDepthwiseStep(Step):
+    """A 1x1 conv with its bias and activations (an inverted residual's expansion) and the
+    depthwise conv that alone reads its value, one image at a time (the
+    :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded image
+    stays in cache between the two and is never written to memory whole. ``args``: the
+    expansion's (input, weights, bias) then the depthwise conv's (weights, bias)."""
+
+    expand: OpStep = None
+    depthwise: OpStep = None
+    owns_result = True              # new memory, as the depthwise conv's was
+    parts = 2                       # the convolutions it runs (Program.block_size counts them)
+
+    def bind(self, b, xp):
+        gets = [b.getter(r, "device", xp) for r in self.args]
+        ex, dw = self.expand, self.depthwise
+        kernel = nn.expand_depthwise
+        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs),
+                                  **dw.attrs)
+
+    def export(self, e) -> None:
+        self.expand.export(e)                  # the two convs and their activations, as they were
+        self.depthwise.export(e)
+        e.names[self.key] = e.names[self.depthwise.key]
 
 
 @dataclass

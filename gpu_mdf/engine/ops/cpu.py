@@ -82,7 +82,8 @@ def _call(name: str, *args):
 def _load():
     """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
     under a lock (two threads' first compiles meet here), and published whole."""
-    global _kernels, _why_not, _combine, _im2col, _row_taps, _activate, _depthwise_pixel
+    global _kernels, _why_not, _combine, _im2col, _row_taps, _activate, _depthwise_pixel, _depthwise, \
+        _depthwise_rows, _bias_act
     if _kernels is not None or _why_not is not None:
         return _kernels
     with _chains_lock:
@@ -102,12 +103,15 @@ def _load():
         _row_taps = numba.njit(inline="always", nogil=True)(_row_taps)
         _activate = numba.njit(inline="always", nogil=True)(_activate)
         _depthwise_pixel = numba.njit(nogil=True)(_depthwise_pixel)
+        # kernels that the fused expand-depthwise kernel calls too (numba dispatchers by name)
+        _depthwise, _depthwise_rows, _bias_act = (_njit(numba, body) for body in (_depthwise, _depthwise_rows,
+                                                                                   _bias_act))
         kernels = {name: _njit(numba, body) for name, body in
-                   (("depthwise", _depthwise), ("depthwise rows", _depthwise_rows), ("max_pool", _max_pool),
-                    ("reduce_tiles", _reduce_tiles), ("bias act", _bias_act),
+                   (("max_pool", _max_pool), ("reduce_tiles", _reduce_tiles), ("expand depthwise", _expand_depthwise),
                     ("im2col 2", _im2col_2), ("im2col 3", _im2col_3), ("im2col 4", _im2col_4),
                     ("im2col any C", _im2col_any), ("winograd tiles", _winograd_tiles),
                     ("winograd untiles", _winograd_untiles))}
+        kernels.update({"depthwise": _depthwise, "depthwise rows": _depthwise_rows, "bias act": _bias_act})
         kernels["im2col"] = lambda x, *args: kernels[_IM2COL.get(x.shape[-1], "im2col any C")](x, *args)
         _kernels = kernels
     return _kernels
@@ -317,6 +321,29 @@ def _depthwise_pixel(x, w, b, out, acc, i, y, xo, y0, x0, dh, dw):
                 acc[cc] += x[i, yi, xi, cc] * w[p, q, cc]
     for cc in range(c):
         out[i, y, xo, cc] = acc[cc]
+
+
+def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows):
+    """:func:`expand_depthwise`'s loop: per image, the product into a buffer of one image
+    (BLAS through numba's ``np.dot``), its bias and activations by rows of ``bt``'s width
+    (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``) on it."""
+    n, h, wd, c = x.shape
+    cm = we.shape[1]
+    rows = h * wd
+    k = bt.shape[0] // cm
+    whole = rows // k * k
+    e = np.empty((1, h, wd, cm), dtype=out.dtype)
+    e2 = e.reshape(rows, cm)
+    for i in range(n):
+        np.dot(x[i].reshape(rows, c), we, e2)
+        _bias_act(e2[:whole].reshape(whole // k, k * cm), bt, act_e)
+        if whole < rows:
+            _bias_act(e2[whole:], bt[:cm], act_e)
+        if by_rows:
+            _depthwise_rows(e, wk, b, out[i:i + 1], sh, dh, dw, pt, pl, act)
+        else:
+            _depthwise(e, wk, b, out[i:i + 1], sh, sw, dh, dw, pt, pl, act)
+    return out
 
 
 def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl, act):
@@ -573,17 +600,70 @@ def depthwise(xl, w, b, kernel, strides, dil, pads, out, epilogue=()):
     stored: a fused ReLU6 costs no pass of its own). -> (N, OH, OW, C x M)."""
     xl = np.ascontiguousarray(xl)
     c, co = xl.shape[-1], w.shape[0]
-    wk = weight_form(w, f"depthwise {xl.dtype.str}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
-                     .reshape(tuple(kernel) + (co,)).astype(xl.dtype, copy=False))
-    bias = np.zeros(co, xl.dtype) if b is None else np.ascontiguousarray(b, dtype=xl.dtype)
+    wk, bias, rows = _depthwise_forms(w, b, c, kernel, strides, out, xl.dtype)
     y = np.empty((xl.shape[0],) + tuple(out) + (co,), dtype=xl.dtype)
     e = epilogue_codes(tuple(epilogue), xl.dtype)
-    if depthwise_by_rows(c, co, kernel, strides, out[1]):
-        wt = weight_form(w, f"depthwise rows {xl.dtype.str}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co))))
-        return _call("depthwise rows", xl, wt, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1], e)
+    if rows:
+        return _call("depthwise rows", xl, wk, bias, y, strides[0], dil[0], dil[1], pads[0], pads[1], e)
     if co != c:
         raise ValueError(f"a depthwise conv of {c} channels to {co} runs by rows only")
     return _call("depthwise", xl, wk, bias, y, strides[0], strides[1], dil[0], dil[1], pads[0], pads[1], e)
+
+
+def _depthwise_forms(w, b, c, kernel, strides, out, dtype):
+    """(weights, bias, by rows) of a depthwise conv of ``c`` input channels: the weights
+    (KH, KW, C x M) for the per-pixel kernel, tiled to :data:`_ROW_RUN` values for the rows
+    form (:func:`depthwise_by_rows`); the bias (zeros for None) of the type."""
+    co = w.shape[0]
+    wk = weight_form(w, f"depthwise {dtype.str}", lambda: np.ascontiguousarray(w.reshape(co, -1).T)
+                     .reshape(tuple(kernel) + (co,)).astype(dtype, copy=False))
+    bias = np.zeros(co, dtype) if b is None else np.ascontiguousarray(b, dtype=dtype)
+    if depthwise_by_rows(c, co, kernel, strides, out[1]):
+        return weight_form(w, f"depthwise rows {dtype.str}", lambda: np.tile(wk, (1, 1, max(1, _ROW_RUN // co)))), \
+            bias, True
+    return wk, bias, False
+
+
+def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue):
+    """An inverted residual's expansion and depthwise conv, one image at a time: ``xl`` (N,
+    H, W, C) channels-last times ``we`` (C, CM: the 1x1 conv's weights, transposed) plus
+    ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the depthwise
+    conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``) reads at once: the
+    expanded values (6x the input's) are never written to memory whole, nor read back.
+    The same operations on the same values as :func:`product_epilogue` (its products by
+    blocks of rows: to rounding) then :func:`depthwise`. -> (N, OH, OW, CM)"""
+    xl = np.ascontiguousarray(xl)
+    dtype, cm = xl.dtype, we.shape[1]
+    wk, bias, rows = _depthwise_forms(w, b, cm, kernel, strides, out, dtype)
+    k = max(1, _TILE // cm)                        # expanded rows a row of the epilogue's loop
+    y = np.empty((xl.shape[0],) + tuple(out) + (cm,), dtype=dtype)
+    return _call("expand depthwise", xl, np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
+                 epilogue_codes(tuple(epilogue_e), dtype), wk, bias, y, strides[0], strides[1], dil[0], dil[1],
+                 pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows)
+
+
+def expand_depthwise_available() -> bool:
+    """Whether :func:`expand_depthwise` runs here: the compiled kernels, and SciPy's BLAS
+    (numba's ``np.dot`` calls it), made to run on the calling thread alone."""
+    return available() and _scipy_blas_one_thread()
+
+
+@functools.lru_cache(maxsize=1)
+def _scipy_blas_one_thread() -> bool:
+    """Load SciPy's BLAS (which numba's ``np.dot`` calls) and set a library of its own (a
+    wheel's, under ``scipy.libs``; not NumPy's) to one thread, once a process: the kernel
+    calling it runs on a block thread of `Program.run`, or beside NumPy's BLAS threads,
+    and a second pool of BLAS threads on the same cores made torchvision's MobileNetV2
+    10x slower. False where SciPy is not installed."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return False
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and f"{os.sep}scipy.libs{os.sep}" in lib.filepath:
+            lib.set_num_threads(1)
+    return True
 
 
 _ROW_RUN = 8192        # values of an output row the rows form takes at most (its weights' tile)

@@ -211,6 +211,38 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
     return _activations(xp, y, epilogue) if epilogue and not activated else y
 
 
+def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad="NOTSET", dilations=None,
+                     group=1, kernel_shape=None, pads=None, strides=None):
+    """``conv(conv(x, we, be, epilogue=epilogue_e), wd, bd, group=..., epilogue=epilogue)``
+    for a 1x1 conv (stride 1, no pads, one group: ``expand_attrs``) and a depthwise conv
+    after it (the other attributes): on the CPU with the compiled kernels, one image at a
+    time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the two convs elsewhere
+    (the kernels turned off since the program was made, a type they do not take)."""
+    cm = we.shape[0]
+    ok = xp is np and x.ndim == 4 and we.shape == (cm, x.shape[1], 1, 1) and wd.shape[:2] == (cm, 1) \
+        and int(group) == cm and x.dtype == we.dtype == wd.dtype and cpu.takes(x.dtype) \
+        and cpu.expand_depthwise_available() and not any(_tuple(expand_attrs.get("pads")) or ()) \
+        and all(v == 1 for v in expand_attrs.get("strides") or ()) and int(expand_attrs.get("group", 1)) == 1
+    if not ok:
+        y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
+        return conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
+    e_shape = (x.shape[0], cm) + x.shape[2:]
+    key = (e_shape, wd.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
+           _tuple(strides))
+    kernel, strides, dil, pads, out = remembered(_EXPAND_GEOMETRIES, key, lambda: _conv_geometry(*key))
+    _check_bias("Conv", be.shape, cm)
+    _check_bias("Conv", bd.shape, cm)
+    check_alloc((x.shape[0],) + out + (cm,))
+    we_t = weight_form(we, "1x1 transposed", lambda: np.ascontiguousarray(we.reshape(cm, -1).T))
+    yl = cpu.expand_depthwise(_channels_last(xp, x), we_t, be, epilogue_e, wd, bd, kernel, strides, dil, pads, out,
+                              epilogue)
+    return _to_nchw(xp, yl)
+
+
+#: expand_depthwise's depthwise geometries, by shapes and attributes
+_EXPAND_GEOMETRIES: dict = {}
+
+
 def _activations(xp, y, epilogue):
     """The ``epilogue`` on ``y`` in place, each op by its fused form's NumPy (or CuPy) form."""
     from .fusion import FUSIBLE
