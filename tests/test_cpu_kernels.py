@@ -319,27 +319,41 @@ def test_a_1x1_conv_epilogue_by_blocks_is_the_product_then_its_ops(n, c, hw, f, 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("project", ["none", "bias", "no bias"])
 @pytest.mark.parametrize("cm, h, w_, strides, dil, pads", [
     (48, 9, 11, (1, 1), (1, 1), (1, 1, 1, 1)),          # per pixel
     (24, 10, 7, (2, 2), (1, 1), (0, 0, 1, 1)),          # a stride: per pixel
     (8, 6, 9, (1, 1), (2, 1), (2, 1, 2, 1)),             # few channels: by rows, dilated
     (1000, 3, 3, (1, 1), (1, 1), (1, 1, 1, 1)),         # a row of the epilogue's loop: part of one pixel
 ])
-def test_expand_depthwise_is_the_two_convs(cm, h, w_, strides, dil, pads, dtype):
-    """cpu.expand_depthwise (an image at a time, the expansion in a buffer of one image)
-    gives the bits of its two convs run apart (the 1x1 conv's product by blocks, bias and
-    activations, then the depthwise kernel), NaN and infinities included; rows of the
-    epilogue's loop straddling pixels, or a pixel's channels split over rows."""
+def test_expand_depthwise_is_the_convs_apart(cm, h, w_, strides, dil, pads, project, dtype):
+    """cpu.expand_depthwise (an image at a time, the expansion in a buffer of one image,
+    the depthwise conv's image in another where a projection follows) gives the values of
+    its convs run apart (the 1x1 conv's product by blocks, bias and activations, the
+    depthwise kernel, the projection's product and bias): the products to rounding (SciPy's
+    BLAS an image at a time against NumPy's on every image: another kernel may take a
+    product's last rows), NaN and infinities where they are; rows of the epilogue's loop
+    straddling pixels, or a pixel's channels split over rows."""
     epi = (("onnx::Relu",), ("gpu_mdf::CapAt", 6.0))
     x = (F.R.standard_normal((3, 5, h, w_)) * 12).astype(dtype)
     x[0, 1, 2, 2], x[2, 0, 1, w_ - 1] = np.nan, np.inf
     we, be = F.w(cm, 5, 1, 1).astype(dtype), F.w(cm).astype(dtype)
     wd, bd = F.w(cm, 1, 3, 3).astype(dtype), F.w(cm).astype(dtype)
+    wp, bp = F.w(7, cm, 1, 1).astype(dtype), (F.w(7).astype(dtype) if project == "bias" else None)
     attrs = dict(group=cm, strides=list(strides), dilations=list(dil), pads=list(pads))
     apart = nn.conv(np, nn.conv(np, x, we, be, epilogue=epi), wd, bd, epilogue=epi, **attrs)
-    got = nn.expand_depthwise(np, x, we, be, wd, bd, epi, epi, {}, **attrs)
-    assert got.shape == apart.shape and got.dtype == x.dtype and (apart == 0).any() and (apart == 6).any()
-    np.testing.assert_array_equal(got, apart)
+    assert (apart == 0).any() and (apart == 6).any()
+    if project == "none":
+        got = nn.expand_depthwise(np, x, we, be, wd, bd, epi, epi, {}, **attrs)
+    else:
+        apart = nn.conv(np, apart, wp, bp)
+        got = nn.expand_depthwise(np, x, we, be, wd, bd, epi, epi, {}, **attrs, wp=wp, bp=bp, project_attrs={})
+    assert got.shape == apart.shape and got.dtype == x.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(apart))
+    finite = np.isfinite(apart)
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(apart)], apart[~finite & ~np.isnan(apart)])
+    np.testing.assert_allclose(got[finite], apart[finite], rtol=0,
+                               atol=(1e-6 if dtype == "float32" else 1e-14) * float(np.abs(apart[finite]).max()))
     assert cpu.depthwise_by_rows(cm, cm, (3, 3), strides, got.shape[3]) == (cm < 16)
 
 

@@ -869,14 +869,17 @@ def expand_depthwise(plan, info) -> str | None:
     """CPU, after every other pass: a 1x1 Conv in one group, stride 1, no pads, whose bias
     and activations already run with it (:func:`pointwise_epilogue`), and the depthwise
     Conv (a multiplier of 1, its own bias and activations inside its kernel) that alone
-    reads its value become one step (:class:`~gpu_mdf.engine.steps.ExpandDepthwiseStep`):
-    one image at a time, the expanded image in cache between them (an inverted residual's
-    expansion holds 6x the values of its input, which the two convs wrote to memory and
-    read back whole). The same operations on the same values."""
+    reads its value become one step (:class:`~gpu_mdf.engine.steps.ExpandDepthwiseStep`),
+    with the 1x1 projection (its bias, if :func:`bias_to_epilogue` left it there, added
+    as it is stored; no activation) that alone reads the depthwise conv's value where
+    there is one: one image at a
+    time, the expanded and depthwise images in cache between them (an inverted residual's
+    expansion holds 6x the values of its input, which the convs wrote to memory and read
+    back whole). The same operations on the same values."""
     from .ops import cpu
     if info is None or not cpu.expand_depthwise_available():
         return None
-    done = 0
+    done = projected = 0
     for dw in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
         ex = _producer(plan, dw.args[0].val.key) if dw.args[0] is not None and dw.args[0].index is None else None
         if not (isinstance(ex, OpStep) and ex.spec.name == "onnx::Conv" and ex.epilogue and dw.epilogue
@@ -898,7 +901,24 @@ def expand_depthwise(plan, info) -> str | None:
         plan.steps.remove(ex)
         _changed(plan)
         done += 1
-    return f"{done} expansions and the depthwise convolutions after them run an image at a time" if done else None
+        pr = _readers(plan, dw.key)
+        pr = pr[0] if len(pr) == 1 and _uses(plan)[dw.key] == 1 else None
+        if isinstance(pr, OpStep) and pr.spec.name == "onnx::Conv" and pr.place == DEVICE and len(pr.args) in (2, 3) \
+                and pr.args[0].val.key == dw.key and pr.args[0].index is None and not pr.epilogue \
+                and all(_is_const(r) for r in pr.args[1:]) and pr.args[1].host_value().ndim == 4 \
+                and pr.args[1].host_value().shape[1:] == (cm, 1, 1) and pr.attrs.get("group", 1) == 1 \
+                and not any(pr.attrs.get("pads") or ()) and all(v == 1 for v in pr.attrs.get("strides") or ()) \
+                and pr.attrs.get("auto_pad", "NOTSET") == "NOTSET":
+            fused.project, fused.key = pr, pr.key               # the projection too
+            fused.args = fused.args + list(pr.args[1:])
+            fused.what = f"{fused.what} -> {pr.what}"
+            plan.steps.remove(pr)
+            _changed(plan)
+            projected += 1
+    if not done:
+        return None
+    return f"{done} expansions and the depthwise convolutions after them ({projected} with the projection after " \
+           "that) run an image at a time"
 
 
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one

@@ -119,27 +119,40 @@ class OpStep(Step):
 @dataclass
 class ExpandDepthwiseStep(Step):
     """A 1x1 conv with its bias and activations (an inverted residual's expansion) and the
-    depthwise conv that alone reads its value, one image at a time (the
-    :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded image
-    stays in cache between the two and is never written to memory whole. ``args``: the
-    expansion's (input, weights, bias) then the depthwise conv's (weights, bias)."""
+    depthwise conv that alone reads its value, and the 1x1 projection without bias that
+    alone reads the depthwise conv's where there is one, one image at a time (the
+    :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded and
+    the depthwise conv's images stay in cache and are never written to memory whole.
+    ``args``: the expansion's (input, weights, bias), the depthwise conv's (weights, bias),
+    then the projection's weights (and bias)."""
 
     expand: OpStep = None
     depthwise: OpStep = None
-    owns_result = True              # new memory, as the depthwise conv's was
-    parts = 2                       # the convolutions it runs (Program.block_size counts them)
+    project: OpStep | None = None
+    owns_result = True              # new memory, as the convs' was
+
+    @property
+    def parts(self) -> int:
+        """The convolutions it runs (Program.block_size counts them)."""
+        return 2 if self.project is None else 3
 
     def bind(self, b, xp):
         gets = [b.getter(r, "device", xp) for r in self.args]
-        ex, dw = self.expand, self.depthwise
+        ex, dw, pr = self.expand, self.depthwise, self.project
         kernel = nn.expand_depthwise
-        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs),
-                                  **dw.attrs)
+        if pr is None:
+            return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs),
+                                      **dw.attrs)
+        k = len(ex.args) + len(dw.args) - 1             # the projection's weights (and bias) after these
+        gets, gp, gb = gets[:k], gets[k], (gets[k + 1] if len(gets) > k + 1 else lambda env: None)
+        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs), **dw.attrs,
+                                  wp=gp(env), bp=gb(env), project_attrs=dict(pr.attrs))
 
     def export(self, e) -> None:
-        self.expand.export(e)                  # the two convs and their activations, as they were
-        self.depthwise.export(e)
-        e.names[self.key] = e.names[self.depthwise.key]
+        for st in (self.expand, self.depthwise, self.project):    # the convs and their activations, as they were
+            if st is not None:
+                st.export(e)
+        e.names[self.key] = e.names[(self.project or self.depthwise).key]
 
 
 @dataclass

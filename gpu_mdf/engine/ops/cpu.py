@@ -323,10 +323,13 @@ def _depthwise_pixel(x, w, b, out, acc, i, y, xo, y0, x0, dh, dw):
         out[i, y, xo, cc] = acc[cc]
 
 
-def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows):
+def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows, wp, project, bpt,
+                      act_p):
     """:func:`expand_depthwise`'s loop: per image, the product into a buffer of one image
     (BLAS through numba's ``np.dot``), its bias and activations by rows of ``bt``'s width
-    (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``) on it."""
+    (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``) on it; with
+    ``project``, into a second buffer, which ``wp`` (CM, CP) then multiplies into ``out``,
+    plus the tiled bias ``bpt`` where it has values (``act_p``: no activation)."""
     n, h, wd, c = x.shape
     cm = we.shape[1]
     rows = h * wd
@@ -334,15 +337,28 @@ def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act,
     whole = rows // k * k
     e = np.empty((1, h, wd, cm), dtype=out.dtype)
     e2 = e.reshape(rows, cm)
+    oh, ow = out.shape[1], out.shape[2]
+    d = np.empty((1, oh, ow, cm) if project else (1, 1, 1, 1), dtype=out.dtype)
     for i in range(n):
         np.dot(x[i].reshape(rows, c), we, e2)
         _bias_act(e2[:whole].reshape(whole // k, k * cm), bt, act_e)
         if whole < rows:
             _bias_act(e2[whole:], bt[:cm], act_e)
+        dest = d if project else out[i:i + 1]
         if by_rows:
-            _depthwise_rows(e, wk, b, out[i:i + 1], sh, dh, dw, pt, pl, act)
+            _depthwise_rows(e, wk, b, dest, sh, dh, dw, pt, pl, act)
         else:
-            _depthwise(e, wk, b, out[i:i + 1], sh, sw, dh, dw, pt, pl, act)
+            _depthwise(e, wk, b, dest, sh, sw, dh, dw, pt, pl, act)
+        if project:
+            cp = wp.shape[1]
+            o2 = out[i].reshape(oh * ow, cp)
+            np.dot(d.reshape(oh * ow, cm), wp, o2)
+            if bpt.shape[0] >= cp:
+                kp = bpt.shape[0] // cp
+                pw = oh * ow // kp * kp
+                _bias_act(o2[:pw].reshape(pw // kp, kp * cp), bpt, act_p)
+                if pw < oh * ow:
+                    _bias_act(o2[pw:], bpt[:cp], act_p)
     return out
 
 
@@ -624,22 +640,29 @@ def _depthwise_forms(w, b, c, kernel, strides, out, dtype):
     return wk, bias, False
 
 
-def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue):
+def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp=None, bp=None):
     """An inverted residual's expansion and depthwise conv, one image at a time: ``xl`` (N,
     H, W, C) channels-last times ``we`` (C, CM: the 1x1 conv's weights, transposed) plus
     ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the depthwise
     conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``) reads at once: the
     expanded values (6x the input's) are never written to memory whole, nor read back.
-    The same operations on the same values as :func:`product_epilogue` (its products by
-    blocks of rows: to rounding) then :func:`depthwise`. -> (N, OH, OW, CM)"""
+    With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias ``bp`` or None),
+    the depthwise conv's image goes to a second buffer, which it multiplies: those values
+    stay in cache too. The same operations on the same values as :func:`product_epilogue` (its products
+    by blocks of rows: to rounding), :func:`depthwise` and a product. -> (N, OH, OW, CM or CP)"""
     xl = np.ascontiguousarray(xl)
     dtype, cm = xl.dtype, we.shape[1]
     wk, bias, rows = _depthwise_forms(w, b, cm, kernel, strides, out, dtype)
     k = max(1, _TILE // cm)                        # expanded rows a row of the epilogue's loop
-    y = np.empty((xl.shape[0],) + tuple(out) + (cm,), dtype=dtype)
+    y = np.empty((xl.shape[0],) + tuple(out) + (cm if wp is None else wp.shape[1],), dtype=dtype)
+    project = wp is not None
+    wp = np.ascontiguousarray(wp, dtype=dtype) if project else np.zeros((1, 1), dtype)
+    cp = wp.shape[1]
+    bpt = np.zeros(0, dtype) if bp is None else _tiled(bp, cp, max(1, _TILE // cp) * cp, dtype)   # empty: no bias
     return _call("expand depthwise", xl, np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
                  epilogue_codes(tuple(epilogue_e), dtype), wk, bias, y, strides[0], strides[1], dil[0], dil[1],
-                 pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows)
+                 pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows, wp, project, bpt,
+                 epilogue_codes((), dtype))
 
 
 def expand_depthwise_available() -> bool:

@@ -212,30 +212,40 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
 
 
 def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad="NOTSET", dilations=None,
-                     group=1, kernel_shape=None, pads=None, strides=None):
+                     group=1, kernel_shape=None, pads=None, strides=None, wp=None, bp=None, project_attrs=None):
     """``conv(conv(x, we, be, epilogue=epilogue_e), wd, bd, group=..., epilogue=epilogue)``
     for a 1x1 conv (stride 1, no pads, one group: ``expand_attrs``) and a depthwise conv
-    after it (the other attributes): on the CPU with the compiled kernels, one image at a
-    time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the two convs elsewhere
+    after it (the other attributes), then, with ``wp``, a 1x1 conv (bias ``bp`` or None,
+    ``project_attrs``) of its value: on the CPU with the compiled kernels, one image at a
+    time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the convs apart elsewhere
     (the kernels turned off since the program was made, a type they do not take)."""
     cm = we.shape[0]
+
+    def pointwise(attrs):
+        return not any(_tuple(attrs.get("pads")) or ()) and all(v == 1 for v in attrs.get("strides") or ()) \
+            and int(attrs.get("group", 1)) == 1 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
     ok = xp is np and x.ndim == 4 and we.shape == (cm, x.shape[1], 1, 1) and wd.shape[:2] == (cm, 1) \
         and int(group) == cm and x.dtype == we.dtype == wd.dtype and cpu.takes(x.dtype) \
-        and cpu.expand_depthwise_available() and not any(_tuple(expand_attrs.get("pads")) or ()) \
-        and all(v == 1 for v in expand_attrs.get("strides") or ()) and int(expand_attrs.get("group", 1)) == 1
+        and cpu.expand_depthwise_available() and pointwise(expand_attrs) \
+        and (wp is None or (wp.dtype == x.dtype and wp.shape[1:] == (cm, 1, 1) and pointwise(project_attrs)))
     if not ok:
         y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
-        return conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
+        y = conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
+        return y if wp is None else conv(xp, y, wp, bp, **project_attrs)
     e_shape = (x.shape[0], cm) + x.shape[2:]
     key = (e_shape, wd.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
            _tuple(strides))
     kernel, strides, dil, pads, out = remembered(_EXPAND_GEOMETRIES, key, lambda: _conv_geometry(*key))
     _check_bias("Conv", be.shape, cm)
     _check_bias("Conv", bd.shape, cm)
+    if wp is not None:
+        _check_bias("Conv", None if bp is None else bp.shape, wp.shape[0])
     check_alloc((x.shape[0],) + out + (cm,))
     we_t = weight_form(we, "1x1 transposed", lambda: np.ascontiguousarray(we.reshape(cm, -1).T))
+    wp_t = None if wp is None else weight_form(wp, "1x1 transposed",
+                                               lambda: np.ascontiguousarray(wp.reshape(wp.shape[0], -1).T))
     yl = cpu.expand_depthwise(_channels_last(xp, x), we_t, be, epilogue_e, wd, bd, kernel, strides, dil, pads, out,
-                              epilogue)
+                              epilogue, wp_t, bp)
     return _to_nchw(xp, yl)
 
 
