@@ -152,17 +152,29 @@ def numpy_forms():
 def recorded_products(prog, x):
     """Run ``prog`` on ``x`` once, recording every matrix product it makes (operands copied
     in their memory order, so that BLAS sees the same layouts); returns a function making
-    those products alone, and their count."""
-    calls, real = [], np.matmul
+    those products alone, and their count. A fused inverted residual
+    (``cpu.expand_depthwise``: its products inside a compiled kernel) counts as its
+    expansion's product over every image, with the same operands, and its projection's,
+    with zeros of its input's shape (the depthwise conv's values never leave the kernel)."""
+    from gpu_mdf.engine.ops import cpu
+    calls, real, fused = [], np.matmul, cpu.expand_depthwise
 
     def record(a, b, *args, **kw):
         calls.append((np.copy(a, order="K"), np.copy(b, order="K")))
         return real(a, b, *args, **kw)
-    np.matmul = record
+
+    def record_fused(xl, we, *args, **kw):
+        y = fused(xl, we, *args, **kw)
+        calls.append((np.ascontiguousarray(xl).reshape(-1, xl.shape[-1]), np.copy(we)))
+        wp = kw.get("wp", args[10] if len(args) > 10 else None)
+        if wp is not None:
+            calls.append((np.zeros((y.size // y.shape[-1], wp.shape[0]), y.dtype), np.copy(wp)))
+        return y
+    np.matmul, cpu.expand_depthwise = record, record_fused
     try:
         prog.run(x, threads=1)
     finally:
-        np.matmul = real
+        np.matmul, cpu.expand_depthwise = real, fused
 
     def run():
         for a, b in calls:

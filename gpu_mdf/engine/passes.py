@@ -672,13 +672,19 @@ def depthwise_epilogue(plan, info) -> str | None:
 
 
 def pointwise_epilogue(plan, info) -> str | None:
-    """CPU: the same for a 1x1 Conv in one group (MobileNet's expansions and projections):
-    its product, bias and activations run a block of output rows at a time
-    (``cpu.product_epilogue``), the bias and activations while the block is in cache, where
-    the product and the chain after it made three passes over memory. The chain's
+    """CPU: the same for a 1x1 Conv in one group (MobileNet's expansions and projections),
+    and for a conv of a few input channels whose columns are planes (an image's 3x3 stem:
+    ``nn.PLANES_UP_TO``): its product, bias and activations run a block of output rows at a
+    time (``cpu.product_epilogue``), the bias and activations while the block is in cache,
+    where the product and the chain after it made three passes over memory. The chain's
     operations on each value; the products to rounding."""
-    done = _conv_epilogues(plan, info, lambda w, g, c: g == 1 and w.shape[2:] == (1, 1))
-    return f"{done} 1x1 convolutions apply their bias and activation a block of rows at a time" if done else None
+    from .ops.nn import PLANES_UP_TO
+
+    def takes(w, g, c):
+        return g == 1 and (w.shape[2:] == (1, 1) or (c <= PLANES_UP_TO and w.shape[2] * w.shape[3] <= 9))
+    done = _conv_epilogues(plan, info, takes)
+    return f"{done} 1x1 (or few-channel) convolutions apply their bias and activation a block of rows at a time" \
+        if done else None
 
 
 def _conv_epilogues(plan, info, takes) -> int:

@@ -360,6 +360,12 @@ def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilati
     if c == 1 or (xp is np and c <= PLANES_UP_TO and math.prod(kernel) <= 9):   # (rows, window), transposed
         general = lambda x, w, b: finish(  # noqa: E731
             xp.matmul(_planes(xp, x, kernel, strides, dil, pads, out).T, im2col_weights(w)), b)
+        if kernels and epilogue and b_shape is not None and w_dtype == dtype and not winograd:
+            def planes_epilogue(x, w, b):     # the bias and activations a block of rows at a time
+                yl = cpu.product_epilogue(_planes(xp, x, kernel, strides, dil, pads, out).T, im2col_weights(w), b,
+                                          epilogue)
+                return _to_nchw(xp, yl.reshape(y_shape)), True
+            return planes_epilogue
     elif kernels and w_dtype == dtype and cpu.conv_by_blocks(c, math.prod(kernel), f, rows, dtype.itemsize):
         def general(x, w, b):
             check_alloc(y_shape)      # columns a block at a time, in cache
