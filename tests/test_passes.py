@@ -448,79 +448,59 @@ def test_keras_pooling_as_reshape_and_reducemax_runs_before_the_chain():
         np.testing.assert_allclose(got, F.run_ort(model, x), rtol=1e-5, atol=1e-6)
 
 
+def _activation(b, y, act: str):
+    """``act`` after ``y``: torchvision's Clip(0, 6), the Keras converter's Relu +
+    Where(6 >= x, x, 6) ("Relu+Where"), a Relu, or a Sigmoid (no epilogue op)."""
+    if act == "Clip":
+        return b.op("Clip", [y, b.init(f"lo{id(y)}", np.float32(0)), b.init(f"hi{id(y)}", np.float32(6))])
+    if act == "Sigmoid":
+        return b.op("Sigmoid", [y])
+    y = b.op("Relu", [y])
+    if act == "Relu":
+        return y
+    six = b.init(f"six{id(y)}", np.float32(6))
+    return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
+
+
 @pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
-def test_depthwise_epilogue_runs_relu6_inside_the_kernel(act, strict_gpu):
+@pytest.mark.parametrize("layer", ["depthwise", "1x1"])
+def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu):
     """torchvision's Clip(0, 6) and the Keras converter's Relu + Where(6 >= x, x, 6) after a
-    depthwise conv (its bias in the chain after it) move into the kernel; a Sigmoid does
-    not (not an epilogue op). The numbers: as written, ONNX Runtime, and the optimised
-    program exported to ONNX (the activations are written out again)."""
+    depthwise conv (its bias in the chain after it) move into its kernel
+    (depthwise_epilogue); after a 1x1 conv (a MobileNet expansion) they run on each block
+    of its output rows (pointwise_epilogue, cpu.product_epilogue), where after a 3x3 conv
+    they stay a chain; a Sigmoid moves nowhere (not an epilogue op). The numbers: as
+    written, ONNX Runtime, and the optimised program exported to ONNX (the activations are
+    written out again)."""
     from gpu_mdf.engine.onnx_export import to_onnx
     from gpu_mdf.engine.ops import cpu
     if not cpu.available():
         pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
 
     def build(b):
-        y = b.op("Conv", ["x", b.init("w", F.w(8, 1, 3, 3)), b.init("b", F.w(8))], group=8, pads=[1, 1, 1, 1])
-        if act == "Clip":
-            return b.op("Clip", [y, b.init("lo", np.float32(0)), b.init("hi", np.float32(6))])
-        if act == "Sigmoid":
-            return b.op("Sigmoid", [y])
-        y = b.op("Relu", [y])
-        if act == "Relu":
-            return y
-        six = b.init("six", np.float32(6))
-        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
-    model, doc = _onnx(build, (2, 8, 7, 9))
-    x = (F.R.standard_normal((2, 8, 7, 9)) * 8).astype(np.float32)
-    plain, opt, want, got = _both(doc, x)
-    fires = act != "Sigmoid"
-    assert ("depthwise_epilogue: 1 depthwise convolutions" in opt.describe()) == fires
-    assert any(isinstance(st, FusedStep) for st in opt.plan.steps) != fires
-    _close(got, want)
-    if act in ("Clip", "Relu+Where"):
-        assert (want == 6).any()
-    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
-    np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
-    assert "depthwise_epilogue" not in compile(doc, device=strict_gpu).describe()
-
-
-@pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
-def test_pointwise_epilogue_runs_a_1x1_convs_relu6_by_blocks(act, strict_gpu):
-    """The same chains after a 1x1 conv (a MobileNet expansion) run on each block of its
-    output rows (cpu.product_epilogue); after a 3x3 conv or a Sigmoid they stay a chain.
-    The numbers: as written, ONNX Runtime, and the optimised program exported to ONNX."""
-    from gpu_mdf.engine.onnx_export import to_onnx
-    from gpu_mdf.engine.ops import cpu
-    if not cpu.available():
-        pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
-
-    def build(b):
+        if layer == "depthwise":
+            y = b.op("Conv", ["x", b.init("w", F.w(8, 1, 3, 3)), b.init("b", F.w(8))], group=8, pads=[1, 1, 1, 1])
+            return _activation(b, y, act)
         y = b.op("Conv", ["x", b.init("w", F.w(24, 8, 1, 1)), b.init("b", F.w(24))])
         y = b.op("Conv", [y, b.init("w3", F.w(8, 24, 3, 3)), b.init("b3", F.w(8))], pads=[1, 1, 1, 1])
         y = b.op("Relu", [y])                                  # after a 3x3 conv: a chain still
         y = b.op("Conv", [y, b.init("w2", F.w(16, 8, 1, 1)), b.init("b2", F.w(16))])
-        if act == "Clip":
-            return b.op("Clip", [y, b.init("lo", np.float32(0)), b.init("hi", np.float32(6))])
-        if act == "Sigmoid":
-            return b.op("Sigmoid", [y])
-        y = b.op("Relu", [y])
-        if act == "Relu":
-            return y
-        six = b.init("six", np.float32(6))
-        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
+        return _activation(b, y, act)
     model, doc = _onnx(build, (2, 8, 7, 9))
     x = (F.R.standard_normal((2, 8, 7, 9)) * 8).astype(np.float32)
     plain, opt, want, got = _both(doc, x)
     fires = act != "Sigmoid"
-    assert ("pointwise_epilogue: 1 1x1 (or few-channel) convolutions" in opt.describe()) == fires
-    epilogues = [st for st in opt.plan.steps if getattr(st, "epilogue", ())]
-    assert len(epilogues) == fires and sum(isinstance(st, FusedStep) for st in opt.plan.steps) == 2 - fires
+    note, chains = {"depthwise": ("depthwise_epilogue: 1 depthwise convolutions", 1),
+                    "1x1": ("pointwise_epilogue: 1 1x1 (or few-channel) convolutions", 2)}[layer]
+    assert (note in opt.describe()) == fires
+    assert sum(bool(getattr(st, "epilogue", ())) for st in opt.plan.steps) == fires
+    assert sum(isinstance(st, FusedStep) for st in opt.plan.steps) == chains - fires
     _close(got, want)
     if act in ("Clip", "Relu+Where"):
         assert (want == 6).any() and (want == 0).any()
     np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * float(np.abs(want).max()))
     np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * float(np.abs(want).max()))
-    assert "pointwise_epilogue" not in compile(doc, device=strict_gpu).describe()
+    assert note.split(":")[0] not in compile(doc, device=strict_gpu).describe()
 
 
 @pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act"])
@@ -540,22 +520,13 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     dw_attrs = {"relu6-stride1": dict(pads=[1, 1, 1, 1]), "clip-stride2": dict(pads=[0, 0, 1, 1], strides=[2, 2]),
                 "relu-dilated-12ch": dict(pads=[2, 2, 2, 2], dilations=[2, 2])}.get(case, dict(pads=[1, 1, 1, 1]))
 
-    def act(b, y, kind):
-        if kind == "clip":
-            return b.op("Clip", [y, b.init(f"lo{id(y)}", np.float32(0)), b.init(f"hi{id(y)}", np.float32(6))])
-        y = b.op("Relu", [y])
-        if kind == "relu":
-            return y
-        six = b.init(f"six{id(y)}", np.float32(6))
-        return b.op("Where", [b.op("GreaterOrEqual", [six, y]), y, six])
-
     def build(b):
-        kind = {"clip-stride2": "clip", "relu-dilated-12ch": "relu"}.get(case, "relu6")
+        kind = {"clip-stride2": "Clip", "relu-dilated-12ch": "Relu"}.get(case, "Relu+Where")
         e = b.op("Conv", ["x", b.init("we", F.w(cm, 8, 1, 1)), b.init("be", F.w(cm))])
         if case != "no-act":
-            e = act(b, e, kind)
+            e = _activation(b, e, kind)
         d = b.op("Conv", [e, b.init("wd", F.w(cm, 1, 3, 3)), b.init("bd", F.w(cm))], group=cm, **dw_attrs)
-        d = act(b, d, kind)
+        d = _activation(b, d, kind)
         y = b.op("Conv", [d, b.init("wp", F.w(8, cm, 1, 1)), b.init("bp", F.w(8))])
         return [y, e] if case == "read-twice" else y
     shape = (3, 8, 9, 11)
