@@ -503,12 +503,14 @@ def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu):
     assert note.split(":")[0] not in compile(doc, device=strict_gpu).describe()
 
 
-@pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act"])
+@pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act",
+                                  "depthwise-output"])
 def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, strict_gpu, monkeypatch):
     """A 1x1 expansion with its ReLU6, the depthwise conv reading it alone and the 1x1
     projection after that become one step (strides, pads, dilations; a depthwise conv of
     few channels runs by rows); an expansion whose value is also an output, or without an
-    activation, stays apart.
+    activation, stays apart; a depthwise conv whose value is an output keeps its projection
+    apart. Blocks on two threads give the bits of one thread.
     The numbers: as written, ONNX Runtime, the optimised program exported to ONNX, and the
     kernels turned off after the program was made (the two convs, as written)."""
     from gpu_mdf.engine.onnx_export import to_onnx
@@ -528,7 +530,7 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
         d = b.op("Conv", [e, b.init("wd", F.w(cm, 1, 3, 3)), b.init("bd", F.w(cm))], group=cm, **dw_attrs)
         d = _activation(b, d, kind)
         y = b.op("Conv", [d, b.init("wp", F.w(8, cm, 1, 1)), b.init("bp", F.w(8))])
-        return [y, e] if case == "read-twice" else y
+        return [y, e] if case == "read-twice" else [y, d] if case == "depthwise-output" else y
     shape = (3, 8, 9, 11)
     from gpu_mdf.convert.onnx import onnx_to_mdf_doc
     bld = F.Builder()
@@ -538,19 +540,25 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     x = (F.R.standard_normal(shape) * 3).astype(np.float32)
     plain, opt, want, got = _both(doc, x)
     fires = case not in ("read-twice", "no-act")
-    assert ("expand_depthwise: 1 expansions and the depthwise convolutions after them (1 with the projection"
-            in opt.describe()) == fires
+    projected = int(case != "depthwise-output")
+    assert (f"expand_depthwise: 1 expansions and the depthwise convolutions after them ({projected} with the "
+            "projection" in opt.describe()) == fires
     assert sum(isinstance(st, ExpandDepthwiseStep) for st in opt.plan.steps) == fires
     ort = F.run_ort(model, x)
     for g, w in zip(*(([v[n] for n in sorted(v)] if isinstance(v, dict) else [v]) for v in (got, want))):
         _close(g, w)
-    if fires:
+    if fires and case != "depthwise-output":
         scale = float(np.abs(want).max())
         np.testing.assert_allclose(got, ort, rtol=0, atol=1e-5 * scale)
         np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * scale)
         monkeypatch.setenv("GPU_MDF_NUMBA", "0")                # after compile: the two convs as written
         np.testing.assert_allclose(opt.run(x), got, rtol=0, atol=1e-5 * scale)
         monkeypatch.delenv("GPU_MDF_NUMBA")
+        from gpu_mdf.engine.program import Program
+        monkeypatch.setattr(Program, "block_size", property(lambda self: 2))    # 7 items: four blocks
+        many = np.concatenate([x, x, x[:1]])
+        np.testing.assert_array_equal(opt.run(many, threads=2), opt.run(many, threads=1))
+        np.testing.assert_allclose(opt.run(many, threads=2)[3:6], got, rtol=0, atol=1e-5 * scale)
     assert "expand_depthwise" not in compile(doc, device=strict_gpu).describe()
     monkeypatch.setattr(cpu, "expand_depthwise_available", lambda: False)     # no SciPy: two steps
     assert "expand_depthwise" not in compile(doc, device="cpu").describe()

@@ -881,9 +881,10 @@ def expand_depthwise(plan, info) -> str | None:
     there is one: one image at a
     time, the expanded and depthwise images in cache between them (an inverted residual's
     expansion holds 6x the values of its input, which the convs wrote to memory and read
-    back whole). The same operations on the same values."""
+    back whole). The same operations on the same values, the products to rounding (SciPy's
+    BLAS, an image at a time)."""
     from .ops import cpu
-    if info is None or not cpu.expand_depthwise_available():
+    if info is None or not cpu.available():
         return None
     done = projected = 0
     for dw in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
@@ -899,7 +900,8 @@ def expand_depthwise(plan, info) -> str | None:
                 or ex.attrs.get("group", 1) != 1 or any(ex.attrs.get("pads") or ()) \
                 or any(v != 1 for v in ex.attrs.get("strides") or ()) \
                 or ex.attrs.get("auto_pad", "NOTSET") != "NOTSET" \
-                or wd.ndim != 4 or wd.shape[:2] != (cm, 1) or dw.attrs.get("group", 1) != cm:
+                or wd.ndim != 4 or wd.shape[:2] != (cm, 1) or dw.attrs.get("group", 1) != cm \
+                or not cpu.expand_depthwise_available():        # (SciPy imported at the first candidate only)
             continue
         fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]), f"{ex.what} -> {dw.what}",
                                     expand=ex, depthwise=dw)

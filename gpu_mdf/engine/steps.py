@@ -119,8 +119,8 @@ class OpStep(Step):
 @dataclass
 class ExpandDepthwiseStep(Step):
     """A 1x1 conv with its bias and activations (an inverted residual's expansion) and the
-    depthwise conv that alone reads its value, and the 1x1 projection without bias that
-    alone reads the depthwise conv's where there is one, one image at a time (the
+    depthwise conv that alone reads its value, and the 1x1 projection (a bias or none, no
+    activation) that alone reads the depthwise conv's where there is one, one image at a time (the
     :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded and
     the depthwise conv's images stay in cache and are never written to memory whole.
     ``args``: the expansion's (input, weights, bias), the depthwise conv's (weights, bias),

@@ -659,6 +659,7 @@ def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, o
     wp = np.ascontiguousarray(wp, dtype=dtype) if project else np.zeros((1, 1), dtype)
     cp = wp.shape[1]
     bpt = np.zeros(0, dtype) if bp is None else _tiled(bp, cp, max(1, _TILE // cp) * cp, dtype)   # empty: no bias
+    _one_blas_thread()
     return _call("expand depthwise", xl, np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
                  epilogue_codes(tuple(epilogue_e), dtype), wk, bias, y, strides[0], strides[1], dil[0], dil[1],
                  pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows, wp, project, bpt,
@@ -667,26 +668,37 @@ def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, o
 
 def expand_depthwise_available() -> bool:
     """Whether :func:`expand_depthwise` runs here: the compiled kernels, and SciPy's BLAS
-    (numba's ``np.dot`` calls it), made to run on the calling thread alone."""
-    return available() and _scipy_blas_one_thread()
+    (numba's ``np.dot`` calls it)."""
+    return available() and _scipy_blas() is not None
 
 
 @functools.lru_cache(maxsize=1)
-def _scipy_blas_one_thread() -> bool:
-    """Load SciPy's BLAS (which numba's ``np.dot`` calls) and set a library of its own (a
-    wheel's, under ``scipy.libs``; not NumPy's) to one thread, once a process: the kernel
-    calling it runs on a block thread of `Program.run`, or beside NumPy's BLAS threads,
-    and a second pool of BLAS threads on the same cores made torchvision's MobileNetV2
-    10x slower. False where SciPy is not installed."""
+def _scipy_blas():
+    """SciPy's BLAS loaded (numba's ``np.dot`` calls it): the controllers (threadpoolctl) of
+    those of its libraries that are SciPy's own copy, not NumPy's (a wheel's under
+    ``scipy.libs`` or ``scipy/.dylibs``; where both share one library, none: NumPy's thread
+    limits then hold for it too); None where SciPy is not installed."""
     try:
         import scipy.linalg.cython_blas  # noqa: F401
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return False
-    for lib in ThreadpoolController().lib_controllers:
-        if lib.user_api == "blas" and f"{os.sep}scipy.libs{os.sep}" in lib.filepath:
+        return None
+    def own(path) -> bool:
+        parts = os.path.normpath(path).split(os.sep)
+        return parts[-2:-1] == ["scipy.libs"] or parts[-3:-1] == ["scipy", ".dylibs"]
+    return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas" and own(lib.filepath))
+
+
+def _one_blas_thread() -> None:
+    """SciPy's own BLAS on the calling thread alone, at every fused call (a ctypes call:
+    a process-wide setting anyone may change, a ``threadpool_limits`` block's exit
+    included): the kernel runs on a block thread of `Program.run` or beside NumPy's BLAS
+    threads, and a second pool of BLAS threads on the same cores made torchvision's
+    MobileNetV2 10x slower. Only SciPy's own copy, which gpu-mdf's inference path calls
+    nowhere else."""
+    for lib in _scipy_blas() or ():
+        if lib.num_threads != 1:
             lib.set_num_threads(1)
-    return True
 
 
 _ROW_RUN = 8192        # values of an output row the rows form takes at most (its weights' tile)

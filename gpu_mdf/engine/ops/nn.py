@@ -224,7 +224,8 @@ def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, 
     def pointwise(attrs):
         return not any(_tuple(attrs.get("pads")) or ()) and all(v == 1 for v in attrs.get("strides") or ()) \
             and int(attrs.get("group", 1)) == 1 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
-    ok = xp is np and x.ndim == 4 and we.shape == (cm, x.shape[1], 1, 1) and wd.shape[:2] == (cm, 1) \
+    ok = xp is np and x.ndim == 4 and be is not None and bd is not None and we.shape == (cm, x.shape[1], 1, 1) \
+        and wd.shape[:2] == (cm, 1) \
         and int(group) == cm and x.dtype == we.dtype == wd.dtype and cpu.takes(x.dtype) \
         and cpu.expand_depthwise_available() and pointwise(expand_attrs) \
         and (wp is None or (wp.dtype == x.dtype and wp.shape[1:] == (cm, 1, 1) and pointwise(project_attrs)))
@@ -297,7 +298,8 @@ def _conv(xp, x, w, b, auto_pad, dilations, group, kernel_shape, pads, strides, 
     """(the conv, whether its ``epilogue`` ran too)"""
     kernels = xp is np and cpu.takes(x.dtype)
     key = (xp, x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape, auto_pad, _tuple(dilations),
-           int(group), _tuple(kernel_shape), _tuple(pads), _tuple(strides), bool(winograd), tuple(epilogue), kernels)
+           int(group), _tuple(kernel_shape), _tuple(pads), _tuple(strides), bool(winograd),
+           tuple(tuple(op) for op in epilogue), kernels)
     return remembered(_RUNNERS, key, lambda: _conv_runner(*key))(x, w, b)
 
 
