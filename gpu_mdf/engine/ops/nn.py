@@ -339,20 +339,16 @@ def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilati
     if cg == 1 and g > 1:
         return lambda x, w, b: finish(_depthwise(xp, _padded_last(xp, x, pads, nsp), w, kernel, strides, dil, out,
                                                  g, fg), b)
+    # the bias and activations of a product a block of rows at a time (passes.pointwise_epilogue)
+    by_blocks = kernels and epilogue and g == 1 and b_shape is not None and w_dtype == dtype and not winograd
     if all(k == 1 for k in kernel):
         strided = (slice(None),) + tuple(slice(0, (m - 1) * s + 1, s) for m, s in zip(out, strides))
 
-        def pointwise(x, w, b):
-            cols = xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
-            return finish(_grouped_matmul(xp, cols, w.reshape(f, cg), g, 1), b)
-        if not (kernels and epilogue and g == 1 and b_shape is not None and w_dtype == dtype):
-            return pointwise
-
-        def pointwise_epilogue(x, w, b):      # the bias and activations a block of rows at a time
-            cols = xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
-            yl = cpu.product_epilogue(cols, w.reshape(f, c).T, b, epilogue)
-            return _to_nchw(xp, yl.reshape(y_shape)), True
-        return pointwise_epilogue
+        def cols(x):
+            return xp.ascontiguousarray(_padded_last(xp, x, pads, nsp)[strided]).reshape(rows, c)
+        if by_blocks:
+            return _product_epilogue(xp, cols, lambda w: w.reshape(f, c).T, epilogue, y_shape)
+        return lambda x, w, b: finish(_grouped_matmul(xp, cols(x), w.reshape(f, cg), g, 1), b)
     if g > 1:
         return lambda x, w, b: finish(_grouped_conv(xp, _columns(xp, x, kernel, strides, dil, pads, out, kernels), w,
                                                     kernel, g), b)
@@ -360,14 +356,11 @@ def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilati
     def im2col_weights(w):
         return weight_form(w, "im2col", lambda: xp.transpose(w, tuple(range(2, 2 + nsp)) + (1, 0)).reshape(-1, f))
     if c == 1 or (xp is np and c <= PLANES_UP_TO and math.prod(kernel) <= 9):   # (rows, window), transposed
-        general = lambda x, w, b: finish(  # noqa: E731
-            xp.matmul(_planes(xp, x, kernel, strides, dil, pads, out).T, im2col_weights(w)), b)
-        if kernels and epilogue and b_shape is not None and w_dtype == dtype and not winograd:
-            def planes_epilogue(x, w, b):     # the bias and activations a block of rows at a time
-                yl = cpu.product_epilogue(_planes(xp, x, kernel, strides, dil, pads, out).T, im2col_weights(w), b,
-                                          epilogue)
-                return _to_nchw(xp, yl.reshape(y_shape)), True
-            return planes_epilogue
+        def planes(x):
+            return _planes(xp, x, kernel, strides, dil, pads, out).T
+        if by_blocks:
+            return _product_epilogue(xp, planes, im2col_weights, epilogue, y_shape)
+        general = lambda x, w, b: finish(xp.matmul(planes(x), im2col_weights(w)), b)  # noqa: E731
     elif kernels and w_dtype == dtype and cpu.conv_by_blocks(c, math.prod(kernel), f, rows, dtype.itemsize):
         def general(x, w, b):
             check_alloc(y_shape)      # columns a block at a time, in cache
@@ -379,16 +372,30 @@ def _conv_runner(xp, x_shape, dtype, w_shape, w_dtype, b_shape, auto_pad, dilati
                       im2col_weights(w)), b)   # columns (N, *out, *k, C)
     if winograd and kernels and kernel == (3, 3) and strides == (1, 1) and dil == (1, 1) \
             and n * -(-out[0] // 2) * -(-out[1] // 2) >= cpu.WINOGRAD_MIN_TILES:
-        def winograd_or_general(x, w, b):
-            check_alloc([n, out[0] + 2, out[1] + 2, max(c, f), 4])      # its tiles' values: 4x the input's and output's
-            yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
-            if np.isfinite(yl).all():
-                return _to_nchw(xp, yl), False
-            # a NaN or an infinity: the transforms spread one over its whole 4x4 tile (0 x inf
-            # is NaN), where the direct form puts it only in the windows that hold it
-            return general(x, w, b)
-        return winograd_or_general
+        return _winograd_or(xp, general, n, max(c, f), pads, out)
     return general
+
+
+def _product_epilogue(xp, columns, weights, epilogue, y_shape):
+    """A conv runner (:func:`_conv_runner`) whose product ``columns(x) @ weights(w)`` adds
+    its bias and runs its ``epilogue`` a block of rows at a time (``cpu.product_epilogue``)."""
+    def run(x, w, b):
+        yl = cpu.product_epilogue(columns(x), weights(w), b, epilogue)
+        return _to_nchw(xp, yl.reshape(y_shape)), True
+    return run
+
+
+def _winograd_or(xp, general, n, channels, pads, out):
+    """A conv runner as Winograd's F(2x2, 3x3), or ``general`` where its result holds a NaN
+    or an infinity (the transforms spread one over its whole 4x4 tile, 0 x inf being NaN,
+    where the direct form puts it only in the windows that hold it)."""
+    def run(x, w, b):
+        check_alloc([n, out[0] + 2, out[1] + 2, channels, 4])      # its tiles' values: 4x the input's and output's
+        yl = cpu.winograd(_channels_last(xp, x), w, b, pads, out)
+        if np.isfinite(yl).all():
+            return _to_nchw(xp, yl), False
+        return general(x, w, b)
+    return run
 
 
 def _padded_last(xp, x, pads, nsp):
