@@ -884,6 +884,7 @@ def expand_depthwise(plan, info) -> str | None:
     back whole). The same operations on the same values, the products to rounding (SciPy's
     BLAS, an image at a time)."""
     from .ops import cpu
+    from .ops.nn import plain_pointwise
     if info is None or not cpu.available():
         return None
     done = projected = 0
@@ -897,10 +898,8 @@ def expand_depthwise(plan, info) -> str | None:
         we, wd = ex.args[1].host_value(), dw.args[1].host_value()
         cm = we.shape[0]
         if shape is None or len(shape) != 4 or np.dtype(dtype) not in KERNEL_DTYPES or we.shape[2:] != (1, 1) \
-                or ex.attrs.get("group", 1) != 1 or any(ex.attrs.get("pads") or ()) \
-                or any(v != 1 for v in ex.attrs.get("strides") or ()) \
-                or ex.attrs.get("auto_pad", "NOTSET") != "NOTSET" \
-                or wd.ndim != 4 or wd.shape[:2] != (cm, 1) or dw.attrs.get("group", 1) != cm \
+                or not plain_pointwise(ex.attrs) or wd.ndim != 4 or wd.shape[:2] != (cm, 1) \
+                or dw.attrs.get("group", 1) != cm \
                 or not cpu.expand_depthwise_available():        # (SciPy imported at the first candidate only)
             continue
         fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]), f"{ex.what} -> {dw.what}",
@@ -914,9 +913,7 @@ def expand_depthwise(plan, info) -> str | None:
         if isinstance(pr, OpStep) and pr.spec.name == "onnx::Conv" and pr.place == DEVICE and len(pr.args) in (2, 3) \
                 and pr.args[0].val.key == dw.key and pr.args[0].index is None and not pr.epilogue \
                 and all(_is_const(r) for r in pr.args[1:]) and pr.args[1].host_value().ndim == 4 \
-                and pr.args[1].host_value().shape[1:] == (cm, 1, 1) and pr.attrs.get("group", 1) == 1 \
-                and not any(pr.attrs.get("pads") or ()) and all(v == 1 for v in pr.attrs.get("strides") or ()) \
-                and pr.attrs.get("auto_pad", "NOTSET") == "NOTSET":
+                and pr.args[1].host_value().shape[1:] == (cm, 1, 1) and plain_pointwise(pr.attrs):
             fused.project, fused.key = pr, pr.key               # the projection too
             fused.args = fused.args + list(pr.args[1:])
             fused.what = f"{fused.what} -> {pr.what}"

@@ -137,16 +137,14 @@ class ExpandDepthwiseStep(Step):
         return 2 if self.project is None else 3
 
     def bind(self, b, xp):
-        gets = [b.getter(r, "device", xp) for r in self.args]
         ex, dw, pr = self.expand, self.depthwise, self.project
-        kernel = nn.expand_depthwise
-        if pr is None:
-            return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs),
-                                      **dw.attrs)
-        k = len(ex.args) + len(dw.args) - 1             # the projection's weights (and bias) after these
-        gets, gp, gb = gets[:k], gets[k], (gets[k + 1] if len(gets) > k + 1 else lambda env: None)
-        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, dict(ex.attrs), **dw.attrs,
-                                  wp=gp(env), bp=gb(env), project_attrs=dict(pr.attrs))
+        gets = [b.getter(r, "device", xp) for r in ex.args + dw.args[1:]]
+        project = [b.getter(r, "device", xp) for r in pr.args[1:]] if pr is not None else []
+        project += [lambda env: None] * (2 - len(project))      # no projection, or one without bias
+        gp, gb = project
+        kernel, attrs = nn.expand_depthwise, dict(pr.attrs) if pr is not None else None
+        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, ex.attrs, **dw.attrs,
+                                  wp=gp(env), bp=gb(env), project_attrs=attrs)
 
     def export(self, e) -> None:
         for st in (self.expand, self.depthwise, self.project):    # the convs and their activations, as they were

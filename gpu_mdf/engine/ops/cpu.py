@@ -82,7 +82,7 @@ def _call(name: str, *args):
 def _load():
     """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
     under a lock (two threads' first compiles meet here), and published whole."""
-    global _kernels, _why_not, _combine, _im2col, _row_taps, _activate, _depthwise_pixel, _depthwise, \
+    global _kernels, _why_not, _combine, _im2col, _row_taps, _activate, _add_act, _depthwise_pixel, _depthwise, \
         _depthwise_rows, _bias_act
     if _kernels is not None or _why_not is not None:
         return _kernels
@@ -102,6 +102,7 @@ def _load():
         _im2col = numba.njit(inline="always", nogil=True)(_im2col)
         _row_taps = numba.njit(inline="always", nogil=True)(_row_taps)
         _activate = numba.njit(inline="always", nogil=True)(_activate)
+        _add_act = numba.njit(inline="always", nogil=True)(_add_act)
         _depthwise_pixel = numba.njit(nogil=True)(_depthwise_pixel)
         # kernels that the fused expand-depthwise kernel calls too (numba dispatchers by name)
         _depthwise, _depthwise_rows, _bias_act = (_njit(numba, body) for body in (_depthwise, _depthwise_rows,
@@ -238,16 +239,28 @@ def _activate(o, act):
                 o[j] = lo if (v != v) or lo < v else v
 
 
-def _bias_act(y, b, act):
-    """y (rows, W) in place: each row plus ``b`` (W,: the bias tiled to a row of several
-    outputs' channels), then the epilogue ``act`` (:func:`_activate`): the fused chain's Add
-    and activations, the same operations."""
-    for i in range(y.shape[0]):
-        o = y[i]
-        for j in range(o.shape[0]):
-            o[j] = o[j] + b[j]
-        _activate(o, act)
+def _bias_act(y, bt, act):
+    """y (rows, C), contiguous, in place: each value plus its channel's bias, then the
+    epilogue ``act`` (:func:`_activate`): the fused chain's Add and activations, the same
+    operations. ``bt``: the bias tiled to k x C values (:func:`_tiled`), so that the loops
+    run over rows of k outputs (a row of C values is too short to vectorise); the last
+    rows % k rows by themselves."""
+    rows, c = y.shape
+    k = bt.shape[0] // c
+    whole = rows // k * k
+    flat = y[:whole].reshape(whole // k, k * c)
+    for i in range(flat.shape[0]):
+        _add_act(flat[i], bt, act)
+    for i in range(whole, rows):
+        _add_act(y[i], bt[:c], act)
     return y
+
+
+def _add_act(o, b, act):
+    """The row ``o`` plus ``b``, then ``act``, in place."""
+    for j in range(o.shape[0]):
+        o[j] = o[j] + b[j]
+    _activate(o, act)
 
 
 def _depthwise(x, w, b, out, sh, sw, dh, dw, pt, pl, act):
@@ -333,32 +346,23 @@ def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act,
     n, h, wd, c = x.shape
     cm = we.shape[1]
     rows = h * wd
-    k = bt.shape[0] // cm
-    whole = rows // k * k
     e = np.empty((1, h, wd, cm), dtype=out.dtype)
     e2 = e.reshape(rows, cm)
     oh, ow = out.shape[1], out.shape[2]
     d = np.empty((1, oh, ow, cm) if project else (1, 1, 1, 1), dtype=out.dtype)
     for i in range(n):
         np.dot(x[i].reshape(rows, c), we, e2)
-        _bias_act(e2[:whole].reshape(whole // k, k * cm), bt, act_e)
-        if whole < rows:
-            _bias_act(e2[whole:], bt[:cm], act_e)
+        _bias_act(e2, bt, act_e)
         dest = d if project else out[i:i + 1]
         if by_rows:
             _depthwise_rows(e, wk, b, dest, sh, dh, dw, pt, pl, act)
         else:
             _depthwise(e, wk, b, dest, sh, sw, dh, dw, pt, pl, act)
         if project:
-            cp = wp.shape[1]
-            o2 = out[i].reshape(oh * ow, cp)
+            o2 = out[i].reshape(oh * ow, wp.shape[1])
             np.dot(d.reshape(oh * ow, cm), wp, o2)
-            if bpt.shape[0] >= cp:
-                kp = bpt.shape[0] // cp
-                pw = oh * ow // kp * kp
-                _bias_act(o2[:pw].reshape(pw // kp, kp * cp), bpt, act_p)
-                if pw < oh * ow:
-                    _bias_act(o2[pw:], bpt[:cp], act_p)
+            if bpt.shape[0]:                       # empty: no bias
+                _bias_act(o2, bpt, act_p)
     return out
 
 
@@ -751,10 +755,7 @@ def product_epilogue(cols, wt, b, epilogue):
     for lo in range(0, rows, step):
         block = y[lo:lo + step]
         np.matmul(cols[lo:lo + step], wt, out=block)
-        whole = len(block) // k * k
-        kernel(block[:whole].reshape(-1, k * f), row, act)
-        if whole < len(block):
-            kernel(block[whole:], row[:f], act)
+        kernel(block, row, act)
     return y
 
 

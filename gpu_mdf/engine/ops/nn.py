@@ -218,40 +218,60 @@ def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, 
     after it (the other attributes), then, with ``wp``, a 1x1 conv (bias ``bp`` or None,
     ``project_attrs``) of its value: on the CPU with the compiled kernels, one image at a
     time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the convs apart elsewhere
-    (the kernels turned off since the program was made, a type they do not take)."""
-    cm = we.shape[0]
+    (the kernels turned off since the program was made, a type they do not take). Its
+    runner is kept by shapes and attributes as a conv's is (:func:`_conv`)."""
+    kernels = xp is np and cpu.takes(x.dtype) and cpu.expand_depthwise_available()
+    attrs = (auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads), _tuple(strides))
+    key = ("expand depthwise", xp, x.shape, x.dtype, we.shape, we.dtype, be is None, wd.shape, wd.dtype, bd is None,
+           None if wp is None else (wp.shape, wp.dtype, bp is None), tuple(tuple(op) for op in epilogue_e),
+           tuple(tuple(op) for op in epilogue), _attrs_key(expand_attrs), _attrs_key(project_attrs or {}), attrs,
+           kernels)
+    return remembered(_RUNNERS, key, lambda: _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue,
+                                                            expand_attrs, project_attrs, attrs, kernels))(
+        x, we, be, wd, bd, wp, bp)
 
-    def pointwise(attrs):
-        return not any(_tuple(attrs.get("pads")) or ()) and all(v == 1 for v in attrs.get("strides") or ()) \
-            and int(attrs.get("group", 1)) == 1 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
-    ok = xp is np and x.ndim == 4 and be is not None and bd is not None and we.shape == (cm, x.shape[1], 1, 1) \
-        and wd.shape[:2] == (cm, 1) \
-        and int(group) == cm and x.dtype == we.dtype == wd.dtype and cpu.takes(x.dtype) \
-        and cpu.expand_depthwise_available() and pointwise(expand_attrs) \
-        and (wp is None or (wp.dtype == x.dtype and wp.shape[1:] == (cm, 1, 1) and pointwise(project_attrs)))
-    if not ok:
-        y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
-        y = conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
-        return y if wp is None else conv(xp, y, wp, bp, **project_attrs)
-    e_shape = (x.shape[0], cm) + x.shape[2:]
-    key = (e_shape, wd.shape, auto_pad, _tuple(dilations), int(group), _tuple(kernel_shape), _tuple(pads),
-           _tuple(strides))
-    kernel, strides, dil, pads, out = remembered(_EXPAND_GEOMETRIES, key, lambda: _conv_geometry(*key))
+
+def _attrs_key(attrs: dict) -> tuple:
+    return tuple(sorted((k, _tuple(v)) for k, v in attrs.items()))
+
+
+def plain_pointwise(attrs: dict) -> bool:
+    """Whether a 1x1 Conv's attributes leave its input as it is: no pads, stride 1, one group."""
+    return not any(_tuple(attrs.get("pads")) or ()) and all(v == 1 for v in attrs.get("strides") or ()) \
+        and int(attrs.get("group", 1)) == 1 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
+
+
+def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_attrs, project_attrs, attrs, kernels):
+    """:func:`expand_depthwise` for these shapes and attributes, a function of its arrays:
+    the fused kernel where it takes them, else the convs apart."""
+    auto_pad, dilations, group, kernel_shape, pads, strides = attrs
+    cm = we.shape[0]
+    fused = kernels and x.ndim == 4 and be is not None and bd is not None and we.shape == (cm, x.shape[1], 1, 1) \
+        and wd.shape[:2] == (cm, 1) and group == cm and x.dtype == we.dtype == wd.dtype \
+        and plain_pointwise(expand_attrs) \
+        and (wp is None or (wp.dtype == x.dtype and wp.shape[1:] == (cm, 1, 1) and plain_pointwise(project_attrs)))
+    if not fused:
+        def apart(x, we, be, wd, bd, wp, bp):
+            y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
+            y = conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
+            return y if wp is None else conv(xp, y, wp, bp, **project_attrs)
+        return apart
+    kernel, strides, dil, pads, out = _conv_geometry((x.shape[0], cm) + x.shape[2:], wd.shape, *attrs)
     _check_bias("Conv", be.shape, cm)
     _check_bias("Conv", bd.shape, cm)
     if wp is not None:
         _check_bias("Conv", None if bp is None else bp.shape, wp.shape[0])
-    check_alloc((x.shape[0],) + out + (cm,))
-    we_t = weight_form(we, "1x1 transposed", lambda: np.ascontiguousarray(we.reshape(cm, -1).T))
-    wp_t = None if wp is None else weight_form(wp, "1x1 transposed",
-                                               lambda: np.ascontiguousarray(wp.reshape(wp.shape[0], -1).T))
-    yl = cpu.expand_depthwise(_channels_last(xp, x), we_t, be, epilogue_e, wd, bd, kernel, strides, dil, pads, out,
-                              epilogue, wp_t, bp)
-    return _to_nchw(xp, yl)
+    e_shape = (x.shape[0],) + out + (cm,)
 
+    def transposed(w):
+        return weight_form(w, "1x1 transposed", lambda: np.ascontiguousarray(w.reshape(w.shape[0], -1).T))
 
-#: expand_depthwise's depthwise geometries, by shapes and attributes
-_EXPAND_GEOMETRIES: dict = {}
+    def run(x, we, be, wd, bd, wp, bp):
+        check_alloc(e_shape)
+        return _to_nchw(xp, cpu.expand_depthwise(_channels_last(xp, x), transposed(we), be, epilogue_e, wd, bd, kernel,
+                                                 strides, dil, pads, out, epilogue,
+                                                 None if wp is None else transposed(wp), bp))
+    return run
 
 
 def _activations(xp, y, epilogue):
