@@ -80,12 +80,18 @@ CONV_CASES = {
     "dw5x5-multiplier3-asym": (2, 5, 11, 9, 15, (5, 5), 5, dict(strides=[2, 1], pads=[2, 0, 1, 3])),
     "dw3x3-multiplier2-dilated": (1, 3, 10, 12, 6, (3, 3), 3, dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
     "dw3x3-multiplier2-stride1x2": (2, 4, 8, 9, 8, (3, 3), 4, dict(strides=[1, 2], pads=[1, 1, 1, 1])),  # NumPy form
-    "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),
-    "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
+    "conv3x3-c3": (2, 3, 15, 14, 7, (3, 3), 1, dict(pads=[1, 1, 1, 1])),                           # by images
+    "conv7x7-stride2-stem": (1, 3, 32, 32, 8, (7, 7), 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),  # by images
+    "conv3x3-c3-stride2-stem": (3, 3, 17, 16, 16, (3, 3), 1, dict(strides=[2, 2], pads=[0, 0, 1, 1])),
+    "conv4x4-c3-patches": (2, 3, 16, 12, 9, (4, 4), 1, dict(strides=[4, 4])),
+    "conv5x5-c2-asym": (2, 2, 13, 10, 3, (5, 5), 1, dict(strides=[1, 2], pads=[4, 0, 1, 3])),
+    "conv3x3-c4-dilated-stride2x1": (2, 4, 14, 13, 5, (3, 3), 1, dict(dilations=[2, 2], strides=[2, 1],
+                                                                      pads=[2, 1, 2, 1])),
+    "conv3x3-c3-beyond-pads": (1, 3, 5, 4, 2, (3, 3), 1, dict(pads=[3, 3, 3, 3])),   # windows wholly outside x
     "conv3x3-dilated-asym": (2, 9, 12, 11, 5, (3, 3), 1, dict(dilations=[2, 1], pads=[0, 2, 3, 1], strides=[1, 2])),
     "conv1x1-c1": (2, 1, 6, 6, 4, (3, 3), 1, {}),                                  # planes (C = 1)
-    "conv3x2-c2-dilated": (2, 2, 11, 9, 5, (3, 2), 1, dict(dilations=[2, 1], pads=[2, 0, 1, 1])),   # planes
-    "conv3x3-c4-stride2": (3, 4, 12, 11, 6, (3, 3), 1, dict(strides=[2, 2], pads=[0, 0, 1, 1])),     # planes
+    "conv3x2-c2-dilated": (2, 2, 11, 9, 5, (3, 2), 1, dict(dilations=[2, 1], pads=[2, 0, 1, 1])),   # by images
+    "conv3x3-c4-stride2": (3, 4, 12, 11, 6, (3, 3), 1, dict(strides=[2, 2], pads=[0, 0, 1, 1])),     # by images
     "conv3x3-c5": (2, 5, 9, 8, 4, (3, 3), 1, dict(pads=[1, 1, 1, 1])),                               # im2col
     "grouped3x3": (2, 8, 9, 9, 12, (3, 3), 4, dict(pads=[1, 1, 1, 1], strides=[2, 2])),
 }
@@ -94,6 +100,13 @@ CONV_CASES = {
 # depthwise cases run as whole rows (a horizontal stride of 1, few channels); the others per pixel
 DEPTHWISE_ROWS = {"dw3x3", "dw5x5-stride2-asym", "dw3x3-dilated", "dw1x3-same", "dw3x3-valid", "dw-multiplier2",
                   "dw5x5-multiplier3-asym", "dw3x3-multiplier2-dilated"}
+
+
+def _direct_kernels(c, k):
+    """The compiled kernels a conv of ``c`` input channels (one group) and window ``k`` runs."""
+    if 2 <= c <= nn.PLANES_UP_TO and cpu.products_available():
+        return [f"conv images 3x3 {c}" if k == (3, 3) else "conv images"]     # columns an image at a time
+    return [] if c == 1 or (c <= nn.PLANES_UP_TO and math.prod(k) <= 9) else ["im2col"]   # planes
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -118,7 +131,7 @@ def test_conv_through_the_kernels_matches_onnxruntime(name, bias, dtype, numpy_f
     elif c == g and g > 1:
         expected = ["depthwise"] if f == g else []        # a multiplier with a horizontal stride: NumPy's form
     else:
-        expected = [] if c == 1 or (c <= nn.PLANES_UP_TO and math.prod(k) <= 9) else ["im2col"]   # planes
+        expected = _direct_kernels(c, k)
     assert ran == expected, ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
@@ -154,7 +167,7 @@ def test_winograd_conv_matches_onnxruntime(name, bias, dtype, monkeypatch):
     want = _ort_conv(*[None if a is None else a.astype(np.float32) for a in (x, w, b)], **attrs)
     got = nn.conv(np, x, w, b, winograd=True, **attrs)
     direct = nn.conv(np, x, w, b, **attrs)
-    assert ran == ["winograd tiles", "winograd untiles"] + ([] if c <= nn.PLANES_UP_TO else ["im2col"]), ran
+    assert ran == ["winograd tiles", "winograd untiles"] + _direct_kernels(c, (3, 3)), ran
     scale = float(np.abs(want).max())
     assert got.shape == want.shape and got.dtype == x.dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
@@ -183,9 +196,11 @@ def test_winograd_is_asked_only_of_3x3_stride_1_one_group(attrs, monkeypatch):
                                             (2, (3, 2), 4, dict(dilations=[2, 1], pads=[2, 0, 1, 1])),
                                             (4, (1, 3), 5, {}), (4, (3, 3), 2, dict(pads=[1, 1, 1, 1]))])
 def test_planes_are_the_columns_through_a_transposed_view(c, k, f, attrs, dtype, monkeypatch):
-    """A conv of 2-4 channels reads its columns as planes, one per window offset and
-    channel: the same products as the columns to rounding (OpenBLAS picks another kernel
-    for a transposed operand in some shapes: one filter, a few filters over 36 offsets)."""
+    """A conv of 2-4 channels where its columns are not written an image at a time (no
+    SciPy) reads them as planes, one per window offset and channel: the same products as
+    the columns to rounding (OpenBLAS picks another kernel for a transposed operand in some
+    shapes: one filter, a few filters over 36 offsets)."""
+    monkeypatch.setattr(cpu, "products_available", lambda: False)
     x = F.R.standard_normal((3, c, 13, 12)).astype(dtype)
     w, b = F.w(f, c, *k).astype(dtype), F.w(f).astype(dtype)
     took, planes = [], nn._planes
@@ -334,7 +349,7 @@ def test_expand_depthwise_is_the_convs_apart(cm, h, w_, strides, dil, pads, proj
     BLAS an image at a time against NumPy's on every image: another kernel may take a
     product's last rows), NaN and infinities where they are; rows of the epilogue's loop
     straddling pixels, or a pixel's channels split over rows."""
-    if not cpu.expand_depthwise_available():
+    if not cpu.products_available():
         pytest.skip(f"compiled CPU kernels or SciPy off here: {cpu.describe()}")
     epi = (("onnx::Relu",), ("gpu_mdf::CapAt", 6.0))
     x = (F.R.standard_normal((3, 5, h, w_)) * 12).astype(dtype)

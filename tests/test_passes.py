@@ -463,13 +463,14 @@ def _activation(b, y, act: str):
 
 
 @pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
-@pytest.mark.parametrize("layer", ["depthwise", "1x1"])
-def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu):
+@pytest.mark.parametrize("layer", ["depthwise", "1x1", "stem"])
+def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu, monkeypatch):
     """torchvision's Clip(0, 6) and the Keras converter's Relu + Where(6 >= x, x, 6) after a
     depthwise conv (its bias in the chain after it) move into its kernel
     (depthwise_epilogue); after a 1x1 conv (a MobileNet expansion) they run on each block
     of its output rows (pointwise_epilogue, cpu.product_epilogue), where after a 3x3 conv
-    they stay a chain; a Sigmoid moves nowhere (not an epilogue op). The numbers: as
+    they stay a chain; after a 3-channel 3x3 stem (stride 2), on each image's output
+    (cpu.conv_images); a Sigmoid moves nowhere (not an epilogue op). The numbers: as
     written, ONNX Runtime, and the optimised program exported to ONNX (the activations are
     written out again)."""
     from gpu_mdf.engine.onnx_export import to_onnx
@@ -477,21 +478,32 @@ def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu):
     if not cpu.available():
         pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
 
+    ran, call = [], cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda kernel, *a: ran.append(kernel) or call(kernel, *a))
+
     def build(b):
         if layer == "depthwise":
             y = b.op("Conv", ["x", b.init("w", F.w(8, 1, 3, 3)), b.init("b", F.w(8))], group=8, pads=[1, 1, 1, 1])
+            return _activation(b, y, act)
+        if layer == "stem":
+            y = b.op("Conv", ["x", b.init("w", F.w(16, 3, 3, 3)), b.init("b", F.w(16))], strides=[2, 2],
+                     pads=[0, 0, 1, 1])
             return _activation(b, y, act)
         y = b.op("Conv", ["x", b.init("w", F.w(24, 8, 1, 1)), b.init("b", F.w(24))])
         y = b.op("Conv", [y, b.init("w3", F.w(8, 24, 3, 3)), b.init("b3", F.w(8))], pads=[1, 1, 1, 1])
         y = b.op("Relu", [y])                                  # after a 3x3 conv: a chain still
         y = b.op("Conv", [y, b.init("w2", F.w(16, 8, 1, 1)), b.init("b2", F.w(16))])
         return _activation(b, y, act)
-    model, doc = _onnx(build, (2, 8, 7, 9))
-    x = (F.R.standard_normal((2, 8, 7, 9)) * 8).astype(np.float32)
+    shape = (2, 3, 13, 11) if layer == "stem" else (2, 8, 7, 9)
+    model, doc = _onnx(build, shape)
+    x = (F.R.standard_normal(shape) * 8).astype(np.float32)
     plain, opt, want, got = _both(doc, x)
     fires = act != "Sigmoid"
     note, chains = {"depthwise": ("depthwise_epilogue: 1 depthwise convolutions", 1),
-                    "1x1": ("pointwise_epilogue: 1 1x1 (or few-channel) convolutions", 2)}[layer]
+                    "1x1": ("pointwise_epilogue: 1 1x1 (or few-channel) convolutions", 2),
+                    "stem": ("pointwise_epilogue: 1 1x1 (or few-channel) convolutions", 1)}[layer]
+    if layer == "stem" and cpu.products_available():
+        assert "conv images 3x3 3" in ran
     assert (note in opt.describe()) == fires
     assert sum(bool(getattr(st, "epilogue", ())) for st in opt.plan.steps) == fires
     assert sum(isinstance(st, FusedStep) for st in opt.plan.steps) == chains - fires
@@ -516,7 +528,7 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     from gpu_mdf.engine.onnx_export import to_onnx
     from gpu_mdf.engine.ops import cpu
     from gpu_mdf.engine.steps import ExpandDepthwiseStep
-    if not cpu.expand_depthwise_available():
+    if not cpu.products_available():
         pytest.skip(f"compiled CPU kernels or SciPy's BLAS off here: {cpu.describe()}")
     cm = 12 if case == "relu-dilated-12ch" else 24
     dw_attrs = {"relu6-stride1": dict(pads=[1, 1, 1, 1]), "clip-stride2": dict(pads=[0, 0, 1, 1], strides=[2, 2]),
@@ -560,7 +572,7 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
         np.testing.assert_array_equal(opt.run(many, threads=2), opt.run(many, threads=1))
         np.testing.assert_allclose(opt.run(many, threads=2)[3:6], got, rtol=0, atol=1e-5 * scale)
     assert "expand_depthwise" not in compile(doc, device=strict_gpu).describe()
-    monkeypatch.setattr(cpu, "expand_depthwise_available", lambda: False)     # no SciPy: two steps
+    monkeypatch.setattr(cpu, "products_available", lambda: False)     # no SciPy: two steps
     assert "expand_depthwise" not in compile(doc, device="cpu").describe()
 
 

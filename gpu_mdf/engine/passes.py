@@ -900,7 +900,7 @@ def expand_depthwise(plan, info) -> str | None:
         if shape is None or len(shape) != 4 or np.dtype(dtype) not in KERNEL_DTYPES or we.shape[2:] != (1, 1) \
                 or not plain_pointwise(ex.attrs) or wd.ndim != 4 or wd.shape[:2] != (cm, 1) \
                 or dw.attrs.get("group", 1) != cm \
-                or not cpu.expand_depthwise_available():        # (SciPy imported at the first candidate only)
+                or not cpu.products_available():        # (SciPy imported at the first candidate only)
             continue
         fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]), f"{ex.what} -> {dw.what}",
                                     expand=ex, depthwise=dw)
