@@ -152,29 +152,34 @@ def numpy_forms():
 def recorded_products(prog, x):
     """Run ``prog`` on ``x`` once, recording every matrix product it makes (operands copied
     in their memory order, so that BLAS sees the same layouts); returns a function making
-    those products alone, and their count. A fused inverted residual
-    (``cpu.expand_depthwise``: its products inside a compiled kernel) counts as its
-    expansion's product over every image, with the same operands, and its projection's,
-    with zeros of its input's shape (the depthwise conv's values never leave the kernel)."""
+    those products alone, and their count. A compiled kernel's products (inside it, one
+    image at a time) count as one product over every image: a fused inverted residual's
+    (``expand depthwise``) expansion with the same operands and its projection with zeros
+    of its input's shape (the depthwise conv's values never leave the kernel); a conv by
+    images' (``conv images``) with zeros of its columns' shape."""
     from gpu_mdf.engine.ops import cpu
-    calls, real, fused = [], np.matmul, cpu.expand_depthwise
+    calls, real, call = [], np.matmul, cpu._call
 
     def record(a, b, *args, **kw):
         calls.append((np.copy(a, order="K"), np.copy(b, order="K")))
         return real(a, b, *args, **kw)
 
-    def record_fused(xl, we, *args, **kw):
-        y = fused(xl, we, *args, **kw)
-        calls.append((np.ascontiguousarray(xl).reshape(-1, xl.shape[-1]), np.copy(we)))
-        wp = kw.get("wp", args[10] if len(args) > 10 else None)
-        if wp is not None:
-            calls.append((np.zeros((y.size // y.shape[-1], wp.shape[0]), y.dtype), np.copy(wp)))
+    def record_kernel(name, *args):
+        y = call(name, *args)
+        if name == "expand depthwise":
+            xl, we, wp, project = args[0], args[1], args[15], args[16]
+            calls.append((np.ascontiguousarray(xl).reshape(-1, xl.shape[-1]), np.copy(we)))
+            if project:
+                calls.append((np.zeros((y.size // y.shape[-1], wp.shape[0]), y.dtype), np.copy(wp)))
+        elif name.startswith("conv images"):
+            wm = args[1]
+            calls.append((np.zeros((y.size // y.shape[-1], wm.shape[0]), y.dtype), np.copy(wm)))
         return y
-    np.matmul, cpu.expand_depthwise = record, record_fused
+    np.matmul, cpu._call = record, record_kernel
     try:
         prog.run(x, threads=1)
     finally:
-        np.matmul, cpu.expand_depthwise = real, fused
+        np.matmul, cpu._call = real, call
 
     def run():
         for a, b in calls:

@@ -137,14 +137,18 @@ class ExpandDepthwiseStep(Step):
         return 2 if self.project is None else 3
 
     def bind(self, b, xp):
+        """The convs' weights are constants (the pass takes no other): bound once
+        (:func:`~gpu_mdf.engine.ops.nn.expand_depthwise_fn`), the input read per batch."""
         ex, dw, pr = self.expand, self.depthwise, self.project
-        gets = [b.getter(r, "device", xp) for r in ex.args + dw.args[1:]]
-        project = [b.getter(r, "device", xp) for r in pr.args[1:]] if pr is not None else []
-        project += [lambda env: None] * (2 - len(project))      # no projection, or one without bias
-        gp, gb = project
-        kernel, attrs = nn.expand_depthwise, dict(pr.attrs) if pr is not None else None
-        return lambda env: kernel(xp, *[g(env) for g in gets], ex.epilogue, dw.epilogue, ex.attrs, **dw.attrs,
-                                  wp=gp(env), bp=gb(env), project_attrs=attrs)
+        weights = ex.args[1:] + dw.args[1:]
+        project = pr.args[1:] + [None] * (3 - len(pr.args)) if pr is not None else [None, None]
+        if any(r is not None and r.place != CONST for r in weights + project):
+            raise ValueError(f"{self.what}: its weights are not constants")
+        we, be, wd, bd, wp, bp = [b.getter(r, "device", xp)({}) for r in weights + project]
+        fn = nn.expand_depthwise_fn(xp, we, be, wd, bd, ex.epilogue, dw.epilogue, ex.attrs, **dw.attrs, wp=wp, bp=bp,
+                                    project_attrs=dict(pr.attrs) if pr is not None else None)
+        gx = b.getter(ex.args[0], "device", xp)
+        return lambda env: fn(gx(env))
 
     def export(self, e) -> None:
         for st in (self.expand, self.depthwise, self.project):    # the convs and their activations, as they were

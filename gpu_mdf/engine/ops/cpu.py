@@ -713,27 +713,42 @@ def _depthwise_forms(w, b, c, kernel, strides, out, dtype):
 def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp=None, bp=None):
     """An inverted residual's expansion and depthwise conv, one image at a time: ``xl`` (N,
     H, W, C) channels-last times ``we`` (C, CM: the 1x1 conv's weights, transposed) plus
-    ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the depthwise
-    conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``) reads at once: the
-    expanded values (6x the input's) are never written to memory whole, nor read back.
-    With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias ``bp`` or None),
-    the depthwise conv's image goes to a second buffer, which it multiplies: those values
-    stay in cache too. The same operations on the same values as :func:`product_epilogue` (its products
-    by blocks of rows: to rounding), :func:`depthwise` and a product. -> (N, OH, OW, CM or CP)"""
-    xl = np.ascontiguousarray(xl)
-    dtype, cm = xl.dtype, we.shape[1]
+    ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the
+    depthwise conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``) reads at
+    once: the expanded values (6x the input's) are never written to memory whole, nor read
+    back. With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias ``bp`` or
+    None), the depthwise conv's image goes to a second buffer, which it multiplies: those
+    values stay in cache too. The same operations on the same values as
+    :func:`product_epilogue` (its products by blocks of rows: to rounding), :func:`depthwise`
+    and a product. -> (N, OH, OW, CM or CP)"""
+    return expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp,
+                               xl.dtype)(xl)
+
+
+def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp, dtype):
+    """:func:`expand_depthwise` of these weights for inputs of type ``dtype``: -> f(xl), its
+    weights' and epilogues' forms made once (a program's constants: 15-40 us a call, where
+    the kernel of a late, 3x3 block of Keras MobileNetV2 takes 60)."""
+    cm = we.shape[1]
     wk, bias, rows = _depthwise_forms(w, b, cm, kernel, strides, out, dtype)
     k = max(1, _TILE // cm)                        # expanded rows a row of the epilogue's loop
-    y = np.empty((xl.shape[0],) + tuple(out) + (cm if wp is None else wp.shape[1],), dtype=dtype)
     project = wp is not None
     wp = np.ascontiguousarray(wp, dtype=dtype) if project else np.zeros((1, 1), dtype)
     cp = wp.shape[1]
     bpt = np.zeros(0, dtype) if bp is None else _tiled(bp, cp, max(1, _TILE // cp) * cp, dtype)   # empty: no bias
-    _one_blas_thread()
-    return _call("expand depthwise", xl, np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
-                 epilogue_codes(tuple(epilogue_e), dtype), wk, bias, y, strides[0], strides[1], dil[0], dil[1],
-                 pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows, wp, project, bpt,
-                 epilogue_codes((), dtype))
+    consts = (np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
+              epilogue_codes(tuple(epilogue_e), dtype), wk, bias)
+    tail = (strides[0], strides[1], dil[0], dil[1], pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows,
+            wp, project, bpt, epilogue_codes((), dtype))
+    shape = tuple(out) + (cp if project else cm,)
+
+    def run(xl):
+        xl = np.ascontiguousarray(xl)
+        y = np.empty((xl.shape[0],) + shape, dtype=dtype)
+        _one_blas_thread()
+        return _call("expand depthwise", xl, *consts, y, *tail)
+    return run
+
 
 
 def products_available() -> bool:
