@@ -516,13 +516,16 @@ def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu, monkeypa
 
 
 @pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act",
-                                  "depthwise-output"])
+                                  "depthwise-output", "residual", "residual-input-first", "add-of-another",
+                                  "residual-projection-output"])
 def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, strict_gpu, monkeypatch):
     """A 1x1 expansion with its ReLU6, the depthwise conv reading it alone and the 1x1
     projection after that become one step (strides, pads, dilations; a depthwise conv of
-    few channels runs by rows); an expansion whose value is also an output, or without an
-    activation, stays apart; a depthwise conv whose value is an output keeps its projection
-    apart. Blocks on two threads give the bits of one thread.
+    few channels runs by rows), and the residual connection's Add of the block's input
+    after the projection's bias (either operand first) too; an expansion whose value is
+    also an output, or without an activation, stays apart; a depthwise conv whose value is
+    an output keeps its projection apart, a projection whose value is an output (or added
+    to another value) its Add. Blocks on two threads give the bits of one thread.
     The numbers: as written, ONNX Runtime, the optimised program exported to ONNX, and the
     kernels turned off after the program was made (the two convs, as written)."""
     from gpu_mdf.engine.onnx_export import to_onnx
@@ -542,6 +545,12 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
         d = b.op("Conv", [e, b.init("wd", F.w(cm, 1, 3, 3)), b.init("bd", F.w(cm))], group=cm, **dw_attrs)
         d = _activation(b, d, kind)
         y = b.op("Conv", [d, b.init("wp", F.w(8, cm, 1, 1)), b.init("bp", F.w(8))])
+        if case in ("residual", "residual-projection-output"):
+            return b.op("Add", [y, "x"]) if case == "residual" else [b.op("Add", [y, "x"]), y]
+        if case == "residual-input-first":
+            return b.op("Add", ["x", y])
+        if case == "add-of-another":
+            return b.op("Add", [y, b.op("Relu", ["x"])])
         return [y, e] if case == "read-twice" else [y, d] if case == "depthwise-output" else y
     shape = (3, 8, 9, 11)
     from gpu_mdf.convert.onnx import onnx_to_mdf_doc
@@ -553,13 +562,14 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     plain, opt, want, got = _both(doc, x)
     fires = case not in ("read-twice", "no-act")
     projected = int(case != "depthwise-output")
+    residual = int(case in ("residual", "residual-input-first"))
     assert (f"expand_depthwise: 1 expansions and the depthwise convolutions after them ({projected} with the "
-            "projection" in opt.describe()) == fires
+            f"projection after that, {residual} with the residual" in opt.describe()) == fires
     assert sum(isinstance(st, ExpandDepthwiseStep) for st in opt.plan.steps) == fires
     ort = F.run_ort(model, x)
     for g, w in zip(*(([v[n] for n in sorted(v)] if isinstance(v, dict) else [v]) for v in (got, want))):
         _close(g, w)
-    if fires and case != "depthwise-output":
+    if fires and case not in ("depthwise-output", "residual-projection-output"):
         scale = float(np.abs(want).max())
         np.testing.assert_allclose(got, ort, rtol=0, atol=1e-5 * scale)
         np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * scale)

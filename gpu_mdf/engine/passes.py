@@ -475,6 +475,8 @@ def fuse_elementwise(plan, info) -> str | None:
             chain = []
         if (len(chain) >= 2 or tail) and _replace_by_fused(plan, chain, info, tail_step if tail else None):
             chains += 1
+            if chain and plan.steps[i] is not chain[0]:
+                continue                  # the step after the chain's first now stands at i
         i += 1
     return f"{chains} elementwise chains (or softmax rows) fused into one pass each" if chains else None
 
@@ -724,13 +726,8 @@ def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
     prog = chain.program
     if chain.tail or chain.args[0].val.key != key or chain.args[0].index is not None or not 2 <= len(prog) <= 3:
         return None
-    add = prog[0]
-    other = add.b if add.a == 0 else add.a if add.b == 0 else None
-    if add.op != "onnx::Add" or not isinstance(other, int) or other == 0 or not _is_const(chain.args[other]):
-        return None
-    bias = chain.args[other].host_value()
-    shape = (1,) * (4 - bias.ndim) + bias.shape
-    if bias.ndim > 4 or bias.size != f or shape[axis] != f:
+    bias = _channel_bias(chain, prog[0], axis, f)
+    if bias is None:
         return None
     ops = []
     for k, ins in enumerate(prog[1:], start=1):
@@ -746,7 +743,20 @@ def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
             ops.append((ins.op, float(chain.args[ins.b].host_value().reshape(-1)[0])))
         else:
             return None
-    return bias.reshape(-1), chain.args[other].val.basis, tuple(ops)
+    return bias + (tuple(ops),)
+
+
+def _channel_bias(chain: FusedStep, add: Instr, axis: int, f: int):
+    """(bias (F,), its basis) where ``add``, an instruction of ``chain`` on its first
+    operand, is Add(x, a constant of F values along ``axis``); else None."""
+    other = add.b if add.a == 0 else add.a if add.b == 0 else None
+    if add.op != "onnx::Add" or not isinstance(other, int) or other == 0 or not _is_const(chain.args[other]):
+        return None
+    bias = chain.args[other].host_value()
+    shape = (1,) * (4 - bias.ndim) + bias.shape
+    if bias.ndim > 4 or bias.size != f or shape[axis] != f:
+        return None
+    return bias.reshape(-1), chain.args[other].val.basis
 
 
 def move_transposes(plan, info) -> str | None:
@@ -788,6 +798,8 @@ def move_transposes(plan, info) -> str | None:
                 args.append(other.args[0])
         else:
             chain_val, t_val = _val_of(plan, chain.key), _val_of(plan, t.key)
+            if info is not None and chain.key in info and t.args[0].val.key in info:   # the shapes they have now
+                info[t.key], info[chain.key] = info[chain.key], (info[t.args[0].val.key][0], info[chain.key][1])
             _redirect(plan, chain_val, Ref(t_val))              # the chain's readers read the Transpose
             chain.args = args
             t.args = [Ref(chain_val)]
@@ -887,7 +899,7 @@ def expand_depthwise(plan, info) -> str | None:
     from .ops.nn import plain_pointwise
     if info is None or not cpu.available():
         return None
-    done = projected = 0
+    done = projected = residual = 0
     for dw in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
         ex = _producer(plan, dw.args[0].val.key) if dw.args[0] is not None and dw.args[0].index is None else None
         if not (isinstance(ex, OpStep) and ex.spec.name == "onnx::Conv" and ex.epilogue and dw.epilogue
@@ -920,10 +932,43 @@ def expand_depthwise(plan, info) -> str | None:
             plan.steps.remove(pr)
             _changed(plan)
             projected += 1
+            residual += _residual_add(plan, info, fused)
     if not done:
         return None
     return f"{done} expansions and the depthwise convolutions after them ({projected} with the projection after " \
-           "that) run an image at a time"
+           f"that, {residual} with the residual connection's Add) run an image at a time"
+
+
+def _residual_add(plan, info, fused) -> int:
+    """Take into ``fused`` (an :class:`ExpandDepthwiseStep` with its projection) the chain
+    that alone reads its value where that chain is the projection's bias (where the conv
+    has none) and then the residual connection's Add of the block's input (the
+    expansion's, of the same shape): ``(y + b) + x``, the kernel's order. 1 if it did."""
+    chain = _readers(plan, fused.key)
+    chain = chain[0] if len(chain) == 1 and _uses(plan)[fused.key] == 1 else None
+    if not isinstance(chain, FusedStep) or chain.tail or chain.place != DEVICE or chain.args[0].val.key != fused.key \
+            or chain.args[0].index is not None or np.dtype(chain.dtype) != np.dtype(info[fused.key][1]):
+        return 0
+    prog, x, bias = chain.program, fused.args[0], None
+    if len(prog) == 2 and len(fused.project.args) == 2:
+        bias = _channel_bias(chain, prog[0], 1, fused.project.args[1].host_value().shape[0])
+        if bias is None:
+            return 0
+    elif len(prog) != 1:
+        return 0
+    add, prev = prog[-1], 0 if len(prog) == 1 else "r0"
+    other = add.b if add.a == prev else add.a if add.b == prev else None
+    if add.op != "onnx::Add" or not isinstance(other, int) or other == 0 or chain.args[other] is None \
+            or (chain.args[other].val.key, chain.args[other].index) != (x.val.key, x.index) \
+            or info.get(x.val.key, (None,))[0] != info[fused.key][0]:
+        return 0
+    if bias is not None:
+        fused.args = fused.args + [_const(bias[0], bias[1], f"{fused.what}: bias")]
+    fused.residual, fused.key = chain, chain.key
+    fused.what = f"{fused.what} + {chain.what}"
+    plan.steps.remove(chain)
+    _changed(plan)
+    return 1
 
 
 #: Winograd's F(2x2, 3x3) where it was measured faster than im2col and one GEMM (one

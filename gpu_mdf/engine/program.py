@@ -251,10 +251,11 @@ class Program:
     @cached_property
     def _computing_steps(self) -> int:
         """The steps that compute (not views: Transpose, Reshape...), counted once; a step
-        that fuses several convolutions (an expansion and its depthwise conv) counts as
-        those it runs: the blocks were measured with them apart, and counting it once made
-        Keras MobileNetV2's blocks 9 where 11 (two of 16 at batch 32) ran 1.35x faster on
-        two threads than four of 8."""
+        that fuses several (an expansion, its depthwise conv, the projection and the
+        residual Add) counts as those it runs: the blocks were measured with them apart,
+        and counting it once made Keras MobileNetV2's blocks 9 where 11 (two of 16 at batch
+        32) ran 1.35x faster on two threads than four of 8 (1.59-1.72x ONNX Runtime's time,
+        where 1.20-1.26x, when the residual Add fused was not counted)."""
         return sum(getattr(st, "parts", 1) for st in self.plan.steps
                    if not getattr(getattr(st, "spec", None), "alias", False))
 

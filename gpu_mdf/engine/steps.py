@@ -123,38 +123,43 @@ class ExpandDepthwiseStep(Step):
     activation) that alone reads the depthwise conv's where there is one, one image at a time (the
     :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded and
     the depthwise conv's images stay in cache and are never written to memory whole.
-    ``args``: the expansion's (input, weights, bias), the depthwise conv's (weights, bias),
-    then the projection's weights (and bias)."""
+    With ``residual``, the chain after the projection, (its bias) and the Add of the block's
+    input, runs in the kernel too. ``args``: the expansion's (input, weights, bias), the
+    depthwise conv's (weights, bias), then the projection's weights (and bias: its own or
+    the residual chain's)."""
 
     expand: OpStep = None
     depthwise: OpStep = None
     project: OpStep | None = None
+    residual: FusedStep | None = None   # the projection's bias (or none) and the Add of the input after it
     owns_result = True              # new memory, as the convs' was
 
     @property
     def parts(self) -> int:
-        """The convolutions it runs (Program.block_size counts them)."""
-        return 2 if self.project is None else 3
+        """The steps it runs (Program.block_size counts them): its convolutions, and the
+        residual chain."""
+        return 2 + (self.project is not None) + (self.residual is not None)
 
     def bind(self, b, xp):
         """The convs' weights are constants (the pass takes no other): bound once
         (:func:`~gpu_mdf.engine.ops.nn.expand_depthwise_fn`), the input read per batch."""
         ex, dw, pr = self.expand, self.depthwise, self.project
         weights = ex.args[1:] + dw.args[1:]
-        project = pr.args[1:] + [None] * (3 - len(pr.args)) if pr is not None else [None, None]
+        project = self.args[len(ex.args) + len(dw.args) - 1:] + [None] * 2 if pr is not None else [None, None]
         if any(r is not None and r.place != CONST for r in weights + project):
             raise ValueError(f"{self.what}: its weights are not constants")
-        we, be, wd, bd, wp, bp = [b.getter(r, "device", xp)({}) for r in weights + project]
+        we, be, wd, bd, wp, bp = [b.getter(r, "device", xp)({}) for r in weights + project[:2]]
         fn = nn.expand_depthwise_fn(xp, we, be, wd, bd, ex.epilogue, dw.epilogue, ex.attrs, **dw.attrs, wp=wp, bp=bp,
-                                    project_attrs=dict(pr.attrs) if pr is not None else None)
+                                    project_attrs=dict(pr.attrs) if pr is not None else None,
+                                    residual=self.residual is not None)
         gx = b.getter(ex.args[0], "device", xp)
         return lambda env: fn(gx(env))
 
     def export(self, e) -> None:
-        for st in (self.expand, self.depthwise, self.project):    # the convs and their activations, as they were
+        for st in (self.expand, self.depthwise, self.project, self.residual):    # the steps, as they were
             if st is not None:
                 st.export(e)
-        e.names[self.key] = e.names[(self.project or self.depthwise).key]
+        e.names[self.key] = e.names[(self.residual or self.project or self.depthwise).key]
 
 
 @dataclass

@@ -341,12 +341,13 @@ def _depthwise_pixel(x, w, b, out, acc, i, y, xo, y0, x0, dh, dw):
 
 
 def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows, wp, project, bpt,
-                      act_p):
+                      act_p, residual):
     """:func:`expand_depthwise`'s loop: per image, the product into a buffer of one image
     (BLAS through numba's ``np.dot``), its bias and activations by rows of ``bt``'s width
     (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``) on it; with
     ``project``, into a second buffer, which ``wp`` (CM, CP) then multiplies into ``out``,
-    plus the tiled bias ``bpt`` where it has values (``act_p``: no activation)."""
+    plus the tiled bias ``bpt`` where it has values (``act_p``: no activation), then, with
+    ``residual``, the image of ``x`` (of the output's shape)."""
     n, h, wd, c = x.shape
     cm = we.shape[1]
     rows = h * wd
@@ -367,6 +368,10 @@ def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act,
             np.dot(d.reshape(oh * ow, cm), wp, o2)
             if bpt.shape[0]:                       # empty: no bias
                 _bias_act(o2, bpt, act_p)
+            if residual:
+                of, xf = out[i].reshape(o2.size), x[i].reshape(o2.size)
+                for j in range(of.shape[0]):
+                    of[j] = of[j] + xf[j]
     return out
 
 
@@ -710,7 +715,8 @@ def _depthwise_forms(w, b, c, kernel, strides, out, dtype):
     return wk, bias, False
 
 
-def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp=None, bp=None):
+def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp=None, bp=None,
+                     residual=False):
     """An inverted residual's expansion and depthwise conv, one image at a time: ``xl`` (N,
     H, W, C) channels-last times ``we`` (C, CM: the 1x1 conv's weights, transposed) plus
     ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the
@@ -718,14 +724,16 @@ def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, o
     once: the expanded values (6x the input's) are never written to memory whole, nor read
     back. With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias ``bp`` or
     None), the depthwise conv's image goes to a second buffer, which it multiplies: those
-    values stay in cache too. The same operations on the same values as
+    values stay in cache too; with ``residual``, plus ``xl`` (of the output's shape). The
+    same operations on the same values as
     :func:`product_epilogue` (its products by blocks of rows: to rounding), :func:`depthwise`
     and a product. -> (N, OH, OW, CM or CP)"""
     return expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp,
-                               xl.dtype)(xl)
+                               xl.dtype, residual)(xl)
 
 
-def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp, dtype):
+def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp, dtype,
+                        residual=False):
     """:func:`expand_depthwise` of these weights for inputs of type ``dtype``: -> f(xl), its
     weights' and epilogues' forms made once (a program's constants: 15-40 us a call, where
     the kernel of a late, 3x3 block of Keras MobileNetV2 takes 60)."""
@@ -739,7 +747,7 @@ def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, ou
     consts = (np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
               epilogue_codes(tuple(epilogue_e), dtype), wk, bias)
     tail = (strides[0], strides[1], dil[0], dil[1], pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows,
-            wp, project, bpt, epilogue_codes((), dtype))
+            wp, project, bpt, epilogue_codes((), dtype), residual)
     shape = tuple(out) + (cp if project else cm,)
 
     def run(xl):

@@ -212,19 +212,22 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
 
 
 def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad="NOTSET", dilations=None,
-                     group=1, kernel_shape=None, pads=None, strides=None, wp=None, bp=None, project_attrs=None):
+                     group=1, kernel_shape=None, pads=None, strides=None, wp=None, bp=None, project_attrs=None,
+                     residual=False):
     """``conv(conv(x, we, be, epilogue=epilogue_e), wd, bd, group=..., epilogue=epilogue)``
     for a 1x1 conv (stride 1, no pads, one group: ``expand_attrs``) and a depthwise conv
     after it (the other attributes), then, with ``wp``, a 1x1 conv (bias ``bp`` or None,
-    ``project_attrs``) of its value: on the CPU with the compiled kernels, one image at a
+    ``project_attrs``) of its value, plus ``x`` with ``residual`` (an inverted residual's
+    connection: of x's shape): on the CPU with the compiled kernels, one image at a
     time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the convs apart elsewhere
     (the kernels turned off since the program was made, a type they do not take)."""
     return expand_depthwise_fn(xp, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad, dilations, group,
-                               kernel_shape, pads, strides, wp, bp, project_attrs)(x)
+                               kernel_shape, pads, strides, wp, bp, project_attrs, residual)(x)
 
 
 def expand_depthwise_fn(xp, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad="NOTSET", dilations=None,
-                        group=1, kernel_shape=None, pads=None, strides=None, wp=None, bp=None, project_attrs=None):
+                        group=1, kernel_shape=None, pads=None, strides=None, wp=None, bp=None, project_attrs=None,
+                        residual=False):
     """:func:`expand_depthwise` of these weights (a program's constants) as a function of
     ``x``, which makes its form for an input's shape and type (and whether the kernels
     run) once: the checks, the geometry, the weights' and epilogues' forms, where each call
@@ -240,7 +243,7 @@ def expand_depthwise_fn(xp, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, 
             if len(made) >= _MADE_PER_STEP:          # a server's many batch sizes: kept bounded
                 made.clear()
             f = made[key] = _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_attrs,
-                                           project_attrs, attrs, kernels)
+                                           project_attrs, attrs, kernels, residual)
         return f(x)
     return run
 
@@ -259,11 +262,14 @@ def plain_pointwise(attrs: dict) -> bool:
         and int(attrs.get("group", 1)) == 1 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
 
 
-def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_attrs, project_attrs, attrs, kernels):
+def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_attrs, project_attrs, attrs, kernels,
+                   residual):
     """:func:`expand_depthwise` of these weights for inputs of ``x``'s shape and type, a
     function of ``x``: the fused kernel where it takes them, else the convs apart."""
     auto_pad, dilations, group, kernel_shape, pads, strides = attrs
     cm = we.shape[0]
+    if residual and wp is None:
+        raise OpError("an inverted residual's Add without its projection")
     fused = kernels and x.ndim == 4 and be is not None and bd is not None and we.shape == (cm, x.shape[1], 1, 1) \
         and wd.shape[:2] == (cm, 1) and group == cm and x.dtype == we.dtype == wd.dtype \
         and plain_pointwise(expand_attrs) \
@@ -272,7 +278,10 @@ def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_a
         def apart(x):
             y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
             y = conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
-            return y if wp is None else conv(xp, y, wp, bp, **project_attrs)
+            y = y if wp is None else conv(xp, y, wp, bp, **project_attrs)
+            if residual and y.shape != x.shape:
+                raise OpError(f"an inverted residual's Add of {x.shape} to its projection's {y.shape}")
+            return y + x if residual else y
         return apart
     kernel, strides, dil, pads, out = _conv_geometry((x.shape[0], cm) + x.shape[2:], wd.shape, *attrs)
     _check_bias("Conv", be.shape, cm)
@@ -280,11 +289,13 @@ def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_a
     if wp is not None:
         _check_bias("Conv", None if bp is None else bp.shape, wp.shape[0])
     e_shape = (x.shape[0],) + out + (cm,)
+    if residual and (wp.shape[0], *out) != x.shape[1:]:
+        raise OpError(f"an inverted residual's Add of {x.shape} to its projection's {(x.shape[0], wp.shape[0], *out)}")
 
     def transposed(w):
         return weight_form(w, "1x1 transposed", lambda: np.ascontiguousarray(w.reshape(w.shape[0], -1).T))
     fn = cpu.expand_depthwise_fn(transposed(we), be, epilogue_e, wd, bd, kernel, strides, dil, pads, out, epilogue,
-                                 None if wp is None else transposed(wp), bp, x.dtype)
+                                 None if wp is None else transposed(wp), bp, x.dtype, residual)
 
     def run(x):
         check_alloc(e_shape)
