@@ -515,6 +515,52 @@ def test_conv_epilogues_run_relu6_with_the_conv(layer, act, strict_gpu, monkeypa
     assert note.split(":")[0] not in compile(doc, device=strict_gpu).describe()
 
 
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("act", ["Clip", "Relu+Where", "Relu", "Sigmoid"])
+def test_gemm_epilogue_runs_the_bias_and_activation_with_the_product(act, trans_b, strict_gpu, monkeypatch):
+    """A Dense layer's Gemm (its bias moved to the chain after it, B constant, either
+    layout) takes the bias back as its C and the ReLU/ReLU6 as its epilogue: the product a
+    block of rows at a time with both on each block (cpu.product_epilogue, blocks of 256
+    rows here: 700 rows, a last block cut short); a Sigmoid moves nowhere; a Gemm whose
+    value another step reads too keeps its chain. The numbers: as written, ONNX Runtime,
+    the optimised program exported to ONNX, and the kernels turned off after the program
+    was made (NumPy's forms)."""
+    from gpu_mdf.engine.onnx_export import to_onnx
+    from gpu_mdf.engine.ops import cpu
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels off here: {cpu.describe()}")
+    monkeypatch.setattr(cpu, "CONV_BLOCK_BYTES", 256 * 24 * 4)
+    ran, real = [], cpu.product_epilogue
+    monkeypatch.setattr(cpu, "product_epilogue", lambda *a: ran.append(a[0].shape) or real(*a))
+
+    def build(b):
+        w = F.w(24, 40) if trans_b else F.w(40, 24)
+        y = b.op("Gemm", ["x", b.init("w", w), b.init("b", F.w(24))], transB=trans_b)
+        return _activation(b, y, act)
+    model, doc = _onnx(build, (700, 40))
+    x = (F.R.standard_normal((700, 40)) * 4).astype(np.float32)
+    plain, opt, want, got = _both(doc, x)
+    fires = act != "Sigmoid"
+    assert ("gemm_epilogue: 1 Gemms" in opt.describe()) == fires
+    assert sum(isinstance(st, FusedStep) for st in opt.plan.steps) == (not fires)
+    assert ran == ([(700, 40)] if fires else [])
+    _close(got, want)
+    if act in ("Clip", "Relu+Where"):
+        assert (want == 6).any() and (want == 0).any()
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, F.run_ort(model, x), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * scale)
+    monkeypatch.setenv("GPU_MDF_NUMBA", "0")
+    np.testing.assert_allclose(opt.run(x), got, rtol=0, atol=1e-5 * scale)
+    monkeypatch.delenv("GPU_MDF_NUMBA")
+    assert "gemm_epilogue" not in compile(doc, device=strict_gpu).describe()
+
+    def read_twice(b):
+        y = b.op("Gemm", ["x", b.init("w", F.w(40, 24)), b.init("b", F.w(24))])
+        return b.op("Add", [_activation(b, y, act), y])
+    assert "gemm_epilogue" not in compile(_onnx(read_twice, (700, 40))[1], device="cpu").describe()
+
+
 @pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act",
                                   "depthwise-output", "residual", "residual-input-first", "add-of-another",
                                   "residual-projection-output"])

@@ -689,6 +689,41 @@ def pointwise_epilogue(plan, info) -> str | None:
         if done else None
 
 
+def gemm_epilogue(plan, info) -> str | None:
+    """CPU: the same for a Gemm (A @ B, ``alpha`` and ``beta`` 1, no C of its own: a
+    Dense layer's, its bias moved on by :func:`bias_to_epilogue`) with a constant 2-D B:
+    the bias (as its C) and activations run on each block of its output rows while it is
+    in cache (``cpu.product_epilogue``), where the product and the chain after it made
+    two passes over memory (the reference MLP's hidden layers of 10,000 rows: 1.05x and
+    1.24x)."""
+    from .ops import cpu
+    if info is None or not cpu.available():
+        return None
+    done = 0
+    for gemm in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Gemm"]:
+        shape, dtype = info.get(gemm.key, (None, None))
+        if gemm.place != DEVICE or len(gemm.args) != 2 or not _is_const(gemm.args[1]) or shape is None \
+                or len(shape) != 2 or gemm.epilogue or np.dtype(dtype) not in KERNEL_DTYPES \
+                or gemm.args[1].host_value().ndim != 2 \
+                or float(gemm.attrs.get("alpha", 1.0)) != 1.0 or float(gemm.attrs.get("beta", 1.0)) != 1.0:
+            continue
+        chain = _readers(plan, gemm.key)
+        chain = chain[0] if len(chain) == 1 and _uses(plan)[gemm.key] == 1 else None
+        epi = _bias_and_activations(chain, gemm.key, 3, shape[1]) if isinstance(chain, FusedStep) else None
+        chain_val = _val_of(plan, chain.key) if epi else None
+        if chain_val is None:
+            continue
+        bias, basis, ops = epi
+        plan.steps.remove(chain)
+        _redirect(plan, chain_val, chain.args[0])
+        gemm.args = gemm.args + [_const(bias, basis, f"{gemm.what}: bias")]
+        gemm.epilogue = ops
+        gemm.what = f"{gemm.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
+        _changed(plan)
+        done += 1
+    return f"{done} Gemms apply their bias and activation a block of rows at a time" if done else None
+
+
 def _conv_epilogues(plan, info, takes) -> int:
     """Move the bias-and-activations chain after each 4-D Conv whose weights ``w``, group
     and input channels ``takes(w, group, channels)`` into the conv (its ``epilogue``)."""
@@ -1009,7 +1044,7 @@ def winograd_convs(plan, info) -> str | None:
 PASSES = (fold_batchnorm, fold_channel_affine, fold_pad, recognise_caps, bias_to_epilogue, fuse_elementwise,
           max_pool_first)
 #: passes for a program on the CPU only (a choice of CPU kernel)
-CPU_PASSES = (depthwise_epilogue, pointwise_epilogue, winograd_convs)
+CPU_PASSES = (depthwise_epilogue, pointwise_epilogue, gemm_epilogue, winograd_convs)
 
 
 #: last, on every backend: what the passes before left adjacent
@@ -1033,5 +1068,5 @@ def optimize(plan, info, gpu: bool = False) -> list[str]:
 
 __all__ = ["CPU_PASSES", "FINAL_CPU_PASSES", "LAST_PASSES", "PASSES", "bias_to_epilogue", "cancel_transposes",
            "depthwise_epilogue", "expand_depthwise", "fold_batchnorm", "fold_channel_affine", "fold_pad",
-           "fuse_elementwise", "max_pool_first", "move_transposes", "optimize", "pointwise_epilogue", "recognise_caps",
-           "winograd_convs"]
+           "fuse_elementwise", "gemm_epilogue", "max_pool_first", "move_transposes", "optimize", "pointwise_epilogue",
+           "recognise_caps", "winograd_convs"]

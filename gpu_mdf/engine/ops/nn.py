@@ -49,9 +49,16 @@ def matmul(xp, a, b):
 
 @op("onnx::Gemm", ("A", "B"), optional=("C",), fresh=True, since=7,
     attrs={"alpha": Attr(FLOAT, 1.0), "beta": Attr(FLOAT, 1.0), "transA": Attr(INT, 0), "transB": Attr(INT, 0)})
-def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N803 - ONNX names
+def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0, epilogue=()):  # noqa: N803 - ONNX names
+    """ONNX Gemm. ``epilogue``: activations after C (the bias: :func:`~gpu_mdf.engine.passes.gemm_epilogue`),
+    (op, constants...) each: with the product a block of rows at a time where the compiled
+    CPU kernels run (``cpu.product_epilogue``), by their NumPy (or CuPy) forms elsewhere."""
     if a.ndim != 2 or b.ndim != 2:
         raise OpError(f"Gemm takes 2-d A and B, got ranks {a.ndim} and {b.ndim}")
+    if epilogue and xp is np and cpu.takes(a.dtype) and a.dtype == b.dtype and alpha == beta == 1.0 \
+            and c is not None and c.shape == (b.shape[0 if transB else 1],):
+        bt = weight_form(b, "gemm transposed", lambda: np.ascontiguousarray(b.T)) if transB else b
+        return cpu.product_epilogue(a.T if transA else a, bt, c, epilogue)
     y = xp.matmul(a.T if transA else a, b.T if transB else b)   # fresh: safe to update in place
     if alpha != 1.0:
         y *= y.dtype.type(alpha)
@@ -59,7 +66,7 @@ def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N8
         if beta != 1.0:
             c = c * c.dtype.type(beta)
         y += c
-    return y
+    return _activations(xp, y, epilogue) if epilogue else y
 
 
 # --------------------------------------------------------------------------- #
