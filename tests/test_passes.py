@@ -563,7 +563,7 @@ def test_gemm_epilogue_runs_the_bias_and_activation_with_the_product(act, trans_
 
 @pytest.mark.parametrize("case", ["relu6-stride1", "clip-stride2", "relu-dilated-12ch", "read-twice", "no-act",
                                   "depthwise-output", "residual", "residual-input-first", "add-of-another",
-                                  "residual-projection-output"])
+                                  "residual-projection-output", "no-expansion", "no-expansion-no-projection"])
 def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, strict_gpu, monkeypatch):
     """A 1x1 expansion with its ReLU6, the depthwise conv reading it alone and the 1x1
     projection after that become one step (strides, pads, dilations; a depthwise conv of
@@ -571,7 +571,8 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     after the projection's bias (either operand first) too; an expansion whose value is
     also an output, or without an activation, stays apart; a depthwise conv whose value is
     an output keeps its projection apart, a projection whose value is an output (or added
-    to another value) its Add. Blocks on two threads give the bits of one thread.
+    to another value) its Add; a depthwise conv with no expansion before it runs with its
+    projection (not without one). Blocks on two threads give the bits of one thread.
     The numbers: as written, ONNX Runtime, the optimised program exported to ONNX, and the
     kernels turned off after the program was made (the two convs, as written)."""
     from gpu_mdf.engine.onnx_export import to_onnx
@@ -579,17 +580,20 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     from gpu_mdf.engine.steps import ExpandDepthwiseStep
     if not cpu.products_available():
         pytest.skip(f"compiled CPU kernels or SciPy's BLAS off here: {cpu.describe()}")
-    cm = 12 if case == "relu-dilated-12ch" else 24
+    cm = {"relu-dilated-12ch": 12, "no-expansion": 8, "no-expansion-no-projection": 8}.get(case, 24)
     dw_attrs = {"relu6-stride1": dict(pads=[1, 1, 1, 1]), "clip-stride2": dict(pads=[0, 0, 1, 1], strides=[2, 2]),
                 "relu-dilated-12ch": dict(pads=[2, 2, 2, 2], dilations=[2, 2])}.get(case, dict(pads=[1, 1, 1, 1]))
 
     def build(b):
         kind = {"clip-stride2": "Clip", "relu-dilated-12ch": "Relu"}.get(case, "Relu+Where")
-        e = b.op("Conv", ["x", b.init("we", F.w(cm, 8, 1, 1)), b.init("be", F.w(cm))])
-        if case != "no-act":
+        e = b.op("Conv", ["x", b.init("we", F.w(cm, 8, 1, 1)), b.init("be", F.w(cm))]) \
+            if not case.startswith("no-expansion") else "x"
+        if case not in ("no-act", "no-expansion", "no-expansion-no-projection"):
             e = _activation(b, e, kind)
         d = b.op("Conv", [e, b.init("wd", F.w(cm, 1, 3, 3)), b.init("bd", F.w(cm))], group=cm, **dw_attrs)
         d = _activation(b, d, kind)
+        if case == "no-expansion-no-projection":
+            return d
         y = b.op("Conv", [d, b.init("wp", F.w(8, cm, 1, 1)), b.init("bp", F.w(8))])
         if case in ("residual", "residual-projection-output"):
             return b.op("Add", [y, "x"]) if case == "residual" else [b.op("Add", [y, "x"]), y]
@@ -606,16 +610,20 @@ def test_expand_depthwise_runs_an_inverted_residual_an_image_at_a_time(case, str
     doc = onnx_to_mdf_doc(model)
     x = (F.R.standard_normal(shape) * 3).astype(np.float32)
     plain, opt, want, got = _both(doc, x)
-    fires = case not in ("read-twice", "no-act")
+    alone = case in ("read-twice", "no-act", "no-expansion")        # a depthwise conv and its projection
+    fires = case not in ("read-twice", "no-act", "no-expansion", "no-expansion-no-projection")
     projected = int(case != "depthwise-output")
     residual = int(case in ("residual", "residual-input-first"))
     assert (f"expand_depthwise: 1 expansions and the depthwise convolutions after them ({projected} with the "
             f"projection after that, {residual} with the residual" in opt.describe()) == fires
-    assert sum(isinstance(st, ExpandDepthwiseStep) for st in opt.plan.steps) == fires
+    assert ("expand_depthwise: 0 expansions and the depthwise convolutions after them (0 with the projection after "
+            "that, 0 with the residual connection's Add) run an image at a time; 1 depthwise convolutions with no "
+            "expansion, and their projections, too" in opt.describe()) == alone
+    assert sum(isinstance(st, ExpandDepthwiseStep) for st in opt.plan.steps) == fires + alone
     ort = F.run_ort(model, x)
     for g, w in zip(*(([v[n] for n in sorted(v)] if isinstance(v, dict) else [v]) for v in (got, want))):
         _close(g, w)
-    if fires and case not in ("depthwise-output", "residual-projection-output"):
+    if (fires or alone) and case not in ("depthwise-output", "residual-projection-output", "read-twice"):
         scale = float(np.abs(want).max())
         np.testing.assert_allclose(got, ort, rtol=0, atol=1e-5 * scale)
         np.testing.assert_allclose(F.run_ort(to_onnx(opt), x), got, rtol=0, atol=1e-5 * scale)

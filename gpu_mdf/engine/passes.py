@@ -925,42 +925,34 @@ def expand_depthwise(plan, info) -> str | None:
     reads its value become one step (:class:`~gpu_mdf.engine.steps.ExpandDepthwiseStep`),
     with the 1x1 projection (its bias, if :func:`bias_to_epilogue` left it there, added
     as it is stored; no activation) that alone reads the depthwise conv's value where
-    there is one: one image at a
-    time, the expanded and depthwise images in cache between them (an inverted residual's
-    expansion holds 6x the values of its input, which the convs wrote to memory and read
-    back whole). The same operations on the same values, the products to rounding (SciPy's
-    BLAS, an image at a time)."""
+    there is one: one image at a time, the expanded and depthwise images in cache between
+    them (an inverted residual's expansion holds 6x the values of its input, which the
+    convs wrote to memory and read back whole). A depthwise conv with no expansion before
+    it (MobileNetV2's first block) and its projection become one step too. The same
+    operations on the same values, the products to rounding (SciPy's BLAS, an image at a
+    time)."""
     from .ops import cpu
-    from .ops.nn import plain_pointwise
     if info is None or not cpu.available():
         return None
-    done = projected = residual = 0
+    done = projected = residual = alone = 0
     for dw in [s for s in plan.steps if isinstance(s, OpStep) and s.spec.name == "onnx::Conv"]:
-        ex = _producer(plan, dw.args[0].val.key) if dw.args[0] is not None and dw.args[0].index is None else None
-        if not (isinstance(ex, OpStep) and ex.spec.name == "onnx::Conv" and ex.epilogue and dw.epilogue
-                and len(ex.args) == 3 and len(dw.args) == 3 and ex.place == dw.place == DEVICE
-                and all(_is_const(r) for r in ex.args[1:] + dw.args[1:]) and _uses(plan)[ex.key] == 1):
+        if not _depthwise_fusible(plan, info, dw):
             continue
-        shape, dtype = info.get(ex.key, (None, None))
-        we, wd = ex.args[1].host_value(), dw.args[1].host_value()
-        cm = we.shape[0]
-        if shape is None or len(shape) != 4 or np.dtype(dtype) not in KERNEL_DTYPES or we.shape[2:] != (1, 1) \
-                or not plain_pointwise(ex.attrs) or wd.ndim != 4 or wd.shape[:2] != (cm, 1) \
-                or dw.attrs.get("group", 1) != cm \
-                or not cpu.products_available():        # (SciPy imported at the first candidate only)
+        ex = _producer(plan, dw.args[0].val.key) if dw.args[0].index is None else None
+        if _expansion_fusible(plan, info, ex, dw):
+            fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]),
+                                        f"{ex.what} -> {dw.what}", expand=ex, depthwise=dw)
+            plan.steps.remove(ex)
+            done += 1
+        elif _projection_of(plan, dw) is not None:
+            fused = ExpandDepthwiseStep(dw.key, DEVICE, list(dw.args), dw.what, depthwise=dw)
+            alone += 1
+        else:
             continue
-        fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]), f"{ex.what} -> {dw.what}",
-                                    expand=ex, depthwise=dw)
         plan.steps[plan.steps.index(dw)] = fused
-        plan.steps.remove(ex)
         _changed(plan)
-        done += 1
-        pr = _readers(plan, dw.key)
-        pr = pr[0] if len(pr) == 1 and _uses(plan)[dw.key] == 1 else None
-        if isinstance(pr, OpStep) and pr.spec.name == "onnx::Conv" and pr.place == DEVICE and len(pr.args) in (2, 3) \
-                and pr.args[0].val.key == dw.key and pr.args[0].index is None and not pr.epilogue \
-                and all(_is_const(r) for r in pr.args[1:]) and pr.args[1].host_value().ndim == 4 \
-                and pr.args[1].host_value().shape[1:] == (cm, 1, 1) and plain_pointwise(pr.attrs):
+        pr = _projection_of(plan, dw)
+        if pr is not None:
             fused.project, fused.key = pr, pr.key               # the projection too
             fused.args = fused.args + list(pr.args[1:])
             fused.what = f"{fused.what} -> {pr.what}"
@@ -968,10 +960,53 @@ def expand_depthwise(plan, info) -> str | None:
             _changed(plan)
             projected += 1
             residual += _residual_add(plan, info, fused)
-    if not done:
+    if not done and not alone:
         return None
-    return f"{done} expansions and the depthwise convolutions after them ({projected} with the projection after " \
-           f"that, {residual} with the residual connection's Add) run an image at a time"
+    return f"{done} expansions and the depthwise convolutions after them ({projected - alone} with the projection " \
+           f"after that, {residual} with the residual connection's Add) run an image at a time" \
+           + (f"; {alone} depthwise convolutions with no expansion, and their projections, too" if alone else "")
+
+
+def _depthwise_fusible(plan, info, dw) -> bool:
+    """Whether ``dw`` is a depthwise Conv the fused kernel takes: its bias and activations
+    inside it, constant weights (C, 1, KH, KW) of the kernels' types, 4-D."""
+    from .ops import cpu
+    if not (dw.epilogue and len(dw.args) == 3 and dw.place == DEVICE and dw.args[0] is not None
+            and all(_is_const(r) for r in dw.args[1:])):
+        return False
+    shape, dtype = info.get(dw.args[0].val.key, (None, None))
+    wd = dw.args[1].host_value()
+    return shape is not None and len(shape) == 4 and np.dtype(dtype) in KERNEL_DTYPES and wd.ndim == 4 \
+        and wd.shape[1] == 1 and dw.attrs.get("group", 1) == wd.shape[0] \
+        and cpu.products_available()             # (SciPy imported at the first candidate only)
+
+
+def _expansion_fusible(plan, info, ex, dw) -> bool:
+    """Whether ``ex``, the step making ``dw``'s input, is a 1x1 expansion the fused kernel
+    takes: one group, stride 1, no pads, its bias and activations inside it, constant
+    weights, read by ``dw`` alone."""
+    from .ops.nn import plain_pointwise
+    if not (isinstance(ex, OpStep) and ex.spec.name == "onnx::Conv" and ex.epilogue and len(ex.args) == 3
+            and ex.place == DEVICE and all(_is_const(r) for r in ex.args[1:]) and _uses(plan)[ex.key] == 1):
+        return False
+    we = ex.args[1].host_value()
+    return we.ndim == 4 and we.shape[2:] == (1, 1) and we.shape[0] == dw.args[1].host_value().shape[0] \
+        and plain_pointwise(ex.attrs) and len(info.get(ex.key, (None, None))[0] or ()) == 4
+
+
+def _projection_of(plan, dw):
+    """The 1x1 Conv (one group, stride 1, no pads, no activation, constant weights) that
+    alone reads ``dw``'s value, or None."""
+    from .ops.nn import plain_pointwise
+    pr = _readers(plan, dw.key)
+    pr = pr[0] if len(pr) == 1 and _uses(plan)[dw.key] == 1 else None
+    if isinstance(pr, OpStep) and pr.spec.name == "onnx::Conv" and pr.place == DEVICE and len(pr.args) in (2, 3) \
+            and pr.args[0].val.key == dw.key and pr.args[0].index is None and not pr.epilogue \
+            and all(_is_const(r) for r in pr.args[1:]) and pr.args[1].host_value().ndim == 4 \
+            and pr.args[1].host_value().shape[1:] == (dw.args[1].host_value().shape[0], 1, 1) \
+            and plain_pointwise(pr.attrs):
+        return pr
+    return None
 
 
 def _residual_add(plan, info, fused) -> int:

@@ -120,15 +120,16 @@ class OpStep(Step):
 class ExpandDepthwiseStep(Step):
     """A 1x1 conv with its bias and activations (an inverted residual's expansion) and the
     depthwise conv that alone reads its value, and the 1x1 projection (a bias or none, no
-    activation) that alone reads the depthwise conv's where there is one, one image at a time (the
-    :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the expanded and
-    the depthwise conv's images stay in cache and are never written to memory whole.
-    With ``residual``, the chain after the projection, (its bias) and the Add of the block's
-    input, runs in the kernel too. ``args``: the expansion's (input, weights, bias), the
-    depthwise conv's (weights, bias), then the projection's weights (and bias: its own or
-    the residual chain's)."""
+    activation) that alone reads the depthwise conv's where there is one, one image at a
+    time (the :func:`~gpu_mdf.engine.passes.expand_depthwise` pass, on the CPU): the
+    expanded and the depthwise conv's images stay in cache and are never written to memory
+    whole. Without ``expand``, a depthwise conv and its projection. With ``residual``, the
+    chain after the projection, (its bias) and the Add of the block's input, runs in the
+    kernel too. ``args``: the expansion's (input, weights, bias) or the depthwise conv's
+    input, the depthwise conv's (weights, bias), then the projection's weights (and bias:
+    its own or the residual chain's)."""
 
-    expand: OpStep = None
+    expand: OpStep | None = None    # None: a depthwise conv with no expansion before it
     depthwise: OpStep = None
     project: OpStep | None = None
     residual: FusedStep | None = None   # the projection's bias (or none) and the Add of the input after it
@@ -138,21 +139,23 @@ class ExpandDepthwiseStep(Step):
     def parts(self) -> int:
         """The steps it runs (Program.block_size counts them): its convolutions, and the
         residual chain."""
-        return 2 + (self.project is not None) + (self.residual is not None)
+        return sum(st is not None for st in (self.expand, self.depthwise, self.project, self.residual))
 
     def bind(self, b, xp):
         """The convs' weights are constants (the pass takes no other): bound once
         (:func:`~gpu_mdf.engine.ops.nn.expand_depthwise_fn`), the input read per batch."""
         ex, dw, pr = self.expand, self.depthwise, self.project
-        weights = ex.args[1:] + dw.args[1:]
-        project = self.args[len(ex.args) + len(dw.args) - 1:] + [None] * 2 if pr is not None else [None, None]
+        weights = (ex.args[1:] if ex is not None else [None, None]) + dw.args[1:]
+        first = len(dw.args) + (len(ex.args) - 1 if ex is not None else 0)      # the projection's weights
+        project = self.args[first:] + [None] * 2 if pr is not None else [None, None]
         if any(r is not None and r.place != CONST for r in weights + project):
             raise ValueError(f"{self.what}: its weights are not constants")
         we, be, wd, bd, wp, bp = [b.getter(r, "device", xp)({}) for r in weights + project[:2]]
-        fn = nn.expand_depthwise_fn(xp, we, be, wd, bd, ex.epilogue, dw.epilogue, ex.attrs, **dw.attrs, wp=wp, bp=bp,
+        fn = nn.expand_depthwise_fn(xp, we, be, wd, bd, ex.epilogue if ex is not None else (), dw.epilogue,
+                                    ex.attrs if ex is not None else {}, **dw.attrs, wp=wp, bp=bp,
                                     project_attrs=dict(pr.attrs) if pr is not None else None,
                                     residual=self.residual is not None)
-        gx = b.getter(ex.args[0], "device", xp)
+        gx = b.getter(self.args[0], "device", xp)
         return lambda env: fn(gx(env))
 
     def export(self, e) -> None:

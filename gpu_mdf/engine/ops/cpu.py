@@ -82,8 +82,8 @@ def _call(name: str, *args):
 def _load():
     """The compiled kernels ({name: function}), or None (``_why_not`` says why). Made once,
     under a lock (two threads' first compiles meet here), and published whole."""
-    global _kernels, _why_not, _combine, _im2col, _image_columns, _conv_images, _row_taps, _activate, _add_act, \
-        _depthwise_pixel, _depthwise, _depthwise_rows, _bias_act
+    global _kernels, _why_not, _combine, _im2col, _image_columns, _conv_images, _depthwise_either, _row_taps, \
+        _activate, _add_act, _depthwise_pixel, _depthwise, _depthwise_rows, _bias_act
     if _kernels is not None or _why_not is not None:
         return _kernels
     with _chains_lock:
@@ -102,6 +102,7 @@ def _load():
         _im2col = numba.njit(inline="always", nogil=True)(_im2col)
         _image_columns = numba.njit(inline="always", nogil=True)(_image_columns)
         _conv_images = numba.njit(inline="always", nogil=True)(_conv_images)
+        _depthwise_either = numba.njit(inline="always", nogil=True)(_depthwise_either)
         _row_taps = numba.njit(inline="always", nogil=True)(_row_taps)
         _activate = numba.njit(inline="always", nogil=True)(_activate)
         _add_act = numba.njit(inline="always", nogil=True)(_add_act)
@@ -341,28 +342,29 @@ def _depthwise_pixel(x, w, b, out, acc, i, y, xo, y0, x0, dh, dw):
 
 
 def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows, wp, project, bpt,
-                      act_p, residual):
-    """:func:`expand_depthwise`'s loop: per image, the product into a buffer of one image
-    (BLAS through numba's ``np.dot``), its bias and activations by rows of ``bt``'s width
-    (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``) on it; with
-    ``project``, into a second buffer, which ``wp`` (CM, CP) then multiplies into ``out``,
-    plus the tiled bias ``bpt`` where it has values (``act_p``: no activation), then, with
-    ``residual``, the image of ``x`` (of the output's shape)."""
+                      act_p, residual, expand):
+    """:func:`expand_depthwise`'s loop: per image, with ``expand``, the product into a buffer
+    of one image (BLAS through numba's ``np.dot``), its bias and activations by rows of
+    ``bt``'s width (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``)
+    on it (on the image of ``x`` without ``expand``); with ``project``, into a second
+    buffer, which ``wp`` (CM, CP) then multiplies into ``out``, plus the tiled bias ``bpt``
+    where it has values (``act_p``: no activation), then, with ``residual``, the image of
+    ``x`` (of the output's shape)."""
     n, h, wd, c = x.shape
     cm = we.shape[1]
     rows = h * wd
-    e = np.empty((1, h, wd, cm), dtype=out.dtype)
-    e2 = e.reshape(rows, cm)
+    e = np.empty((1, h, wd, cm) if expand else (1, 1, 1, 1), dtype=out.dtype)
     oh, ow = out.shape[1], out.shape[2]
     d = np.empty((1, oh, ow, cm) if project else (1, 1, 1, 1), dtype=out.dtype)
     for i in range(n):
-        np.dot(x[i].reshape(rows, c), we, e2)
-        _bias_act(e2, bt, act_e)
         dest = d if project else out[i:i + 1]
-        if by_rows:
-            _depthwise_rows(e, wk, b, dest, sh, dh, dw, pt, pl, act)
+        if expand:
+            e2 = e.reshape(rows, cm)
+            np.dot(x[i].reshape(rows, c), we, e2)
+            _bias_act(e2, bt, act_e)
+            _depthwise_either(e, wk, b, dest, by_rows, sh, sw, dh, dw, pt, pl, act)
         else:
-            _depthwise(e, wk, b, dest, sh, sw, dh, dw, pt, pl, act)
+            _depthwise_either(x[i:i + 1], wk, b, dest, by_rows, sh, sw, dh, dw, pt, pl, act)
         if project:
             o2 = out[i].reshape(oh * ow, wp.shape[1])
             np.dot(d.reshape(oh * ow, cm), wp, o2)
@@ -373,6 +375,14 @@ def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act,
                 for j in range(of.shape[0]):
                     of[j] = of[j] + xf[j]
     return out
+
+
+def _depthwise_either(x, wk, b, out, by_rows, sh, sw, dh, dw, pt, pl, act):
+    """:func:`_depthwise_rows` or :func:`_depthwise`."""
+    if by_rows:
+        _depthwise_rows(x, wk, b, out, sh, dh, dw, pt, pl, act)
+    else:
+        _depthwise(x, wk, b, out, sh, sw, dh, dw, pt, pl, act)
 
 
 def _depthwise_rows(x, wt, b, out, sh, dh, dw, pt, pl, act):
@@ -737,9 +747,11 @@ def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, ou
     """:func:`expand_depthwise` of these weights for inputs of type ``dtype``: -> f(xl), its
     weights' and epilogues' forms made once (a program's constants: 15-40 us a call, where
     the kernel of a late, 3x3 block of Keras MobileNetV2 takes 60)."""
-    cm = we.shape[1]
+    cm = w.shape[0]
     wk, bias, rows = _depthwise_forms(w, b, cm, kernel, strides, out, dtype)
     k = max(1, _TILE // cm)                        # expanded rows a row of the epilogue's loop
+    expand = we is not None
+    we, be = (we, be) if expand else (np.zeros((1, cm), dtype), np.zeros(cm, dtype))   # (no expansion: unread)
     project = wp is not None
     wp = np.ascontiguousarray(wp, dtype=dtype) if project else np.zeros((1, 1), dtype)
     cp = wp.shape[1]
@@ -747,7 +759,7 @@ def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, ou
     consts = (np.ascontiguousarray(we, dtype=dtype), _tiled(be, cm, k * cm, dtype),
               epilogue_codes(tuple(epilogue_e), dtype), wk, bias)
     tail = (strides[0], strides[1], dil[0], dil[1], pads[0], pads[1], epilogue_codes(tuple(epilogue), dtype), rows,
-            wp, project, bpt, epilogue_codes((), dtype), residual)
+            wp, project, bpt, epilogue_codes((), dtype), residual, expand)
     shape = tuple(out) + (cp if project else cm,)
 
     def run(xl):

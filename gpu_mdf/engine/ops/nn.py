@@ -274,16 +274,17 @@ def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_a
     """:func:`expand_depthwise` of these weights for inputs of ``x``'s shape and type, a
     function of ``x``: the fused kernel where it takes them, else the convs apart."""
     auto_pad, dilations, group, kernel_shape, pads, strides = attrs
-    cm = we.shape[0]
+    cm = wd.shape[0]
     if residual and wp is None:
         raise OpError("an inverted residual's Add without its projection")
-    fused = kernels and x.ndim == 4 and be is not None and bd is not None and we.shape == (cm, x.shape[1], 1, 1) \
-        and wd.shape[:2] == (cm, 1) and group == cm and x.dtype == we.dtype == wd.dtype \
-        and plain_pointwise(expand_attrs) \
+    expansion = we is None or (be is not None and we.shape == (cm, x.shape[1], 1, 1) and x.dtype == we.dtype
+                               and plain_pointwise(expand_attrs))
+    fused = kernels and x.ndim == 4 and expansion and bd is not None and wd.shape[:2] == (cm, 1) and group == cm \
+        and x.dtype == wd.dtype and (we is not None or x.shape[1] == cm) \
         and (wp is None or (wp.dtype == x.dtype and wp.shape[1:] == (cm, 1, 1) and plain_pointwise(project_attrs)))
     if not fused:
         def apart(x):
-            y = conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
+            y = x if we is None else conv(xp, x, we, be, epilogue=epilogue_e, **expand_attrs)
             y = conv(xp, y, wd, bd, auto_pad, dilations, group, kernel_shape, pads, strides, epilogue=epilogue)
             y = y if wp is None else conv(xp, y, wp, bp, **project_attrs)
             if residual and y.shape != x.shape:
@@ -291,7 +292,8 @@ def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_a
             return y + x if residual else y
         return apart
     kernel, strides, dil, pads, out = _conv_geometry((x.shape[0], cm) + x.shape[2:], wd.shape, *attrs)
-    _check_bias("Conv", be.shape, cm)
+    if we is not None:
+        _check_bias("Conv", be.shape, cm)
     _check_bias("Conv", bd.shape, cm)
     if wp is not None:
         _check_bias("Conv", None if bp is None else bp.shape, wp.shape[0])
@@ -301,8 +303,9 @@ def _expand_runner(xp, x, we, be, wd, bd, wp, bp, epilogue_e, epilogue, expand_a
 
     def transposed(w):
         return weight_form(w, "1x1 transposed", lambda: np.ascontiguousarray(w.reshape(w.shape[0], -1).T))
-    fn = cpu.expand_depthwise_fn(transposed(we), be, epilogue_e, wd, bd, kernel, strides, dil, pads, out, epilogue,
-                                 None if wp is None else transposed(wp), bp, x.dtype, residual)
+    fn = cpu.expand_depthwise_fn(None if we is None else transposed(we), be, epilogue_e, wd, bd, kernel, strides,
+                                 dil, pads, out, epilogue, None if wp is None else transposed(wp), bp, x.dtype,
+                                 residual)
 
     def run(x):
         check_alloc(e_shape)
