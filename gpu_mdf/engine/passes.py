@@ -710,17 +710,8 @@ def gemm_epilogue(plan, info) -> str | None:
         chain = _readers(plan, gemm.key)
         chain = chain[0] if len(chain) == 1 and _uses(plan)[gemm.key] == 1 else None
         epi = _bias_and_activations(chain, gemm.key, 3, shape[1]) if isinstance(chain, FusedStep) else None
-        chain_val = _val_of(plan, chain.key) if epi else None
-        if chain_val is None:
-            continue
-        bias, basis, ops = epi
-        plan.steps.remove(chain)
-        _redirect(plan, chain_val, chain.args[0])
-        gemm.args = gemm.args + [_const(bias, basis, f"{gemm.what}: bias")]
-        gemm.epilogue = ops
-        gemm.what = f"{gemm.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
-        _changed(plan)
-        done += 1
+        if epi and _take_epilogue(plan, gemm, chain, epi):
+            done += 1
     return f"{done} Gemms apply their bias and activation a block of rows at a time" if done else None
 
 
@@ -741,17 +732,26 @@ def _conv_epilogues(plan, info, takes) -> int:
             continue
         key, (axis,), chain = _follow_transposes(plan, conv.key, [1], 4)
         epi = _bias_and_activations(chain, key, axis, w.shape[0]) if isinstance(chain, FusedStep) else None
-        chain_val = _val_of(plan, chain.key) if epi else None
-        if chain_val is None:
-            continue
-        bias, basis, ops = epi
-        plan.steps.remove(chain)
-        _redirect(plan, chain_val, chain.args[0])
-        conv.args = conv.args + [_const(bias, basis, f"{conv.what}: bias")]
-        conv.epilogue = ops
-        conv.what = f"{conv.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
-        done += 1
+        if epi and _take_epilogue(plan, conv, chain, epi):
+            done += 1
     return done
+
+
+def _take_epilogue(plan, st: OpStep, chain: FusedStep, epi) -> bool:
+    """Move ``chain`` (its bias and activations ``epi``, :func:`_bias_and_activations`) into
+    ``st``: the bias its last input, the activations its ``epilogue``. False where the
+    chain's value has no reader to redirect."""
+    chain_val = _val_of(plan, chain.key)
+    if chain_val is None:
+        return False
+    bias, basis, ops = epi
+    plan.steps.remove(chain)
+    _redirect(plan, chain_val, chain.args[0])
+    st.args = st.args + [_const(bias, basis, f"{st.what}: bias")]
+    st.epilogue = ops
+    st.what = f"{st.what} + {' + '.join(op.split('::')[1] for op, *_ in ops)}"
+    _changed(plan)
+    return True
 
 
 def _bias_and_activations(chain: FusedStep, key, axis: int, f: int):
