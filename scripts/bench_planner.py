@@ -154,7 +154,7 @@ def recorded_products(prog, x):
     in their memory order, so that BLAS sees the same layouts); returns a function making
     those products alone, and their count. A compiled kernel's products (inside it, one
     image at a time) count as one product over every image: a fused inverted residual's
-    (``expand depthwise``) expansion with the same operands and its projection with zeros
+    (``expand depthwise``) expansion (if it has one) with the same operands and its projection with zeros
     of its input's shape (the depthwise conv's values never leave the kernel); a conv by
     images' (``conv images``) with zeros of its columns' shape."""
     from gpu_mdf.engine.ops import cpu
@@ -167,8 +167,9 @@ def recorded_products(prog, x):
     def record_kernel(name, *args):
         y = call(name, *args)
         if name == "expand depthwise":
-            xl, we, wp, project = args[0], args[1], args[15], args[16]
-            calls.append((np.ascontiguousarray(xl).reshape(-1, xl.shape[-1]), np.copy(we)))
+            xl, we, wp, project, expand = args[0], args[1], args[15], args[16], args[20]
+            if expand:                          # (none before a first block's depthwise conv)
+                calls.append((np.ascontiguousarray(xl).reshape(-1, xl.shape[-1]), np.copy(we)))
             if project:
                 calls.append((np.zeros((y.size // y.shape[-1], wp.shape[0]), y.dtype), np.copy(wp)))
         elif name.startswith("conv images"):
