@@ -342,7 +342,7 @@ def test_a_1x1_conv_epilogue_by_blocks_is_the_product_then_its_ops(n, c, hw, f, 
     (1000, 3, 3, (1, 1), (1, 1), (1, 1, 1, 1)),         # a row of the epilogue's loop: part of one pixel
 ])
 def test_expand_depthwise_is_the_convs_apart(cm, h, w_, strides, dil, pads, project, dtype, monkeypatch):
-    """cpu.expand_depthwise (an image at a time, the expansion in a buffer of one image,
+    """cpu.expand_depthwise_fn (an image at a time, the expansion in a buffer of one image,
     the depthwise conv's image in another where a projection follows) gives the values of
     its convs run apart (the 1x1 conv's product by blocks, bias and activations, the
     depthwise kernel, the projection's product and bias): the products to rounding (SciPy's

@@ -939,19 +939,19 @@ def expand_depthwise(plan, info) -> str | None:
         if not _depthwise_fusible(plan, info, dw):
             continue
         ex = _producer(plan, dw.args[0].val.key) if dw.args[0].index is None else None
+        pr = _projection_of(plan, dw)
         if _expansion_fusible(plan, info, ex, dw):
             fused = ExpandDepthwiseStep(dw.key, DEVICE, list(ex.args) + list(dw.args[1:]),
                                         f"{ex.what} -> {dw.what}", expand=ex, depthwise=dw)
             plan.steps.remove(ex)
             done += 1
-        elif _projection_of(plan, dw) is not None:
+        elif pr is not None:
             fused = ExpandDepthwiseStep(dw.key, DEVICE, list(dw.args), dw.what, depthwise=dw)
             alone += 1
         else:
             continue
         plan.steps[plan.steps.index(dw)] = fused
         _changed(plan)
-        pr = _projection_of(plan, dw)
         if pr is not None:
             fused.project, fused.key = pr, pr.key               # the projection too
             fused.args = fused.args + list(pr.args[1:])
@@ -1016,8 +1016,9 @@ def _residual_add(plan, info, fused) -> int:
     expansion's, of the same shape): ``(y + b) + x``, the kernel's order. 1 if it did."""
     chain = _readers(plan, fused.key)
     chain = chain[0] if len(chain) == 1 and _uses(plan)[fused.key] == 1 else None
+    shape, dtype = info.get(fused.key, (None, None))
     if not isinstance(chain, FusedStep) or chain.tail or chain.place != DEVICE or chain.args[0].val.key != fused.key \
-            or chain.args[0].index is not None or np.dtype(chain.dtype) != np.dtype(info[fused.key][1]):
+            or chain.args[0].index is not None or shape is None or np.dtype(chain.dtype) != np.dtype(dtype):
         return 0
     prog, x, bias = chain.program, fused.args[0], None
     if len(prog) == 2 and len(fused.project.args) == 2:
@@ -1030,7 +1031,7 @@ def _residual_add(plan, info, fused) -> int:
     other = add.b if add.a == prev else add.a if add.b == prev else None
     if add.op != "onnx::Add" or not isinstance(other, int) or other == 0 or chain.args[other] is None \
             or (chain.args[other].val.key, chain.args[other].index) != (x.val.key, x.index) \
-            or info.get(x.val.key, (None,))[0] != info[fused.key][0]:
+            or info.get(x.val.key, (None,))[0] != shape:
         return 0
     if bias is not None:
         fused.args = fused.args + [_const(bias[0], bias[1], f"{fused.what}: bias")]

@@ -343,7 +343,7 @@ def _depthwise_pixel(x, w, b, out, acc, i, y, xo, y0, x0, dh, dw):
 
 def _expand_depthwise(x, we, bt, act_e, wk, b, out, sh, sw, dh, dw, pt, pl, act, by_rows, wp, project, bpt,
                       act_p, residual, expand):
-    """:func:`expand_depthwise`'s loop: per image, with ``expand``, the product into a buffer
+    """:func:`expand_depthwise_fn`'s loop: per image, with ``expand``, the product into a buffer
     of one image (BLAS through numba's ``np.dot``), its bias and activations by rows of
     ``bt``'s width (:func:`_bias_act`), then the depthwise kernel (per pixel or ``by_rows``)
     on it (on the image of ``x`` without ``expand``); with ``project``, into a second
@@ -725,28 +725,22 @@ def _depthwise_forms(w, b, c, kernel, strides, out, dtype):
     return wk, bias, False
 
 
-def expand_depthwise(xl, we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp=None, bp=None,
-                     residual=False):
-    """An inverted residual's expansion and depthwise conv, one image at a time: ``xl`` (N,
-    H, W, C) channels-last times ``we`` (C, CM: the 1x1 conv's weights, transposed) plus
-    ``be`` (CM,), then ``epilogue_e``, into one image's buffer (in cache), which the
-    depthwise conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``) reads at
-    once: the expanded values (6x the input's) are never written to memory whole, nor read
-    back. With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias ``bp`` or
-    None), the depthwise conv's image goes to a second buffer, which it multiplies: those
-    values stay in cache too; with ``residual``, plus ``xl`` (of the output's shape). The
-    same operations on the same values as
-    :func:`product_epilogue` (its products by blocks of rows: to rounding), :func:`depthwise`
-    and a product. -> (N, OH, OW, CM or CP)"""
-    return expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp,
-                               xl.dtype, residual)(xl)
-
-
 def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, out, epilogue, wp, bp, dtype,
                         residual=False):
-    """:func:`expand_depthwise` of these weights for inputs of type ``dtype``: -> f(xl), its
-    weights' and epilogues' forms made once (a program's constants: 15-40 us a call, where
-    the kernel of a late, 3x3 block of Keras MobileNetV2 takes 60)."""
+    """An inverted residual's expansion and depthwise conv, one image at a time, as a
+    function of ``xl`` (N, H, W, C) channels-last of type ``dtype``, the forms of the
+    weights and epilogues made once (a program's constants: 15-40 us a call, where the
+    kernel of a late, 3x3 block of Keras MobileNetV2 takes 60). ``xl`` times ``we`` (C, CM:
+    the 1x1 conv's weights, transposed; None: no expansion, the depthwise conv reads
+    ``xl``) plus ``be`` (CM,), then ``epilogue_e``, goes into one image's buffer (in cache),
+    which the depthwise conv (ONNX weights ``w`` (CM, 1, KH, KW), bias ``b``, ``epilogue``)
+    reads at once: the expanded values (6x the input's) are never written to memory whole,
+    nor read back. With ``wp`` (CM, CP: the projection's 1x1 weights, transposed; its bias
+    ``bp`` or None), the depthwise conv's image goes to a second buffer, which it
+    multiplies: those values stay in cache too; with ``residual``, plus ``xl`` (of the
+    output's shape). The same operations on the same values as :func:`product_epilogue`
+    (its products by blocks of rows: to rounding), :func:`depthwise` and a product. ->
+    f(xl) -> (N, OH, OW, CM or CP)"""
     cm = w.shape[0]
     wk, bias, rows = _depthwise_forms(w, b, cm, kernel, strides, out, dtype)
     k = max(1, _TILE // cm)                        # expanded rows a row of the epilogue's loop
@@ -772,7 +766,7 @@ def expand_depthwise_fn(we, be, epilogue_e, w, b, kernel, strides, dil, pads, ou
 
 
 def products_available() -> bool:
-    """Whether the kernels that multiply matrices inside (:func:`expand_depthwise`,
+    """Whether the kernels that multiply matrices inside (:func:`expand_depthwise_fn`,
     :func:`conv_images`) run here: the compiled kernels, and SciPy's BLAS (numba's
     ``np.dot`` calls it)."""
     return available() and _scipy_blas() is not None

@@ -226,7 +226,7 @@ def expand_depthwise(xp, x, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, 
     after it (the other attributes), then, with ``wp``, a 1x1 conv (bias ``bp`` or None,
     ``project_attrs``) of its value, plus ``x`` with ``residual`` (an inverted residual's
     connection: of x's shape): on the CPU with the compiled kernels, one image at a
-    time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise`); as the convs apart elsewhere
+    time (:func:`~gpu_mdf.engine.ops.cpu.expand_depthwise_fn`); as the convs apart elsewhere
     (the kernels turned off since the program was made, a type they do not take)."""
     return expand_depthwise_fn(xp, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, auto_pad, dilations, group,
                                kernel_shape, pads, strides, wp, bp, project_attrs, residual)(x)
@@ -257,10 +257,6 @@ def expand_depthwise_fn(xp, we, be, wd, bd, epilogue_e, epilogue, expand_attrs, 
 
 #: input shapes a bound step keeps its forms for (:func:`expand_depthwise_fn`)
 _MADE_PER_STEP = 64
-
-
-def _attrs_key(attrs: dict) -> tuple:
-    return tuple(sorted((k, _tuple(v)) for k, v in attrs.items()))
 
 
 def plain_pointwise(attrs: dict) -> bool:
